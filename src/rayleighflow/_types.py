@@ -1,0 +1,39 @@
+"""Shared type aliases and the inner-product convention."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from torch import Tensor
+
+Params = dict[str, Tensor]
+"""Model parameters by name, as returned by ``nn.Module.named_parameters``."""
+
+
+class Convention(str, Enum):
+    """Inner product on function space F (THEORY.md §1).
+
+    ``MEAN``: L²(D), ⟨u, v⟩ = Σ_i w_i u_i·v_i and ℓ = Σ_i w_i ℓ_i (the default; survives n → ∞).
+    ``SUM``: Euclidean, ⟨u, v⟩ = Σ_i n w_i u_i·v_i and ℓ = Σ_i n w_i ℓ_i (= Σ_i ℓ_i for uniform
+    weights). With uniform weights R_sum = n · R_mean.
+    """
+
+    MEAN = "mean"
+    SUM = "sum"
+
+    @classmethod
+    def parse(cls, value: str | Convention) -> Convention:
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(repr(c.value) for c in cls)
+            raise ValueError(
+                f"unknown inner-product convention {value!r}: use one of {allowed}"
+            ) from None
+
+
+def effective_weights(weights: Tensor, convention: Convention) -> Tensor:
+    """Weights ω_i of the chosen convention: w_i for MEAN, n·w_i for SUM."""
+    if convention is Convention.SUM:
+        return weights * weights.shape[0]
+    return weights

@@ -1,0 +1,282 @@
+"""Data: finite weighted datasets D = Σ_i w_i δ_{x_i} and infinite-support samplers.
+
+A finite dataset carries inputs ``x`` (n, ...), targets ``y`` and weights ``w`` (n,) with
+w_i > 0 and Σ_i w_i = 1 (uniform by default). A sampler draws fresh i.i.d. datasets from a
+distribution with possibly infinite support; randomness always comes from an explicit
+``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import final
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Dataset",
+    "Sampler",
+    "UniformBox",
+    "Gaussian",
+    "TeacherStudent",
+    "SKLEARN_DATASETS",
+    "load_sklearn",
+    "load_file",
+    "smooth_target",
+]
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"{name} contains {bad} NaN/Inf value(s): clean or drop those samples before "
+            "building the dataset"
+        )
+
+
+@final
+@dataclass(frozen=True)
+class Dataset:
+    """A finite weighted dataset. ``y`` is (n,) integer labels or (n, k) / (n,) real targets."""
+
+    x: Tensor
+    y: Tensor
+    weights: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.x.shape[0] if self.x.dim() > 0 else 0
+        if n == 0:
+            raise ValueError("the dataset is empty: give at least one sample")
+        if self.y.shape[0] != n:
+            raise ValueError(
+                f"x has {n} samples but y has {self.y.shape[0]}: inputs and targets must have "
+                "the same first dimension"
+            )
+        if self.weights.shape != (n,):
+            raise ValueError(
+                f"weights must have shape ({n},), got {tuple(self.weights.shape)}"
+            )
+        _check_finite("x", self.x)
+        _check_finite("y", self.y)
+        _check_finite("weights", self.weights)
+        if (self.weights <= 0).any():
+            raise ValueError("weights must be > 0: drop zero-weight samples instead")
+        total = float(self.weights.sum())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"weights sum to {total}, not 1: pass weights normalized to a probability "
+                "distribution (or omit them for uniform weights)"
+            )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        x: Tensor | np.ndarray,
+        y: Tensor | np.ndarray,
+        weights: Tensor | np.ndarray | None = None,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> Dataset:
+        """Build a dataset; float inputs are cast to ``dtype``, integer labels stay int64."""
+        xt = torch.as_tensor(x, device=device)
+        xt = xt.to(dtype) if xt.is_floating_point() or not _is_index(xt) else xt
+        yt = torch.as_tensor(y, device=device)
+        yt = yt.long() if _is_index(yt) else yt.to(dtype)
+        n = xt.shape[0] if xt.dim() > 0 else 0
+        if weights is None:
+            wt = torch.full((n,), 1.0 / max(n, 1), dtype=dtype, device=device)
+        else:
+            wt = torch.as_tensor(weights, device=device).to(dtype)
+        return cls(xt, yt, wt)
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def is_uniform(self) -> bool:
+        return bool(torch.allclose(self.weights, self.weights.mean().expand_as(self.weights)))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Dataset:
+        x = self.x.to(device=device, dtype=dtype if self.x.is_floating_point() else None)
+        y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
+        return Dataset(x, y, self.weights.to(device=device, dtype=dtype))
+
+    def subset(self, idx: Tensor) -> Dataset:
+        w = self.weights[idx]
+        return Dataset(self.x[idx], self.y[idx], w / w.sum())
+
+
+def _is_index(t: Tensor) -> bool:
+    return t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+
+
+Target = Callable[[Tensor], Tensor]
+
+
+class Sampler(abc.ABC):
+    """A distribution over (x, y) with possibly infinite support.
+
+    ``sample(n, generator)`` returns a uniformly weighted :class:`Dataset` of n fresh draws.
+    """
+
+    @abc.abstractmethod
+    def sample(self, n: int, generator: torch.Generator) -> Dataset: ...
+
+    @property
+    @abc.abstractmethod
+    def description(self) -> str: ...
+
+
+def _uniform_dataset(x: Tensor, y: Tensor) -> Dataset:
+    n = x.shape[0]
+    return Dataset(x, y, torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device))
+
+
+@final
+class UniformBox(Sampler):
+    """x ~ Uniform[-R, R]^d, y = target(x)."""
+
+    def __init__(self, dim: int, radius: float, target: Target, *, dtype=torch.float64) -> None:
+        if dim < 1 or not radius > 0:
+            raise ValueError(f"need dim >= 1 and radius > 0 (got dim={dim}, radius={radius})")
+        self.dim, self.radius, self.target, self.dtype = dim, float(radius), target, dtype
+
+    def sample(self, n: int, generator: torch.Generator) -> Dataset:
+        u = torch.rand(n, self.dim, generator=generator, dtype=self.dtype)
+        x = (2.0 * u - 1.0) * self.radius
+        return _uniform_dataset(x, self.target(x))
+
+    @property
+    def description(self) -> str:
+        return f"x ~ Uniform[-{self.radius}, {self.radius}]^{self.dim}"
+
+
+@final
+class Gaussian(Sampler):
+    """x ~ N(0, σ² I_d), y = target(x)."""
+
+    def __init__(self, dim: int, target: Target, *, std: float = 1.0, dtype=torch.float64) -> None:
+        if dim < 1 or not std > 0:
+            raise ValueError(f"need dim >= 1 and std > 0 (got dim={dim}, std={std})")
+        self.dim, self.std, self.target, self.dtype = dim, float(std), target, dtype
+
+    def sample(self, n: int, generator: torch.Generator) -> Dataset:
+        x = self.std * torch.randn(n, self.dim, generator=generator, dtype=self.dtype)
+        return _uniform_dataset(x, self.target(x))
+
+    @property
+    def description(self) -> str:
+        return f"x ~ N(0, {self.std}^2 I_{self.dim})"
+
+
+@final
+class TeacherStudent(Sampler):
+    """Gaussian inputs labelled by a fixed teacher: y = teacher(x) (regression) or argmax (classes)."""
+
+    def __init__(
+        self, teacher: Callable[[Tensor], Tensor], dim: int, *, classify: bool = False,
+        dtype=torch.float64,
+    ) -> None:
+        self.teacher, self.dim, self.classify, self.dtype = teacher, dim, classify, dtype
+
+    def sample(self, n: int, generator: torch.Generator) -> Dataset:
+        x = torch.randn(n, self.dim, generator=generator, dtype=self.dtype)
+        with torch.no_grad():
+            out = self.teacher(x)
+        y = out.argmax(dim=-1) if self.classify else out
+        return _uniform_dataset(x, y)
+
+    @property
+    def description(self) -> str:
+        kind = "classification" if self.classify else "regression"
+        return f"teacher-student {kind}, x ~ N(0, I_{self.dim})"
+
+
+def smooth_target(x: Tensor) -> Tensor:
+    """A continuous, non-polynomial target on R^d: sin(x·a) + ½ cos(2 x·b), a fixed (n, 1) output."""
+    d = x.shape[-1]
+    idx = torch.arange(1, d + 1, dtype=x.dtype, device=x.device)
+    a = 1.0 / idx
+    b = torch.cos(idx) / math.sqrt(d)
+    return (torch.sin(x @ a) + 0.5 * torch.cos(2.0 * (x @ b))).unsqueeze(-1)
+
+
+SKLEARN_DATASETS = ("iris", "wine", "breast_cancer", "digits")
+
+
+def load_sklearn(
+    name: str,
+    *,
+    n_samples: int | None = None,
+    classes: tuple[int, ...] | None = None,
+    standardize: bool = True,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> Dataset:
+    """A real dataset bundled with scikit-learn (no download), labels relabelled 0..k-1.
+
+    ``classes`` keeps only those original classes; ``n_samples`` keeps a seeded random subset.
+    """
+    from sklearn import datasets as skd
+
+    loaders = {
+        "iris": skd.load_iris,
+        "wine": skd.load_wine,
+        "breast_cancer": skd.load_breast_cancer,
+        "digits": skd.load_digits,
+    }
+    if name not in loaders:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(SKLEARN_DATASETS)}")
+    bunch = loaders[name]()
+    x = np.asarray(bunch.data, dtype=np.float64)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    if classes is not None:
+        keep = np.isin(y, classes)
+        x, y = x[keep], y[keep]
+    _, y = np.unique(y, return_inverse=True)
+    if n_samples is not None and n_samples < len(y):
+        idx = np.sort(np.random.default_rng(seed).choice(len(y), n_samples, replace=False))
+        x, y = x[idx], y[idx]
+    if standardize:
+        std = x.std(axis=0)
+        x = (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    return Dataset.from_arrays(x, y, dtype=dtype)
+
+
+def load_file(path: str, *, target: str = "y", dtype: torch.dtype = torch.float64) -> Dataset:
+    """Load a CSV (last column, or the column named ``target``, is y) or an NPZ with arrays x, y."""
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            missing = {"x", "y"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path}: NPZ must contain arrays 'x' and 'y' (missing {missing})")
+            w = z["weights"] if "weights" in z.files else None
+            return Dataset.from_arrays(z["x"], z["y"], w, dtype=dtype)
+    if path.endswith(".csv"):
+        with open(path) as fh:
+            header = fh.readline().strip().split(",")
+        has_header = not all(_is_number(h) for h in header)
+        arr = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, ndmin=2)
+        col = header.index(target) if has_header and target in header else arr.shape[1] - 1
+        y = arr[:, col]
+        x = np.delete(arr, col, axis=1)
+        if np.all(y == np.round(y)) and y.min() >= 0:
+            y = y.astype(np.int64)
+        return Dataset.from_arrays(x, y, dtype=dtype)
+    raise ValueError(f"{path}: unsupported data file; use .csv or .npz")
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True

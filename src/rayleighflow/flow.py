@@ -1,0 +1,293 @@
+"""Gradient flow θ̇ = −∇L(θ), recorded at flow times t (never iteration counts).
+
+Two integrators:
+
+* ``EULER``: θ_{k+1} = θ_k − η ∇L(θ_k) at t = kη — exactly full-batch gradient descent. With a
+  sampler, each step draws ``batch_size`` fresh samples (stochastic flow on the population
+  loss); diagnostics use a fixed evaluation sample.
+* ``ADAPTIVE``: Dormand–Prince Runge–Kutta from torchdiffeq with ``rtol``/``atol``, run segment
+  by segment between record times. With a sampler it integrates the loss on a fixed large
+  sample.
+
+The run stops at ``t_max``, at ``loss_target`` (checked at records), at ``max_steps`` gradient
+evaluations, at a non-finite loss, or on Ctrl-C; ``FlowResult.status`` says which and where.
+
+Example:
+    >>> result = gradient_flow(problem, t_max=100.0)          # doctest: +SKIP
+    >>> result.status, result.trajectory["loss"][-1]           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, final
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._types import Params
+from .data import Dataset, Sampler
+from .problem import Problem
+from .rayleigh import _measurement, loss_and_grad
+from .trajectory import Trajectory
+
+__all__ = ["Integrator", "FlowStatus", "FlowResult", "gradient_flow", "log_record_times",
+           "Diagnostic"]
+
+Diagnostic = Callable[[Problem, Params, Dataset, int], Mapping[str, float]]
+"""Extra per-record columns: called as fn(problem, params, eval_data, record_index)."""
+
+
+class Integrator(str, Enum):
+    EULER = "euler"
+    ADAPTIVE = "adaptive"
+
+
+class FlowStatus(str, Enum):
+    T_MAX = "t_max"
+    LOSS_TARGET = "loss_target"
+    STEP_BUDGET = "step_budget"
+    NON_FINITE = "non_finite"
+    SOLVER_FAILED = "solver_failed"
+    INTERRUPTED = "interrupted"
+
+
+@final
+@dataclass
+class FlowResult:
+    trajectory: Trajectory
+    params: Params
+    status: FlowStatus
+    t_final: float
+    n_grad_evals: int
+    message: str
+    wall_time: float
+
+
+def log_record_times(t_max: float, n: int = 60, t_min: float | None = None) -> np.ndarray:
+    """0 followed by n−1 log-spaced times from t_min (default t_max·1e-4) to t_max."""
+    if not t_max > 0 or n < 2:
+        raise ValueError(f"need t_max > 0 and at least 2 records (got {t_max}, {n})")
+    t_min = t_max * 1e-4 if t_min is None else t_min
+    return np.concatenate([[0.0], np.geomspace(t_min, t_max, n - 1)])
+
+
+class _Stop(Exception):
+    def __init__(self, status: FlowStatus, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _flatten(params: Params) -> Tensor:
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def _unflatten(vec: Tensor, like: Params) -> Params:
+    out, i = {}, 0
+    for k, p in like.items():
+        out[k] = vec[i:i + p.numel()].view_as(p)
+        i += p.numel()
+    return out
+
+
+@final
+class _Recorder:
+    """Evaluates the diagnostics on the evaluation data and appends rows."""
+
+    def __init__(self, problem, eval_data, traj, diagnostics, on_record, progress) -> None:
+        self.problem, self.eval_data, self.traj = problem, eval_data, traj
+        self.diagnostics, self.on_record, self.progress = diagnostics, on_record, progress
+        self.start = time.perf_counter()
+        self.count = len(traj)
+
+    def record(self, t: float, params: Params, n_evals: int) -> float:
+        loss, grad, _, g = loss_and_grad(self.problem, params, self.eval_data)
+        if not torch.isfinite(loss):
+            raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss {float(loss)} at t = {t:.6g}")
+        m = _measurement(self.problem, self.eval_data, loss, grad, g)
+        row: dict[str, Any] = {"t": t, "grad_evals": n_evals, **m.as_row()}
+        for diag in self.diagnostics:
+            row.update(diag(self.problem, params, self.eval_data, self.count))
+        row["wall"] = time.perf_counter() - self.start
+        self.traj.append(row)
+        self.count += 1
+        if self.on_record is not None:
+            self.on_record(row, params)
+        if self.progress is not None:
+            self.progress(t, m.loss)
+        return m.loss
+
+
+def gradient_flow(
+    problem: Problem,
+    *,
+    t_max: float,
+    method: Integrator | str = Integrator.ADAPTIVE,
+    step: float | None = None,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    record_times: Sequence[float] | np.ndarray | None = None,
+    n_records: int = 60,
+    loss_target: float | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    eval_data: Dataset | None = None,
+    eval_size: int = 4096,
+    generator: torch.Generator | None = None,
+    params: Params | None = None,
+    t_start: float = 0.0,
+    path: str | Path | None = None,
+    append: bool = False,
+    meta: Mapping[str, Any] | None = None,
+    diagnostics: Sequence[Diagnostic] = (),
+    on_record: Callable[[dict, Params], None] | None = None,
+    progress: Callable[[float, float], None] | None = None,
+) -> FlowResult:
+    """Integrate θ̇ = −∇L(θ) from ``params`` (default the model's) at ``t_start`` to ``t_max``.
+
+    Records (at ``record_times``, default :func:`log_record_times`) L, ‖∇L‖², ‖∇ℓ‖²_D,
+    R(K; ∇ℓ) and per-group quotients, plus the columns of each ``diagnostics`` callable.
+    ``path`` streams the trajectory to a JSONL file as it grows (``append`` continues one).
+    """
+    method = _parse_method(method)
+    if not t_max > t_start:
+        raise ValueError(f"t_max ({t_max}) must exceed the start time ({t_start})")
+    if method is Integrator.EULER and not (step is not None and step > 0):
+        raise ValueError("the Euler integrator needs a step > 0 (it is gradient descent, t = kη)")
+    if loss_target is not None and not loss_target > 0:
+        raise ValueError(f"loss_target must be > 0 (got {loss_target})")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    train_data, eval_data = _resolve_data(problem, batch_size, eval_data, eval_size, generator,
+                                          method)
+    times = _record_times(record_times, n_records, t_start, t_max)
+    header = {"convention": problem.convention.value, "loss": problem.loss.name,
+              "method": method.value, "step": step, "rtol": rtol, "atol": atol,
+              "n_params": problem.model.n_params, "groups": list(problem.model.groups),
+              **(meta or {})}
+    traj = Trajectory(header, path, append=append)
+    rec = _Recorder(problem, eval_data, traj, diagnostics, on_record, progress)
+    theta = {k: v.detach().clone() for k, v in (params or problem.params).items()}
+    state = {"t": t_start, "evals": 0, "theta": theta}
+    begin = time.perf_counter()
+    try:
+        resumed_here = append and len(traj) and traj.rows[-1].get("t") == t_start
+        if not resumed_here:
+            _check_target(rec.record(t_start, theta, 0), loss_target, t_start)
+        if method is Integrator.EULER:
+            _run_euler(problem, state, times, step, train_data, generator, batch_size, rec,
+                       loss_target, max_steps)
+        else:
+            _run_adaptive(problem, state, times, train_data, rtol, atol, rec, loss_target,
+                          max_steps)
+        status, message = FlowStatus.T_MAX, f"reached t_max = {t_max:g}"
+    except _Stop as stop:
+        status, message = stop.status, stop.message
+    except KeyboardInterrupt:
+        status, message = FlowStatus.INTERRUPTED, f"interrupted at t = {state['t']:.6g}"
+    traj.close(status.value, message)
+    return FlowResult(traj, state["theta"], status, state["t"], state["evals"], message,
+                      time.perf_counter() - begin)
+
+
+def _parse_method(method: Integrator | str) -> Integrator:
+    try:
+        return Integrator(method)
+    except ValueError:
+        raise ValueError(f"unknown integrator {method!r}: use 'euler' or 'adaptive'") from None
+
+
+def _resolve_data(problem, batch_size, eval_data, eval_size, generator, method):
+    if isinstance(problem.data, Sampler):
+        if eval_data is None:
+            eval_data = problem.data.sample(eval_size, generator)
+        problem.validate(eval_data)
+        if batch_size is not None and method is not Integrator.EULER:
+            raise ValueError("fresh samples per step need the Euler integrator (method='euler')")
+        return (None if batch_size is not None else eval_data), eval_data
+    if batch_size is not None:
+        raise ValueError("batch_size (fresh samples per step) applies only to sampler data")
+    eval_data = eval_data if eval_data is not None else problem.data
+    problem.validate(eval_data)
+    return problem.data, eval_data
+
+
+def _record_times(record_times, n_records, t_start, t_max) -> np.ndarray:
+    if record_times is None:
+        times = t_start + log_record_times(t_max - t_start, n_records)
+    else:
+        times = np.asarray(record_times, dtype=np.float64)
+        if times.ndim != 1 or np.any(np.diff(times) <= 0):
+            raise ValueError("record_times must be a strictly increasing 1-D sequence")
+    times = times[(times > t_start) & (times <= t_max)]
+    if times.size == 0 or times[-1] < t_max:
+        times = np.append(times, t_max)
+    return times
+
+
+def _check_target(loss: float, target: float | None, t: float) -> None:
+    if target is not None and loss <= target:
+        raise _Stop(FlowStatus.LOSS_TARGET, f"loss {loss:.6g} ≤ target {target:g} at t = {t:.6g}")
+
+
+def _grad(problem: Problem, theta: Params, data: Dataset, t: float) -> tuple[float, Params]:
+    loss, grad, _, _ = loss_and_grad(problem, theta, data)
+    if not torch.isfinite(loss) or not all(torch.isfinite(g).all() for g in grad.values()):
+        raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss or gradient near t = {t:.6g}")
+    return float(loss), grad
+
+
+def _run_euler(problem, state, times, step, data, generator, batch_size, rec, target,
+               max_steps) -> None:
+    k0 = round(state["t"] / step)
+    next_idx = 0
+    k = k0
+    while next_idx < len(times):
+        if max_steps is not None and state["evals"] >= max_steps:
+            raise _Stop(FlowStatus.STEP_BUDGET, f"step budget {max_steps} spent at "
+                                                f"t = {state['t']:.6g}")
+        batch = data if batch_size is None else problem.data.sample(batch_size, generator)
+        _, grad = _grad(problem, state["theta"], batch, state["t"])
+        state["theta"] = {n: p - step * grad[n] for n, p in state["theta"].items()}
+        state["evals"] += 1
+        k += 1
+        state["t"] = k * step
+        # Records snap to the step grid: the first step at or after each requested time.
+        if state["t"] >= times[next_idx] - 1e-12 * max(1.0, times[next_idx]):
+            while next_idx < len(times) and times[next_idx] <= state["t"] * (1 + 1e-12):
+                next_idx += 1
+            _check_target(rec.record(state["t"], state["theta"], state["evals"]), target,
+                          state["t"])
+
+
+def _run_adaptive(problem, state, times, data, rtol, atol, rec, target, max_steps) -> None:
+    from torchdiffeq import odeint
+
+    like = state["theta"]
+
+    def rhs(t: Tensor, y: Tensor) -> Tensor:
+        if max_steps is not None and state["evals"] >= max_steps:
+            raise _Stop(FlowStatus.STEP_BUDGET, f"gradient-evaluation budget {max_steps} "
+                                                f"spent near t = {float(t):.6g}")
+        state["evals"] += 1
+        _, grad = _grad(problem, _unflatten(y, like), data, float(t))
+        return -_flatten(grad)
+
+    y = _flatten(like)
+    for t_next in times:
+        span = torch.tensor([state["t"], float(t_next)], dtype=torch.float64)
+        try:
+            y = odeint(rhs, y, span, rtol=rtol, atol=atol, method="dopri5")[-1]
+        except AssertionError as err:  # torchdiffeq's step-size underflow
+            raise _Stop(FlowStatus.SOLVER_FAILED,
+                        f"adaptive solver failed after t = {state['t']:.6g}: {err}") from None
+        state["t"], state["theta"] = float(t_next), _unflatten(y.clone(), like)
+        if not math.isfinite(float(y.abs().max())):
+            raise _Stop(FlowStatus.NON_FINITE, f"non-finite parameters at t = {state['t']:.6g}")
+        _check_target(rec.record(state["t"], state["theta"], state["evals"]), target,
+                      state["t"])

@@ -1,0 +1,207 @@
+"""Functional losses ℓ(f) = Σ_i ω_i ℓ_i(f_i) with closed-form functional gradients.
+
+Each loss gives the per-sample values ℓ_i, the per-sample functional gradient g_i = ∂ℓ_i/∂f_i
+(not multiplied by the weight, THEORY.md §1) and its functional KL fact (THEORY.md §4): a
+desingularizer φ and a constant c with φ'(ℓ(f)) ‖∇ℓ(f)‖² ≥ c for every f.
+
+Weights ω are the convention's effective weights: ω_i = w_i for "mean" (L²(D)), n·w_i for
+"sum" (Euclidean).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import final
+
+import torch
+from torch import Tensor
+
+from ._types import Convention
+
+__all__ = [
+    "FunctionalKL",
+    "Loss",
+    "SquareLoss",
+    "SoftmaxCrossEntropy",
+    "BinaryLogistic",
+    "LOSS_NAMES",
+    "get_loss",
+]
+
+
+@final
+@dataclass(frozen=True)
+class FunctionalKL:
+    """φ'(ℓ(f)) ‖∇ℓ(f)‖² ≥ c for all f, in the named convention."""
+
+    desingularizer: str
+    c: float
+    convention: Convention
+    reason: str
+
+
+class Loss(abc.ABC):
+    """A functional loss. ``f`` is always (n, k); targets are validated by ``check_targets``."""
+
+    name: str
+
+    @abc.abstractmethod
+    def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
+        """ℓ_i(f_i), shape (n,)."""
+
+    @abc.abstractmethod
+    def functional_grad(self, f: Tensor, y: Tensor) -> Tensor:
+        """g_i = ∂ℓ_i/∂f_i, shape (n, k)."""
+
+    @abc.abstractmethod
+    def functional_kl(self, weights: Tensor, convention: Convention) -> FunctionalKL:
+        """The functional KL fact for data weights w (probability weights, sum 1)."""
+
+    @abc.abstractmethod
+    def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
+        """Validate targets against outputs; return them in the form ``per_sample`` expects."""
+
+    def value(self, f: Tensor, y: Tensor, omega: Tensor) -> Tensor:
+        """ℓ(f) = Σ_i ω_i ℓ_i(f_i)."""
+        return (omega * self.per_sample(f, y)).sum()
+
+
+@final
+class SquareLoss(Loss):
+    """ℓ_i = ½‖f_i − y_i‖², g_i = f_i − y_i; ‖∇ℓ‖² = 2ℓ so φ = log, c = 2 (either convention)."""
+
+    name = "square"
+
+    def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
+        return 0.5 * ((f - y) ** 2).sum(dim=-1)
+
+    def functional_grad(self, f: Tensor, y: Tensor) -> Tensor:
+        return f - y
+
+    def functional_kl(self, weights: Tensor, convention: Convention) -> FunctionalKL:
+        return FunctionalKL("log", 2.0, convention, "‖∇ℓ‖² = Σ ω_i‖f_i − y_i‖² = 2ℓ")
+
+    def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
+        y = y.to(f.dtype)
+        if y.dim() == 1:
+            y = y.unsqueeze(-1)
+        if y.shape != f.shape:
+            raise ValueError(
+                f"square loss: model output has shape {tuple(f.shape)} but targets have shape "
+                f"{tuple(y.shape)}: make the model's output width match the target width"
+            )
+        return y
+
+
+def _check_labels(f: Tensor, y: Tensor, n_classes: int, loss: str) -> Tensor:
+    if y.dim() != 1 or y.shape[0] != f.shape[0]:
+        raise ValueError(
+            f"{loss}: expected integer labels of shape ({f.shape[0]},), got {tuple(y.shape)}"
+        )
+    if y.is_floating_point():
+        if not torch.equal(y, y.round()):
+            raise ValueError(f"{loss}: labels must be integers, got non-integer values")
+        y = y.long()
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ValueError(
+            f"{loss}: label out of range: labels span [{int(y.min())}, {int(y.max())}] but the "
+            f"model has {n_classes} output(s), so labels must lie in [0, {n_classes - 1}]"
+        )
+    return y.long()
+
+
+@final
+class SoftmaxCrossEntropy(Loss):
+    """ℓ_i = logsumexp(f_i) − f_{i,y_i}, g_i = softmax(f_i) − e_{y_i}.
+
+    Stable for logits of size 1e10 (max-shifted log-softmax). Functional KL: cross-entropy φ
+    with c = κ², κ = min_i w_i (mean convention); c = 1/n for uniform weights in the sum
+    convention.
+    """
+
+    name = "cross-entropy"
+
+    def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
+        logp = torch.log_softmax(f, dim=-1)
+        return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+    def functional_grad(self, f: Tensor, y: Tensor) -> Tensor:
+        p = torch.softmax(f, dim=-1)
+        return p - torch.nn.functional.one_hot(y, f.shape[-1]).to(f.dtype)
+
+    def functional_kl(self, weights: Tensor, convention: Convention) -> FunctionalKL:
+        return _ce_kl(weights, convention)
+
+    def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
+        if f.shape[-1] < 2:
+            raise ValueError(
+                "cross-entropy needs a model with >= 2 outputs (one logit per class); for one "
+                "output use loss 'logistic'"
+            )
+        return _check_labels(f, y, f.shape[-1], "cross-entropy")
+
+
+def _ce_kl(weights: Tensor, convention: Convention) -> FunctionalKL:
+    # mean: e^{−ℓ} = Π p_i^{w_i} ≥ min p_i, so 1−e^{−ℓ} ≤ max_i(1−p_i) ≤ Σ w_i(1−p_i)/κ, and
+    #   Jensen gives Σ w_i‖g_i‖² ≥ (Σ w_i(1−p_i))²: c = κ², κ = min w_i (THEORY.md §4).
+    # sum (ω_i = n w_i, Σω = n): 1 − Π p_i^{ω_i} ≤ Σ max(ω_i, 1)(1−p_i) and Cauchy–Schwarz
+    #   Σ ω_i(1−p_i)² ≥ (Σ ω_i(1−p_i))²/n give c = (min ω / max(1, max ω))²/n (1/n uniform).
+    if convention is Convention.MEAN:
+        kappa = float(weights.min())
+        c, why = kappa**2, f"κ = min w_i = {kappa:.6g}; c = κ²"
+    else:
+        n = weights.shape[0]
+        omega = weights * n
+        ratio = float(omega.min()) / max(1.0, float(omega.max()))
+        c, why = ratio**2 / n, f"ω_i = n w_i; c = (min ω / max(1, max ω))²/n with n = {n}"
+    return FunctionalKL("cross-entropy", c, convention, why)
+
+
+@final
+class BinaryLogistic(Loss):
+    """One logit, labels y ∈ {0, 1}: ℓ_i = softplus(−s_i f_i), s_i = 2y_i − 1.
+
+    g_i = −s_i σ(−s_i f_i), so |g_i| = 1 − p_i with ℓ_i = −log p_i: same KL fact as
+    cross-entropy.
+    """
+
+    name = "logistic"
+
+    def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
+        s = 2.0 * y.to(f.dtype) - 1.0
+        return torch.nn.functional.softplus(-s * f[:, 0])
+
+    def functional_grad(self, f: Tensor, y: Tensor) -> Tensor:
+        s = 2.0 * y.to(f.dtype) - 1.0
+        return (-s * torch.sigmoid(-s * f[:, 0])).unsqueeze(-1)
+
+    def functional_kl(self, weights: Tensor, convention: Convention) -> FunctionalKL:
+        return _ce_kl(weights, convention)
+
+    def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
+        if f.shape[-1] != 1:
+            raise ValueError(
+                f"logistic loss needs a model with exactly 1 output, got {f.shape[-1]}; "
+                "for several classes use loss 'cross-entropy'"
+            )
+        return _check_labels(f, y, 2, "logistic")
+
+
+LOSS_NAMES = ("square", "cross-entropy", "logistic")
+
+
+def get_loss(spec: str | Loss) -> Loss:
+    """A loss by name: 'square', 'cross-entropy' (alias 'ce'), 'logistic'."""
+    if isinstance(spec, Loss):
+        return spec
+    table = {
+        "square": SquareLoss,
+        "mse": SquareLoss,
+        "cross-entropy": SoftmaxCrossEntropy,
+        "ce": SoftmaxCrossEntropy,
+        "logistic": BinaryLogistic,
+    }
+    if spec not in table:
+        raise ValueError(f"unknown loss {spec!r}: choose one of {', '.join(LOSS_NAMES)}")
+    return table[spec]()

@@ -1,0 +1,146 @@
+"""Trajectory: diagnostics recorded at flow times t, as columns, streamed to disk as JSON lines.
+
+File format (append-only, one JSON object per line, so an interrupted run keeps every record
+it wrote and a truncated last line is ignored on load)::
+
+    {"type": "meta", ...}                     # once, first line
+    {"type": "row", "t": 0.0, "loss": ..., ...}
+    {"type": "end", "status": "t_max", "detail": "..."}   # last "end" wins (resumed runs)
+
+Non-finite floats are written as null and read back as NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import IO, Any, final
+
+import numpy as np
+
+__all__ = ["Trajectory"]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.floating):
+        return _clean(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+@final
+class Trajectory:
+    """Columns of diagnostics indexed by record; optionally mirrored to a JSONL file.
+
+    ``traj["loss"]`` is a float64 array (NaN where a row lacks the column); ``traj.t`` the flow
+    times. ``status``/``detail`` say why the run stopped (None while running).
+    """
+
+    def __init__(self, meta: Mapping[str, Any] | None = None, path: str | Path | None = None,
+                 *, append: bool = False) -> None:
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.rows: list[dict[str, Any]] = []
+        self.status: str | None = None
+        self.detail: str | None = None
+        self.path = Path(path) if path is not None else None
+        self._fh: IO[str] | None = None
+        if self.path is not None:
+            if append and self.path.exists():
+                loaded = Trajectory.load(self.path)
+                self.meta, self.rows = loaded.meta, loaded.rows
+                self._fh = open(self.path, "a")
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "w")
+                self._write({"type": "meta", **self.meta})
+
+    # -- writing ---------------------------------------------------------------------------
+    def _write(self, obj: Mapping[str, Any]) -> None:
+        if self._fh is None:
+            return
+        self._fh.write(json.dumps({k: _clean(v) for k, v in obj.items()}) + "\n")
+        self._fh.flush()
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        self.rows.append(row)
+        self._write({"type": "row", **row})
+
+    def close(self, status: str, detail: str = "") -> None:
+        """Record why the run stopped and close the file (idempotent)."""
+        self.status, self.detail = status, detail
+        self._write({"type": "end", "status": status, "detail": detail})
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    # -- reading ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> Trajectory:
+        """Read a trajectory file; a truncated final line (killed writer) is skipped."""
+        traj = cls()
+        traj.path = Path(path)
+        with open(path) as fh:
+            lines = fh.read().split("\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                if i >= len(lines) - 2:
+                    break  # the writer was killed mid-line
+                raise ValueError(f"{path}:{i + 1}: corrupt trajectory line") from None
+            kind = obj.pop("type", "row")
+            if kind == "meta":
+                traj.meta = obj
+            elif kind == "row":
+                traj.rows.append(obj)
+            elif kind == "end":
+                traj.status, traj.detail = obj.get("status"), obj.get("detail")
+        return traj
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def columns(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for r in self.rows:
+            seen.update(dict.fromkeys(r))
+        return list(seen)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.columns:
+            raise KeyError(f"no column {name!r}; available: {self.columns}")
+        return np.array(
+            [np.nan if r.get(name) is None else r[name] for r in self.rows], dtype=np.float64
+        )
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self[name] if name in self.columns else None
+
+    @property
+    def t(self) -> np.ndarray:
+        return self["t"]
+
+    def iter_rows(self) -> Iterable[dict[str, Any]]:
+        return iter(self.rows)
+
+    def save(self, path: str | Path) -> None:
+        """Write the whole trajectory to a new file (atomically)."""
+        tmp = Path(str(path) + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps({"type": "meta", **self.meta}) + "\n")
+            for r in self.rows:
+                fh.write(json.dumps({"type": "row", **r}) + "\n")
+            if self.status is not None:
+                fh.write(json.dumps({"type": "end", "status": self.status,
+                                     "detail": self.detail}) + "\n")
+        os.replace(tmp, path)

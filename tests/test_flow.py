@@ -1,0 +1,136 @@
+"""Gradient flow against the closed-form flow of linear least squares, and its stop rules."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rayleighflow.data import Dataset, UniformBox, smooth_target
+from rayleighflow.flow import FlowStatus, gradient_flow
+from rayleighflow.problem import Model, Problem
+from rayleighflow.trajectory import Trajectory
+
+
+def _least_squares(n=20, d=4, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, k, generator=g, dtype=torch.float64)
+    w0 = torch.randn(d, k, generator=g, dtype=torch.float64)
+    pb = Problem(Model(lambda p, x: x @ p["W"], {"W": w0}), Dataset.from_arrays(x, y), "square")
+    # Ẇ = −(1/n) Xᵀ(XW − Y): with A = XᵀX/n = V diag(λ) Vᵀ, W_t = W* + V e^{−λt} Vᵀ (W_0 − W*).
+    a, b = x.T @ x / n, x.T @ y / n
+    lam, v = torch.linalg.eigh(a)
+    w_star = torch.linalg.solve(a, b)
+
+    def exact(t):
+        w = w_star + v @ torch.diag(torch.exp(-lam * t)) @ v.T @ (w0 - w_star)
+        return w, float(0.5 * ((x @ w - y) ** 2).sum(-1).mean())
+
+    return pb, exact
+
+
+def test_adaptive_flow_matches_closed_form():
+    pb, exact = _least_squares()
+    res = gradient_flow(pb, t_max=30.0, rtol=1e-11, atol=1e-13)
+    assert res.status is FlowStatus.T_MAX
+    t, loss = res.trajectory.t, res.trajectory["loss"]
+    ref = np.array([exact(s)[1] for s in t])
+    assert np.max(np.abs(loss - ref) / ref) < 1e-8
+    w_ref, _ = exact(30.0)
+    assert torch.allclose(res.params["W"], w_ref, rtol=1e-8, atol=1e-10)
+
+
+def test_euler_converges_at_order_one():
+    pb, exact = _least_squares()
+    t_end = 2.0
+    w_ref, _ = exact(t_end)
+    steps = np.array([0.1, 0.05, 0.025, 0.0125, 0.00625])
+    errs = []
+    for h in steps:
+        res = gradient_flow(pb, t_max=t_end, method="euler", step=float(h), record_times=[t_end])
+        assert res.t_final == pytest.approx(t_end)
+        errs.append(float(torch.linalg.norm(res.params["W"] - w_ref)))
+    slope = np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    assert 0.9 < slope < 1.1, slope
+
+
+def test_euler_records_on_step_grid_and_is_gradient_descent():
+    pb, _ = _least_squares()
+    res = gradient_flow(pb, t_max=1.0, method="euler", step=0.1, record_times=[0.25, 0.5, 1.0])
+    assert np.allclose(res.trajectory.t, [0.0, 0.3, 0.5, 1.0])
+    w = pb.params["W"].clone()
+    x, y = pb.data.x, pb.data.y
+    for _ in range(10):
+        w = w - 0.1 * x.T @ (x @ w - y) / x.shape[0]
+    assert torch.allclose(res.params["W"], w, rtol=1e-12)
+
+
+def test_stops_at_loss_target_and_step_budget():
+    pb, _ = _least_squares(n=3, d=4, k=1)  # interpolating: the loss goes to zero
+    res = gradient_flow(pb, t_max=1e4, loss_target=1e-3)
+    assert res.status is FlowStatus.LOSS_TARGET
+    assert res.trajectory["loss"][-1] <= 1e-3 < res.trajectory["loss"][-2]
+    res = gradient_flow(pb, t_max=1e4, max_steps=50)
+    assert res.status is FlowStatus.STEP_BUDGET and res.n_grad_evals == 50
+
+
+def test_stops_at_non_finite_loss_and_keeps_records():
+    # GD with a step far above 2/λ_max diverges to overflow.
+    pb, _ = _least_squares()
+    res = gradient_flow(pb, t_max=1e6, method="euler", step=1e3,
+                        record_times=np.arange(1, 1000) * 1e3)
+    assert res.status is FlowStatus.NON_FINITE
+    assert len(res.trajectory) >= 2
+    assert np.all(np.isfinite(res.trajectory["loss"]))
+
+
+def test_trajectory_streams_and_survives_truncation(tmp_path):
+    pb, _ = _least_squares()
+    path = tmp_path / "traj.jsonl"
+    res = gradient_flow(pb, t_max=5.0, path=path, n_records=10)
+    loaded = Trajectory.load(path)
+    assert loaded.status == "t_max" and len(loaded) == len(res.trajectory)
+    assert np.array_equal(loaded["loss"], res.trajectory["loss"])
+    # A writer killed mid-line leaves a partial last line: everything before it loads.
+    text = path.read_text().splitlines()
+    path.write_text("\n".join(text[:-1]) + '\n{"type": "row", "t": 1')
+    assert len(Trajectory.load(path)) == len(res.trajectory)
+
+
+def test_resume_continues_the_same_file(tmp_path):
+    pb, exact = _least_squares()
+    path = tmp_path / "traj.jsonl"
+    first = gradient_flow(pb, t_max=2.0, path=path, n_records=5, rtol=1e-11, atol=1e-13)
+    second = gradient_flow(pb, t_max=6.0, path=path, append=True, params=first.params,
+                           t_start=2.0, record_times=[3.0, 6.0], rtol=1e-11, atol=1e-13)
+    traj = Trajectory.load(path)
+    assert traj.t[-1] == 6.0 and len(traj) == len(first.trajectory) + 2
+    assert second.trajectory["loss"][-1] == pytest.approx(exact(6.0)[1], rel=1e-8)
+
+
+def test_sampler_fresh_batches_and_fixed_eval_sample():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(),
+                              torch.nn.Linear(16, 1)).double()
+    pb = Problem(Model(net), UniformBox(2, 1.0, smooth_target), "square")
+    gen = torch.Generator().manual_seed(1)
+    res = gradient_flow(pb, t_max=2.0, method="euler", step=0.05, batch_size=64,
+                        eval_size=512, generator=gen, n_records=5)
+    loss = res.trajectory["loss"]
+    assert loss[-1] < loss[0] and np.all(np.isfinite(loss))
+    res2 = gradient_flow(pb, t_max=2.0, eval_size=256, n_records=5)
+    assert res2.status is FlowStatus.T_MAX
+    with pytest.raises(ValueError, match="Euler"):
+        gradient_flow(pb, t_max=1.0, batch_size=8)
+
+
+def test_bad_flow_arguments():
+    pb, _ = _least_squares()
+    with pytest.raises(ValueError, match="step"):
+        gradient_flow(pb, t_max=1.0, method="euler")
+    with pytest.raises(ValueError, match="integrator"):
+        gradient_flow(pb, t_max=1.0, method="rk4")
+    with pytest.raises(ValueError, match="t_max"):
+        gradient_flow(pb, t_max=-1.0)
+    assert math.isfinite(gradient_flow(pb, t_max=1e-3, n_records=2).trajectory["loss"][-1])
