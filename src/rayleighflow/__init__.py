@@ -1,0 +1,40 @@
+"""rayleighflow: certify and diagnose gradient-flow convergence through Rayleigh quotients of
+the neural tangent kernel and Kurdyka–Łojasiewicz inequalities (Robin, Scaman, Lelarge, 2022).
+
+The numerical core: :class:`Problem` (model + data + loss), :func:`measure` (R(K; ∇ℓ) at one
+backward pass), :func:`gradient_flow` (a recorded :class:`Trajectory`), :func:`certify` and
+:func:`compose` (KL certificates), the desingularizer family, and the NTK engine in
+:mod:`rayleighflow.ntk`.
+"""
+
+from __future__ import annotations
+
+from ._types import Convention, Params
+from .certify import Assumption, Certificate, CertificateStatus, certify, compose, kl_ratios
+from .data import Dataset, Gaussian, Sampler, TeacherStudent, UniformBox, load_sklearn
+from .desingularizers import (
+    CrossEntropy,
+    Custom,
+    Desingularizer,
+    Log,
+    Power,
+    Reciprocal,
+    get_desingularizer,
+)
+from .flow import FlowResult, FlowStatus, Integrator, gradient_flow
+from .losses import BinaryLogistic, FunctionalKL, SoftmaxCrossEntropy, SquareLoss, get_loss
+from .problem import Model, NondeterministicModelError, Problem
+from .rayleigh import Measurement, measure, witness_bound
+from .trajectory import Trajectory
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Assumption", "BinaryLogistic", "Certificate", "CertificateStatus", "Convention",
+    "CrossEntropy", "Custom", "Dataset", "Desingularizer", "FlowResult", "FlowStatus",
+    "FunctionalKL", "Gaussian", "Integrator", "Log", "Measurement", "Model",
+    "NondeterministicModelError", "Params", "Power", "Problem", "Reciprocal", "Sampler",
+    "SoftmaxCrossEntropy", "SquareLoss", "TeacherStudent", "Trajectory", "UniformBox",
+    "__version__", "certify", "compose", "get_desingularizer", "get_loss", "gradient_flow",
+    "kl_ratios", "load_sklearn", "measure", "witness_bound",
+]

@@ -1,0 +1,166 @@
+"""Pieces every experiment shares: the spectrum diagnostic, certificates, figures, summaries."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..certify import Certificate, CertificateStatus, certify, compose
+from ..data import Dataset
+from ..flow import FlowResult
+from ..ntk import ntk_spectrum
+from ..problem import Problem
+from ..trajectory import Trajectory
+
+__all__ = ["spectrum_diagnostic", "certificates", "certificate_arrays", "loss_figure",
+           "kernel_figure", "flow_summary", "finite_or_none"]
+
+
+def spectrum_diagnostic(every: int = 1, max_samples: int | None = None):
+    """Per-record NTK spectrum columns (λ_min, λ_max, smallest nonzero λ, rank) every N records.
+
+    Eigenvalues are of the operator K on the evaluation data in the problem's convention,
+    computed in float64; rank counts λ > max(nk, P)·eps·λ_max.
+    """
+    if every < 1:
+        raise ValueError(f"spectrum every N records needs N >= 1 (got {every})")
+
+    def diag(problem: Problem, params, data: Dataset, index: int) -> dict[str, float]:
+        if index % every:
+            return {}
+        if max_samples is not None and data.n > max_samples:
+            data = data.subset(torch.arange(max_samples))
+        spec = ntk_spectrum(problem.model, data, params=params, convention=problem.convention)
+        # λ_min below the rank threshold is numerically zero: plot it at the threshold.
+        return {"lambda_min": spec.lambda_min, "lambda_max": spec.lambda_max,
+                "lambda_min_nonzero": spec.lambda_min_nonzero, "rank": float(spec.rank),
+                "rank_threshold": spec.threshold,
+                "lambda_min_plot": max(spec.lambda_min, spec.threshold)}
+
+    return diag
+
+
+def certificates(
+    traj: Trajectory,
+    problem: Problem,
+    data: Dataset,
+    desingularizers: Sequence[str],
+    *,
+    rayleigh_lower: float | None = None,
+    mu: dict[str, float] | None = None,
+    rtol: float = 1e-6,
+    atol: float = 1e-12,
+) -> list[tuple[str, Certificate]]:
+    """Observed-μ* certificates for each φ, plus the composition c·R_low for the loss's φ."""
+    out = []
+    for name in desingularizers:
+        stated = (mu or {}).get(name)
+        out.append((f"{name} ({'stated' if stated else 'observed'} μ)",
+                    certify(traj, name, stated, rtol=rtol, atol=atol)))
+    fkl = problem.loss.functional_kl(data.weights, problem.convention)
+    out.append((f"composed: c·R ({fkl.desingularizer})",
+                compose(traj, fkl, rayleigh_lower, rtol=rtol, atol=atol)))
+    return out
+
+
+def certificate_arrays(prefix: str, certs: list[tuple[str, Certificate]]) -> dict[str, Any]:
+    """Bound curves as arrays for arrays.npz, keyed ``{prefix}bound{i}``."""
+    arrays = {}
+    for i, (_, cert) in enumerate(certs):
+        if cert.status is not CertificateStatus.UNAVAILABLE:
+            arrays[f"{prefix}bound{i}"] = cert.bound
+    return arrays
+
+
+def _cert_label(label: str, cert: Certificate) -> str:
+    return f"{label}, μ = {cert.mu:.3g}"
+
+
+def loss_figure(name: str, traj_name: str, certs: Sequence[tuple[str, Certificate]] | int,
+                prefix: str = "", title: str = "Loss and certified bounds") -> dict:
+    """Loss against t with each certificate's bound (log-log). ``certs`` may be a count
+    (declared before the run, labels generic) or the certificates themselves."""
+    series: list[dict[str, Any]] = [
+        {"kind": "line", "x": f"traj:{traj_name}:t", "y": f"traj:{traj_name}:loss",
+         "label": "recorded loss L(θ_t)", "style": "-", "color": "k"}]
+    items = list(certs) if not isinstance(certs, int) else [(f"bound {i}", None)
+                                                            for i in range(certs)]
+    for i, (label, cert) in enumerate(items):
+        if cert is not None and cert.status is CertificateStatus.UNAVAILABLE:
+            continue
+        series.append({"kind": "line", "x": f"traj:{traj_name}:t", "y": f"arr:{prefix}bound{i}",
+                       "label": label if cert is None else _cert_label(label, cert),
+                       "style": "--", "color": f"C{i}"})
+    return {"name": name, "title": title, "panels": [{
+        "title": "L(θ_t) ≤ φ⁻¹(φ(L₀) − μt)", "xlabel": "flow time t", "ylabel": "loss",
+        "xscale": "symlog", "yscale": "log", "series": series}]}
+
+
+def kernel_figure(name: str, traj_name: str, title: str = "Rayleigh quotient vs spectrum",
+                  groups: Sequence[str] = ()) -> dict:
+    """R(K; ∇ℓ) against λ_min and λ_max of K along the flow."""
+    ref = f"traj:{traj_name}"
+    series = [
+        {"kind": "line", "x": f"{ref}:t", "y": f"{ref}:rayleigh", "label": "R(K; ∇ℓ)",
+         "style": "-", "color": "C0"},
+        {"kind": "scatter", "x": f"{ref}:t", "y": f"{ref}:lambda_max", "label": "λ_max(K)",
+         "color": "C2"},
+        {"kind": "scatter", "x": f"{ref}:t", "y": f"{ref}:lambda_min_nonzero",
+         "label": "smallest nonzero λ(K)", "color": "C4"},
+        {"kind": "scatter", "x": f"{ref}:t", "y": f"{ref}:lambda_min_plot",
+         "label": "λ_min(K) (zero drawn at the rank threshold)", "color": "C3"},
+    ]
+    series += [{"kind": "line", "x": f"{ref}:t", "y": f"{ref}:rayleigh[{g}]",
+                "label": f"R(K_{g}; ∇ℓ)", "style": ":"} for g in groups]
+    return {"name": name, "title": title, "panels": [{
+        "title": "one Rayleigh quotient vs all eigenvalues", "xlabel": "flow time t",
+        "ylabel": "eigenvalue / quotient", "xscale": "symlog", "yscale": "log",
+        "series": series}]}
+
+
+def finite_or_none(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _col(traj: Trajectory, name: str) -> np.ndarray:
+    col = traj.get(name)
+    return col if col is not None else np.array([np.nan])
+
+
+def flow_summary(problem: Problem, data: Dataset, result: FlowResult,
+                 certs: list[tuple[str, Certificate]]) -> dict[str, Any]:
+    """The summary.json keys of one flow (docs/RUN_FOLDER.md)."""
+    traj = result.trajectory
+    loss, lam_min, rank = traj["loss"], _col(traj, "lambda_min"), _col(traj, "rank")
+    with np.errstate(all="ignore"):
+        ray_min = np.nanmin(traj["rayleigh"]) if np.isfinite(traj["rayleigh"]).any() else None
+    k = problem.model(problem.params, data.x[:1]).shape[-1]
+    cert_dicts = []
+    for label, cert in certs:
+        d = cert.to_dict()
+        d["label"] = label
+        cert_dicts.append(d)
+    violations = [c["max_bound_violation"] for c in cert_dicts
+                  if c["max_bound_violation"] is not None]
+    return {
+        "convention": problem.convention.value, "P": problem.model.n_params, "nk": data.n * k,
+        "loss_initial": finite_or_none(loss[0]), "loss_final": finite_or_none(loss[-1]),
+        "t_final": finite_or_none(result.t_final),
+        "rank": int(np.nanmax(rank)) if np.isfinite(rank).any() else None,
+        "rank_threshold": finite_or_none(np.nanmax(_col(traj, "rank_threshold"))),
+        "lambda_min": finite_or_none(np.nanmin(lam_min)) if np.isfinite(lam_min).any() else None,
+        "lambda_max": finite_or_none(np.nanmax(_col(traj, "lambda_max"))),
+        "rayleigh_min": finite_or_none(ray_min),
+        "certificates": cert_dicts,
+        "max_bound_violation": max(violations) if violations else None,
+        "flow_status": result.status.value, "flow_message": result.message,
+        "grad_evals": result.n_grad_evals,
+    }

@@ -1,0 +1,768 @@
+"""Typed, validated configuration of a user experiment, read from TOML.
+
+A file names a model, data, a loss, the flow's settings, the diagnostics to record and the
+certificates to check (see ``examples/my_experiment.toml``). Every key is checked: a typo is an
+error naming the key path, its line, the allowed keys and the closest match, never a silently
+used default. All problems are collected and raised together as one :class:`ConfigError`, one
+problem per line. Relative paths (data files, ``model.factory`` files) are resolved against the
+TOML file's folder and stored absolute, so :func:`config_to_toml` output loads from anywhere.
+
+Example:
+    >>> cfg = parse_config({"model": {"kind": "mlp", "widths": [16]},
+    ...                     "data": {"kind": "sklearn", "name": "iris"},
+    ...                     "loss": {"name": "cross-entropy"}})
+    >>> cfg.model.widths, cfg.flow.method.value, cfg.flow.t_max
+    ((16,), 'adaptive', 100.0)
+    >>> parse_config({"model": {"kind": "mlp"}, "data": {"kind": "sklearn", "name": "iris"},
+    ...               "loss": {"name": "cross-entropy"}, "flow": {"t_mx": 1.0}})
+    Traceback (most recent call last):
+    ...
+    rayleighflow.experiments.config.ConfigError: 1 error in the experiment configuration:
+      unknown key `flow.t_mx`: did you mean `t_max`? allowed keys in [flow]: method, ...
+    >>> parse_config(tomllib.loads(config_to_toml(cfg))) == cfg   # round trip
+    True
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .._types import Convention
+from ..data import SKLEARN_DATASETS
+from ..desingularizers import get_desingularizer
+from ..flow import Integrator
+from ..losses import LOSS_NAMES
+
+__all__ = [
+    "ConfigError", "Issue", "ExperimentConfig", "MLPConfig", "CNNConfig", "ImportConfig",
+    "SklearnData", "UniformData", "GaussianData", "TeacherStudentData", "FileData",
+    "LossConfig", "FlowConfig", "DiagnosticsConfig", "CertifyConfig", "ACTIVATIONS",
+    "SKLEARN_SHAPES", "load_config", "parse_config", "config_to_toml",
+]
+
+ACTIVATIONS = ("tanh", "relu", "gelu", "sigmoid", "softplus")
+# (classes, features, samples) of the bundled scikit-learn sets: checked without loading them.
+SKLEARN_SHAPES = {"iris": (3, 4, 150), "wine": (3, 13, 178), "breast_cancer": (2, 30, 569),
+                  "digits": (10, 64, 1797)}
+_REQUIRED = object()
+_BAD = object()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem: the key path (``flow.t_mx``), its TOML line when found, the message."""
+
+    path: str
+    line: int | None
+    message: str
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, one per line of the message (``issues``)."""
+
+    def __init__(self, issues: Sequence[Issue] | str, source: str | Path | None = None) -> None:
+        if isinstance(issues, str):
+            issues = [Issue("", None, issues)]
+        self.issues = tuple(issues)
+        self.source = str(source) if source is not None else None
+        n = len(self.issues)
+        head = f"{n} error{'s' * (n != 1)} in the experiment configuration:"
+        lines = [f"{self.source}: {head}" if self.source else head]
+        lines += [f"  {f'line {i.line}: ' if i.line else ''}{i.message}" for i in self.issues]
+        super().__init__("\n".join(lines))
+
+
+_TOKEN = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
+_HEADER = re.compile(rf"^\s*\[\[?\s*({_TOKEN}(?:\s*\.\s*{_TOKEN})*)\s*\]\]?\s*(?:#.*)?$")
+_KEYLINE = re.compile(rf"^\s*({_TOKEN}(?:\s*\.\s*{_TOKEN})*)\s*=")
+_INLINE = re.compile(rf"[{{,]\s*({_TOKEN})\s*=")
+
+
+def _dotted(s: str) -> str:
+    return ".".join(t.strip("\"'") for t in re.findall(r'"[^"]*"|\'[^\']*\'|[^.\s]+', s))
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """Best-effort map from key path (``flow.t_max``, tables too) to its first line in ``text``."""
+    table, out = "", {}
+    for no, line in enumerate(text.splitlines(), 1):
+        if m := _HEADER.match(line):
+            table = _dotted(m.group(1))
+            out.setdefault(table, no)
+        elif m := _KEYLINE.match(line):
+            path = ".".join(filter(None, (table, _dotted(m.group(1)))))
+            out.setdefault(path, no)
+            for k in _INLINE.finditer(line[m.end():]):  # inline tables: mu = {log = 0.5}
+                out.setdefault(f"{path}.{_dotted(k.group(1))}", no)
+    return out
+
+
+def find_line(lines: Mapping[str, int], path: str) -> int | None:
+    """Line of ``path`` or, failing that, of its closest enclosing table."""
+    path = re.sub(r"\[\d+\]", "", path)
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path.rpartition(".")[0]
+    return None
+
+
+class _Issues:
+    def __init__(self, text: str | None) -> None:
+        self.items: list[Issue] = []
+        self.bad: set[str] = set()
+        self.lines = key_lines(text) if text else {}
+
+    def add(self, path: str, message: str, at: str | None = None) -> None:
+        self.items.append(Issue(path, find_line(self.lines, at or path), message))
+        self.bad.add(path)
+
+    def ok(self, *paths: str) -> bool:
+        return not any(p in self.bad for p in paths)
+
+
+# ----------------------------------------------------------------------------- typed reading
+
+_DESCRIBE = {"string": "a string", "integer": "an integer", "number": "a number",
+             "boolean": "a boolean (true or false)", "integers": "an array of integers",
+             "strings": "an array of strings", "table": "a table",
+             "numbers": "a table of numbers", "path": "a string (a file path)",
+             "factory": 'a string "package.module:function" or "file.py:function"'}
+
+
+def _spec(kind: str, default: Any = _REQUIRED, **check: Any) -> Any:
+    """A dataclass field carrying its TOML type and checks, read by ``_Table.read``."""
+    md = {"kind": kind, **check}
+    if default is _REQUIRED:
+        return field(metadata=md)
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=md)
+    return field(default=default, metadata=md)
+
+
+def _type_name(v: Any) -> str:
+    for t, name in ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
+                    (list, "array"), (dict, "table")):
+        if isinstance(v, t):
+            return name
+    return "date/time"
+
+
+def _show(v: Any) -> str:
+    s = toml_value(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+class _Table:
+    """One TOML table being read; every problem goes to the shared ``_Issues``."""
+
+    def __init__(self, issues: _Issues, path: str, raw: Mapping[str, Any], base: Path) -> None:
+        self.issues, self.path, self.raw, self.base = issues, path, raw, base
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def check_keys(self, allowed: Sequence[str], elsewhere: Mapping[str, str] = {}) -> None:
+        where = f"[{self.path}]" if self.path else "the top level"
+        for k in self.raw:
+            p = self.key(k)
+            if k in elsewhere:
+                self.issues.add(p, f"{p} {elsewhere[k]}")
+            elif k not in allowed:
+                hint = difflib.get_close_matches(k, allowed, n=1, cutoff=0.6)
+                did = f"did you mean `{hint[0]}`? " if hint else ""
+                self.issues.add(p, f"unknown key `{p}`: {did}allowed keys in {where}: "
+                                   f"{', '.join(allowed)}")
+
+    def read(self, cls: type, skip: Sequence[str] = (), **defaults: Any) -> dict[str, Any]:
+        """Values of the dataclass fields of ``cls`` that carry a ``_spec``."""
+        out = {}
+        for f in fields(cls):
+            if "kind" not in f.metadata or f.name in skip:
+                continue
+            default = defaults.get(f.name, f.default)
+            if default is MISSING:
+                default = f.default_factory() if f.default_factory is not MISSING else _REQUIRED
+            out[f.name] = self.get(f.name, default=default, **f.metadata)
+        return out
+
+    def get(self, name: str, kind: str, default: Any = _REQUIRED, **check: Any) -> Any:
+        path = self.key(name)
+        if name not in self.raw:
+            if default is _REQUIRED:
+                what = f"table [{path}]" if kind == "table" else f"key `{path}`"
+                choices = check.get("choices")
+                extra = f" (one of {', '.join(choices)})" if choices else ""
+                self.issues.add(path, f"missing required {what}{extra}", at=self.path)
+                return None
+            return default
+        raw = self.raw[name]
+        value = self._convert(path, raw, kind)
+        if value is _BAD:
+            self.issues.add(path, f"{path} must be {_DESCRIBE[kind]}, got {_type_name(raw)} "
+                                  f"{_show(raw)}")
+        elif not self._check(path, value, raw, kind, **check):
+            value = _BAD
+        if value is _BAD:
+            return None if default is _REQUIRED else default
+        enum = check.get("enum")
+        return enum(value) if enum else value
+
+    def _convert(self, path: str, raw: Any, kind: str) -> Any:
+        num = isinstance(raw, int | float) and not isinstance(raw, bool)
+        if kind == "integer":
+            return raw if isinstance(raw, int) and not isinstance(raw, bool) else _BAD
+        if kind == "number":
+            return float(raw) if num else _BAD
+        if kind in ("boolean", "string", "table"):
+            return raw if isinstance(raw, {"boolean": bool, "string": str, "table": dict}[kind]) \
+                else _BAD
+        if kind in ("integers", "strings"):
+            ok = int if kind == "integers" else str
+            good = isinstance(raw, list) and all(
+                isinstance(v, ok) and not isinstance(v, bool) for v in raw)
+            return tuple(raw) if good else _BAD
+        if kind == "numbers":
+            good = isinstance(raw, dict) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in raw.values())
+            return {k: float(v) for k, v in raw.items()} if good else _BAD
+        if not isinstance(raw, str):
+            return _BAD
+        return self._resolve(path, raw) if kind == "path" else self._factory(path, raw)
+
+    def _resolve(self, path: str, raw: str) -> Path | None:
+        p = Path(raw).expanduser()
+        p = (p if p.is_absolute() else self.base / p).resolve()
+        if not p.is_file():
+            self.issues.add(path, f"{path}: file not found: {p} (relative paths are resolved "
+                                  f"against the TOML file's folder {self.base})")
+            return None
+        return p
+
+    def _factory(self, path: str, raw: str) -> Any:
+        module, _, attr = raw.rpartition(":")
+        ident = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+        if not module or not re.fullmatch(ident, attr):
+            return _BAD
+        if module.endswith(".py") or "/" in module or "\\" in module:
+            p = self._resolve(path, module)  # a file: checked now, imported by the builder
+            return f"{p}:{attr}" if p is not None else None
+        return raw if re.fullmatch(ident, module) else _BAD
+
+    def _check(self, path: str, value: Any, raw: Any, kind: str, *, choices=None, gt=None,
+               ge=None, size=None, min_size=None, **_: Any) -> bool:
+        if value is None:  # a missing file, already reported
+            return False
+        if choices is not None and value not in choices:
+            self.issues.add(path, f"{path} {value!r} is not one of {', '.join(choices)}")
+            return False
+        n = len(value) if isinstance(value, tuple) else None
+        if n is not None and ((size is not None and n != size) or n < (min_size or 0)):
+            want = f"exactly {size}" if size is not None else f"at least {min_size}"
+            self.issues.add(path, f"{path} must have {want} entries (got {n})")
+            return False
+        if kind in ("integers", "numbers"):
+            items = value.items() if kind == "numbers" else enumerate(value)
+            named = [(f"{path}.{k}" if kind == "numbers" else f"{path}[{k}]", v, v)
+                     for k, v in items]
+        elif kind in ("integer", "number"):
+            named = [(path, value, raw)]
+        else:
+            return True
+        ok = True
+        for p, v, shown in named:
+            if not math.isfinite(v):
+                self.issues.add(p, f"{p} must be a finite number (got {_show(shown)})")
+                ok = False
+            elif (gt is not None and not v > gt) or (ge is not None and not v >= ge):
+                bound = f"> {gt:g}" if gt is not None else f">= {ge:g}"
+                self.issues.add(p, f"{p} must be {bound} (got {_show(shown)})")
+                ok = False
+        return ok
+
+
+# ----------------------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """``kind = "mlp"``: (Linear → activation) per hidden width, then Linear to the output.
+
+    Empty ``widths`` is a linear model. Unset ``input_dim``/``output_dim`` are inferred from the
+    data and the loss; set, they are checked against them.
+    """
+
+    kind: ClassVar[str] = "mlp"
+    widths: tuple[int, ...] = _spec("integers", (64, 64), ge=1)
+    activation: str = _spec("string", "tanh", choices=ACTIVATIONS)
+    bias: bool = _spec("boolean", True)
+    input_dim: int | None = _spec("integer", None, ge=1, unset="inferred from the data")
+    output_dim: int | None = _spec("integer", None, ge=1, unset="inferred from data and loss")
+    init_scale: float = _spec("number", 1.0, gt=0)
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    """``kind = "cnn"``: per channel count, Conv2d ('same' padding) → activation → MaxPool2d,
+    then flatten → Linear. Flat inputs are reshaped to ``input_shape`` = [C, H, W]."""
+
+    kind: ClassVar[str] = "cnn"
+    channels: tuple[int, ...] = _spec("integers", (8, 16), ge=1, min_size=1)
+    kernel_size: int = _spec("integer", 3, ge=1)
+    pool: int = _spec("integer", 2, ge=1)
+    activation: str = _spec("string", "tanh", choices=ACTIVATIONS)
+    bias: bool = _spec("boolean", True)
+    input_shape: tuple[int, ...] | None = _spec("integers", None, ge=1, size=3,
+                                                unset="the data's own (n, C, H, W) shape")
+    output_dim: int | None = _spec("integer", None, ge=1, unset="inferred from data and loss")
+    init_scale: float = _spec("number", 1.0, gt=0)
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """``kind = "import"``: ``factory(**kwargs)`` must return an ``nn.Module``.
+
+    ``factory`` is "package.module:function" or "path/to/file.py:function" (stored absolute).
+    """
+
+    kind: ClassVar[str] = "import"
+    factory: str = _spec("factory")
+    kwargs: dict[str, Any] = _spec("table", {})
+    init_scale: float = _spec("number", 1.0, gt=0)
+
+
+@dataclass(frozen=True)
+class SklearnData:
+    """A dataset bundled with scikit-learn, labels relabelled 0..k-1, features standardized."""
+
+    kind: ClassVar[str] = "sklearn"
+    population: ClassVar[bool] = False
+    name: str = _spec("string", choices=SKLEARN_DATASETS)
+    n_samples: int | None = _spec("integer", None, ge=1, unset="all samples")
+    classes: tuple[int, ...] | None = _spec("integers", None, ge=0, min_size=2,
+                                            unset="all classes")
+    standardize: bool = _spec("boolean", True)
+
+
+def _n_samples() -> Any:
+    return _spec("integer", None, ge=1, unset="population = true: a sampler")
+
+
+@dataclass(frozen=True)
+class UniformData:
+    """x ~ Uniform[-radius, radius]^dim, y = target(x); a sampler or a fixed sample."""
+
+    kind: ClassVar[str] = "uniform"
+    dim: int = _spec("integer", ge=1)
+    radius: float = _spec("number", 1.0, gt=0)
+    target: str = _spec("string", "smooth", choices=("smooth",))
+    population: bool = _spec("boolean", False)
+    n_samples: int | None = _n_samples()
+
+
+@dataclass(frozen=True)
+class GaussianData:
+    """x ~ N(0, std² I_dim), y = target(x); a sampler or a fixed sample."""
+
+    kind: ClassVar[str] = "gaussian"
+    dim: int = _spec("integer", ge=1)
+    std: float = _spec("number", 1.0, gt=0)
+    target: str = _spec("string", "smooth", choices=("smooth",))
+    population: bool = _spec("boolean", False)
+    n_samples: int | None = _n_samples()
+
+
+@dataclass(frozen=True)
+class TeacherStudentData:
+    """Gaussian x labelled by a seeded random tanh network dim → teacher_width → outputs.
+
+    ``classify = true``: labels are the teacher's argmax, ``outputs`` the number of classes.
+    """
+
+    kind: ClassVar[str] = "teacher-student"
+    dim: int = _spec("integer", ge=1)
+    outputs: int = _spec("integer", 1, ge=1)
+    classify: bool = _spec("boolean", False)
+    teacher_width: int = _spec("integer", 32, ge=1)
+    population: bool = _spec("boolean", False)
+    n_samples: int | None = _n_samples()
+
+
+@dataclass(frozen=True)
+class FileData:
+    """``kind = "csv"`` (column ``target`` is y, else the last) or ``"npz"`` (arrays x, y)."""
+
+    population: ClassVar[bool] = False
+    kind: str = _spec("string", choices=("csv", "npz"))
+    path: Path = _spec("path")
+    target: str = _spec("string", "y")
+    n_samples: int | None = _spec("integer", None, ge=1, unset="all samples")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``one_hot`` (square loss only): class labels become one-hot targets of width k."""
+
+    name: str = _spec("string", choices=LOSS_NAMES)
+    one_hot: bool = _spec("boolean", False)
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Arguments of :func:`rayleighflow.flow.gradient_flow`; see :meth:`kwargs`."""
+
+    method: Integrator = _spec("string", Integrator.ADAPTIVE, choices=("adaptive", "euler"),
+                               enum=Integrator)
+    t_max: float = _spec("number", 100.0, gt=0)
+    step: float | None = _spec("number", None, gt=0, unset="adaptive steps")
+    rtol: float = _spec("number", 1e-7, gt=0)
+    atol: float = _spec("number", 1e-9, ge=0)
+    n_records: int = _spec("integer", 60, ge=2)
+    loss_target: float | None = _spec("number", None, gt=0, unset="run to t_max")
+    max_steps: int | None = _spec("integer", None, ge=1, unset="no limit")
+    batch_size: int | None = _spec("integer", None, ge=1, unset="the fixed evaluation sample")
+    eval_size: int = _spec("integer", 4096, ge=1)
+
+    def kwargs(self) -> dict[str, Any]:
+        """``gradient_flow(problem, generator=..., **flow.kwargs())``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """``spectrum_every``: NTK spectrum every N records (0 = never); ``groups``: per-group R."""
+
+    spectrum_every: int = _spec("integer", 0, ge=0)
+    groups: bool = _spec("boolean", True)
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    """Desingularizers to certify with, an optional Rayleigh lower bound and stated μ's."""
+
+    desingularizers: tuple[str, ...] = _spec("strings", ("log", "reciprocal", "cross-entropy"),
+                                             min_size=1)
+    rayleigh_lower: float | None = _spec("number", None, gt=0, unset="the observed minimum")
+    mu: dict[str, float] = _spec("numbers", {}, gt=0)
+    rtol: float = _spec("number", 1e-6, ge=0)
+    atol: float = _spec("number", 1e-12, ge=0)
+
+
+ModelConfig = MLPConfig | CNNConfig | ImportConfig
+DataConfig = SklearnData | UniformData | GaussianData | TeacherStudentData | FileData
+_MODELS: dict[str, type] = {"mlp": MLPConfig, "cnn": CNNConfig, "import": ImportConfig}
+_DATA: dict[str, type] = {"sklearn": SklearnData, "uniform": UniformData,
+                          "gaussian": GaussianData, "teacher-student": TeacherStudentData,
+                          "csv": FileData, "npz": FileData}
+_NOT_FOR_KIND = {"npz": ("target",)}
+_SECTIONS = ("model", "data", "loss", "flow", "diagnostics", "certify")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment. ``source`` is the TOML file it came from (not compared)."""
+
+    model: ModelConfig
+    data: DataConfig
+    loss: LossConfig
+    name: str = _spec("string", "experiment")
+    seed: int = _spec("integer", 0, ge=0)
+    dtype: str = _spec("string", "float64", choices=("float64", "float32"))
+    device: str = _spec("string", "cpu")
+    convention: Convention = _spec("string", Convention.MEAN, choices=("mean", "sum"),
+                                   enum=Convention)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+    source: Path | None = field(default=None, compare=False)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a TOML experiment file; raises :class:`ConfigError` listing every
+    problem with its line.
+
+    Example:
+        >>> cfg = load_config("examples/my_experiment.toml")      # doctest: +SKIP
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration file: {exc}", p) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        issue = Issue("", int(m.group(1)) if m else None, f"not valid TOML: {exc}")
+        raise ConfigError([issue], p) from None
+    return parse_config(raw, p, text=text)
+
+
+def parse_config(raw: Mapping[str, Any], source: str | Path | None = None, *,
+                 text: str | None = None) -> ExperimentConfig:
+    """Validate a decoded TOML document. ``source`` (the file) anchors relative paths and the
+    default ``name``; ``text`` (default: read from ``source``) gives error line numbers."""
+    src = Path(source).resolve() if source is not None else None
+    if text is None and src is not None and src.is_file():
+        text = src.read_text(encoding="utf-8")
+    issues = _Issues(text)
+    base = src.parent if src is not None else Path.cwd()
+    top = _Table(issues, "", raw, base)
+    own = [f.name for f in fields(ExperimentConfig) if "kind" in f.metadata]
+    top.check_keys([*own, *_SECTIONS])
+    values = top.read(ExperimentConfig, name=src.stem if src is not None else "experiment")
+    tables = {s: top.get(s, "table", _REQUIRED if s in ("model", "data", "loss") else {})
+              for s in _SECTIONS}
+    parts: dict[str, Any] = {}
+    for s in _SECTIONS:
+        t = _Table(issues, s, tables[s], base) if tables[s] is not None else None
+        if t is None:
+            parts[s] = None
+        elif s in ("model", "data"):
+            parts[s] = _read_kind(t, _MODELS if s == "model" else _DATA)
+        else:
+            cls = {"loss": LossConfig, "flow": FlowConfig, "diagnostics": DiagnosticsConfig,
+                   "certify": CertifyConfig}[s]
+            t.check_keys([f.name for f in fields(cls)])
+            parts[s] = cls(**t.read(cls))
+    if issues.ok("device") and not re.fullmatch(r"cpu|cuda(:\d+)?", values["device"]):
+        issues.add("device", f"device {values['device']!r} is not one of cpu, cuda, cuda:N")
+    if issues.ok("name") and (not values["name"].strip() or re.search(r"[/\\]", values["name"])):
+        issues.add("name", f"name {values['name']!r} must be non-empty, without / or \\ (it "
+                           "names the output folder)")
+    _cross_checks(issues, tables, parts)
+    if issues.items:
+        ordered = sorted(issues.items, key=lambda i: (i.line is None, i.line or 0))
+        raise ConfigError(ordered, src)
+    return ExperimentConfig(**values, **parts, source=src)
+
+
+def _read_kind(t: _Table, classes: Mapping[str, type]) -> Any:
+    every = {f.name: k for k, c in classes.items() for f in fields(c) if "kind" in f.metadata}
+    kind = t.get("kind", "string", choices=tuple(classes))
+    if kind is None:
+        t.check_keys(["kind", *every])
+        return None
+    cls = classes[kind]
+    mine = [f.name for f in fields(cls) if "kind" in f.metadata and f.name != "kind"
+            and f.name not in _NOT_FOR_KIND.get(kind, ())]
+    owners = {k: [o for o, c in classes.items() if k in {f.name for f in fields(c)}]
+              for k in every}
+    elsewhere = {k: f"does not apply to kind = {kind!r} (it is a key of kind "
+                    f"{', '.join(owners[k])})" for k in every if k not in mine and k != "kind"}
+    t.check_keys(["kind", *mine], elsewhere)
+    values = t.read(cls, skip=("kind", *_NOT_FOR_KIND.get(kind, ())))
+    return cls(kind=kind, **values) if cls is FileData else cls(**values)
+
+
+def _inapplicable(section: str, parts: Mapping[str, Any]) -> dict[str, str]:
+    """Keys of ``section`` that this configuration makes meaningless, with the reason."""
+    data, flow, loss = parts.get("data"), parts.get("flow"), parts.get("loss")
+    out: dict[str, str] = {}
+    if section == "flow" and flow is not None:
+        if flow.method is Integrator.EULER:
+            why = "applies only to method = 'adaptive' (the Euler integrator has a fixed step)"
+            out["rtol"] = out["atol"] = why
+        else:
+            out["step"] = ("applies only to method = 'euler' (gradient descent, t = kη); the "
+                           "adaptive integrator chooses its own steps")
+        population = data is not None and data.population
+        if not population:
+            out["eval_size"] = ("applies only to sampler data (data.population = true); a "
+                                "finite dataset is evaluated whole")
+        if not (population and flow.method is Integrator.EULER):
+            out["batch_size"] = ("applies only to sampler data (data.population = true) with "
+                                 "method = 'euler' (fresh samples each step)")
+    if section == "data" and data is not None and data.population:
+        out["n_samples"] = ("applies only to a fixed sample (population = false); a sampler's "
+                            "evaluation size is flow.eval_size")
+    if section == "loss" and loss is not None and loss.name != "square":
+        out["one_hot"] = "applies only to name = 'square'"
+    return out
+
+
+def _labels(data: Any) -> tuple[str, int | None]:
+    """('real', None) | ('labels', number of classes) | ('unknown', None) without loading."""
+    if isinstance(data, SklearnData):
+        return "labels", len(data.classes) if data.classes else SKLEARN_SHAPES[data.name][0]
+    if isinstance(data, TeacherStudentData) and data.classify:
+        return "labels", data.outputs
+    return ("unknown", None) if isinstance(data, FileData) else ("real", None)
+
+
+def _features(data: Any) -> int | None:
+    if isinstance(data, SklearnData):
+        return SKLEARN_SHAPES[data.name][1]
+    return None if isinstance(data, FileData) else data.dim
+
+
+def _cross_checks(iss: _Issues, tables: Mapping[str, Any], parts: Mapping[str, Any]) -> None:
+    model, data, loss, flow, cert = (parts[s] for s in ("model", "data", "loss", "flow",
+                                                        "certify"))
+    for section in ("flow", "data", "loss"):
+        for key, why in _inapplicable(section, parts).items():
+            if key in (tables[section] or {}):
+                iss.add(f"{section}.{key}", f"{section}.{key} {why}")
+    if flow is not None and flow.method is Integrator.EULER and flow.step is None \
+            and iss.ok("flow.step"):
+        iss.add("flow.step", "flow.step is required with method = 'euler' (gradient descent "
+                             "with step η, recorded at t = kη)", at="flow.method")
+    if data is not None and not data.population and not isinstance(data, SklearnData | FileData) \
+            and data.n_samples is None and iss.ok("data.n_samples"):
+        iss.add("data.n_samples", "data.n_samples is required for a fixed sample "
+                                  "(population = false); or set population = true", at="data")
+    if isinstance(data, TeacherStudentData) and data.classify and data.outputs < 2:
+        iss.add("data.outputs", "data.outputs must be >= 2 with classify = true (it is the "
+                                f"number of classes; got {data.outputs})")
+    if isinstance(data, SklearnData) and iss.ok("data.name"):
+        k, _, n = SKLEARN_SHAPES[data.name]
+        if data.classes and (max(data.classes) >= k or len(set(data.classes)) < len(data.classes)):
+            iss.add("data.classes", f"data.classes {list(data.classes)} must be distinct class "
+                                    f"ids in 0..{k - 1} ({data.name} has {k} classes)")
+        if data.n_samples is not None and data.n_samples > n:
+            iss.add("data.n_samples", f"data.n_samples = {data.n_samples} exceeds the {n} "
+                                      f"samples of {data.name}")
+    if loss is not None and data is not None and iss.ok("loss.name", "data.kind"):
+        _check_loss_data(iss, loss, data)
+    if model is not None and data is not None:
+        _check_model_data(iss, model, data, loss)
+    if cert is not None:
+        _check_certify(iss, cert)
+
+
+def _check_loss_data(iss: _Issues, loss: LossConfig, data: Any) -> None:
+    what, k = _labels(data)
+    needs_labels = loss.name != "square" or loss.one_hot
+    if needs_labels and what == "real":
+        key = "loss.name" if loss.name != "square" else "loss.one_hot"
+        iss.add(key, f"{key}: loss {loss.name!r}{' with one_hot' * loss.one_hot} needs class "
+                     f"labels, but data.kind = {data.kind!r} has real-valued targets; use loss "
+                     "'square' (or teacher-student data with classify = true)")
+    elif loss.name == "logistic" and k is not None and k != 2:
+        fix = ("choose two with data.classes = [0, 1]" if isinstance(data, SklearnData)
+               else "set data.outputs = 2")
+        iss.add("loss.name", f"loss 'logistic' needs exactly 2 classes but the data has {k}; "
+                             f"{fix}, or use loss 'cross-entropy'")
+
+
+def _check_model_data(iss: _Issues, model: Any, data: Any, loss: LossConfig | None) -> None:
+    d = _features(data)
+    if isinstance(model, MLPConfig) and model.input_dim is not None and d is not None \
+            and model.input_dim != d:
+        iss.add("model.input_dim", f"model.input_dim = {model.input_dim} but the data has {d} "
+                                   "features; remove model.input_dim to infer it")
+    if isinstance(model, CNNConfig) and d is not None and iss.ok("model.input_shape"):
+        side = math.isqrt(d)
+        eg = f", e.g. [1, {side}, {side}]" if side * side == d else ""
+        if model.input_shape is None:
+            iss.add("model.input_shape", "model.input_shape is required for kind = 'cnn' with "
+                    f"flat inputs: give [channels, height, width] with product {d}{eg}",
+                    at="model.kind")
+        elif math.prod(model.input_shape) != d:
+            iss.add("model.input_shape", f"model.input_shape {list(model.input_shape)} has "
+                    f"{math.prod(model.input_shape)} entries but the data has {d} features{eg}")
+    out = getattr(model, "output_dim", None)
+    if out is None or loss is None:
+        return
+    what, k = _labels(data)
+    want = (1 if loss.name == "logistic" else k if loss.name == "cross-entropy" or loss.one_hot
+            else (data.outputs if isinstance(data, TeacherStudentData) else 1)
+            if what == "real" else None)
+    if want is not None and out != want:
+        iss.add("model.output_dim", f"model.output_dim = {out} but loss {loss.name!r} on this "
+                                    f"data needs {want}; remove model.output_dim to infer it")
+
+
+def _check_certify(iss: _Issues, cert: CertifyConfig) -> None:
+    canonical: dict[str, str] = {}
+    for i, name in enumerate(cert.desingularizers):
+        try:
+            c = get_desingularizer(name).name
+        except (ValueError, TypeError) as exc:
+            iss.add(f"certify.desingularizers[{i}]", f"certify.desingularizers[{i}]: {exc}")
+            continue
+        if c in canonical:
+            iss.add(f"certify.desingularizers[{i}]", f"certify.desingularizers[{i}] {name!r} "
+                    f"repeats {canonical[c]!r}")
+        canonical.setdefault(c, name)
+    for key in cert.mu:
+        try:
+            c = get_desingularizer(key).name
+        except (ValueError, TypeError):
+            c = None
+        if c not in canonical:
+            hint = difflib.get_close_matches(key, list(canonical.values()), n=1, cutoff=0.6)
+            did = f"did you mean `{hint[0]}`? " if hint else ""
+            iss.add(f"certify.mu.{key}", f"certify.mu.{key}: {did}a stated μ must name one of "
+                    f"certify.desingularizers ({', '.join(cert.desingularizers)})")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def toml_value(v: Any) -> str:
+    """A Python value as a TOML literal (tables inline)."""
+    if isinstance(v, Enum):
+        v = v.value
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return ("nan" if math.isnan(v) else ("-inf" if v < 0 else "inf") if math.isinf(v)
+                else repr(v))
+    if isinstance(v, str | Path):
+        return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        body = ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in v.items())
+        return "{ " + body + " }" if body else "{}"
+    if hasattr(v, "isoformat"):  # TOML dates and times
+        return v.isoformat()
+    raise TypeError(f"cannot write {type(v).__name__} {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else toml_value(k)
+
+
+def config_to_toml(cfg: ExperimentConfig) -> str:
+    """The fully resolved configuration as TOML: every default written out, unset optional keys
+    as comments, keys this configuration makes meaningless left out. It loads back to ``cfg``.
+
+    Example:
+        >>> print(config_to_toml(cfg))                 # doctest: +SKIP
+    """
+    lines = ["# rayleighflow experiment configuration, resolved: every default is written out."]
+    lines += [f"{f.name} = {toml_value(getattr(cfg, f.name))}" for f in fields(cfg)
+              if "kind" in f.metadata]
+    parts = {s: getattr(cfg, s) for s in _SECTIONS}
+    for s in _SECTIONS:
+        obj = parts[s]
+        skip = set(_inapplicable(s, parts)) | set(_NOT_FOR_KIND.get(getattr(obj, "kind", ""), ()))
+        lines += ["", f"[{s}]"]
+        if hasattr(obj, "kind"):
+            lines.append(f"kind = {toml_value(obj.kind)}")
+        for f in fields(obj):
+            if f.name == "kind" or f.name in skip:
+                continue
+            v = getattr(obj, f.name)
+            lines.append(f"# {f.name}: unset ({f.metadata.get('unset', 'none')})" if v is None
+                         else f"{f.name} = {toml_value(v)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""Certificates: KL checks, composition, and the certified bound never below the loss."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rayleighflow.certify import CertificateStatus, certify, compose, kl_ratios
+from rayleighflow.data import Dataset
+from rayleighflow.flow import gradient_flow
+from rayleighflow.problem import Model, Problem
+
+
+def _mlp_problem(seed, n, width, loss, depth=1, activation=nn.Tanh):
+    torch.manual_seed(seed)
+    d, k = 3, 2
+    layers, last = [], d
+    for _ in range(depth):
+        layers += [nn.Linear(last, width), activation()]
+        last = width
+    net = nn.Sequential(*layers, nn.Linear(last, k)).double()
+    x = torch.randn(n, d, dtype=torch.float64)
+    y = torch.randn(n, k, dtype=torch.float64) if loss == "square" else torch.randint(0, k, (n,))
+    return Problem(Model(net), Dataset.from_arrays(x, y), loss)
+
+
+@pytest.fixture(scope="module")
+def square_run():
+    pb = _mlp_problem(0, 12, 32, "square")
+    return pb, gradient_flow(pb, t_max=200.0, n_records=80)
+
+
+def test_observed_certificate_holds_and_is_tight(square_run):
+    pb, res = square_run
+    cert = certify(res.trajectory, "log")
+    assert cert.status is CertificateStatus.HOLDS
+    ratios = kl_ratios(res.trajectory, "log")
+    assert cert.mu == pytest.approx(np.nanmin(ratios))
+    assert cert.max_bound_violation <= 0
+    # L0 e^{-μ t} by hand.
+    t, loss = res.trajectory.t, res.trajectory["loss"]
+    assert np.allclose(cert.bound, loss[0] * np.exp(-cert.mu * (t - t[0])), rtol=1e-12)
+
+
+def test_stated_mu_reports_first_violation(square_run):
+    _, res = square_run
+    ratios = kl_ratios(res.trajectory, "log")
+    mu = float(np.nanmedian(ratios))
+    cert = certify(res.trajectory, "log", mu=mu)
+    assert cert.status is CertificateStatus.VIOLATED
+    first = int(np.flatnonzero(ratios < mu)[0])
+    assert cert.first_violation[0] == pytest.approx(res.trajectory.t[first])
+    ok = certify(res.trajectory, "log", mu=0.5 * float(np.nanmin(ratios)))
+    assert ok.status is CertificateStatus.HOLDS
+
+
+def test_composition_square_loss_c_times_rayleigh(square_run):
+    pb, res = square_run
+    cert = compose(res.trajectory, pb.loss.functional_kl(pb.data.weights, pb.convention))
+    r_min = float(np.nanmin(res.trajectory["rayleigh"]))
+    assert cert.mu == pytest.approx(2.0 * r_min)
+    assert cert.status is CertificateStatus.HOLDS, cert.assumptions
+    # The composed constant is a valid, weaker, KL constant: c·R_min ≤ μ*.
+    assert cert.mu <= certify(res.trajectory, "log").mu * (1 + 1e-9)
+    assert all(a.holds for a in cert.assumptions)
+
+
+def test_composition_user_rayleigh_lower_bound_checked(square_run):
+    pb, res = square_run
+    fkl = pb.loss.functional_kl(pb.data.weights, pb.convention)
+    too_big = 10 * float(np.nanmax(res.trajectory["rayleigh"]))
+    cert = compose(res.trajectory, fkl, rayleigh_lower=too_big)
+    assert cert.status is CertificateStatus.VIOLATED
+    assert not cert.assumptions[1].holds
+
+
+def test_time_to_target_is_consistent_with_bound(square_run):
+    _, res = square_run
+    cert = certify(res.trajectory, "log")
+    target = float(res.trajectory["loss"][0]) * 1e-3
+    t_hit = cert.time_to(target)
+    assert t_hit == pytest.approx(math.log(1e3) / cert.mu, rel=1e-12)
+
+
+def test_cross_entropy_functional_kl_holds_on_records():
+    pb = _mlp_problem(1, 10, 16, "cross-entropy")
+    res = gradient_flow(pb, t_max=300.0, n_records=40)
+    fkl = pb.loss.functional_kl(pb.data.weights, pb.convention)
+    assert fkl.c == pytest.approx(0.01)
+    cert = compose(res.trajectory, fkl)
+    assert cert.assumptions[0].holds and cert.status is CertificateStatus.HOLDS
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+def test_impossible_mu_rejected(square_run, bad):
+    _, res = square_run
+    with pytest.raises(ValueError, match="mu must be"):
+        certify(res.trajectory, "log", mu=bad)
+
+
+def test_unknown_desingularizer_rejected(square_run):
+    _, res = square_run
+    with pytest.raises(ValueError, match="unknown|allowed|choose"):
+        certify(res.trajectory, "quadratic")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(2, 12),
+    width=st.sampled_from([2, 4, 16]),
+    depth=st.integers(1, 2),
+    loss=st.sampled_from(["square", "cross-entropy"]),
+    desing=st.sampled_from(["log", "reciprocal", "power:1.5", "power:0.5", "cross-entropy"]),
+)
+def test_observed_bound_never_below_loss(seed, n, width, depth, loss, desing):
+    """On random problems the μ*-certified bound stays above the recorded loss (rtol 1e-6)."""
+    pb = _mlp_problem(seed, n, width, loss, depth=depth)
+    res = gradient_flow(pb, t_max=20.0, n_records=100, rtol=1e-9, atol=1e-12)
+    cert = certify(res.trajectory, desing, rtol=1e-6, atol=1e-12)
+    if cert.status is CertificateStatus.UNAVAILABLE:
+        assert not cert.mu_star > 0
+        return
+    loss_rec = res.trajectory["loss"]
+    assert np.all(loss_rec <= cert.bound * (1 + 1e-6) + 1e-12), cert.max_bound_violation
