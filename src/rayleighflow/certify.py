@@ -27,7 +27,7 @@ from .losses import FunctionalKL
 from .trajectory import Trajectory
 
 __all__ = ["CertificateStatus", "Assumption", "Certificate", "kl_ratios", "certify",
-           "compose", "rank_desingularizers"]
+           "compose", "spectral", "rank_desingularizers"]
 
 
 class CertificateStatus(str, Enum):
@@ -225,6 +225,44 @@ def _unavailable(traj, phi, mu, source, ratios, mu_star, t_star, rtol, atol,
                        np.full(loss.shape, np.nan), ratios, mu_star, t_star, math.nan, rtol,
                        atol, tuple(assumptions), None,
                        ("no positive KL constant on this trajectory",))
+
+
+def spectral(
+    traj: Trajectory,
+    functional_kl: FunctionalKL,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 1e-12,
+) -> Certificate:
+    """T1 / the definite-NTK proposition: R(K; ∇ℓ) ≥ λ_min(K_θt), so if λ_min > 0 along the
+    flow, μ = c · min_t λ_min. Needs the ``lambda_min`` and ``rank_threshold`` columns (a
+    spectrum at records). Unavailable when λ_min is numerically zero at some record, which
+    is forced when nk > P (rank K ≤ P)."""
+    lam, thr = traj.get("lambda_min"), traj.get("rank_threshold")
+    if lam is None or thr is None or not np.isfinite(lam).any():
+        raise ValueError("a spectral certificate needs λ_min at records: record the NTK "
+                         "spectrum (e.g. experiments.common.spectrum_diagnostic)")
+    have = np.isfinite(lam)
+    lam_min = float(np.min(lam[have]))
+    zero = lam[have] <= thr[have]
+    definite = Assumption(
+        "definite NTK: λ_min(K_θt) > 0 at every record", not bool(zero.any()),
+        f"min λ_min = {lam_min:.6g} over {int(have.sum())} spectra; "
+        f"{int(zero.sum())} below the rank threshold")
+    if zero.any():
+        phi = get_desingularizer(functional_kl.desingularizer)
+        ratios = kl_ratios(traj, phi)
+        mu_star, t_star = _observed_min(ratios, traj.t)
+        return _unavailable(traj, phi, 0.0, "spectral", ratios, mu_star, t_star, rtol, atol,
+                            (definite,))
+    cert = compose(traj, functional_kl, lam_min, rtol=rtol, atol=atol)
+    return _replace_source(cert, "spectral", (definite,))
+
+
+def _replace_source(cert: Certificate, source: str, extra: tuple[Assumption, ...]) -> Certificate:
+    from dataclasses import replace
+
+    return replace(cert, mu_source=source, assumptions=extra + cert.assumptions)
 
 
 def rank_desingularizers(traj: Trajectory, candidates=None) -> list[dict]:

@@ -9,12 +9,14 @@ from typing import Any
 
 import torch
 
-from . import demo
+from . import definite_ntk, demo, toy2d
 from .runner import Experiment, RunContext, execute
 
 __all__ = ["EXPERIMENTS", "get_experiment", "run_experiment", "builtin_config_text"]
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (demo.EXPERIMENT,)}
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e for e in (demo.EXPERIMENT, toy2d.EXPERIMENT, definite_ntk.EXPERIMENT)
+}
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

@@ -1,0 +1,431 @@
+r"""Kurdyka-Lojasiewicz desingularizers and the loss bounds they certify (THEORY.md section 3).
+
+A desingularizer is an increasing function phi: (0, inf) -> R (phi' > 0). A loss L satisfies
+the KL inequality with phi and constant mu > 0 where L > 0 if
+
+    phi'(L) * |grad L|^2 >= mu.
+
+Along the gradient flow d theta/dt = -grad L this integrates to
+
+    L(t) <= phi^{-1}( phi(L(0)) - mu t ),
+
+with equality for the scalar flow dL/dt = -mu / phi'(L). If phi is bounded below by
+phi(0+) > -inf and phi(L(0)) - mu t falls below it, the bound is 0 (finite-time convergence).
+
+Shipped: ``Log`` (PL), ``Reciprocal``, ``Power(alpha)``, ``CrossEntropy`` and ``Custom``.
+Everything is numpy float64 and vectorized; scalars in give ``np.float64`` out.
+
+>>> get_desingularizer("log").bound(2.0, 1.0, [0.0, 1.0])  # 2 e^{-t}
+array([2.        , 0.73575888])
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import re
+import typing
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import scipy.optimize
+import scipy.special
+
+__all__ = [
+    "DESINGULARIZER_NAMES",
+    "CrossEntropy",
+    "Custom",
+    "Desingularizer",
+    "Log",
+    "Power",
+    "Reciprocal",
+    "best_desingularizer",
+    "get_desingularizer",
+]
+
+# "power" needs its exponent in the spec: "power:<alpha>".
+DESINGULARIZER_NAMES: tuple[str, ...] = ("log", "reciprocal", "power", "cross-entropy")
+_ALIASES = {"pl": "log", "ce": "cross-entropy"}
+_DEFAULT_CANDIDATES = ("log", "reciprocal", "power:0.5", "power:1.5", "power:3", "cross-entropy")
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _out(x: np.ndarray):
+    # 0-d arrays become np.float64 so scalar in gives scalar out.
+    return np.asarray(x, dtype=np.float64)[()]
+
+
+def _check_start(loss0, mu) -> tuple[float, float]:
+    out = []
+    for what, value, why in (
+        ("loss0", loss0, "the bound starts from the positive loss L(0) of the trajectory"),
+        ("mu", mu, "a KL constant is a positive lower bound on phi'(L)|grad L|^2"),
+    ):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} must be a real number (got {value!r})") from None
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{what} must be > 0 and finite (got {v!r}): {why}")
+        out.append(v)
+    return out[0], out[1]
+
+
+class Desingularizer(abc.ABC):
+    """KL desingularizer phi: (0, inf) -> R, increasing.
+
+    Required: ``phi``, ``dphi``, ``phi_inv`` (vectorized). ``phi_inv`` maps values below the
+    range of phi to 0 and values above it to inf. ``phi_lower`` is lim_{u->0+} phi(u)
+    (-inf when unbounded). Derived: ``kl_ratio``, ``bound``, ``time_to_reach``.
+    """
+
+    name: str
+    phi_lower: float = -math.inf
+
+    @abc.abstractmethod
+    def phi(self, u): ...
+
+    @abc.abstractmethod
+    def dphi(self, u): ...
+
+    @abc.abstractmethod
+    def phi_inv(self, v): ...
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    def kl_ratio(self, loss, grad_sq):
+        """phi'(L) |grad L|^2 elementwise; NaN where L <= 0 or not finite (KL is silent there)."""
+        loss, grad_sq = np.broadcast_arrays(_f64(loss), _f64(grad_sq))
+        ok = np.isfinite(loss) & (loss > 0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            ratio = self.dphi(np.where(ok, loss, 1.0)) * grad_sq
+        return _out(np.where(ok, ratio, np.nan))
+
+    def bound(self, loss0: float, mu: float, t) -> np.ndarray:
+        """phi^{-1}(phi(L0) - mu t) for t >= 0 (t = inf allowed): the KL loss bound at time t.
+
+        Clamped to [0, L0] (exact in theory, guards rounding); equals L0 exactly at t = 0.
+        """
+        loss0, mu = _check_start(loss0, mu)
+        t = _f64(t)
+        if np.any(np.isnan(t)) or np.any(t < 0):
+            raise ValueError("t must be >= 0 and not NaN; pass flow times measured from t = 0")
+        with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+            b = self._bound(loss0, mu, t)
+        b = np.where(t == 0, loss0, np.clip(b, 0.0, loss0))  # NaN stays NaN: never hide a bug
+        return _out(b)
+
+    def _bound(self, loss0: float, mu: float, t: np.ndarray) -> np.ndarray:
+        # Generic path; subclasses with a better-conditioned closed form override it.
+        return self.phi_inv(self.phi(loss0) - mu * t)
+
+    def time_to_reach(self, loss0: float, mu: float, target: float) -> float:
+        """Smallest t with bound(t) <= target: (phi(L0) - phi(target)) / mu; 0 if target >= L0.
+
+        A target <= 0 is reached at (phi(L0) - phi(0+)) / mu, which is inf unless phi is
+        bounded below.
+        """
+        loss0, mu = _check_start(loss0, mu)
+        target = float(target)
+        if math.isnan(target):
+            raise ValueError("target must be a number (got nan); pass the loss level to reach")
+        if target >= loss0:
+            return 0.0
+        low = self.phi_lower if target <= 0 else float(self.phi(target))
+        return float((float(self.phi(loss0)) - low) / mu)
+
+
+@typing.final
+class Log(Desingularizer):
+    """phi(u) = log u, phi'(u) = 1/u, phi^{-1}(v) = e^v.
+
+    KL reads |grad L|^2 >= mu L (Polyak-Lojasiewicz); bound L0 e^{-mu t}.
+    """
+
+    name = "log"
+
+    def phi(self, u):
+        with np.errstate(divide="ignore"):
+            return _out(np.log(_f64(u)))
+
+    def dphi(self, u):
+        with np.errstate(divide="ignore"):
+            return _out(1.0 / _f64(u))
+
+    def phi_inv(self, v):
+        with np.errstate(over="ignore"):
+            return _out(np.exp(_f64(v)))
+
+    def _bound(self, loss0, mu, t):
+        return loss0 * np.exp(-mu * t)
+
+
+class _PowerLaw(Desingularizer):
+    # Shared implementation of phi(u) = u^c / c, c = 1 - alpha (private, not a public base).
+    alpha: float
+
+    def phi(self, u):
+        c = 1.0 - self.alpha
+        with np.errstate(over="ignore", divide="ignore"):
+            return _out(_f64(u) ** c / c)
+
+    def dphi(self, u):
+        with np.errstate(over="ignore", divide="ignore"):
+            return _out(_f64(u) ** (-self.alpha))
+
+    def phi_inv(self, v):
+        c = 1.0 - self.alpha
+        w = c * _f64(v)  # > 0 exactly on the range of phi
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            return _out(np.where(w > 0, w ** (1.0 / c), 0.0 if c > 0 else math.inf))
+
+    def _bound(self, loss0, mu, t):
+        # Closed form (L0^c - c mu t)_+^{1/c}, rewritten as L0 (1 - r)^{1/c} so that neither
+        # L0^c nor mu t overflows and nothing cancels at small t.
+        c = 1.0 - self.alpha
+        if c > 0:
+            # r = t / T with T = phi(L0)/mu as in time_to_reach, so bound(T) is exactly 0.
+            r = t / (loss0**c / c / mu)
+            return np.where(r < 1, loss0 * np.exp(np.log1p(-np.where(r < 1, r, 0.0)) / c), 0.0)
+        k = -c
+        # log of x = k mu t L0^k; for x > 1 factor out (k mu t)^{-1/k} instead of L0.
+        d = math.log(k * mu) + np.log(t) + k * math.log(loss0)
+        small = loss0 * np.exp(-np.log1p(np.exp(np.minimum(d, 0.0))) / k)
+        large = (k * mu * t) ** (-1.0 / k) * np.exp(-np.log1p(np.exp(-np.maximum(d, 0.0))) / k)
+        return np.where(d <= 0, small, large)
+
+
+@typing.final
+class Reciprocal(_PowerLaw):
+    """phi(u) = -1/u, phi'(u) = 1/u^2, phi^{-1}(v) = -1/v on v < 0.
+
+    KL reads |grad L|^2 >= mu L^2; bound L0 / (1 + mu L0 t). Same as Power(2).
+    """
+
+    name = "reciprocal"
+    alpha = 2.0
+
+
+@typing.final
+class Power(_PowerLaw):
+    """phi(u) = u^{1-a}/(1-a), phi'(u) = u^{-a}, phi^{-1}(v) = ((1-a) v)^{1/(1-a)}; a > 0, a != 1.
+
+    KL reads |grad L|^2 >= mu L^a; bound (L0^{1-a} - (1-a) mu t)_+^{1/(1-a)}. For a < 1 phi is
+    bounded below by phi(0+) = 0 and the bound reaches 0 at T = phi(L0)/mu.
+    """
+
+    def __init__(self, alpha: float):
+        try:
+            a = float(alpha)
+        except (TypeError, ValueError):
+            raise ValueError(f"alpha must be a real number (got {alpha!r})") from None
+        if not (math.isfinite(a) and a > 0):
+            raise ValueError(f"alpha must be > 0 and finite (got {a!r}): phi' = u^-alpha decreases")
+        if a == 1:
+            raise ValueError("alpha = 1 is the logarithm: use Log() (or 'log') instead of Power(1)")
+        self.alpha = a
+        self.name = f"power(alpha={np.format_float_positional(a, trim='-')})"
+        self.phi_lower = 0.0 if a < 1 else -math.inf
+
+
+@typing.final
+class CrossEntropy(Desingularizer):
+    """phi(u) = log(e^u - 1) - 1/(e^u - 1), phi'(u) = (1 - e^{-u})^{-2}.
+
+    phi^{-1}(v) = log(1 + 1/W0(e^{-v})) (W0: principal Lambert branch). KL reads
+    |grad L|^2 >= mu (1 - e^{-L})^2 (linear softmax regression, THEORY.md R2); the bound decreases
+    linearly (~ L0 - mu t) while large and like 1/(mu t) as t -> inf.
+    """
+
+    name = "cross-entropy"
+
+    def phi(self, u):
+        u = _f64(u)
+        big = u > 1.0
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            # u > 1: log(e^u - 1) = u + log1p(-e^-u), 1/(e^u - 1) = e^-u / (1 - e^-u).
+            em = np.exp(-u)
+            hi = u + np.log1p(-em) - em / (-np.expm1(-u))
+            lo = np.log(np.expm1(u)) - 1.0 / np.expm1(u)
+        return _out(np.where(big, hi, lo))
+
+    def dphi(self, u):
+        with np.errstate(over="ignore", divide="ignore"):
+            return _out((1.0 / -np.expm1(-_f64(u))) ** 2)
+
+    def phi_inv(self, v):
+        z = -_f64(v)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            w = scipy.special.wrightomega(z)  # W0(e^z) without forming e^z
+            # w + log w = z  =>  log(1 + 1/w) = w - z + log1p(w): finite when w underflows.
+            small_w = w - z + np.log1p(w)
+            big_w = np.log1p(1.0 / w)  # full relative precision for tiny losses
+        return _out(np.where(w <= 1.0, small_w, big_w))
+
+
+# ---------------------------------------------------------------- custom
+
+
+_S_MIN, _S_MAX = math.log(1e-300), math.log(1e300)
+_PROBE = np.logspace(-6, 6, 49)
+_RTOL = 4 * float(np.finfo(np.float64).eps)
+
+
+def _vectorize(fn: Callable) -> Callable:
+    # Accept numpy-vectorized callables as they are; loop scalar-only ones.
+    probe = np.array([1.0, 2.0])
+    try:
+        ok = np.shape(fn(probe)) == probe.shape
+    except (TypeError, ValueError):
+        ok = False
+    return fn if ok else np.vectorize(fn, otypes=[np.float64])
+
+
+@typing.final
+class Custom(Desingularizer):
+    """User desingularizer from callables phi and dphi (phi' > 0); phi^{-1} by root finding.
+
+    KL reads phi'(L) |grad L|^2 >= mu. ``lower`` is lim_{u->0+} phi(u) if finite (None: -inf).
+    phi^{-1} brackets the root in log u over [1e-300, 1e300], then polishes with brentq in u
+    (relative accuracy ~1e-15). Checked at construction on a probe grid u in [1e-6, 1e6]:
+    phi finite and increasing, dphi finite, > 0 and matching finite differences of phi.
+
+    >>> Custom(np.log, lambda u: 1 / u, label="log").bound(2.0, 1.0, 1.0)  # 2/e
+    np.float64(0.7357588823428847)
+    """
+
+    def __init__(self, phi: Callable, dphi: Callable, label: str = "user", lower=None):
+        if not (callable(phi) and callable(dphi)):
+            raise TypeError("Custom(phi, dphi): both must be callables u -> value")
+        self._phi, self._dphi = _vectorize(phi), _vectorize(dphi)
+        self.name = f"custom:{label}"
+        self.phi_lower = -math.inf if lower is None else float(lower)
+        if math.isnan(self.phi_lower) or self.phi_lower == math.inf:
+            raise ValueError(f"lower must be lim phi(0+) (finite) or None for -inf, got {lower!r}")
+        with np.errstate(all="ignore"):
+            p, d = _f64(self._phi(_PROBE)), _f64(self._dphi(_PROBE))
+            h = 1e-5 * _PROBE
+            fd = (_f64(self._phi(_PROBE + h)) - _f64(self._phi(_PROBE - h))) / (2 * h)
+        problems = [
+            (not np.all(np.isfinite(p) & np.isfinite(d)), "phi or dphi is not finite"),
+            (np.any(d <= 0), "dphi is not > 0"),
+            (np.any(np.diff(p) < 0) or p[-1] <= p[0], "phi is not increasing"),
+            (np.any(p <= self.phi_lower), "phi takes values <= lower (lower must be phi(0+))"),
+            (np.any(np.abs(fd - d) > 1e-2 * np.abs(d)), "dphi does not match phi' (swapped?)"),
+        ]
+        for bad, what in problems:
+            if bad:
+                raise ValueError(
+                    f"custom desingularizer {label!r}: {what} on the probe grid u in [1e-6, 1e6];"
+                    " pass an increasing phi on (0, inf) and its derivative dphi > 0"
+                )
+
+    def phi(self, u):
+        return _out(self._phi(_f64(u)))
+
+    def dphi(self, u):
+        return _out(self._dphi(_f64(u)))
+
+    def phi_inv(self, v):
+        v = _f64(v)
+        return _out(np.reshape([self._invert(float(x)) for x in v.ravel()], v.shape))
+
+    def _g(self, u: float, v: float) -> float:
+        with np.errstate(all="ignore"):
+            val = float(self._phi(np.float64(u))) - v
+        if math.isnan(val):
+            raise ValueError(f"custom phi returned NaN at u={u:.3g}; make phi defined there")
+        return val
+
+    def _invert(self, v: float) -> float:
+        if math.isnan(v) or v <= self.phi_lower:
+            return math.nan if math.isnan(v) else 0.0
+        # March outward in s = log u from u = 1 by doubling steps until phi(e^s) - v changes
+        # sign, bisect in s to a bracket of ratio e, then brentq in u: relative accuracy in u.
+        lo = hi = 0.0
+        step, up = 1.0, self._g(1.0, v) < 0
+        while (self._g(math.exp(hi), v) < 0) if up else (self._g(math.exp(lo), v) > 0):
+            if (hi if up else lo) == (_S_MAX if up else _S_MIN):
+                return math.inf if up else 0.0  # root beyond [1e-300, 1e300]
+            lo, hi = (hi, min(hi + step, _S_MAX)) if up else (max(lo - step, _S_MIN), lo)
+            step *= 2.0
+        while hi - lo > 1.0:
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if self._g(math.exp(mid), v) < 0 else (lo, mid)
+        a, b = math.exp(lo), math.exp(hi)
+        return scipy.optimize.brentq(self._g, a, b, args=(v,), xtol=a * 1e-17, rtol=_RTOL)
+
+
+# ---------------------------------------------------------------- registry and selection
+
+
+def get_desingularizer(spec) -> Desingularizer:
+    """A Desingularizer (returned as is) or a name: 'log' | 'pl' | 'reciprocal' |
+    'power:<alpha>' (also 'power(alpha=<alpha>)', the ``name`` form) | 'cross-entropy' | 'ce'.
+    """
+    if isinstance(spec, Desingularizer):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be a Desingularizer or a name string, got {type(spec)}")
+    allowed = "log, pl, reciprocal, power:<alpha> (e.g. power:0.5), cross-entropy, ce"
+    s = _ALIASES.get(spec.strip().lower(), spec.strip().lower())
+    if s == "log":
+        return Log()
+    if s == "reciprocal":
+        return Reciprocal()
+    if s == "cross-entropy":
+        return CrossEntropy()
+    if s.startswith("power"):
+        m = re.fullmatch(r"power:(.+)|power\(alpha=(.+)\)", s)
+        try:
+            alpha = float((m.group(1) or m.group(2)) if m else "")
+        except ValueError:
+            raise ValueError(f"cannot read alpha from {spec!r}; write e.g. 'power:0.5'") from None
+        return Power(alpha)
+    if s.startswith("custom"):
+        raise ValueError(f"{spec!r} cannot be rebuilt from its name; pass the Custom instance")
+    raise ValueError(f"unknown desingularizer {spec!r}; allowed names: {allowed}")
+
+
+def best_desingularizer(
+    loss: np.ndarray,
+    grad_sq: np.ndarray,
+    t: np.ndarray,
+    candidates: Iterable[Desingularizer | str] | None = None,
+) -> list[dict]:
+    """Rank desingularizers by how tightly their KL bound fits a trajectory recorded in time order.
+
+    For each candidate: mu_star = min_t phi'(L_t)|grad L_t|^2 over valid records (L > 0, all
+    finite), t_at_min where it is attained, and final_ratio = bound(L_first, mu_star,
+    t_last - t_first) / L_last (>= 1 for an exact flow; closer to 1 is tighter). If mu_star is 0
+    the bound is the constant L_first. Sorted by |log final_ratio|, so that a ratio slightly
+    below 1 (discretization) counts as tight and a violated bound (ratio << 1) does not win.
+    """
+    loss, grad_sq, t = _f64(loss).ravel(), _f64(grad_sq).ravel(), _f64(t).ravel()
+    if not (loss.shape == grad_sq.shape == t.shape):
+        raise ValueError(
+            f"loss, grad_sq and t must have the same length "
+            f"(got {loss.size}, {grad_sq.size}, {t.size}); pass one value per record"
+        )
+    ok = np.isfinite(loss) & (loss > 0) & np.isfinite(grad_sq) & (grad_sq >= 0) & np.isfinite(t)
+    if not np.any(ok):
+        raise ValueError("no valid record: pass records with loss > 0 and finite loss, grad_sq, t")
+    loss, grad_sq, t = loss[ok], grad_sq[ok], t[ok]
+    rows = []
+    for spec in _DEFAULT_CANDIDATES if candidates is None else candidates:
+        d = get_desingularizer(spec)
+        # inf * 0 (phi' overflow at a stationary record) counts as KL failing there: 0.
+        ratios = np.nan_to_num(_f64(d.kl_ratio(loss, grad_sq)), nan=0.0, posinf=np.inf)
+        i = int(np.argmin(ratios))
+        mu_star = float(ratios[i])
+        mu_eff = min(mu_star, float(np.finfo(np.float64).max))
+        b = d.bound(loss[0], mu_eff, max(t[-1] - t[0], 0.0)) if mu_star > 0 else loss[0]
+        ratio = float(b) / float(loss[-1])
+        rows.append(dict(name=d.name, mu_star=mu_star, t_at_min=float(t[i]), final_ratio=ratio))
+    with np.errstate(divide="ignore"):
+        rows.sort(key=lambda row: abs(np.log(row["final_ratio"])))
+    return rows

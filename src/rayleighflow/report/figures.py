@@ -1,0 +1,330 @@
+"""Draw the figures an experiment declared in figures.json to figures/NAME.png and .svg.
+
+Drawing never fails a report: a series whose data is missing (an interrupted run) or whose spec
+is wrong is skipped, a figure that cannot be drawn becomes a placeholder, and every such event
+is a note on the :class:`RenderedFigure` that the HTML report shows next to the figure.
+
+Conventions beyond docs/RUN_FOLDER.md (see also ``figspec``):
+
+* colors: series without ``color`` take the next color of a colorblind-safe cycle (Okabe–Ito;
+  ``"C0"``… name the same cycle), skipping colors the panel names explicitly; a ``band``
+  without ``color`` takes the color of the series just before it in its panel, so
+  ``[line, band]`` pairs match; ``hline`` defaults to gray. An invalid color is a note.
+* ``style`` is a matplotlib line style (``"-"``, ``"--"``, ``":"``, ``"-."``) for line, hline
+  and errorbar (default: none, markers only); ``marker`` sets scatter and errorbar markers.
+* rows where x or y is NaN (a column recorded only at some records) are dropped, so sparse
+  columns draw as connected curves; non-positive values on a log axis are masked (the curve
+  breaks there) with a note.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, final
+
+import matplotlib
+import numpy as np
+from matplotlib import colors as mcolors
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .figspec import (
+    RunData,
+    figure_problems,
+    panel_problems,
+    series_problems,
+    validate_figures_spec,
+)
+
+__all__ = ["RenderedFigure", "render_figures", "validate_figures_spec", "PALETTE"]
+
+#: Okabe–Ito, reordered so the first colors are the most distinct on white.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000",
+           "#F0E442")
+DPI = 110
+PANEL_SIZE = (5.5, 4.0)  # inches per panel
+LEGEND_INSIDE = 4  # legends with more entries go below the panel
+_STYLE = {
+    "axes.prop_cycle": matplotlib.cycler(color=list(PALETTE)),
+    "axes.grid": True, "grid.alpha": 0.3, "grid.linestyle": "-",
+    "axes.spines.top": False, "axes.spines.right": False,
+    "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+    "legend.fontsize": 8.5, "legend.framealpha": 0.9, "legend.edgecolor": "0.85",
+    "lines.linewidth": 1.8, "font.family": "DejaVu Sans",
+    "svg.hashsalt": "rayleighflow",  # stable SVG ids: re-rendering gives the same file
+}
+
+
+@final
+@dataclass(frozen=True)
+class RenderedFigure:
+    """One figure of figures.json after drawing; ``png``/``svg`` are None if it failed."""
+
+    name: str
+    title: str
+    png: Path | None
+    svg: Path | None
+    alt: str
+    caption: str = ""
+    notes: tuple[str, ...] = field(default=())
+    panels: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.png is not None
+
+
+def render_figures(run_dir: str | Path) -> list[RenderedFigure]:
+    """Draw every figure of ``RUN_DIR/figures.json`` (none if the file is absent)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "figures.json"
+    if not path.exists():
+        return []
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return [_failed("figures.json", f"figures.json could not be read: {e}")]
+    if not isinstance(spec, list):
+        return [_failed("figures.json", "figures.json must be a list of figures")]
+    out_dir = run_dir / "figures"
+    out_dir.mkdir(exist_ok=True)
+    data = RunData(run_dir)
+    rendered: list[RenderedFigure] = []
+    seen: set[str] = set()
+    for i, fig_spec in enumerate(spec):
+        problems = figure_problems(fig_spec)
+        name = fig_spec.get("name") if isinstance(fig_spec, Mapping) else None
+        label = name if isinstance(name, str) else f"figure {i}"
+        if not problems and name in seen:
+            problems = [f"duplicate figure name {name!r}"]
+        if problems:
+            rendered.append(_failed(label, *(f"{label}: {p}; not drawn" for p in problems)))
+            continue
+        seen.add(name)
+        try:
+            rendered.append(_render_one(fig_spec, data, out_dir))
+        except Exception as e:  # one bad figure must not cost the whole report
+            rendered.append(_failed(name, f"{name}: drawing failed ({type(e).__name__}: {e})",
+                                    title=str(fig_spec.get("title", ""))))
+    return rendered
+
+
+def _failed(name: str, *notes: str, title: str = "") -> RenderedFigure:
+    return RenderedFigure(name=name, title=title or name, png=None, svg=None,
+                          alt=f"{title or name} (not drawn)", notes=tuple(notes))
+
+
+def _render_one(spec: Mapping[str, Any], data: RunData, out_dir: Path) -> RenderedFigure:
+    name, title = spec["name"], str(spec.get("title", ""))
+    notes: list[str] = []
+    try:
+        fig = _draw(spec, data, notes, parse_math=True)
+        files = _save(fig, out_dir, name)
+    except ValueError as e:
+        # Most likely a label with an unbalanced '$' that mathtext refuses; draw it literally.
+        notes.clear()
+        notes.append(f"{name}: labels drawn without math formatting ({e})".split("\n")[0])
+        fig = _draw(spec, data, notes, parse_math=False)
+        files = _save(fig, out_dir, name)
+    return RenderedFigure(name=name, title=title or name, png=files[0], svg=files[1],
+                          alt=_alt_text(spec), caption=str(spec.get("caption", "")),
+                          notes=tuple(notes), panels=len(spec["panels"]))
+
+
+def _save(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
+    paths = []
+    for fmt in ("png", "svg"):
+        path = out_dir / f"{name}.{fmt}"
+        tmp = out_dir / f".{name}.{fmt}.tmp"
+        with matplotlib.rc_context(_STYLE):
+            fig.savefig(tmp, format=fmt, dpi=DPI, facecolor="white",
+                        metadata={"Date": None} if fmt == "svg" else None)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _draw(spec: Mapping[str, Any], data: RunData, notes: list[str], *,
+          parse_math: bool) -> Figure:
+    panels = spec["panels"]
+    # rc_context restores every setting on exit: nothing leaks into the caller's matplotlib.
+    with matplotlib.rc_context({**_STYLE, "text.parse_math": parse_math}):
+        # A long legend goes below its panel (inside, it would hide the data): make room.
+        rows = max((_legend_rows(p) for p in panels), default=0)
+        height = PANEL_SIZE[1] + (0.2 + 0.18 * rows if rows else 0.0)
+        fig = Figure(figsize=(PANEL_SIZE[0] * len(panels), height), dpi=DPI)
+        FigureCanvasAgg(fig)  # explicit Agg canvas; no pyplot, no global backend switch
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for j, (ax, panel) in enumerate(zip(axes, panels, strict=True)):
+            where = f"{spec['name']}, panel {j}"
+            if isinstance(panel, Mapping) and panel.get("title"):
+                where = f"{spec['name']}, panel {panel['title']!r}"
+            _draw_panel(ax, panel, data, notes, where)
+        # No suptitle: the report shows the figure title above the image, and the files are
+        # meant to drop into a paper, where the caption carries it.
+        fig.tight_layout()
+    return fig
+
+
+def _draw_panel(ax: Axes, panel: Any, data: RunData, notes: list[str], where: str) -> None:
+    problems = panel_problems(panel)
+    notes += [f"{where}: {p}" for p in problems]
+    if not isinstance(panel, Mapping):
+        panel = {}
+    scales = {}
+    for axis in ("x", "y"):
+        scale = panel.get(f"{axis}scale", "linear")
+        scales[axis] = scale if scale in ("linear", "log", "symlog") else "linear"
+    ax.set_title(str(panel.get("title", "")))
+    ax.set_xlabel(str(panel.get("xlabel", "")))
+    ax.set_ylabel(str(panel.get("ylabel", "")))
+    series = panel.get("series") if isinstance(panel.get("series"), list) else []
+    drawn, labelled, last_color = 0, 0, None
+    auto = _auto_colors(series)
+    for k, s in enumerate(series):
+        fatal, minor = series_problems(s)
+        name = f"{where}, series {k}"
+        if isinstance(s, Mapping) and isinstance(s.get("label"), str) and s["label"]:
+            name = f"{where}, {s['label']!r}"
+        notes += [f"{name}: {p}" for p in minor]
+        if fatal:
+            notes += [f"{name}: {p}; skipped" for p in fatal]
+            continue
+        color = s.get("color") if isinstance(s.get("color"), str) else None
+        if color is not None and not mcolors.is_color_like(color):
+            notes.append(f"{name}: {color!r} is not a matplotlib color; using the cycle")
+            color = None
+        if color is None and s["kind"] == "band" and last_color is not None:
+            color = last_color
+        elif color is None and s["kind"] == "hline":
+            color = "0.35"
+        elif color is None:
+            color = next(auto)
+        why = _draw_series(ax, s, data, scales, color, notes, name)
+        if why is not None:
+            notes.append(f"{name}: {why}; skipped")
+            continue
+        drawn += 1
+        last_color = color
+        labelled += bool(s.get("label"))
+    for axis in ("x", "y"):
+        if scales[axis] != "linear" and drawn:
+            getattr(ax, f"set_{axis}scale")(scales[axis])
+        lim = panel.get(f"{axis}lim")
+        if isinstance(lim, list | tuple) and len(lim) == 2 and drawn:
+            getattr(ax, f"set_{axis}lim")(*lim)
+    if panel.get("equal_aspect") is True:
+        ax.set_aspect("equal", adjustable="datalim")
+    if labelled > LEGEND_INSIDE:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=_legend_cols(panel),
+                  frameon=False)
+    elif labelled:
+        ax.legend(loc="best")
+    if not drawn:
+        ax.text(0.5, 0.5, "no data recorded", transform=ax.transAxes, ha="center",
+                va="center", color="0.45", fontsize=11)
+
+
+def _labels(panel: Any) -> list[str]:
+    series = panel.get("series") if isinstance(panel, Mapping) else None
+    return [str(s["label"]) for s in series or [] if isinstance(s, Mapping) and s.get("label")]
+
+
+def _legend_cols(panel: Any) -> int:
+    # Two columns only when the labels fit side by side under a 5.5-inch panel.
+    return 2 if max(map(len, _labels(panel)), default=0) <= 30 else 1
+
+
+def _legend_rows(panel: Any) -> int:
+    """Rows of a below-the-panel legend, or 0 if the legend fits inside the panel."""
+    n = len(_labels(panel))
+    return -(-n // _legend_cols(panel)) if n > LEGEND_INSIDE else 0
+
+
+def _auto_colors(series: list[Any]) -> Iterator[str]:
+    """The palette minus colors the panel names explicitly, so "C0" and an auto color differ."""
+    used = {mcolors.to_hex(s["color"]) for s in series if isinstance(s, Mapping)
+            and isinstance(s.get("color"), str) and mcolors.is_color_like(s["color"])}
+    return itertools.cycle([c for c in PALETTE if c.lower() not in used] or PALETTE)
+
+
+def _draw_series(ax: Axes, s: Mapping[str, Any], data: RunData, scales: dict[str, str],
+                 color: str, notes: list[str], name: str) -> str | None:
+    """Draw one series; return why it was skipped, or None when drawn."""
+    kind = s["kind"]
+    label = s.get("label") or None
+    alpha = float(s["alpha"]) if isinstance(s.get("alpha"), int | float) else None
+    lw = float(s["linewidth"]) if isinstance(s.get("linewidth"), int | float) else None
+    style = s.get("style") if isinstance(s.get("style"), str) else None
+    marker = s.get("marker") if isinstance(s.get("marker"), str) else None
+    if kind == "hline":
+        value = float(s["value"])
+        if not np.isfinite(value) or (scales["y"] == "log" and value <= 0):
+            return f"value {value} cannot be drawn on a {scales['y']} y-axis"
+        ax.axhline(value, color=color, linestyle=style or "--", linewidth=lw or 1.2,
+                   alpha=alpha, label=label)
+        return None
+    keys = ("x", "y", {"band": "y2", "errorbar": "yerr"}.get(kind))
+    cols = {}
+    for key in filter(None, keys):
+        values, why = data.get(s[key])
+        if values is None:
+            return why
+        cols[key] = values
+    n = min(len(v) for v in cols.values())
+    if any(len(v) != n for v in cols.values()):
+        sizes = ", ".join(f"{k}: {len(v)}" for k, v in cols.items())
+        notes.append(f"{name}: lengths differ ({sizes}); drawn over the first {n}")
+    cols = {k: v[:n] for k, v in cols.items()}
+    keep = np.logical_and.reduce([np.isfinite(v) for v in cols.values()])
+    if not keep.any():
+        return "no finite values recorded"
+    cols = {k: v[keep] for k, v in cols.items()}
+    masked = 0
+    for key, axis in (("x", "x"), ("y", "y"), ("y2", "y")):
+        if key in cols and scales[axis] == "log":
+            bad = cols[key] <= 0
+            masked += int(bad.sum())
+            cols[key] = np.where(bad, np.nan, cols[key])
+    if masked:
+        if all(np.isnan(v).all() for k, v in cols.items() if k != "yerr"):
+            return "no positive values to draw on a log axis"
+        notes.append(f"{name}: {masked} non-positive value(s) masked on the log axis")
+    x, y = cols["x"], cols["y"]
+    if kind == "line":
+        ax.plot(x, y, color=color, linestyle=style or "-", marker=marker, markersize=3.5,
+                linewidth=lw, alpha=alpha, label=label)
+    elif kind == "scatter":
+        ax.plot(x, y, color=color, linestyle="none", marker=marker or style or "o",
+                markersize=4.5, alpha=0.85 if alpha is None else alpha, label=label)
+    elif kind == "band":
+        ax.fill_between(x, y, cols["y2"], color=color, alpha=0.2 if alpha is None else alpha,
+                        linewidth=0, label=label)
+    else:  # errorbar
+        ax.errorbar(x, y, yerr=np.abs(cols["yerr"]), color=color, linestyle=style or "none",
+                    marker=marker or "o", markersize=4, capsize=3, elinewidth=1,
+                    linewidth=lw, alpha=alpha, label=label)
+    return None
+
+
+def _alt_text(spec: Mapping[str, Any]) -> str:
+    """A sentence per panel: what is plotted against what, and which curves."""
+    parts = [str(spec.get("title") or spec["name"])]
+    for p in spec["panels"]:
+        if not isinstance(p, Mapping):
+            continue
+        y, x = p.get("ylabel") or "value", p.get("xlabel") or "x"
+        scale = " (log scale)" if p.get("yscale") == "log" else ""
+        text = f"{p.get('title') or 'panel'}: {y}{scale} against {x}"
+        labels = [s["label"] for s in p.get("series") or []
+                  if isinstance(s, Mapping) and isinstance(s.get("label"), str) and s["label"]]
+        if labels:
+            text += "; curves: " + ", ".join(labels)
+        parts.append(text)
+    return ". ".join(parts) + "."

@@ -1,0 +1,282 @@
+"""report.html: one self-contained page per run (figures embedded, CSS inline, no network).
+
+:func:`report_from_dir` is the entry point of ``rayleighflow report RUN_DIR``: it draws the
+figures, reads summary.json (or, for a run that never wrote one, the trajectories) and renders
+``templates/report.html`` with autoescaping on, so no string from the run folder can inject
+markup. The page references nothing outside itself but the SVG files it links to.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from importlib import resources
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from markupsafe import Markup, escape
+
+from .figures import RenderedFigure, render_figures
+from .rundir import RunContents, check_run_dir, load_run
+from .summary import REQUIRED_SUMMARY_KEYS, atomic_write_text, versions
+
+__all__ = ["render_report", "report_from_dir", "format_number"]
+
+REPORT_FILE = "report.html"
+EMPIRICAL = ("For a discretized flow, certificates are empirical: they hold at the recorded "
+             "points.")
+_KNOWN_KEYS = {*REQUIRED_SUMMARY_KEYS, "description", "notes", "rank_threshold",
+               "max_bound_violation"}
+_BANNERS = {
+    "complete": ("Complete", "The run finished and wrote every result; the values below are "
+                             "final."),
+    "interrupted": ("Interrupted", "The run stopped before its end. This report shows what "
+                                   "was recorded{until}."),
+    "failed": ("Failed", "The run failed. This report shows what was recorded{until} before "
+                         "the failure."),
+}
+_CONVENTIONS = {"mean": "mean — L²(D) inner product", "sum": "sum — Euclidean inner product"}
+
+
+def format_number(v: Any, digits: int = 4) -> Markup | str:
+    """A value for display: ``{:.4g}`` floats with ×10ⁿ exponents, null and NaN as "—"."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, Integral):
+        return f"{int(v):,}"
+    if isinstance(v, Real):
+        f = float(v)
+        if math.isnan(f):
+            return "—"
+        if math.isinf(f):
+            return "∞" if f > 0 else "−∞"
+        text = f"{f:.{digits}g}"
+        if "e" not in text:
+            return text
+        mantissa, exponent = text.split("e")
+        power = Markup("10<sup>{}</sup>").format(str(int(exponent)).replace("-", "−"))
+        return power if mantissa == "1" else Markup("{}×{}").format(mantissa, power)
+    if isinstance(v, str):
+        return v
+    if isinstance(v, Sequence):
+        return Markup(", ").join(format_number(x, digits) for x in v)
+    return str(v)
+
+
+def format_duration(seconds: Any) -> str:
+    """Run time as "0.84 s", "3 min 12 s" or "2 h 05 min"."""
+    if not isinstance(seconds, Real) or isinstance(seconds, bool) or not math.isfinite(seconds):
+        return "—"
+    s = float(seconds)
+    if s < 60:
+        return f"{s:.3g} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(float(v)):
+        return float(v)
+    return None
+
+
+def _highlights(s: Mapping[str, Any], certs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The few numbers a reader looks for first, as cards."""
+    l0, l1 = _num(s.get("loss_initial")), _num(s.get("loss_final"))
+    ratio = l1 / l0 if l0 and l1 is not None else None
+    held = [c["label"] or c["desingularizer"] for c in certs if c["status"] == "holds"]
+    tone = ("good" if certs and len(held) == len(certs)
+            else "bad" if any(c["status"] == "violated" for c in certs) else "neutral")
+    rank, nk = s.get("rank"), s.get("nk")
+    rank_text = (Markup("rank {} of nk = {}").format(format_number(rank), format_number(nk))
+                 if rank is not None else "rank not measured")
+    lmax = s.get("lambda_max")
+    lmax_text = (Markup("λ<sub>max</sub> = {}").format(format_number(lmax)) if lmax is not None
+                 else Markup("λ<sub>max</sub> not measured"))
+    return [
+        {"label": "Loss, final ÷ initial", "value": format_number(ratio, 3),
+         "sub": Markup("{} → {}").format(format_number(l0), format_number(l1)),
+         "tone": "good" if ratio is not None and ratio < 1 else "neutral"},
+        {"label": "Certificates holding",
+         "value": f"{len(held)} of {len(certs)}" if certs else "none",
+         "sub": "; ".join(held) or "no certificate holds"
+         if certs else "no certificate was issued", "tone": tone},
+        {"label": "min R(K; ∇ℓ)", "value": format_number(s.get("rayleigh_min")),
+         "sub": "smallest recorded Rayleigh quotient", "tone": "neutral"},
+        {"label": Markup("λ<sub>min</sub>(K)"), "value": format_number(s.get("lambda_min")),
+         "sub": Markup("{} · {}").format(lmax_text, rank_text),
+         "tone": "neutral"},
+        {"label": "Flow time reached", "value": format_number(s.get("t_final")),
+         "sub": f"in {format_duration(s.get('run_time_s'))} of run time", "tone": "neutral"},
+    ]
+
+
+def _summary_rows(s: Mapping[str, Any]) -> list[tuple[Any, Any, Any, str]]:
+    """(label, value, hint, tone) rows; tone is "good", "bad" or "" (a CSS class)."""
+    rank_hint = (Markup("threshold {}").format(format_number(s["rank_threshold"]))
+                 if s.get("rank_threshold") is not None else Markup(""))
+    if s.get("rank") is not None and s.get("rank") == s.get("nk"):
+        rank_hint = Markup("full rank; ") + rank_hint if rank_hint else Markup("full rank")
+    l0, l1 = _num(s.get("loss_initial")), _num(s.get("loss_final"))
+    rows = [
+        ("Parameters P", format_number(s.get("P")), "", ""),
+        ("Outputs nk", format_number(s.get("nk")), "samples × outputs", ""),
+        ("NTK rank", format_number(s.get("rank")), rank_hint, ""),
+        (Markup("λ<sub>min</sub>(K)"), format_number(s.get("lambda_min")),
+         "smallest NTK eigenvalue", ""),
+        (Markup("λ<sub>max</sub>(K)"), format_number(s.get("lambda_max")),
+         "largest NTK eigenvalue", ""),
+        ("min R(K; ∇ℓ)", format_number(s.get("rayleigh_min")), "over the recorded points", ""),
+        ("Loss final / initial",
+         Markup("{} / {}").format(format_number(l1), format_number(l0)),
+         Markup("ratio {}").format(format_number(l1 / l0, 3)) if l0 and l1 is not None else "",
+         ""),
+        (Markup("Flow time t<sub>final</sub>"), format_number(s.get("t_final")), "", ""),
+        ("Run time", format_duration(s.get("run_time_s")), "", ""),
+        ("Convention", _CONVENTIONS.get(s.get("convention"), format_number(s.get("convention"))),
+         "constants are stated in this convention", ""),
+    ]
+    if "max_bound_violation" in s:
+        v = _num(s["max_bound_violation"])
+        held = None if v is None else v <= 0
+        rows.append(("Max bound violation", format_number(s["max_bound_violation"]),
+                     {True: "≤ 0: every bound held", False: "> 0: a bound failed somewhere",
+                      None: ""}[held], {True: "good", False: "bad", None: ""}[held]))
+    return rows
+
+
+def _certificates(s: Mapping[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for c in s.get("certificates") or []:
+        if not isinstance(c, Mapping):
+            continue
+        status = str(c.get("status", "unknown"))
+        assumptions = []
+        for a in c.get("assumptions") or []:
+            if isinstance(a, Mapping):
+                assumptions.append({"name": str(a.get("name", "?")),
+                                    "holds": a.get("holds") is True,
+                                    "detail": str(a.get("detail") or "")})
+        slack = c.get("slack") if isinstance(c.get("slack"), Mapping) else {}
+        violation = c.get("first_violation")
+        violation_text = ""
+        if isinstance(violation, Sequence) and not isinstance(violation, str) and violation:
+            violation_text = Markup("first violation at t = {}").format(
+                format_number(violation[0]))
+            if len(violation) > 1:
+                violation_text += Markup(": {}").format(violation[1])
+        mbv = _num(c.get("max_bound_violation"))
+        mu_hint = ""
+        if c.get("mu_source") != "observed" and _num(c.get("mu_star")) is not None:
+            mu_hint = Markup("observed μ* = {}").format(format_number(c["mu_star"]))
+            if _num(c.get("t_at_mu_star")) is not None:
+                mu_hint += Markup(" at t = {}").format(format_number(c["t_at_mu_star"]))
+        out.append({
+            "desingularizer": str(c.get("desingularizer", "?")),
+            "label": str(c["label"]) if isinstance(c.get("label"), str) else "",
+            "mu": format_number(c.get("mu")),
+            "mu_source": str(c.get("mu_source") or "—"),
+            "status": status,
+            "status_class": status if status in ("holds", "violated", "unavailable") else "other",
+            "bound_final": format_number(c.get("bound_final")),
+            "max_bound_violation": format_number(c.get("max_bound_violation")),
+            "violation_ok": None if mbv is None else mbv <= 0,
+            "slack": Markup(", ").join(Markup("{} = {}").format(k, format_number(v))
+                                       for k, v in slack.items()),
+            "first_violation": violation_text,
+            "assumptions": assumptions, "mu_hint": mu_hint,
+            "notes": [str(n) for n in c.get("notes") or [] if isinstance(n, str)],
+        })
+    return out
+
+
+def _extras(s: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Experiment-specific top-level values: scalars and short lists of scalars."""
+    rows = []
+    for key, v in s.items():
+        if key in _KNOWN_KEYS:
+            continue
+        if v is None or isinstance(v, str | Real):
+            rows.append((key, format_number(v)))
+        elif (isinstance(v, list) and len(v) <= 32
+              and all(x is None or isinstance(x, str | Real) for x in v)):
+            rows.append((key, format_number(v)))
+    return rows
+
+
+def _figure(f: RenderedFigure) -> dict[str, Any]:
+    data_uri = None
+    if f.png is not None:
+        data_uri = "data:image/png;base64," + base64.b64encode(f.png.read_bytes()).decode()
+    return {"name": f.name, "title": f.title, "alt": f.alt, "caption": f.caption,
+            "notes": f.notes, "data_uri": data_uri, "wide": f.panels > 1,
+            "svg": f"figures/{f.svg.name}" if f.svg is not None else None}
+
+
+def _context(run: RunContents, figures: list[RenderedFigure]) -> dict[str, Any]:
+    s = run.summary
+    status = str(s.get("status") or "unknown")
+    headline, text = _BANNERS.get(status, (status.capitalize(), "Unknown run status{until}."))
+    t_final = _num(s.get("t_final"))
+    until = Markup(" up to t = {}").format(format_number(t_final)) if t_final is not None else ""
+    certs = _certificates(s)
+    notes = [str(n) for n in s.get("notes") or [] if n is not None]
+    run_versions = s.get("versions") if isinstance(s.get("versions"), Mapping) else {}
+    return {
+        "title": str(s.get("experiment") or run.run_dir.name),
+        "description": s.get("description") if isinstance(s.get("description"), str) else "",
+        "created": s.get("created"), "run_dir": run.run_dir.name,
+        "status": status, "status_class": status if status in _BANNERS else "other",
+        "banner_headline": headline,
+        "banner_text": Markup(escape(text)).replace("{until}", until),
+        "from_trajectories": run.from_trajectories,
+        "highlights": _highlights(s, certs), "summary_rows": _summary_rows(s),
+        "certificates": certs, "empirical": EMPIRICAL, "extras": _extras(s),
+        "notes": notes, "problems": list(run.problems),
+        "figures": [_figure(f) for f in figures],
+        "figure_notes": sum(len(f.notes) for f in figures),
+        "trajectories": [{"name": t.name, "records": format_number(t.records),
+                          "t_first": format_number(t.t_first), "t_last": format_number(t.t_last),
+                          "status": t.status or "no end record", "detail": t.detail or "",
+                          "columns": ", ".join(t.columns)} for t in run.trajectories],
+        "config_text": run.config_text,
+        "versions": [(k, str(v)) for k, v in run_versions.items()],
+        "renderer": versions()["rayleighflow"],
+        "rendered_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def _template() -> jinja2.Template:
+    source = resources.files(__package__).joinpath("templates", "report.html").read_text(
+        encoding="utf-8")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(source)
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """Draw the figures, then write ``RUN_DIR/report.html``; return its path."""
+    run_dir = check_run_dir(run_dir)
+    figures = render_figures(run_dir)
+    run = load_run(run_dir)
+    html = _template().render(**_context(run, figures))
+    path = run_dir / REPORT_FILE
+    atomic_write_text(path, html)
+    return path
+
+
+def report_from_dir(run_dir: str | Path) -> Path:
+    """Entry point of ``rayleighflow report RUN_DIR``: render the report, return its path.
+
+    Raises FileNotFoundError when the folder does not exist or holds neither summary.json nor
+    trajectories, ValueError when it is not a folder or nothing in it can be read. A run with
+    trajectories but no summary.json (interrupted) gets a partial report.
+    """
+    return render_report(run_dir)

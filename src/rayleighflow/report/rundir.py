@@ -1,0 +1,179 @@
+"""Read a run folder for the report: summary.json, or what the trajectories recorded.
+
+A run killed before its end never writes summary.json (it is written last). Its report is built
+from the trajectories instead: every value there is read from recorded rows (first and last
+loss, last flow time, smallest recorded Rayleigh quotient), never recomputed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, final
+
+import numpy as np
+
+from rayleighflow.trajectory import Trajectory
+
+from .summary import SUMMARY_FILE, read_summary, validate_summary
+
+__all__ = ["RunContents", "TrajectoryInfo", "load_run", "check_run_dir"]
+
+
+@final
+@dataclass(frozen=True)
+class TrajectoryInfo:
+    """What one trajectories/NAME.jsonl holds, for the report's data table."""
+
+    name: str
+    records: int
+    t_first: float | None
+    t_last: float | None
+    status: str | None
+    detail: str | None
+    columns: tuple[str, ...]
+
+
+@final
+@dataclass(frozen=True)
+class RunContents:
+    """Everything the report shows that is not a figure."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    from_trajectories: bool          # summary.json was absent or unreadable
+    problems: tuple[str, ...]        # ways the saved files break the contract
+    config_text: str | None
+    trajectories: tuple[TrajectoryInfo, ...] = field(default=())
+
+
+def _trajectory_files(run_dir: Path) -> list[Path]:
+    folder = run_dir / "trajectories"
+    return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path, or a clear error if it cannot hold a run."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.exists():
+        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
+    if not run_dir.is_dir():
+        raise ValueError(f"{str(run_dir)!r} is not a folder; pass the run folder "
+                         "(the one holding summary.json and trajectories/)")
+    if not (run_dir / SUMMARY_FILE).exists() and not _trajectory_files(run_dir):
+        raise FileNotFoundError(
+            f"{str(run_dir)!r} is not a run folder: it has neither summary.json nor "
+            "trajectories/*.jsonl (nothing was recorded)")
+    return run_dir
+
+
+def _finite(values: np.ndarray | None) -> np.ndarray:
+    if values is None:
+        return np.empty(0)
+    return values[np.isfinite(values)]
+
+
+def _first(values: np.ndarray | None) -> float | None:
+    v = _finite(values)
+    return float(v[0]) if v.size else None
+
+
+def _last(values: np.ndarray | None) -> float | None:
+    v = _finite(values)
+    return float(v[-1]) if v.size else None
+
+
+def _config(run_dir: Path) -> tuple[str | None, dict[str, Any]]:
+    path = run_dir / "config.toml"
+    if not path.exists():
+        return None, {}
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return text, {}
+
+
+def _from_trajectories(run_dir: Path, trajs: dict[str, Trajectory],
+                       config: dict[str, Any]) -> dict[str, Any]:
+    """A summary with the contract's keys, filled from recorded rows (null where unknown)."""
+    name = "main" if "main" in trajs else next(iter(trajs), None)
+    traj = trajs[name] if name is not None else Trajectory()
+    meta = traj.meta
+    section = config.get("experiment") if isinstance(config.get("experiment"), dict) else {}
+
+    def pick(*keys: str) -> Any:
+        for source in (meta, section, config):
+            for k in keys:
+                if isinstance(source.get(k), str | int | float) and not isinstance(
+                        source.get(k), bool):
+                    return source[k]
+        return None
+
+    experiment = pick("experiment", "name")
+    rank = _last(traj.get("rank"))
+    rayleigh = _finite(traj.get("rayleigh"))
+    summary = {
+        "experiment": str(experiment) if experiment is not None else run_dir.name,
+        "status": "interrupted",
+        "convention": pick("convention"),
+        "P": pick("P", "n_params"), "nk": pick("nk"),
+        "loss_initial": _first(traj.get("loss")), "loss_final": _last(traj.get("loss")),
+        "t_final": _last(traj.get("t")),
+        "rank": int(rank) if rank is not None else None,
+        "lambda_min": _last(traj.get("lambda_min")), "lambda_max": _last(traj.get("lambda_max")),
+        "rayleigh_min": float(rayleigh.min()) if rayleigh.size else None,
+        "certificates": [],
+        "run_time_s": _last(traj.get("wall")),
+        "versions": meta.get("versions") if isinstance(meta.get("versions"), dict) else {},
+        "created": None,
+    }
+    description = pick("description")
+    if description is not None:
+        summary["description"] = str(description)
+    notes = ["summary.json was not written: the run stopped before its end. The values here "
+             f"are read from the recorded rows of trajectories/{name}.jsonl; no certificate "
+             "was issued."]
+    if traj.status is not None:
+        notes.append(f"trajectory {name!r} ended with status {traj.status!r}"
+                     + (f": {traj.detail}" if traj.detail else ""))
+    summary["notes"] = notes
+    return summary
+
+
+def load_run(run_dir: str | Path) -> RunContents:
+    """Read what the report needs from ``run_dir`` (see :func:`check_run_dir` for errors)."""
+    run_dir = check_run_dir(run_dir)
+    config_text, config = _config(run_dir)
+    trajs: dict[str, Trajectory] = {}
+    problems: list[str] = []
+    for path in _trajectory_files(run_dir):
+        try:
+            trajs[path.stem] = Trajectory.load(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"trajectories/{path.name} could not be read: {e}")
+    infos = tuple(_info(n, t) for n, t in trajs.items())
+    summary: dict[str, Any] | None = None
+    if (run_dir / SUMMARY_FILE).exists():
+        try:
+            summary = read_summary(run_dir)
+            problems += [f"summary.json: {p}" for p in validate_summary(summary)]
+        except (OSError, ValueError) as e:
+            problems.append(f"summary.json could not be read ({e}); "
+                            "showing what the trajectories recorded")
+    if summary is None:
+        if not trajs:
+            raise ValueError(f"{str(run_dir)!r}: summary.json is unreadable and no trajectory "
+                             "could be read; nothing to report")
+        return RunContents(run_dir, _from_trajectories(run_dir, trajs, config), True,
+                           tuple(problems), config_text, infos)
+    return RunContents(run_dir, summary, False, tuple(problems), config_text, infos)
+
+
+def _info(name: str, traj: Trajectory) -> TrajectoryInfo:
+    t = _finite(traj.get("t"))
+    return TrajectoryInfo(
+        name=name, records=len(traj),
+        t_first=float(t[0]) if t.size else None, t_last=float(t[-1]) if t.size else None,
+        status=traj.status, detail=traj.detail, columns=tuple(traj.columns))

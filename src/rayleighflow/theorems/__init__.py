@@ -1,0 +1,1 @@
+"""Paper results as certificates: one module per theorem (THEORY.md §6)."""
