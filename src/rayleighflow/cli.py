@@ -53,10 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help=f"run folder (default: {DEFAULT_OUT}/<experiment>)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
-                   help="floating-point type (default float64)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed (default 0, or the TOML file's)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default cpu, or the TOML file's)")
+    p.add_argument("--dtype", default=None, choices=["float64", "float32"],
+                   help="floating-point type (default float64, or the TOML file's)")
     p.add_argument("--quick", action="store_true", help="a short variant (seconds), as in CI")
 
 

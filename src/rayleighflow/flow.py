@@ -100,8 +100,9 @@ def _unflatten(vec: Tensor, like: Params) -> Params:
 class _Recorder:
     """Evaluates the diagnostics on the evaluation data and appends rows."""
 
-    def __init__(self, problem, eval_data, traj, diagnostics, on_record, progress) -> None:
-        self.problem, self.eval_data, self.traj = problem, eval_data, traj
+    def __init__(self, problem, eval_data, traj, diagnostics, on_record, progress,
+                 groups: bool) -> None:
+        self.problem, self.eval_data, self.traj, self.groups = problem, eval_data, traj, groups
         self.diagnostics, self.on_record, self.progress = diagnostics, on_record, progress
         self.start = time.perf_counter()
         self.count = len(traj)
@@ -111,7 +112,7 @@ class _Recorder:
         if not torch.isfinite(loss):
             raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss {float(loss)} at t = {t:.6g}")
         m = _measurement(self.problem, self.eval_data, loss, grad, g)
-        row: dict[str, Any] = {"t": t, "grad_evals": n_evals, **m.as_row()}
+        row: dict[str, Any] = {"t": t, "grad_evals": n_evals, **m.as_row(self.groups)}
         for diag in self.diagnostics:
             row.update(diag(self.problem, params, self.eval_data, self.count))
         row["wall"] = time.perf_counter() - self.start
@@ -148,12 +149,14 @@ def gradient_flow(
     diagnostics: Sequence[Diagnostic] = (),
     on_record: Callable[[dict, Params], None] | None = None,
     progress: Callable[[float, float], None] | None = None,
+    group_quotients: bool = True,
 ) -> FlowResult:
     """Integrate θ̇ = −∇L(θ) from ``params`` (default the model's) at ``t_start`` to ``t_max``.
 
     Records (at ``record_times``, default :func:`log_record_times`) L, ‖∇L‖², ‖∇ℓ‖²_D,
     R(K; ∇ℓ) and per-group quotients, plus the columns of each ``diagnostics`` callable.
-    ``path`` streams the trajectory to a JSONL file as it grows (``append`` continues one).
+    ``path`` streams the trajectory to a JSONL file as it grows (``append`` continues one);
+    ``on_record(row, params)`` sees every record (checkpoints); ``progress(t, loss)`` too.
     """
     method = _parse_method(method)
     if not t_max > t_start:
@@ -171,7 +174,8 @@ def gradient_flow(
               "n_params": problem.model.n_params, "groups": list(problem.model.groups),
               **(meta or {})}
     traj = Trajectory(header, path, append=append)
-    rec = _Recorder(problem, eval_data, traj, diagnostics, on_record, progress)
+    rec = _Recorder(problem, eval_data, traj, diagnostics, on_record, progress,
+                    group_quotients)
     theta = {k: v.detach().clone() for k, v in (params or problem.params).items()}
     state = {"t": t_start, "evals": 0, "theta": theta}
     begin = time.perf_counter()
@@ -280,7 +284,7 @@ def _run_adaptive(problem, state, times, data, rtol, atol, rec, target, max_step
 
     y = _flatten(like)
     for t_next in times:
-        span = torch.tensor([state["t"], float(t_next)], dtype=torch.float64)
+        span = torch.tensor([state["t"], float(t_next)], dtype=torch.float64, device=y.device)
         try:
             y = odeint(rhs, y, span, rtol=rtol, atol=atol, method="dopri5")[-1]
         except AssertionError as err:  # torchdiffeq's step-size underflow

@@ -43,10 +43,11 @@ class Measurement:
     group_rayleigh: dict[str, float]
     convention: Convention
 
-    def as_row(self) -> dict[str, float]:
+    def as_row(self, groups: bool = True) -> dict[str, float]:
         row = {"loss": self.loss, "grad_sq": self.grad_sq, "fgrad_sq": self.fgrad_sq,
                "rayleigh": self.rayleigh}
-        row.update({f"rayleigh[{g}]": r for g, r in self.group_rayleigh.items()})
+        if groups:
+            row.update({f"rayleigh[{g}]": r for g, r in self.group_rayleigh.items()})
         return row
 
 

@@ -11,6 +11,7 @@ import torch
 
 from ..certify import Certificate, CertificateStatus, certify, compose
 from ..data import Dataset
+from ..desingularizers import get_desingularizer
 from ..flow import FlowResult
 from ..ntk import ntk_spectrum
 from ..problem import Problem
@@ -57,8 +58,10 @@ def certificates(
 ) -> list[tuple[str, Certificate]]:
     """Observed-μ* certificates for each φ, plus the composition c·R_low for the loss's φ."""
     out = []
+    # Stated μ are matched by canonical name, so aliases ("pl", "ce") find their entry.
+    stated_mu = {get_desingularizer(k).name: v for k, v in (mu or {}).items()}
     for name in desingularizers:
-        stated = (mu or {}).get(name)
+        stated = stated_mu.get(get_desingularizer(name).name)
         out.append((f"{name} ({'stated' if stated else 'observed'} μ)",
                     certify(traj, name, stated, rtol=rtol, atol=atol)))
     fkl = problem.loss.functional_kl(data.weights, problem.convention)

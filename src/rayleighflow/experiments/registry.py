@@ -9,13 +9,14 @@ from typing import Any
 
 import torch
 
-from . import definite_ntk, demo, toy2d
+from . import definite_ntk, demo, logistic, toy2d, two_layer
 from .runner import Experiment, RunContext, execute
 
 __all__ = ["EXPERIMENTS", "get_experiment", "run_experiment", "builtin_config_text"]
 
 EXPERIMENTS: dict[str, Experiment] = {
-    e.name: e for e in (demo.EXPERIMENT, toy2d.EXPERIMENT, definite_ntk.EXPERIMENT)
+    e.name: e for e in (demo.EXPERIMENT, toy2d.EXPERIMENT, definite_ntk.EXPERIMENT,
+                        logistic.EXPERIMENT, two_layer.EXPERIMENT)
 }
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -69,9 +70,9 @@ def run_experiment(
     name: str,
     out: str | Path,
     *,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float64",
+    seed: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     quick: bool = False,
     overrides: Mapping[str, Any] | None = None,
     resume: bool = False,
@@ -83,6 +84,9 @@ def run_experiment(
         return _run_file(Path(name), out, seed=seed, device=device, dtype=dtype, quick=quick,
                          resume=resume, progress=progress)
     exp = get_experiment(name)
+    seed = 0 if seed is None else seed
+    device = device or "cpu"
+    dtype = dtype or "float64"
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use float64 or float32")
     _check_device(device)
@@ -104,8 +108,10 @@ def _run_file(path: Path, out: Path, **kw: Any) -> dict[str, Any]:
         if extra:
             raise ValueError(f"{path}: unknown key(s) {sorted(extra)} in a built-in run config")
         return run_experiment(
-            doc["experiment"], out, seed=int(doc.get("seed", 0)),
-            device=str(doc.get("device", "cpu")), dtype=str(doc.get("dtype", "float64")),
+            doc["experiment"], out,
+            seed=kw["seed"] if kw["seed"] is not None else int(doc.get("seed", 0)),
+            device=kw["device"] or str(doc.get("device", "cpu")),
+            dtype=kw["dtype"] or str(doc.get("dtype", "float64")),
             quick=bool(doc.get("quick", False)), overrides=doc.get("params", {}),
             resume=kw["resume"], progress=kw["progress"])
     from .user import run_user_experiment
