@@ -57,7 +57,9 @@ def test_functional_kl_inequality_holds(seed, n, k, scale, convention, uniform, 
     g = torch.Generator().manual_seed(seed)
     f = scale * torch.randn(n, k, generator=g, dtype=torch.float64)
     y = loss.check_targets(f, _targets(loss, n, k, g))
-    w = torch.ones(n, dtype=torch.float64) if uniform else torch.rand(n, generator=g).double() + 0.05
+    w = torch.rand(n, generator=g).double() + 0.05
+    if uniform:
+        w = torch.ones(n, dtype=torch.float64)
     w = w / w.sum()
     conv = Convention(convention)
     omega = w * n if conv is Convention.SUM else w

@@ -204,7 +204,8 @@ def compose(
     ray_ok = bool(np.all(ray[np.isfinite(ray)] >= rayleigh_lower * (1 - 1e-12)))
     assumptions = (
         Assumption(f"functional KL: φ'(ℓ)‖∇ℓ‖² ≥ c = {functional_kl.c:.6g}", fkl_ok,
-                   f"{functional_kl.reason}; min over records {np.min(fkl) if fkl.size else 0:.6g}"),
+                   f"{functional_kl.reason}; min over records "
+                   f"{np.min(fkl) if fkl.size else 0:.6g}"),
         Assumption(f"Rayleigh bound R(K; ∇ℓ) ≥ {rayleigh_lower:.6g} ({src})", ray_ok,
                    f"observed min R = {r_min:.6g} at t = {t_rmin:.6g}"),
     )

@@ -71,8 +71,9 @@ def _progress():
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("t={task.completed:.4g}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+    return Progress(TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("t={task.completed:.4g}"), TimeElapsedColumn(),
+                    TimeRemainingColumn(), transient=False)
 
 
 def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature

@@ -104,7 +104,8 @@ class Dataset:
     def is_uniform(self) -> bool:
         return bool(torch.allclose(self.weights, self.weights.mean().expand_as(self.weights)))
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Dataset:
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> Dataset:
         x = self.x.to(device=device, dtype=dtype if self.x.is_floating_point() else None)
         y = self.y.to(device=device, dtype=dtype if self.y.is_floating_point() else None)
         return Dataset(x, y, self.weights.to(device=device, dtype=dtype))
@@ -179,7 +180,7 @@ class Gaussian(Sampler):
 
 @final
 class TeacherStudent(Sampler):
-    """Gaussian inputs labelled by a fixed teacher: y = teacher(x) (regression) or argmax (classes)."""
+    """Gaussian inputs labelled by a fixed teacher: y = teacher(x), or its argmax (classes)."""
 
     def __init__(
         self, teacher: Callable[[Tensor], Tensor], dim: int, *, classify: bool = False,
@@ -201,7 +202,7 @@ class TeacherStudent(Sampler):
 
 
 def smooth_target(x: Tensor) -> Tensor:
-    """A continuous, non-polynomial target on R^d: sin(x·a) + ½ cos(2 x·b), a fixed (n, 1) output."""
+    """A continuous, non-polynomial target on R^d: sin(x·a) + ½ cos(2 x·b), shape (n, 1)."""
     d = x.shape[-1]
     idx = torch.arange(1, d + 1, dtype=x.dtype, device=x.device)
     a = 1.0 / idx

@@ -172,6 +172,7 @@ def gradient_flow(
     header = {"convention": problem.convention.value, "loss": problem.loss.name,
               "method": method.value, "step": step, "rtol": rtol, "atol": atol,
               "n_params": problem.model.n_params, "groups": list(problem.model.groups),
+              "batch_size": batch_size, "eval_size": eval_data.n,
               **(meta or {})}
     traj = Trajectory(header, path, append=append)
     rec = _Recorder(problem, eval_data, traj, diagnostics, on_record, progress,

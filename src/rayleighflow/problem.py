@@ -116,7 +116,8 @@ def _make_groups(params: Params, groups, *, by_module: bool) -> dict[str, tuple[
     for g, names in groups.items():
         for n in names:
             if n not in params:
-                raise ValueError(f"group {g!r} names unknown parameter {n!r}; known: {list(params)}")
+                raise ValueError(
+                    f"group {g!r} names unknown parameter {n!r}; known: {list(params)}")
             if n in seen:
                 raise ValueError(f"parameter {n!r} is in two groups: groups must be disjoint")
             seen.add(n)

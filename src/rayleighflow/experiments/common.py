@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..certify import Certificate, CertificateStatus, certify, compose
+from ..certify import Certificate, CertificateStatus, certify, compose, rank_desingularizers
 from ..data import Dataset
 from ..desingularizers import get_desingularizer
 from ..flow import FlowResult
@@ -146,10 +146,12 @@ def flow_summary(problem: Problem, data: Dataset, result: FlowResult,
     with np.errstate(all="ignore"):
         ray_min = np.nanmin(traj["rayleigh"]) if np.isfinite(traj["rayleigh"]).any() else None
     k = problem.model(problem.params, data.x[:1]).shape[-1]
+    target = float(loss[0]) * 1e-3
     cert_dicts = []
     for label, cert in certs:
         d = cert.to_dict()
         d["label"] = label
+        d["certified_time_to_1e-3_L0"] = finite_or_none(cert.time_to(target))
         cert_dicts.append(d)
     violations = [c["max_bound_violation"] for c in cert_dicts
                   if c["max_bound_violation"] is not None]
@@ -164,6 +166,7 @@ def flow_summary(problem: Problem, data: Dataset, result: FlowResult,
         "rayleigh_min": finite_or_none(ray_min),
         "certificates": cert_dicts,
         "max_bound_violation": max(violations) if violations else None,
+        "desingularizer_ranking": rank_desingularizers(traj),
         "flow_status": result.status.value, "flow_message": result.message,
         "grad_evals": result.n_grad_evals,
     }

@@ -44,7 +44,7 @@ def _toml_value(v: Any) -> str:
 
 
 def builtin_config_text(name: str, settings: Mapping[str, Any], params: Mapping[str, Any]) -> str:
-    lines = [f"# rayleighflow run configuration (re-run with: rayleighflow run <this file>)",
+    lines = ["# rayleighflow run configuration (re-run with: rayleighflow run <this file>)",
              f"experiment = {_toml_value(name)}"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
     lines.append("\n[params]")
