@@ -176,7 +176,7 @@ EXPERIMENT = Experiment(
     run=run,
     defaults={"datasets": list(DATASETS), "n": 100, "dim": 5, "classes": 4,
               "init_scale": 100.0, "t_max": 1e9, "t_max_adversarial": 1e3, "n_records": 80,
-              "gd_t_max": 1e4, "rtol": 1e-8, "rtol_adversarial": 1e-4, "atol": 1e-10,
+              "gd_t_max": 2e3, "rtol": 1e-8, "rtol_adversarial": 1e-4, "atol": 1e-10,
               "slack_rtol": 1e-6,
               "slack_atol": 1e-12},
     quick={"t_max": 1e7, "t_max_adversarial": 10.0, "n_records": 40, "gd_t_max": 1e2},

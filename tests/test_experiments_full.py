@@ -1,0 +1,27 @@
+"""Full (non-quick) experiments: a few minutes each, so marked slow (`pytest -m slow`)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rayleighflow.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", ["demo", "toy2d", "definite-ntk", "logistic", "two-layer"])
+def test_full_experiment_bounds_hold(tmp_path, name):
+    out = tmp_path / name
+    assert main(["run", name, "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "complete"
+    assert s["max_bound_violation"] <= 0
+    if name == "logistic":
+        for d in s["datasets"].values():
+            assert d["local_decrease_holds"] and d["all_finite"]
+        assert s["datasets"]["adversarial"]["loss_initial"] >= 1e9
+    if name == "two-layer":
+        assert s["lambda_min_zero_where_underparameterized"]
+        eta = np.array(s["eta"])
+        assert s["eta_loglog_slope"] < 0 and eta[-1] < eta[0]
