@@ -252,8 +252,9 @@ def load_sklearn(
     return Dataset.from_arrays(x, y, dtype=dtype)
 
 
-def load_file(path: str, *, target: str = "y", dtype: torch.dtype = torch.float64) -> Dataset:
-    """Load a CSV (last column, or the column named ``target``, is y) or an NPZ with arrays x, y."""
+def load_file(path: str, *, target: str | None = None,
+              dtype: torch.dtype = torch.float64) -> Dataset:
+    """Load a CSV (y is the column named ``target``, default the last) or an NPZ with x, y."""
     if path.endswith(".npz"):
         with np.load(path) as z:
             missing = {"x", "y"} - set(z.files)
@@ -263,10 +264,13 @@ def load_file(path: str, *, target: str = "y", dtype: torch.dtype = torch.float6
             return Dataset.from_arrays(z["x"], z["y"], w, dtype=dtype)
     if path.endswith(".csv"):
         with open(path) as fh:
-            header = fh.readline().strip().split(",")
+            header = [h.strip() for h in fh.readline().split(",")]
         has_header = not all(_is_number(h) for h in header)
         arr = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, ndmin=2)
-        col = header.index(target) if has_header and target in header else arr.shape[1] - 1
+        if target is not None and target not in header:
+            where = f"its header is {', '.join(header)}" if has_header else "it has no header row"
+            raise ValueError(f"{path}: target {target!r} is not a column ({where})")
+        col = header.index(target) if target is not None else arr.shape[1] - 1
         y = arr[:, col]
         x = np.delete(arr, col, axis=1)
         if np.all(y == np.round(y)) and y.min() >= 0:

@@ -211,18 +211,11 @@ def _teacher(cfg: ExperimentConfig, d: TeacherStudentData, dtype: torch.dtype) -
 
 
 def _file_data(cfg: ExperimentConfig, d: FileData, dtype: torch.dtype):
-    if d.kind == "csv":
-        with open(d.path, encoding="utf-8") as fh:
-            header = [h.strip() for h in fh.readline().split(",")]
-        has_header = not all(_is_number(h) for h in header)
-        if d.target is not None and d.target not in header:
-            where = f"its header is {', '.join(header)}" if has_header else "it has no header row"
-            raise _fail(cfg, "data.target", f"data.target = {d.target!r} is not a column of "
-                        f"{d.path} ({where})")
     try:
         ds = load_file(str(d.path), target=d.target, dtype=dtype)
     except ValueError as exc:
-        raise _fail(cfg, "data.path", f"data.path: {exc}") from None
+        key = "data.target" if "is not a column" in str(exc) else "data.path"
+        raise _fail(cfg, key, f"{key}: {exc}") from None
     k = int(ds.y.max()) + 1 if not ds.y.is_floating_point() else None
     if d.n_samples is not None:
         if d.n_samples > ds.n:
@@ -232,14 +225,6 @@ def _file_data(cfg: ExperimentConfig, d: FileData, dtype: torch.dtype):
         ds = ds.subset(torch.as_tensor(np.sort(rng.choice(ds.n, d.n_samples, replace=False))))
     labels = f", {k} classes" if k else ""
     return ds, f"{d.kind} {d.path.name}: {ds.n} samples{labels}", k
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
 
 
 def _output_width(cfg: ExperimentConfig, probe: Dataset, n_classes: int | None) -> int:
