@@ -1,0 +1,254 @@
+"""Shared plumbing of the NTK engine: argument checks, weights, memory budgets, kinds.
+
+Nothing here is public except what ``rayleighflow.ntk`` re-exports (``KernelKind``,
+``KernelTooLargeError``, ``kernel_matrix``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import final
+
+import torch
+from torch import Tensor, nn
+
+from .._types import Convention, Params, effective_weights
+from ..data import Dataset
+from ..problem import Model
+
+
+class KernelTooLargeError(ValueError):
+    """A kernel (or one of its tiles) cannot fit in the memory it is allowed; nothing allocated."""
+
+
+class KernelKind(StrEnum):
+    """Which part of each k × k block K(x_i, x_j) = J_i J_jᵀ is returned.
+
+    ``FULL`` (default, exact): blocks (n1, n2, k, k).
+    ``TRACE``: tr K(x_i, x_j), shape (n1, n2). An approximation of the exact kernel: it keeps
+    Σ_c J_ic·J_jc and drops every cross-output entry (for k = 1 it is exact).
+    ``DIAGONAL``: the diagonal of each block, shape (n1, n2, k). Also an approximation: the
+    off-diagonal entries c ≠ c' are dropped.
+    """
+
+    FULL = "full"
+    TRACE = "trace"
+    DIAGONAL = "diagonal"
+
+    @classmethod
+    def parse(cls, value: str | KernelKind) -> KernelKind:
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(repr(c.value) for c in cls)
+            raise ValueError(f"unknown kernel kind {value!r}: use one of {allowed}") from None
+
+
+def kernel_matrix(blocks: Tensor) -> Tensor:
+    """Blocks (n1, n2, k, k) → the sample-major matrix (n1·k, n2·k), entry [i·k + c, j·k + c'].
+
+    For blocks returned by :func:`empirical_ntk` this is free (no copy): their storage already
+    is the matrix. Trace kernels (n1, n2) are returned unchanged.
+    """
+    if blocks.dim() == 2:
+        return blocks
+    if blocks.dim() != 4 or blocks.shape[2] != blocks.shape[3]:
+        raise ValueError(f"expected blocks (n1, n2, k, k), got shape {tuple(blocks.shape)}")
+    n1, n2, k, _ = blocks.shape
+    return blocks.permute(0, 2, 1, 3).reshape(n1 * k, n2 * k)
+
+
+# ----------------------------------------------------------------------------------------------
+# models, params, data
+
+
+def as_model(model: Model | nn.Module) -> Model:
+    """Wrap an ``nn.Module`` (refusing dropout / batch-norm in training mode) or pass a Model."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, nn.Module):
+        return Model(model)
+    raise TypeError(
+        f"expected a rayleighflow Model or an nn.Module, got {type(model).__name__}; wrap a "
+        "function f(params, x) as Model(f, params)"
+    )
+
+
+def resolve_params(model: Model, params: Params | None) -> Params:
+    params = model.params if params is None else dict(params)
+    if not params or sum(p.numel() for p in params.values()) == 0:
+        raise ValueError("the model has no parameters: its tangent kernel is identically zero")
+    return {k: v.detach() for k, v in params.items()}
+
+
+def param_dtype(params: Params) -> torch.dtype:
+    for p in params.values():
+        if p.is_floating_point():
+            return p.dtype
+    raise ValueError("the parameters hold no floating-point tensor: nothing to differentiate")
+
+
+def param_device(params: Params) -> torch.device:
+    return next(iter(params.values())).device
+
+
+def prepare_x(x: Tensor | Dataset, params: Params, name: str) -> tuple[Tensor, Tensor | None]:
+    """(inputs on the parameters' device and dtype, weights if x was a Dataset)."""
+    w = None
+    if isinstance(x, Dataset):
+        x, w = x.x, x.weights
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor or a Dataset, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: give at least one sample (shape (n, ...), n >= 1)")
+    dev = param_device(params)
+    x = x.to(device=dev, dtype=param_dtype(params)) if x.is_floating_point() else x.to(dev)
+    return x, w
+
+
+def check_pair(x1: Tensor, x2: Tensor | None) -> None:
+    if x2 is not None and x1.shape[1:] != x2.shape[1:]:
+        raise ValueError(
+            f"x1 and x2 have different feature shapes {tuple(x1.shape[1:])} and "
+            f"{tuple(x2.shape[1:])}: a cross kernel needs inputs of the same kind"
+        )
+
+
+def scaling(
+    n: int, weights: Tensor | None, convention: Convention, like: Tensor
+) -> Tensor | None:
+    """√ω_i for the convention's effective weights (None when all ω_i = 1: no scaling)."""
+    if weights is None:
+        if convention is Convention.SUM:
+            return None
+        return torch.full((n,), 1.0 / math.sqrt(n), dtype=like.dtype, device=like.device)
+    w = torch.as_tensor(weights).to(device=like.device, dtype=torch.float64)
+    if w.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {tuple(w.shape)}")
+    if not torch.isfinite(w).all() or (w <= 0).any():
+        raise ValueError("weights must be finite and > 0")
+    if abs(float(w.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"weights sum to {float(w.sum())}, not 1: pass probability weights")
+    return effective_weights(w, convention).sqrt().to(like.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+DEFAULT_CPU_CAP = 8 * 2**30
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``8_000_000``, ``"8MB"``, ``"1.5GiB"`` → bytes."""
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError(f"max_memory must be > 0 bytes, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read a memory size from {value!r}: write e.g. '4GB' or '512MiB'")
+    return parse_bytes(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of a device now: MemAvailable on the host, cudaMemGetInfo on a GPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return DEFAULT_CPU_CAP
+
+
+def working_budget(max_memory: int | float | str | None, device: torch.device) -> int:
+    """Bytes the engine may use for temporaries on ``device`` (the result not counted)."""
+    if max_memory is not None:
+        return parse_bytes(max_memory)
+    free = available_bytes(device)
+    if device.type == "cuda":
+        return int(0.6 * free)
+    return int(min(DEFAULT_CPU_CAP, 0.5 * free))
+
+
+@final
+@dataclass(frozen=True)
+class KernelRequest:
+    """A kernel request after checks: model, params, inputs, scalings, kind (internal)."""
+
+    model: Model
+    params: Params
+    x1: Tensor
+    x2: Tensor | None
+    s1: Tensor | None
+    s2: Tensor | None
+    kind: KernelKind
+    k: int
+
+    @property
+    def n1(self) -> int:
+        return int(self.x1.shape[0])
+
+    @property
+    def n2(self) -> int:
+        return self.n1 if self.x2 is None else int(self.x2.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return param_dtype(self.params)
+
+    @property
+    def device(self) -> torch.device:
+        return param_device(self.params)
+
+    def result_shape(self) -> tuple[int, ...]:
+        if self.kind is KernelKind.FULL:
+            return (self.n1, self.k, self.n2, self.k)
+        if self.kind is KernelKind.TRACE:
+            return (self.n1, self.n2)
+        return (self.n1, self.n2, self.k)
+
+
+def output_width(model: Model, params: Params, x: Tensor) -> int:
+    with torch.no_grad():
+        out = model(params, x[:1])
+    if not torch.is_floating_point(out):
+        raise ValueError("the model's output is not floating point: no tangent kernel")
+    return int(out.shape[1])
+
+
+@contextmanager
+def float32_policy(device: torch.device, allow_tf32: bool) -> Iterator[None]:
+    """On a GPU, keep TF32 off for matmuls and convolutions unless the caller asks for it."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -1,0 +1,230 @@
+"""Planning a kernel computation: the AUTO cost model, tile sizes and memory checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import final
+
+import torch
+from torch import Tensor
+
+from .._types import Params
+from ..problem import Model
+from ._common import (
+    KernelKind,
+    KernelRequest,
+    KernelTooLargeError,
+    available_bytes,
+    fmt_bytes,
+    working_budget,
+)
+from ._terms import Engine, outer_pair_cost, tile_shape
+from .jacobian import JacobianEngine, KVPEngine
+from .structured import StructuredEngine, find_layers, probe_layers
+
+__all__ = ["NTKMethod", "NTKPlan"]
+
+
+class NTKMethod(StrEnum):
+    """Algorithm for the materialized kernel. Cost model (multiply-adds; n1, n2 samples,
+    k outputs, P parameters, F forward multiply-adds per sample, n_f = n1 + n2 feature passes,
+    pairs = n1·n2, halved for a symmetric kernel):
+
+    * ``JACOBIAN``: per-sample Jacobians by vmap(jacrev), contracted parameter chunk by chunk:
+      n_f·k·3F + pairs·k²·P. Memory: chunk·k·P_chunk for the Jacobian tiles.
+    * ``KVP``: kernel-vector products, a VJP of each output basis vector of an x2 chunk then a
+      JVP over an x1 chunk: n2·k·3F + pairs·k·3F. Memory: b2·k·P tangents and b2·k
+      forward-mode passes over b1 samples (large; the torch.func tutorial's second recipe).
+    * ``STRUCTURED``: layerwise for nn.Linear / nn.Conv1d / nn.Conv2d, Jacobian contraction for
+      every other parameter: n_f·(k + 1)·2F + pairs·Σ_layers c_layer, with
+      c_layer = T²·d_in + k²·T²·d_out (outer products over T positions) or k²·d_out·d_in
+      (per-sample gradients, when positions are many), plus the JACOBIAN cost of the fallback
+      parameters. For an MLP: pairs·Σ(d_in + k²·d_out) against pairs·k²·Σ d_in·d_out.
+    * ``AUTO``: evaluates these estimates (structured only when some layer passes its checks;
+      KVP counted twice for its lower arithmetic efficiency) and takes the cheapest whose tiles
+      fit ``max_memory``. Trace and diagonal kinds replace k² by k in the pair costs.
+    """
+
+    AUTO = "auto"
+    JACOBIAN = "jacobian"
+    KVP = "kvp"
+    STRUCTURED = "structured"
+
+    @classmethod
+    def parse(cls, value: str | NTKMethod) -> NTKMethod:
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(repr(c.value) for c in cls)
+            raise ValueError(f"unknown NTK method {value!r}: use one of {allowed}") from None
+
+
+@final
+@dataclass(frozen=True)
+class NTKPlan:
+    """What :func:`empirical_ntk` will do: method, tiles, memory, and the cost estimates."""
+
+    method: NTKMethod
+    block_size: int
+    n_tiles: int
+    n_passes: int
+    cache_features: bool
+    result_bytes: int
+    working_bytes: int
+    budget_bytes: int
+    out_device: str
+    costs: Mapping[str, float]
+    structured_layers: tuple[str, ...]
+    fallback_params: tuple[str, ...]
+    rejected_layers: tuple[str, ...]
+
+
+def act_bytes(model: Model, params: Params, x: Tensor) -> int:
+    """Bytes of intermediate outputs per sample, from one no-grad forward on ``x``."""
+    item = next(iter(params.values())).element_size()
+    if model.module is None:
+        return 16 * item * (x[0].numel() + 16)
+    total = [0]
+
+    def hook(_m, _a, out):
+        if isinstance(out, Tensor):
+            total[0] += out.numel()
+
+    leaves = [m for m in model.module.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(params, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, total[0] // x.shape[0]) * item + x[0].numel() * item
+
+
+def _solve_block(quad: float, lin: float, cap: float) -> int:
+    """Largest b with quad·b² + lin·b ≤ cap."""
+    if cap <= 0:
+        return 0
+    if quad <= 0:
+        return int(cap // max(lin, 1.0))
+    return int((-lin + math.sqrt(lin * lin + 4 * quad * cap)) / (2 * quad))
+
+
+def build_plan(req: KernelRequest, groups: dict[str, list[str]], method: NTKMethod,
+               max_memory, block_size: int | None, out_device) -> tuple[NTKPlan, Engine]:
+    """Probe the model, price each method, pick one, and size tiles to the memory budget."""
+    model, params, k, kind = req.model, req.params, req.k, req.kind
+    device, item = req.device, req.params[next(iter(req.params))].element_size()
+    probe = req.x1[: min(req.n1, 3)]
+    symmetric = req.x2 is None
+    n_f = req.n1 + (0 if symmetric else req.n2)
+    pairs = req.n1 * req.n2 / (2.0 if symmetric else 1.0)
+    group_of = {n: g for g, names in groups.items() for n in names}
+    layers, rejected = [], []
+    if method in (NTKMethod.AUTO, NTKMethod.STRUCTURED) and model.module is not None:
+        layers, rejected, act = probe_layers(model, params, find_layers(model, params), probe)
+    else:
+        act = act_bytes(model, params, probe)
+    covered = {n for ly in layers for n in (ly.weight, ly.bias) if n}
+    lin_macs = sum(ly.positions * ly.d_in * ly.d_out for ly in layers)
+    p_req = sum(params[n].numel() for n in group_of)
+    fwd = lin_macs + sum(p.numel() for n, p in params.items() if n not in covered)
+    for ly in layers:
+        ly.groups = (group_of.get(ly.weight), group_of.get(ly.bias) if ly.bias else None)
+        outer = pairs * _outer(ly, k, kind)
+        grad = pairs * (k * k if kind is KernelKind.FULL else k) * ly.d_out * (ly.d_in + 1) \
+            + n_f * k * ly.positions * ly.d_in * ly.d_out
+        ly.use_grad = grad < outer
+    rest = {g: [n for n in names if n not in covered] for g, names in groups.items()}
+    rest = {g: v for g, v in rest.items() if v}
+    costs = {
+        NTKMethod.JACOBIAN.value: n_f * k * 3 * fwd + pairs * (k * k if kind is KernelKind.FULL
+                                                               else k) * p_req,
+        NTKMethod.KVP.value: 2 * (req.n2 * k * 3 * fwd + pairs * k * 3 * fwd),
+    }
+    if layers:
+        fb = JacobianEngine(model, params, rest, k, act) if rest else None
+        st = StructuredEngine(model, params, [ly for ly in layers if any(ly.groups)], k, fb)
+        costs[NTKMethod.STRUCTURED.value] = n_f * (k + 1) * 2 * fwd + pairs * st.pair_cost(kind) \
+            + (n_f * k * 3 * fwd if fb else 0)
+    if method is NTKMethod.STRUCTURED and not layers:
+        method = NTKMethod.JACOBIAN  # nothing structured: the fallback is the whole model
+    budget = working_budget(max_memory, device)
+
+    def engine_for(m: NTKMethod, width: int | None = None):
+        if m is NTKMethod.STRUCTURED:
+            return st
+        if m is NTKMethod.KVP:
+            return KVPEngine(model, params, groups, k, act)
+        return JacobianEngine(model, params, groups, k, act, max_width=width)
+
+    if method is NTKMethod.AUTO:
+        order = sorted(costs, key=costs.get)
+        method = NTKMethod(order[0])
+    engine = engine_for(method)
+    if method is NTKMethod.JACOBIAN and 2 * engine.feat_bytes + engine.work_bytes > budget // 2:
+        # one sample's Jacobian does not fit: contract in passes over parameter chunks
+        width = int((budget // 2 - 3 * k * act) // (4 * k * item))
+        engine = engine_for(method, max(width, 1))
+    result_bytes = math.prod(req.result_shape()) * item * len(groups)
+    n_max = max(req.n1, req.n2)
+    tile_pp = math.prod(tile_shape(kind, 1, 1, k)) * len(groups) + engine.pair_temp(kind)
+    tile_pp *= item
+    cap = (2 if device.type == "cuda" else 0.25) * 2**30  # tile temporaries: big enough GEMMs
+    cache = engine.feat_bytes * n_f <= budget / 2 and method is not NTKMethod.KVP
+    if block_size is not None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        b = min(block_size, n_max)
+    elif cache:
+        room = budget - engine.feat_bytes * n_f
+        b = _solve_block(tile_pp, engine.work_bytes, min(room, cap))
+    else:
+        b = _solve_block(tile_pp, 2 * engine.feat_bytes + engine.work_bytes, budget)
+    b = min(b, n_max)
+    need = tile_pp * b * b + (2 * engine.feat_bytes + engine.work_bytes) * max(b, 1)
+    if cache:
+        need += engine.feat_bytes * n_f - 2 * engine.feat_bytes * max(b, 1)
+    if b < 1 or need > budget:
+        need1 = tile_pp + 2 * engine.feat_bytes + engine.work_bytes
+        raise KernelTooLargeError(
+            f"the {method.value} kernel needs about {fmt_bytes(max(need, need1))} of working "
+            f"memory (at least {fmt_bytes(need1)} for one sample pair) but max_memory allows "
+            f"{fmt_bytes(budget)}: raise max_memory, lower block_size, or use kind='trace'"
+        )
+    out_dev = _out_device(out_device, device, result_bytes, need)
+    n1t, n2t = -(-req.n1 // b), -(-req.n2 // b)
+    n_tiles = n1t * (n1t + 1) // 2 if symmetric else n1t * n2t
+    plan = NTKPlan(method, b, n_tiles, engine.n_passes, cache, int(result_bytes), int(need),
+                   int(budget), str(out_dev), costs,
+                   tuple(ly.path for ly in layers) if method is NTKMethod.STRUCTURED else (),
+                   tuple(n for g in rest.values() for n in g)
+                   if method is NTKMethod.STRUCTURED else (),
+                   tuple(rejected))
+    return plan, engine
+
+
+def _outer(ly, k: int, kind: KernelKind) -> float:
+    return outer_pair_cost(ly.positions, ly.d_in, ly.d_out, k, kind)
+
+
+def _out_device(out_device, device: torch.device, result_bytes: int, need: int):
+    """Where the kernel is assembled; refuse (before allocating) when it cannot fit there."""
+    if out_device is not None:
+        dev = torch.device(out_device)
+    elif device.type == "cuda" and result_bytes + need > 0.9 * available_bytes(device):
+        dev = torch.device("cpu")  # larger than device memory: assemble on the host by tiles
+    else:
+        dev = device
+    extra = need if dev == device else 0
+    free = available_bytes(dev)
+    if result_bytes + extra > free:
+        raise KernelTooLargeError(
+            f"the kernel itself needs {fmt_bytes(result_bytes)} on {dev} but only "
+            f"{fmt_bytes(free)} is free there (with {fmt_bytes(extra)} kept for work): use "
+            "kind='trace' (k² times smaller), fewer samples, or out_device='cpu' on a GPU"
+        )
+    return dev

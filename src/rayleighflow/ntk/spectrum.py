@@ -1,0 +1,250 @@
+"""Spectrum, numerical rank and extreme eigenpairs of the tangent kernel, in float64.
+
+Three routes to the eigenvalues of K (the operator on L²(D), equivalently its symmetric form
+M = Ω^{1/2} G Ω^{1/2}, nk × nk):
+
+* ``DENSE``: materialize K and ``eigh`` in float64: everything, (nk)³ time, (nk)² memory.
+* ``DUAL``: when P < nk, the nonzero eigenvalues of M = (Ω^{1/2} J)(Ω^{1/2} J)ᵀ are those of
+  Φ = Jᵀ Ω J = Σ_i ω_i J_iᵀ J_i (P × P); the other nk − P are exactly zero (rank K ≤ P).
+* ``LANCZOS``: extreme eigenvalues from the operator (``eigsh``; LOBPCG on request), for
+  kernels that do not fit; no rank.
+
+Rank: λ ≤ threshold = rtol · λ_max counts as zero, with the default
+rtol = max(nk, P) · eps(dtype the kernel was computed in) (THEORY.md §7); the threshold used is
+always reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import final
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh, lobpcg
+from torch import Tensor, nn
+
+from .._types import Convention, Params
+from ..data import Dataset
+from ..problem import Model
+from ._common import (
+    KernelTooLargeError,
+    as_model,
+    fmt_bytes,
+    param_dtype,
+    prepare_x,
+    resolve_params,
+    scaling,
+    working_budget,
+)
+from .jacobian import JacobianEngine
+from .kernel import empirical_ntk
+from .operator import NTKOperator
+from .plan import act_bytes
+
+__all__ = ["Spectrum", "SpectrumRoute", "dual_gram", "extreme_eigenpairs", "kernel_spectrum",
+           "ntk_spectrum"]
+
+
+class SpectrumRoute(StrEnum):
+    """AUTO: DUAL when P < nk and P × P fits, else DENSE when nk × nk fits, else LANCZOS."""
+
+    AUTO = "auto"
+    DENSE = "dense"
+    DUAL = "dual"
+    LANCZOS = "lanczos"
+
+
+@final
+@dataclass(frozen=True)
+class Spectrum:
+    """Eigenvalues of K (ascending, float64) and what follows from them.
+
+    ``eigenvalues`` holds all nk eigenvalues for DENSE and DUAL (the structural zeros of the
+    dual route included), only the computed extreme ones for LANCZOS. ``rank`` and
+    ``lambda_min_nonzero`` are None when unknown (LANCZOS). ``lambda_min`` is 0.0 exactly when
+    nk > P (structural).
+    """
+
+    eigenvalues: np.ndarray
+    size: int
+    n_params: int | None
+    rank: int | None
+    threshold: float | None
+    rtol: float | None
+    lambda_max: float
+    lambda_min: float | None
+    lambda_min_nonzero: float | None
+    method: str
+    eigenvectors: np.ndarray | None = None
+
+
+def _default_rtol(size: int, n_params: int | None, dtype: torch.dtype) -> float:
+    return max(size, n_params or 0) * torch.finfo(dtype).eps
+
+
+def kernel_spectrum(
+    matrix: Tensor | np.ndarray, *, rtol: float | None = None, n_params: int | None = None,
+    computed_in: torch.dtype | None = None, eigenvectors: bool = False,
+) -> Spectrum:
+    """Full float64 eigendecomposition of a symmetric kernel matrix (nk × nk, or blocks).
+
+    ``computed_in`` is the dtype the kernel was computed in (default: the matrix's), used for
+    the default rtol = max(nk, P)·eps. Example: ``kernel_spectrum(kernel_matrix(K)).rank``.
+    """
+    m = torch.as_tensor(matrix)
+    if m.dim() == 4:
+        n1, n2, k, _ = m.shape
+        m = m.permute(0, 2, 1, 3).reshape(n1 * k, n2 * k)
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"expected a square kernel matrix, got shape {tuple(m.shape)}")
+    dtype = computed_in or (m.dtype if m.is_floating_point() else torch.float64)
+    a = m.detach().to("cpu", torch.float64)
+    a = 0.5 * (a + a.T)
+    if eigenvectors:
+        vals, vecs = torch.linalg.eigh(a)
+        vecs_np = vecs.numpy()
+    else:
+        vals, vecs_np = torch.linalg.eigvalsh(a), None
+    return _summarize(vals.numpy(), a.shape[0], n_params, rtol, dtype, "dense", vecs_np)
+
+
+def _summarize(vals: np.ndarray, size: int, n_params: int | None, rtol: float | None,
+               dtype: torch.dtype, method: str, vecs=None, structural_zeros: int = 0) -> Spectrum:
+    rtol = _default_rtol(size, n_params, dtype) if rtol is None else float(rtol)
+    lam_max = float(vals[-1])
+    threshold = rtol * max(lam_max, 0.0)
+    nonzero = vals[vals > threshold]
+    rank = int(nonzero.size)
+    if structural_zeros:
+        vals = np.concatenate([np.zeros(structural_zeros), vals])
+    lam_min = 0.0 if structural_zeros else float(vals[0])
+    return Spectrum(vals, size, n_params, rank, threshold, rtol, lam_max, lam_min,
+                    float(nonzero[0]) if rank else None, method, vecs)
+
+
+def dual_gram(
+    model: Model | nn.Module, x: Tensor | Dataset, *, params: Params | None = None,
+    weights: Tensor | None = None, convention: Convention | str = "mean",
+    max_memory: int | str | None = None,
+) -> Tensor:
+    """Φ = Jᵀ Ω J = Σ_i ω_i J_iᵀ J_i (P × P, float64): same nonzero eigenvalues as K."""
+    model = as_model(model)
+    params = resolve_params(model, params)
+    x, w = prepare_x(x, params, "x")
+    conv = Convention.parse(convention)
+    n = x.shape[0]
+    like = next(v for v in params.values() if v.is_floating_point())
+    root = scaling(n, weights if weights is not None else w, conv, like)
+    names = list(params)
+    p = sum(params[nm].numel() for nm in names)
+    budget = working_budget(max_memory, like.device)
+    if 8 * p * p > budget:
+        raise KernelTooLargeError(f"Φ = JᵀΩJ needs {fmt_bytes(8 * p * p)} (P = {p}) but "
+                                  f"max_memory allows {fmt_bytes(budget)}: raise max_memory")
+    with torch.no_grad():
+        k = int(model(params, x[:1]).shape[1])
+    act = act_bytes(model, params, x[: min(n, 3)])
+    eng = JacobianEngine(model, params, {"all": names}, k, act)
+    room = budget - 8 * p * p
+    per = 2 * eng.feat_bytes + eng.work_bytes + 8 * k * p
+    b = max(1, min(n, int(room // max(per, 1))))
+    phi = torch.zeros(p, p, dtype=torch.float64, device=like.device)
+    for s in range(0, n, b):
+        (term,) = eng.features(x[s:s + b])
+        g = term.g.double()  # (b, k, P)
+        if root is not None:
+            g = g * root[s:s + b].double()[:, None, None]
+        g = g.reshape(-1, p)
+        phi.addmm_(g.T, g)
+    return phi
+
+
+def extreme_eigenpairs(
+    operator: NTKOperator | LinearOperator, n_eig: int = 1, *, which: str = "largest",
+    method: str = "lanczos", tol: float = 1e-8, maxiter: int | None = None, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Extreme eigenpairs of the kernel operator (symmetric form), ascending.
+
+    ``method="lanczos"`` uses ARPACK's ``eigsh`` (implicitly restarted Lanczos);
+    ``"lobpcg"`` uses SciPy's LOBPCG with a seeded random start block (better for clusters of
+    small eigenvalues). No kernel is formed: each iteration costs one VJP and one JVP.
+    """
+    op = operator.as_linear_operator() if isinstance(operator, NTKOperator) else operator
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    size = op.shape[0]
+    rng = np.random.default_rng(seed)
+    if method == "lanczos":
+        v0 = rng.standard_normal(size)
+        vals, vecs = eigsh(op, k=n_eig, which="LA" if which == "largest" else "SA", tol=tol,
+                           v0=v0, maxiter=maxiter)
+    elif method == "lobpcg":
+        x0 = rng.standard_normal((size, max(n_eig, 2)))
+        vals, vecs = lobpcg(op, x0, largest=which == "largest", tol=tol,
+                            maxiter=maxiter or 200)
+        order = np.argsort(vals)
+        vals, vecs = vals[order], vecs[:, order]
+        vals, vecs = (vals[-n_eig:], vecs[:, -n_eig:]) if which == "largest" else \
+            (vals[:n_eig], vecs[:, :n_eig])
+    else:
+        raise ValueError(f"method must be 'lanczos' or 'lobpcg', got {method!r}")
+    order = np.argsort(vals)
+    return np.asarray(vals)[order], np.asarray(vecs)[:, order]
+
+
+def ntk_spectrum(
+    model: Model | nn.Module, x: Tensor | Dataset, *, params: Params | None = None,
+    weights: Tensor | None = None, convention: Convention | str = "mean",
+    route: SpectrumRoute | str = "auto", rtol: float | None = None,
+    max_memory: int | str | None = None, eigenvectors: bool = False,
+) -> Spectrum:
+    """Eigenvalues, numerical rank, λ_max, λ_min and smallest nonzero eigenvalue of K_θ.
+
+    K is the operator on L²(D) ("mean", default) or the Euclidean Gram ("sum"); see
+    :func:`empirical_ntk`. Example: ``s = ntk_spectrum(net, x); s.rank, s.threshold``.
+    """
+    model = as_model(model)
+    params = resolve_params(model, params)
+    xt, w = prepare_x(x, params, "x")
+    w = weights if weights is not None else w
+    conv = Convention.parse(convention)
+    dtype = param_dtype(params)
+    with torch.no_grad():
+        k = int(model(params, xt[:1]).shape[1])
+    nk, p = xt.shape[0] * k, sum(v.numel() for v in params.values())
+    budget = working_budget(max_memory, xt.device)
+    route = SpectrumRoute(route)
+    if route is SpectrumRoute.AUTO:
+        if p < nk and 8 * 3 * p * p <= budget:
+            route = SpectrumRoute.DUAL
+        elif 8 * 4 * nk * nk <= budget:
+            route = SpectrumRoute.DENSE
+        else:
+            route = SpectrumRoute.LANCZOS
+    if route is SpectrumRoute.DENSE:
+        kern = empirical_ntk(model, xt, params=params, convention=conv, weights1=w,
+                             max_memory=max_memory)
+        s = kernel_spectrum(kern, rtol=rtol, n_params=p, computed_in=dtype,
+                            eigenvectors=eigenvectors)
+        return s
+    if route is SpectrumRoute.DUAL:
+        if p >= nk:
+            raise ValueError(f"the dual route needs P < nk (P = {p}, nk = {nk}): use 'dense'")
+        phi = dual_gram(model, xt, params=params, weights=w, convention=conv,
+                        max_memory=max_memory)
+        vals = torch.linalg.eigvalsh(phi.cpu()).numpy()
+        return _summarize(vals, nk, p, rtol, dtype, "dual", structural_zeros=nk - p)
+    op = NTKOperator(model, xt, params=params, weights=w, convention=conv,
+                     max_memory=max_memory)
+    top, vec = extreme_eigenpairs(op, 1, which="largest")
+    if nk > p:
+        low, lam_min = np.array([0.0]), 0.0
+    else:
+        low, _ = extreme_eigenpairs(op, 1, which="smallest", method="lobpcg")
+        lam_min = float(low[0])
+    r = _default_rtol(nk, p, dtype) if rtol is None else float(rtol)
+    return Spectrum(np.concatenate([low, top]), nk, p, None, r * float(top[-1]), r,
+                    float(top[-1]), lam_min, None, "lanczos",
+                    vec if eigenvectors else None)
