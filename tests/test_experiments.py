@@ -33,8 +33,10 @@ def _check_folder(out: Path, summary: dict) -> None:
         assert key in summary
     assert summary["status"] == "complete"
     assert (out / "config.toml").exists() and (out / "report.html").exists()
-    pngs = list((out / "figures").glob("*.png"))
-    assert pngs and all(p.with_suffix(".svg").exists() for p in pngs)
+    declared = [f["name"] for f in json.loads((out / "figures.json").read_text())]
+    for name in declared:  # every declared figure was drawn, as PNG and SVG
+        assert (out / "figures" / f"{name}.png").exists(), name
+        assert (out / "figures" / f"{name}.svg").exists(), name
     for cert in summary["certificates"]:
         assert {"desingularizer", "mu", "status", "bound_final"} <= set(cert)
     assert summary["max_bound_violation"] is not None and summary["max_bound_violation"] <= 0

@@ -59,7 +59,7 @@ def _figures(widths: list[int], seeds: int, show: str, eps: float) -> list[dict]
             {"title": "estimate of 1 − δ: fraction of seeds with η < ε", "xlabel": "width m",
              "ylabel": "fraction", "xscale": "log", "yscale": "linear", "series": [
                  {"kind": "line", "x": "arr:widths", "y": "arr:success", "color": "C2",
-                  "style": "-o"}]}]},
+                  "style": "-", "marker": "o"}]}]},
         {"name": "test_loss_curves", "title": "Test loss along the flow (seed 0)", "panels": [
             {"title": "held-out loss", "xlabel": "flow time t", "ylabel": "test loss",
              "xscale": "symlog", "yscale": "log", "series": curves}]},
