@@ -1,6 +1,6 @@
 """Run built-in experiments on a device and record wall time and their key results as JSON.
 
-    python benchmarks/experiments.py --device cuda --quick --out benchmarks/results/experiments-cuda.json
+    python benchmarks/experiments.py --device cuda --quick
 
 Each experiment runs through the same entry point as ``rayleighflow run``; the JSON holds the
 environment, the wall time of each run and the summary numbers a reader checks first (status,
