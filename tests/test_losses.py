@@ -64,8 +64,8 @@ def test_functional_kl_inequality_holds(seed, n, k, scale, convention, uniform, 
     conv = Convention(convention)
     omega = w * n if conv is Convention.SUM else w
     value = float(loss.value(f, y, omega))
-    if value <= 1e-300:
-        return
+    if value <= 1e-150:
+        return  # ‖∇ℓ‖² ~ ℓ² underflows float64 below this: nothing left to compare
     gf = loss.functional_grad(f, y)
     fgrad_sq = float((omega * (gf * gf).sum(-1)).sum())
     fkl = loss.functional_kl(w, conv)

@@ -133,18 +133,20 @@ def finite_or_none(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _col(traj: Trajectory, name: str) -> np.ndarray:
+def _reduce(traj: Trajectory, name: str, fn) -> float | None:
+    """fn over the finite values of a column; None when it was never recorded."""
     col = traj.get(name)
-    return col if col is not None else np.array([np.nan])
+    if col is None or not np.isfinite(col).any():
+        return None
+    return finite_or_none(fn(col[np.isfinite(col)]))
 
 
 def flow_summary(problem: Problem, data: Dataset, result: FlowResult,
                  certs: list[tuple[str, Certificate]]) -> dict[str, Any]:
     """The summary.json keys of one flow (docs/RUN_FOLDER.md)."""
     traj = result.trajectory
-    loss, lam_min, rank = traj["loss"], _col(traj, "lambda_min"), _col(traj, "rank")
-    with np.errstate(all="ignore"):
-        ray_min = np.nanmin(traj["rayleigh"]) if np.isfinite(traj["rayleigh"]).any() else None
+    loss = traj["loss"]
+    rank = _reduce(traj, "rank", np.max)
     k = problem.model(problem.params, data.x[:1]).shape[-1]
     target = float(loss[0]) * 1e-3
     cert_dicts = []
@@ -159,11 +161,11 @@ def flow_summary(problem: Problem, data: Dataset, result: FlowResult,
         "convention": problem.convention.value, "P": problem.model.n_params, "nk": data.n * k,
         "loss_initial": finite_or_none(loss[0]), "loss_final": finite_or_none(loss[-1]),
         "t_final": finite_or_none(result.t_final),
-        "rank": int(np.nanmax(rank)) if np.isfinite(rank).any() else None,
-        "rank_threshold": finite_or_none(np.nanmax(_col(traj, "rank_threshold"))),
-        "lambda_min": finite_or_none(np.nanmin(lam_min)) if np.isfinite(lam_min).any() else None,
-        "lambda_max": finite_or_none(np.nanmax(_col(traj, "lambda_max"))),
-        "rayleigh_min": finite_or_none(ray_min),
+        "rank": None if rank is None else int(rank),
+        "rank_threshold": _reduce(traj, "rank_threshold", np.max),
+        "lambda_min": _reduce(traj, "lambda_min", np.min),
+        "lambda_max": _reduce(traj, "lambda_max", np.max),
+        "rayleigh_min": _reduce(traj, "rayleigh", np.min),
         "certificates": cert_dicts,
         "max_bound_violation": max(violations) if violations else None,
         "desingularizer_ranking": rank_desingularizers(traj),
