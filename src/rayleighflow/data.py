@@ -41,7 +41,7 @@ def _check_finite(name: str, t: Tensor) -> None:
 
 
 @final
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity semantics: tensors have no boolean equality
 class Dataset:
     """A finite weighted dataset. ``y`` is (n,) integer labels or (n, k) / (n,) real targets."""
 

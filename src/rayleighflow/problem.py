@@ -7,6 +7,7 @@ always viewed as (n, k).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import final
@@ -141,7 +142,7 @@ class Problem:
     data: Dataset | Sampler
     loss: Loss
     convention: Convention = Convention.MEAN
-    _checked: set = field(default_factory=set, repr=False)
+    _checked: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, nn.Module) or not isinstance(self.model, Model):
@@ -157,7 +158,7 @@ class Problem:
 
     def validate(self, data: Dataset) -> None:
         """Check shapes, labels, finiteness and determinism once per dataset object."""
-        if id(data) in self._checked:
+        if data in self._checked:
             return
         with torch.no_grad():
             f = self.model(self.model.params, data.x)
@@ -179,7 +180,7 @@ class Problem:
                 "deterministic or pass allow_nondeterministic=True to Model"
             )
         self.loss.check_targets(f, data.y)
-        self._checked.add(id(data))
+        self._checked.add(data)
 
     def targets(self, data: Dataset, f: Tensor) -> Tensor:
         return self.loss.check_targets(f, data.y)
