@@ -127,3 +127,39 @@ def test_observed_bound_never_below_loss(seed, n, width, depth, loss, desing):
         return
     loss_rec = res.trajectory["loss"]
     assert np.all(loss_rec <= cert.bound * (1 + 1e-6) + 1e-12), cert.max_bound_violation
+
+
+def _traj(loss, grad_sq, **cols):
+    from rayleighflow.trajectory import Trajectory
+
+    traj = Trajectory({"convention": "mean"})
+    for i, (lv, gv) in enumerate(zip(loss, grad_sq, strict=True)):
+        traj.append({"t": float(i), "loss": lv, "grad_sq": gv,
+                     **{k: v[i] for k, v in cols.items()}})
+    return traj
+
+
+def test_zero_gradient_at_positive_loss_is_not_skipped():
+    # ∞·0 must not turn into a skipped record: no μ > 0 holds there.
+    traj = _traj([1.0, 0.5, 1e-200], [1.0, 0.5, 0.0])
+    assert kl_ratios(traj, "reciprocal")[-1] == 0.0
+    assert certify(traj, "reciprocal").status is CertificateStatus.UNAVAILABLE
+    assert certify(traj, "log", mu=0.1).status is CertificateStatus.VIOLATED
+
+
+def test_non_finite_records_fail_the_certificate():
+    traj = _traj([1.0, 0.5, float("nan"), 0.1], [1.0, 0.5, float("nan"), 0.1])
+    cert = certify(traj, "log")
+    assert cert.status is CertificateStatus.VIOLATED
+    assert not next(a for a in cert.assumptions if a.name == "every record finite").holds
+
+
+def test_spectral_certificate_needs_a_known_threshold():
+    from rayleighflow.certify import spectral
+    from rayleighflow.losses import FunctionalKL
+
+    traj = _traj([1.0, 0.5], [2.0, 1.0], lambda_min=[1e-30, 1e-30],
+                 rank_threshold=[float("nan"), float("nan")], rayleigh=[1.0, 1.0],
+                 fgrad_sq=[2.0, 1.0])
+    cert = spectral(traj, FunctionalKL("log", 2.0, "mean", "test"))
+    assert cert.status is CertificateStatus.UNAVAILABLE

@@ -134,3 +134,11 @@ def test_bad_flow_arguments():
     with pytest.raises(ValueError, match="t_max"):
         gradient_flow(pb, t_max=-1.0)
     assert math.isfinite(gradient_flow(pb, t_max=1e-3, n_records=2).trajectory["loss"][-1])
+
+
+def test_euler_resume_off_grid_keeps_step_length():
+    pb, _ = _least_squares()
+    res = gradient_flow(pb, t_max=0.56, method="euler", step=0.1, t_start=0.26,
+                        record_times=[0.36, 0.46, 0.56])
+    assert np.allclose(res.trajectory.t, [0.26, 0.36, 0.46, 0.56])
+    assert res.n_grad_evals == 3

@@ -76,3 +76,15 @@ def test_functional_kl_inequality_holds(seed, n, k, scale, convention, uniform, 
 def test_unknown_loss_name():
     with pytest.raises(ValueError, match="unknown loss 'hinge'.*square"):
         get_loss("hinge")
+
+
+def test_cross_entropy_keeps_relative_precision_for_tiny_losses():
+    ce = SoftmaxCrossEntropy()
+    for gap in (20.0, 40.0, 300.0):
+        f = torch.tensor([[gap, 0.0, 0.0]], dtype=torch.float64)
+        y = torch.tensor([0])
+        exact = np.log1p(2 * np.exp(-gap))  # log(1 + 2e^{−gap})
+        assert float(ce.per_sample(f, y)[0]) == pytest.approx(exact, rel=1e-14)
+        g = ce.functional_grad(f, y)
+        assert float(g[0, 0]) == pytest.approx(-2 * np.exp(-gap) / (1 + 2 * np.exp(-gap)),
+                                               rel=1e-14)

@@ -95,3 +95,12 @@ def test_failed_flow_writes_complete_records(tmp_path):
                         record_times=[1e6 * k for k in range(1, 100)])
     text = (tmp_path / "t.jsonl").read_text().splitlines()
     assert '"type": "end"' in text[-1] and res.status.value in text[-1]
+
+
+def test_integer_inputs_are_cast_unless_indices():
+    x = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    assert Dataset.from_arrays(x, torch.tensor([0, 1])).x.dtype == torch.float64
+    kept = Dataset.from_arrays(x, torch.tensor([0, 1]), index_inputs=True)
+    assert kept.x.dtype == torch.int64
+    w = Dataset.from_arrays(x, torch.tensor([0, 1]), torch.tensor([0.5, 0.5000004]))
+    assert float(w.weights.sum()) == 1.0

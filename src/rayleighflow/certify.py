@@ -98,13 +98,26 @@ def _num(x: float) -> float | None:
 
 
 def kl_ratios(traj: Trajectory, desingularizer: str | Desingularizer) -> np.ndarray:
-    """φ'(L_t)‖∇L_t‖² at every record (NaN where L_t ≤ 0: the KL inequality is vacuous)."""
+    """φ'(L_t)‖∇L_t‖² at every record (NaN where L_t ≤ 0: the KL inequality is vacuous).
+
+    A zero (or underflowed) gradient at a positive loss gives 0, not ∞·0 = NaN: such a record
+    supports no μ > 0, so it must not be skipped.
+    """
     phi = get_desingularizer(desingularizer)
     loss, grad_sq = traj["loss"], traj["grad_sq"]
     out = np.full(loss.shape, np.nan)
     ok = (loss > 0) & np.isfinite(loss) & np.isfinite(grad_sq)
-    out[ok] = phi.kl_ratio(loss[ok], grad_sq[ok])
+    with np.errstate(invalid="ignore", over="ignore"):
+        out[ok] = phi.kl_ratio(loss[ok], grad_sq[ok])
+    out[ok & (grad_sq <= 0)] = 0.0
     return out
+
+
+def _finite_records(traj: Trajectory) -> Assumption:
+    loss, grad_sq = traj["loss"], traj["grad_sq"]
+    bad = int(np.sum(~(np.isfinite(loss) & np.isfinite(grad_sq))))
+    return Assumption("every record finite", bad == 0,
+                      f"{bad} of {len(loss)} records have a non-finite loss or gradient norm")
 
 
 def _observed_min(values: np.ndarray, t: np.ndarray) -> tuple[float, float]:
@@ -121,11 +134,15 @@ def certify(
     mu: float | None = None,
     *,
     rtol: float = 1e-6,
-    atol: float = 1e-12,
+    atol: float = 0.0,
     extra_assumptions: tuple[Assumption, ...] = (),
     mu_source: str | None = None,
 ) -> Certificate:
-    """Certificate for φ with a stated μ (checked at every record) or the observed μ*."""
+    """Certificate for φ with a stated μ (checked at every record) or the observed μ*.
+
+    The bound check is one-sided, L_t ≤ bound_t·(1 + rtol) + atol; atol defaults to 0 so that
+    the check keeps its meaning at tiny losses.
+    """
     phi = get_desingularizer(desingularizer)
     if mu is not None and not (math.isfinite(mu) and mu > 0):
         raise ValueError(
@@ -135,9 +152,15 @@ def certify(
     if len(traj) < 2:
         raise ValueError("a certificate needs a trajectory with at least 2 records")
     t, loss = traj.t, traj["loss"]
+    if np.any(np.diff(t) <= 0):
+        raise ValueError("trajectory times must be strictly increasing")
     ratios = kl_ratios(traj, phi)
     mu_star, t_star = _observed_min(ratios, t)
-    assumptions = list(extra_assumptions)
+    assumptions = [*extra_assumptions, _finite_records(traj)]
+    if not (math.isfinite(loss[0]) and loss[0] > 0):
+        return _unavailable(traj, phi, math.nan, mu_source or "observed", ratios, mu_star,
+                            t_star, rtol, atol, tuple(assumptions),
+                            "the first recorded loss is not positive: nothing to certify")
     violation = None
     if mu is None:
         mu, source = mu_star, mu_source or "observed"
@@ -182,7 +205,7 @@ def compose(
     rayleigh_lower: float | None = None,
     *,
     rtol: float = 1e-6,
-    atol: float = 1e-12,
+    atol: float = 0.0,
 ) -> Certificate:
     """THEORY.md §4: functional KL (φ, c) × R(K; ∇ℓ) ≥ R_low  ⇒  parametric KL with μ = c·R_low.
 
@@ -220,13 +243,13 @@ def compose(
 
 
 def _unavailable(traj, phi, mu, source, ratios, mu_star, t_star, rtol, atol,
-                 assumptions) -> Certificate:
+                 assumptions, why: str = "no positive KL constant on this trajectory",
+                 ) -> Certificate:
     loss = traj["loss"]
     return Certificate(phi.name, mu, source, CertificateStatus.UNAVAILABLE,
                        traj.meta.get("convention", "mean"), traj.t, loss,
                        np.full(loss.shape, np.nan), ratios, mu_star, t_star, math.nan, rtol,
-                       atol, tuple(assumptions), None,
-                       ("no positive KL constant on this trajectory",))
+                       atol, tuple(assumptions), None, (why,))
 
 
 def spectral(
@@ -234,7 +257,7 @@ def spectral(
     functional_kl: FunctionalKL,
     *,
     rtol: float = 1e-6,
-    atol: float = 1e-12,
+    atol: float = 0.0,
 ) -> Certificate:
     """T1 / the definite-NTK proposition: R(K; ∇ℓ) ≥ λ_min(K_θt), so if λ_min > 0 along the
     flow, μ = c · min_t λ_min. Needs the ``lambda_min`` and ``rank_threshold`` columns (a
@@ -246,7 +269,7 @@ def spectral(
                          "spectrum (e.g. experiments.common.spectrum_diagnostic)")
     have = np.isfinite(lam)
     lam_min = float(np.min(lam[have]))
-    zero = lam[have] <= thr[have]
+    zero = ~(lam[have] > thr[have])  # an unknown (NaN) threshold proves nothing: count as zero
     definite = Assumption(
         "definite NTK: λ_min(K_θt) > 0 at every record", not bool(zero.any()),
         f"min λ_min = {lam_min:.6g} over {int(have.sum())} spectra; "

@@ -83,10 +83,13 @@ class Dataset:
         *,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
+        index_inputs: bool = False,
     ) -> Dataset:
-        """Build a dataset; float inputs are cast to ``dtype``, integer labels stay int64."""
+        """Build a dataset: inputs are cast to ``dtype`` (kept as integers with
+        ``index_inputs=True``, e.g. for an embedding), integer labels stay int64, and weights
+        are renormalized to sum to exactly 1."""
         xt = torch.as_tensor(x, device=device)
-        xt = xt.to(dtype) if xt.is_floating_point() or not _is_index(xt) else xt
+        xt = xt if index_inputs else xt.to(dtype)
         yt = torch.as_tensor(y, device=device)
         yt = yt.long() if _is_index(yt) else yt.to(dtype)
         n = xt.shape[0] if xt.dim() > 0 else 0
@@ -94,6 +97,9 @@ class Dataset:
             wt = torch.full((n,), 1.0 / max(n, 1), dtype=dtype, device=device)
         else:
             wt = torch.as_tensor(weights, device=device).to(dtype)
+            total = float(wt.sum()) if wt.numel() else 0.0
+            if abs(total - 1.0) <= 1e-6:
+                wt = wt / wt.sum()  # κ and c assume Σw = 1 exactly
         return cls(xt, yt, wt)
 
     @property

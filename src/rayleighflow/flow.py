@@ -150,6 +150,7 @@ def gradient_flow(
     on_record: Callable[[dict, Params], None] | None = None,
     progress: Callable[[float, float], None] | None = None,
     group_quotients: bool = True,
+    grad_evals_start: int = 0,
 ) -> FlowResult:
     """Integrate θ̇ = −∇L(θ) from ``params`` (default the model's) at ``t_start`` to ``t_max``.
 
@@ -157,6 +158,7 @@ def gradient_flow(
     R(K; ∇ℓ) and per-group quotients, plus the columns of each ``diagnostics`` callable.
     ``path`` streams the trajectory to a JSONL file as it grows (``append`` continues one);
     ``on_record(row, params)`` sees every record (checkpoints); ``progress(t, loss)`` too.
+    A resumed run passes ``grad_evals_start`` so the count (and ``max_steps``) carry over.
     """
     method = _parse_method(method)
     if not t_max > t_start:
@@ -178,7 +180,7 @@ def gradient_flow(
     rec = _Recorder(problem, eval_data, traj, diagnostics, on_record, progress,
                     group_quotients)
     theta = {k: v.detach().clone() for k, v in (params or problem.params).items()}
-    state = {"t": t_start, "evals": 0, "theta": theta}
+    state = {"t": t_start, "evals": grad_evals_start, "theta": theta}
     begin = time.perf_counter()
     try:
         resumed_here = append and len(traj) and traj.rows[-1].get("t") == t_start
@@ -249,9 +251,7 @@ def _grad(problem: Problem, theta: Params, data: Dataset, t: float) -> tuple[flo
 
 def _run_euler(problem, state, times, step, data, generator, batch_size, rec, target,
                max_steps) -> None:
-    k0 = round(state["t"] / step)
-    next_idx = 0
-    k = k0
+    t0, k, next_idx = state["t"], 0, 0
     while next_idx < len(times):
         if max_steps is not None and state["evals"] >= max_steps:
             raise _Stop(FlowStatus.STEP_BUDGET, f"step budget {max_steps} spent at "
@@ -261,7 +261,7 @@ def _run_euler(problem, state, times, step, data, generator, batch_size, rec, ta
         state["theta"] = {n: p - step * grad[n] for n, p in state["theta"].items()}
         state["evals"] += 1
         k += 1
-        state["t"] = k * step
+        state["t"] = t0 + k * step  # t = t_start + kη, also for an off-grid resume time
         # Records snap to the step grid: the first step at or after each requested time.
         if state["t"] >= times[next_idx] - 1e-12 * max(1.0, times[next_idx]):
             while next_idx < len(times) and times[next_idx] <= state["t"] * (1 + 1e-12):

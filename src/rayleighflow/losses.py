@@ -123,12 +123,18 @@ class SoftmaxCrossEntropy(Loss):
     name = "cross-entropy"
 
     def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
-        logp = torch.log_softmax(f, dim=-1)
-        return -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        # (M − f_y) + log1p(Σ_{j≠argmax} e^{f_j − M}): full relative precision when the true
+        # class wins by far (tiny losses), where log_softmax rounds ℓ to 0 while ∇ℓ ≠ 0.
+        top = f.argmax(dim=-1, keepdim=True)
+        m = f.gather(-1, top)
+        rest = torch.exp(f - m).scatter(-1, top, 0.0).sum(-1)
+        return (m.squeeze(-1) - f.gather(-1, y.unsqueeze(-1)).squeeze(-1)) + torch.log1p(rest)
 
     def functional_grad(self, f: Tensor, y: Tensor) -> Tensor:
         p = torch.softmax(f, dim=-1)
-        return p - torch.nn.functional.one_hot(y, f.shape[-1]).to(f.dtype)
+        # g_y = p_y − 1 = −Σ_{j≠y} p_j, summed without cancellation.
+        g_y = -p.scatter(-1, y.unsqueeze(-1), 0.0).sum(-1, keepdim=True)
+        return p.scatter(-1, y.unsqueeze(-1), g_y)
 
     def functional_kl(self, weights: Tensor, convention: Convention) -> FunctionalKL:
         return _ce_kl(weights, convention)

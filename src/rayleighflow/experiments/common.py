@@ -54,7 +54,7 @@ def certificates(
     rayleigh_lower: float | None = None,
     mu: dict[str, float] | None = None,
     rtol: float = 1e-6,
-    atol: float = 1e-12,
+    atol: float = 0.0,
 ) -> list[tuple[str, Certificate]]:
     """Observed-μ* certificates for each φ, plus the composition c·R_low for the loss's φ."""
     out = []

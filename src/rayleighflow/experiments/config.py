@@ -226,7 +226,7 @@ class CertifyConfig:
     rayleigh_lower: float | None = _spec("number", None, gt=0, unset="the observed minimum")
     mu: dict[str, float] = _spec("numbers", {}, gt=0)
     rtol: float = _spec("number", 1e-6, ge=0)
-    atol: float = _spec("number", 1e-12, ge=0)
+    atol: float = _spec("number", 0.0, ge=0)
 
 
 ModelConfig = MLPConfig | CNNConfig | ImportConfig

@@ -101,7 +101,8 @@ class RunContext:
                                   float(state["t"]), int(state["evals"]),
                                   saved.detail or "", 0.0)
             saved = _truncate_to(path, saved, float(state["t"]))
-            start = {"params": state["params"], "t_start": float(state["t"]), "append": True}
+            start = {"params": state["params"], "t_start": float(state["t"]), "append": True,
+                     "grad_evals_start": int(state["evals"])}
 
         def on_record(row: dict, params) -> None:
             _atomic_torch({"params": params, "t": row["t"], "evals": row["grad_evals"]}, ckpt)

@@ -94,22 +94,29 @@ def run(ctx: RunContext) -> dict[str, Any]:
             pre = _prefix(traj, p["plateau_factor"] * float(traj["loss"][-1]))
             fkl = problem.loss.functional_kl(train.weights, problem.convention)
             cert = compose(pre, fkl, rtol=p["slack_rtol"], atol=p["slack_atol"])
-            lam = traj["lambda_min"]
+            lam, thr = traj["lambda_min"], traj["rank_threshold"]
+            have = np.isfinite(lam)
             rows.append({"seed": s, "eta": eta, "train_final": float(traj["loss"][-1]),
+                         "flow_status": res.status.value,
                          "rayleigh_min_before_plateau": float(np.nanmin(pre["rayleigh"])),
                          "lambda_min_max": float(np.nanmax(lam)),
+                         # record by record: λ_min at or below that record's threshold
+                         "lambda_min_zero": bool(np.all(~(lam[have] > thr[have]))),
                          "rank_max": float(np.nanmax(traj["rank"])),
                          "threshold": float(np.nanmax(traj["rank_threshold"])),
                          "cert_status": cert.status.value, "cert_mu": cert.mu,
                          "cert_violation": cert.max_bound_violation,
                          "P": problem.model.n_params})
         etas = np.array([r["eta"] for r in rows])
+        # Only a flow that ran to t_max (or its loss target) has a limit loss to speak of.
+        reached = np.array([r["flow_status"] in ("t_max", "loss_target") for r in rows])
         n_spec = min(p["n_spectrum"], train.n)
         per_width[m] = {
             "P": rows[0]["P"], "n_spectrum_k": n_spec, "eta_mean": float(etas.mean()),
             "eta_std": float(etas.std()), "etas": etas.tolist(),
-            "success_fraction": float(np.mean(etas < p["eps"])),
-            "lambda_min_zero": bool(all(r["lambda_min_max"] <= r["threshold"] for r in rows)),
+            "success_fraction": float(np.mean((etas < p["eps"]) & reached)),
+            "flows_completed": int(reached.sum()),
+            "lambda_min_zero": all(r["lambda_min_zero"] for r in rows),
             "under_parameterized": rows[0]["P"] < n_spec,
             "rayleigh_min_before_plateau": min(r["rayleigh_min_before_plateau"] for r in rows),
             "certificates_hold": all(r["cert_status"] == "holds" for r in rows),
@@ -150,8 +157,8 @@ def _summary(per_width, widths, p, train) -> dict[str, Any]:
         "widths": widths, "eta": eta.tolist(),
         "success_fraction": [per_width[m]["success_fraction"] for m in widths],
         "eps": p["eps"], "eta_loglog_slope": finite_or_none(slope),
-        "lambda_min_zero_where_underparameterized": all(
-            per_width[m]["lambda_min_zero"] for m in under),
+        "lambda_min_zero_where_underparameterized": (
+            all(per_width[m]["lambda_min_zero"] for m in under) if under else None),
         "per_width": {str(m): {k: v for k, v in per_width[m].items() if k != "runs"}
                       for m in widths},
         "notes": [f"x ~ Uniform[−{p['radius']}, {p['radius']}]^{p['dim']}, target "
@@ -175,7 +182,7 @@ EXPERIMENT = Experiment(
               "widths": [2, 4, 8, 16, 32, 64, 128, 256], "seeds": 4, "n_train": 1024,
               "n_test": 4096, "n_spectrum": 512, "t_max": 500.0, "n_records": 30,
               "spectra_per_run": 3, "rtol": 1e-6, "atol": 1e-8, "eps": 0.01,
-              "plateau_factor": 2.0, "slack_rtol": 1e-6, "slack_atol": 1e-12},
+              "plateau_factor": 2.0, "slack_rtol": 1e-6, "slack_atol": 0.0},
     quick={"widths": [2, 8, 32], "seeds": 2, "n_train": 128, "n_test": 512,
            "n_spectrum": 64, "t_max": 50.0, "n_records": 12},
 )
