@@ -228,3 +228,13 @@ def test_ntk_command(capsys):
     assert main(["ntk", str(EXAMPLES / "my_experiment.toml")]) == 0
     out = capsys.readouterr().out
     assert "λ_min(K)" in out and "R(K; ∇ℓ)" in out and "P (parameters)" in out
+
+
+def test_float32_run_and_unavailable_device(tmp_path, capsys):
+    out = tmp_path / "f32"
+    assert main(["run", "demo", "--quick", "--dtype", "float32", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "complete" and s["max_bound_violation"] <= 0
+    if not __import__("torch").cuda.is_available():
+        assert main(["run", "toy2d", "--device", "cuda", "--out", str(tmp_path / "c")]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

@@ -53,9 +53,10 @@ class Dataset:
         n = self.x.shape[0] if self.x.dim() > 0 else 0
         if n == 0:
             raise ValueError("the dataset is empty: give at least one sample")
-        if self.y.shape[0] != n:
+        if self.y.dim() == 0 or self.y.shape[0] != n:
+            got = "a scalar" if self.y.dim() == 0 else f"{self.y.shape[0]}"
             raise ValueError(
-                f"x has {n} samples but y has {self.y.shape[0]}: inputs and targets must have "
+                f"x has {n} samples but y has {got}: inputs and targets must have "
                 "the same first dimension"
             )
         if self.weights.shape != (n,):
