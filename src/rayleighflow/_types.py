@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import TypeVar
 
 from torch import Tensor
+
+E = TypeVar("E", bound=Enum)
 
 Params = dict[str, Tensor]
 """Model parameters by name, as returned by ``nn.Module.named_parameters``."""
@@ -23,13 +26,16 @@ class Convention(str, Enum):
 
     @classmethod
     def parse(cls, value: str | Convention) -> Convention:
-        try:
-            return cls(value)
-        except ValueError:
-            allowed = ", ".join(repr(c.value) for c in cls)
-            raise ValueError(
-                f"unknown inner-product convention {value!r}: use one of {allowed}"
-            ) from None
+        return parse_enum(cls, value, "inner-product convention")
+
+
+def parse_enum(cls: type[E], value: str | E, what: str) -> E:
+    """``cls(value)``, or a ValueError naming ``what`` and the allowed values."""
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(c.value) for c in cls)
+        raise ValueError(f"unknown {what} {value!r}: use one of {allowed}") from None
 
 
 def effective_weights(weights: Tensor, convention: Convention) -> Tensor:

@@ -18,7 +18,7 @@ from typing import final
 import torch
 from torch import Tensor, nn
 
-from .._types import Convention, Params, effective_weights
+from .._types import Convention, Params, effective_weights, parse_enum
 from ..data import Dataset
 from ..problem import Model
 
@@ -43,11 +43,7 @@ class KernelKind(StrEnum):
 
     @classmethod
     def parse(cls, value: str | KernelKind) -> KernelKind:
-        try:
-            return cls(value)
-        except ValueError:
-            allowed = ", ".join(repr(c.value) for c in cls)
-            raise ValueError(f"unknown kernel kind {value!r}: use one of {allowed}") from None
+        return parse_enum(cls, value, "kernel kind")
 
 
 def kernel_matrix(blocks: Tensor) -> Tensor:

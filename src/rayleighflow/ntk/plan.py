@@ -11,7 +11,7 @@ from typing import final
 import torch
 from torch import Tensor
 
-from .._types import Params
+from .._types import Params, parse_enum
 from ..problem import Model
 from ._common import (
     KernelKind,
@@ -55,11 +55,7 @@ class NTKMethod(StrEnum):
 
     @classmethod
     def parse(cls, value: str | NTKMethod) -> NTKMethod:
-        try:
-            return cls(value)
-        except ValueError:
-            allowed = ", ".join(repr(c.value) for c in cls)
-            raise ValueError(f"unknown NTK method {value!r}: use one of {allowed}") from None
+        return parse_enum(cls, value, "NTK method")
 
 
 @final
