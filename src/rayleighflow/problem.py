@@ -142,7 +142,10 @@ class Problem:
     data: Dataset | Sampler
     loss: Loss
     convention: Convention = Convention.MEAN
-    _checked: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    # Validated datasets and their checked targets: the flow's hot path then skips the label
+    # checks (host syncs on a GPU) at every gradient evaluation.
+    _checked: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary,
+                                                repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, nn.Module) or not isinstance(self.model, Model):
@@ -179,11 +182,12 @@ class Problem:
                 "is random (dropout? sampling?) and no certificate applies; make it "
                 "deterministic or pass allow_nondeterministic=True to Model"
             )
-        self.loss.check_targets(f, data.y)
-        self._checked.add(data)
+        self._checked[data] = self.loss.check_targets(f, data.y)
 
     def targets(self, data: Dataset, f: Tensor) -> Tensor:
-        return self.loss.check_targets(f, data.y)
+        """Targets in the loss's form; checked once per validated dataset, else every call."""
+        cached = self._checked.get(data)
+        return cached if cached is not None else self.loss.check_targets(f, data.y)
 
     def omega(self, data: Dataset) -> Tensor:
         return effective_weights(data.weights, self.convention)
