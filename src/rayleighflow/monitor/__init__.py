@@ -1,0 +1,34 @@
+"""Watch your own training loop: R(K; ∇ℓ), per-layer quotients, KL ratios, forecasts and stall
+diagnoses from the gradients a training step already computed (no second backward pass).
+
+* :class:`Monitor` — call ``monitor.step(out, y, loss)`` after ``loss.backward()``.
+* :func:`full_data_estimate` — exact full-data L, ‖∇L‖², ‖∇ℓ‖²_D, R by streaming a loader.
+* sinks: :class:`RunFolder` (``rayleighflow report``), :class:`TensorBoard`, :class:`CSV`,
+  :class:`RichTable`.
+* :mod:`rayleighflow.monitor.lightning` — a Lightning callback (extra ``[lightning]``).
+
+Everything here is a diagnostic: certificates (CERTIFICATES.md) need full-batch gradient
+descent or flow; forecasts are named "forecast (if the ratio stays ≥ μ)".
+"""
+
+from ._monitor import DEFAULT_DESINGULARIZERS, Monitor, MonitorError
+from .diagnose import Diagnosis, Forecast
+from .fulldata import FullDataEstimate, full_data_estimate
+from .probe import ProbeSpectrum
+from .sinks import CSV, RichTable, RunFolder, Sink, TensorBoard
+
+__all__ = [
+    "CSV",
+    "DEFAULT_DESINGULARIZERS",
+    "Diagnosis",
+    "Forecast",
+    "FullDataEstimate",
+    "Monitor",
+    "MonitorError",
+    "ProbeSpectrum",
+    "RichTable",
+    "RunFolder",
+    "Sink",
+    "TensorBoard",
+    "full_data_estimate",
+]

@@ -1,0 +1,149 @@
+"""Per-step batch quantities from outputs already computed: no second forward, no backward.
+
+For a batch B of n samples with outputs f_i and the declared loss ℓ (THEORY.md §1), in the
+convention's weights ω_i (ω_i = 1/n for "mean", 1 for "sum"):
+
+    L_B = Σ ω_i ℓ_i(f_i),   ‖∇ℓ‖²_D = Σ ω_i ‖g_i‖²,  g_i = ∂ℓ_i/∂f_i,
+
+and ‖∇L_B‖² = Σ_p ‖p.grad‖² is read from the gradients the training step left in ``.grad``.
+Outputs are stored (detached) until the next flush and evaluated there in one vectorized pass,
+so a step costs one multi-tensor norm of the gradients and no host synchronization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .._types import Convention
+from ..losses import Loss, SquareLoss
+
+__all__ = ["flatten_batch", "PendingStep", "evaluate_steps"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def flatten_batch(loss: Loss, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Outputs as (n, k) and targets in the matching shape, or a ValueError that says why.
+
+    Label losses accept outputs (B, ..., k) with labels (B, ...) (tokens count as samples, as in
+    ``F.cross_entropy(out.flatten(0, -2), y.flatten())``); the square loss takes outputs and
+    targets of one shape, one sample per leading index.
+    """
+    if not isinstance(out, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"outputs and targets must be tensors, got {type(out).__name__} and "
+                        f"{type(y).__name__}")
+    out = out.detach()
+    y = y.detach().to(out.device, non_blocking=True)
+    if out.dim() == 0:
+        raise ValueError("the outputs are a scalar: pass the model's batch outputs (n, k), not "
+                         "the loss")
+    if out.dim() == 1:
+        out = out.unsqueeze(-1)
+    if isinstance(loss, SquareLoss):
+        if y.dim() == 1 and out.shape[1:] == (1,):
+            y = y.unsqueeze(-1)
+        if y.shape != out.shape:
+            raise ValueError(
+                f"square loss: outputs have shape {tuple(out.shape)} but targets have shape "
+                f"{tuple(y.shape)}: they must match (one target per output)")
+        return out.reshape(out.shape[0], -1), y.reshape(y.shape[0], -1)
+    if out.dim() > 2:
+        if tuple(y.shape) != tuple(out.shape[:-1]):
+            raise ValueError(
+                f"{loss.name}: outputs have shape {tuple(out.shape)}, so labels must have shape "
+                f"{tuple(out.shape[:-1])} (one label per output vector), got {tuple(y.shape)}")
+        return out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    if y.dim() != 1 or y.shape[0] != out.shape[0]:
+        raise ValueError(
+            f"{loss.name}: outputs have shape {tuple(out.shape)}, so labels must have shape "
+            f"({out.shape[0]},), got {tuple(y.shape)}")
+    return out, y
+
+
+@dataclass
+class PendingStep:
+    """One optimizer step not yet read back: gradient norms and the stored batch pieces."""
+
+    index: int
+    grad_norms: list[Tensor]                # one 0-d tensor per monitored parameter
+    outputs: list[Tensor] = field(default_factory=list)   # (n_b, k) per micro-batch
+    targets: list[Tensor] = field(default_factory=list)
+    losses: list[Tensor] = field(default_factory=list)    # losses the user passed (0-d)
+    lrs: tuple[float, ...] = ()             # learning rate per monitored parameter
+    missing_grads: tuple[str, ...] = ()     # parameters without .grad at this step
+    computed: tuple[Tensor, Tensor, Tensor] | None = None  # (Σℓ_i, Σ‖g_i‖², n) if eager
+
+
+def batch_sums(loss: Loss, f: Tensor, y: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
+    """(ℓ_i, ‖g_i‖²) per sample, in float32 at least (half-precision outputs are upcast).
+
+    ``check=False`` skips the label-range check (a host synchronization on a GPU)."""
+    if f.dtype in _LOW_PRECISION:
+        f = f.float()
+    if check:
+        y = loss.check_targets(f, y)
+    elif isinstance(loss, SquareLoss):
+        y = y.to(f.dtype)
+    else:
+        y = y.long()
+    g = loss.functional_grad(f, y)
+    return loss.per_sample(f, y), (g * g).sum(-1)
+
+
+def evaluate_steps(loss: Loss, steps: list[PendingStep],
+                   convention: Convention) -> dict[str, list[float]]:
+    """Read back a list of pending steps: per step L_B, ‖∇ℓ‖²_D, n, the passed loss and the
+    per-parameter squared gradient norms. One host synchronization for all of them."""
+    lazy = [s for s in steps if s.computed is None]
+    per_step_loss = torch.zeros(len(steps), dtype=torch.float64)
+    per_step_fg = torch.zeros(len(steps), dtype=torch.float64)
+    counts = torch.zeros(len(steps), dtype=torch.float64)
+    device = steps[0].grad_norms[0].device if steps and steps[0].grad_norms else "cpu"
+    if lazy:
+        position = {id(s): i for i, s in enumerate(steps)}
+        f = torch.cat([o for s in lazy for o in s.outputs])
+        y = torch.cat([t for s in lazy for t in s.targets])
+        seg = torch.cat([torch.full((o.shape[0],), position[id(s)], dtype=torch.long,
+                                    device=o.device) for s in lazy for o in s.outputs])
+        ell, gsq = batch_sums(loss, f, y)
+        ls = torch.zeros(len(steps), dtype=torch.float64, device=f.device)
+        fs = torch.zeros(len(steps), dtype=torch.float64, device=f.device)
+        ns = torch.zeros(len(steps), dtype=torch.float64, device=f.device)
+        ls.index_add_(0, seg, ell.double())
+        fs.index_add_(0, seg, gsq.double())
+        ns.index_add_(0, seg, torch.ones_like(ell, dtype=torch.float64))
+        per_step_loss, per_step_fg, counts = ls, fs, ns
+        device = f.device
+    eager = [(i, s) for i, s in enumerate(steps) if s.computed is not None]
+    if eager:
+        per_step_loss, per_step_fg, counts = (t.to(device) for t in
+                                              (per_step_loss, per_step_fg, counts))
+        for i, s in eager:
+            a, b, c = s.computed
+            per_step_loss[i], per_step_fg[i], counts[i] = a, b, c
+    if convention is Convention.MEAN:
+        per_step_loss = per_step_loss / counts
+        per_step_fg = per_step_fg / counts
+    passed = torch.stack([torch.stack(s.losses).double().sum() if s.losses
+                          else torch.tensor(float("nan"), dtype=torch.float64, device=device)
+                          for s in steps]).to(device)
+    norms = torch.stack([torch.stack(s.grad_norms).double() for s in steps]).to(device)
+    packed = torch.cat([per_step_loss[:, None], per_step_fg[:, None], counts[:, None],
+                        passed[:, None], norms * norms], dim=1).cpu()
+    rows = packed.tolist()
+    return {
+        "loss": [r[0] for r in rows], "fgrad_sq": [r[1] for r in rows],
+        "n": [r[2] for r in rows], "loss_passed": [r[3] for r in rows],
+        "param_sq": [r[4:] for r in rows],
+    }
+
+
+def eager_sums(loss: Loss, f: Tensor, y: Tensor,
+               check: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(Σℓ_i, Σ‖g_i‖², n) on the device, for outputs too large to keep until the flush."""
+    ell, gsq = batch_sums(loss, f, y, check)
+    n = torch.tensor(float(ell.shape[0]), dtype=torch.float64, device=ell.device)
+    return ell.double().sum(), gsq.double().sum(), n

@@ -1,0 +1,559 @@
+"""rf.Monitor: R(K; ∇ℓ), per-layer quotients and KL ratios for the user's own training loop."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, final
+
+import torch
+from torch import Tensor, nn
+
+from .._types import Convention
+from ..desingularizers import get_desingularizer
+from ..losses import Loss, get_loss
+from ._batch import PendingStep, eager_sums, evaluate_steps, flatten_batch
+from ._params import ParamLayout
+from .diagnose import Diagnoser, Diagnosis, Forecast, forecast, stability
+from .fulldata import full_data_estimate
+from .probe import ProbeSet
+from .sinks import RunFolder, Sink
+
+__all__ = ["Monitor", "MonitorError", "DEFAULT_DESINGULARIZERS"]
+
+DEFAULT_DESINGULARIZERS = ("log", "reciprocal", "cross-entropy")
+_PRIMARY = {"square": "log", "cross-entropy": "cross-entropy", "logistic": "cross-entropy"}
+# Relative tolerance of the loss-consistency check, by the outputs' dtype.
+_LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
+              torch.bfloat16: 1e-2}
+_SCOPE_NOTE = ("These are diagnostics, not certificates: a certificate in the sense of "
+               "CERTIFICATES.md needs full-batch gradient descent or flow, and the monitor "
+               "watches mini-batch or adaptive updates. A forecast assumes the KL ratio stays "
+               "≥ μ; nothing checks that it will.")
+
+
+class MonitorError(RuntimeError):
+    """The monitor was used in a way that makes its numbers meaningless (e.g. no gradients)."""
+
+
+@final
+class Monitor:
+    """Watches a training loop: per step, from the outputs and the gradients already in ``.grad``
+
+        L_B,  ‖∇L_B‖² = Σ_p ‖p.grad‖²,  ‖∇ℓ‖²_D = Σ ω_i ‖g_i‖²,  R(K; ∇ℓ) = ‖∇L_B‖² / ‖∇ℓ‖²_D,
+
+    per-group quotients R(K_b; ∇ℓ) (they sum to R) and the KL ratios φ'(L_B)‖∇L_B‖² — with no
+    second forward or backward pass. Weights ω_i are 1/n (``convention="mean"``: the loss is a
+    mean over the n samples of the step, like ``F.cross_entropy``) or 1 (``"sum"``).
+
+    Call :meth:`step` after ``loss.backward()`` (and after ``scaler.unscale_(opt)`` with a
+    GradScaler) and before ``optimizer.zero_grad()``; with gradient accumulation, call
+    :meth:`accumulate` after each micro-batch's backward and :meth:`step` before the optimizer
+    step. Values stay on the device and are read back every ``sync_every`` steps.
+
+    The identity ‖∇L‖² = R·‖∇ℓ‖²_D holds only if ``.grad`` is the gradient of the declared loss
+    on these outputs: pass the loss you backpropagated and the monitor compares it with the
+    declared loss recomputed from the outputs; a penalty, label smoothing or another reduction
+    shows up as a mismatch, and those steps get no quotient (NaN) and a diagnosis.
+
+    Example::
+
+        monitor = rf.Monitor(model, "cross-entropy", log="runs/mine", optimizer=opt)
+        for x, y in loader:
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad()
+            loss.backward()
+            monitor.step(out, y, loss)
+            opt.step()
+        monitor.close()          # then: rayleighflow report runs/mine
+
+    Args:
+        model: the ``nn.Module`` being trained. Parameters with ``requires_grad=False`` are
+            excluded (and said so); the parameter set is fixed at construction.
+        loss: "cross-entropy", "square" (ℓ_i = ½‖f_i − y_i‖²), "logistic" or a :class:`Loss`.
+        log: a run folder for ``rayleighflow report`` (shorthand for ``sinks=[RunFolder(log)]``).
+        sinks: more :class:`Sink` objects (TensorBoard, CSV, RichTable).
+        optimizer: lets the monitor say which update rule runs, read η for η‖∇L‖² and the
+            stability check. Never modified.
+        desingularizers: the KL family recorded as ``kl[<name>]`` columns.
+        sync_every: steps between read-backs (default 20).
+        full_data, full_every: an iterable of (x, y) batches (a DataLoader) streamed every
+            ``full_every`` steps for the exact full-data L, ‖∇L‖², ‖∇ℓ‖²_D and R.
+        probe, probe_every: a probe set (x or (x, y)) whose NTK spectrum is taken every
+            ``probe_every`` steps.
+        target_loss: forecast the step at which the loss reaches it (if the ratio stays ≥ μ).
+        window: records per diagnosis window.
+        echo: called with each diagnosis message (default ``print``; None for silence).
+        keep: how many per-step rows :attr:`rows` keeps in memory.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss: str | Loss = "cross-entropy", *,
+        log: str | Path | None = None, sinks: Iterable[Sink] = (),
+        convention: Convention | str = "mean",
+        groups: Mapping[str, Sequence[str]] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        desingularizers: Sequence[str] = DEFAULT_DESINGULARIZERS,
+        sync_every: int = 20,
+        full_data: Iterable[Any] | None = None, full_every: int | None = None,
+        split: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
+        probe: Tensor | tuple[Tensor, Tensor] | None = None, probe_every: int | None = None,
+        target_loss: float | None = None, window: int = 50,
+        echo: Callable[[str], None] | None = print, keep: int = 100_000,
+        name: str = "monitor", max_stored_elements: int = 1 << 22,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Monitor watches an nn.Module, got {type(model).__name__}")
+        for what, v in (("sync_every", sync_every), ("full_every", full_every),
+                        ("probe_every", probe_every)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{what} must be a positive integer number of steps, got {v!r}")
+        if (full_data is None) != (full_every is None):
+            raise ValueError("full-data estimates need both full_data (a loader) and full_every")
+        if (probe is None) != (probe_every is None):
+            raise ValueError("probe-set spectra need both probe (x or (x, y)) and probe_every")
+        self.model = model
+        self.loss = get_loss(loss)
+        self.convention = Convention.parse(convention)
+        self.layout = ParamLayout.of(model, groups)
+        self.optimizer = optimizer
+        self.family = [get_desingularizer(d) for d in desingularizers]
+        self.phi = get_desingularizer(_PRIMARY.get(self.loss.name, "log"))
+        self.sync_every, self.full_every, self.probe_every = sync_every, full_every, probe_every
+        self.full_data, self.split = full_data, split
+        self.target_loss = target_loss
+        self.echo = echo
+        self.name = name
+        self.max_stored = max_stored_elements
+        self.sinks: list[Sink] = ([RunFolder(log)] if log is not None else []) + list(sinks)
+        self.diagnoser = Diagnoser(self.phi, window)
+        self.probe: ProbeSet | None = None
+        if probe is not None:
+            px, py = probe if isinstance(probe, tuple | list) else (probe, None)
+            self.probe = ProbeSet(model, self.layout, self.loss, self.convention, px, py)
+        self.rows: deque[dict[str, Any]] = deque(maxlen=keep)
+        self.full_rows: list[dict[str, Any]] = []
+        self.probe_rows: list[dict[str, Any]] = []
+        self.diagnoses: list[Diagnosis] = []
+        self.last_forecast: Forecast | None = None
+        self._recent: deque[tuple[int, float, float]] = deque(maxlen=window)
+        self._pending: list[PendingStep] = []
+        self._micro: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        self._eager: list[Tensor] | None = None
+        self._step = 0
+        self._first_loss: float | None = None
+        self._rayleigh_min = math.inf
+        self._k: int | None = None
+        self._batch_n: float | None = None
+        self._rtol: float | None = None
+        self._mismatches = 0
+        self._gd_since_full = 0.0
+        self._targets_checked = False
+        self._closed = False
+        self._begin = time.perf_counter()
+        self._group_of_param = self._optimizer_groups()
+        self._opened = False
+        self._say_setup()
+
+    # -- setup ------------------------------------------------------------------------------
+    def _optimizer_groups(self) -> list[int] | None:
+        if self.optimizer is None:
+            return None
+        where = {id(p): i for i, g in enumerate(self.optimizer.param_groups)
+                 for p in g["params"]}
+        return [where.get(id(p), -1) for p in self.layout.params]
+
+    def update_rule(self) -> tuple[bool, str]:
+        """(is the update −η∇L_B?, the sentence that says which update runs)."""
+        opt = self.optimizer
+        if opt is None:
+            return False, ("update rule unknown (no optimizer given): the quotient and KL ratios "
+                           "describe the gradient, not necessarily the step taken")
+        kind = type(opt).__name__
+        g0 = opt.param_groups[0]
+        plain = (isinstance(opt, torch.optim.SGD) and all(
+            g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0
+            and not g.get("maximize", False) for g in opt.param_groups))
+        if plain:
+            return True, (f"{kind} without momentum or weight decay: each update is −η∇L_B, a "
+                          f"gradient step on the batch (η = {g0['lr']:g} in group 0); "
+                          "η‖∇L_B‖² is the first-order decrease such a step would certify")
+        detail = ", ".join(f"{k} = {g0[k]}" for k in ("momentum", "betas", "weight_decay")
+                           if k in g0)
+        return False, (f"{kind} ({detail}): the update is not −η∇L, so R(K; ∇ℓ) and the KL "
+                       "ratios are diagnostics of the gradient, not of the step taken; "
+                       "η‖∇L_B‖² is the decrease a plain gradient step would certify")
+
+    def _say_setup(self) -> None:
+        lay = self.layout
+        if lay.frozen:
+            self._emit(Diagnosis(0, "frozen", (
+                f"{len(lay.frozen)} frozen parameter tensor(s) ({lay.frozen_numel} values, "
+                f"requires_grad=False) excluded: {', '.join(lay.frozen[:6])}"
+                f"{' …' if len(lay.frozen) > 6 else ''}; the quotient is that of the kernel of "
+                f"the {lay.n_params} trainable values"), {"frozen": list(lay.frozen)}), echo=True)
+        _, sentence = self.update_rule()
+        self._emit(Diagnosis(0, "update-rule", sentence), echo=False)
+
+    def _meta(self) -> dict[str, Any]:
+        from ..report import versions
+
+        main = ["t", "step", "loss", "grad_sq", "fgrad_sq", "rayleigh",
+                *(f"rayleigh[{g}]" for g in self.layout.groups),
+                *(f"kl[{d.name}]" for d in self.family), "n", "loss_passed", "lr",
+                "gd_decrease"]
+        full = ["t", "step", "loss", "grad_sq", "fgrad_sq", "rayleigh", "n_samples",
+                *(f"rayleigh[{g}]" for g in self.layout.groups),
+                *(f"kl[{d.name}]" for d in self.family), "decrease_ratio"]
+        probe = ["t", "step", "lambda_max", "lambda_min", "lambda_min_plot", "lambda_min_label",
+                 "lambda_min_nonzero", "rank", "rank_threshold", "rayleigh", "loss", "nk"]
+        return {"experiment": self.name, "source": "rayleighflow.Monitor",
+                "convention": self.convention.value, "loss": self.loss.name,
+                "P": self.layout.n_params, "n_params": self.layout.n_params,
+                "groups": list(self.layout.groups),
+                "desingularizers": [d.name for d in self.family],
+                "time_axis": "t is the optimizer step index, not flow time",
+                "update_rule": self.update_rule()[1],
+                "frozen": list(self.layout.frozen), "full_every": self.full_every,
+                "probe_every": self.probe_every, "versions": versions(),
+                "columns": {"main": main, "full": full, "probe": probe}}
+
+    def _open(self) -> None:
+        if not self._opened:
+            self._opened = True
+            meta = self._meta()
+            for s in self.sinks:
+                s.open(meta)
+
+    # -- per step ---------------------------------------------------------------------------
+    def accumulate(self, out: Tensor, y: Tensor, loss: Tensor | float | None = None) -> None:
+        """Add one micro-batch's outputs, targets and (optionally) the loss it backpropagated.
+
+        The union of the micro-batches of a step is the step's batch; the gradient in ``.grad``
+        must be that of the declared loss on the union (for the mean convention, divide each
+        micro-batch loss by the number of equal-sized micro-batches)."""
+        self._check_open()
+        f, yf = flatten_batch(self.loss, out, y)
+        if self._k is None:
+            self._k = int(f.shape[1])
+            self._rtol = _LOSS_RTOL.get(f.dtype, 1e-4)
+        elif f.shape[1] != self._k:
+            raise ValueError(f"outputs have width {f.shape[1]} but earlier steps had {self._k}")
+        lt = None
+        if loss is not None:
+            lt = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+            if lt.numel() != 1:
+                raise ValueError(f"pass the scalar loss that was backpropagated, got shape "
+                                 f"{tuple(lt.shape)}")
+            lt = lt.reshape(())
+        if f.numel() * self.sync_every > self.max_stored:
+            sums = eager_sums(self.loss, f, yf, check=not self._targets_checked)
+            self._targets_checked = True
+            self._eager = list(sums) if self._eager is None else [
+                a + b for a, b in zip(self._eager, sums, strict=True)]
+            self._micro.append((f[:0], yf[:0], lt))
+        else:
+            self._micro.append((f, yf, lt))
+
+    def step(self, out: Tensor | None = None, y: Tensor | None = None,
+             loss: Tensor | float | None = None) -> None:
+        """Record one optimizer step: the outputs, targets and loss of its (last) micro-batch,
+        and the gradients now in ``.grad``. Call it before ``optimizer.zero_grad()``."""
+        self._check_open()
+        if out is not None:
+            if y is None:
+                raise ValueError("monitor.step(out, y): the targets y are needed with the outputs")
+            self.accumulate(out, y, loss)
+        if not self._micro:
+            raise ValueError("monitor.step() has no batch: pass step(out, y[, loss]) or call "
+                             "accumulate(out, y) after each micro-batch")
+        grads = [p.grad for p in self.layout.params]
+        missing = tuple(n for n, g in zip(self.layout.names, grads, strict=True) if g is None)
+        if len(missing) == len(grads):
+            self._micro, self._eager = [], None
+            raise MonitorError(
+                "no parameter has a gradient (.grad is None everywhere): call monitor.step after "
+                "loss.backward() and before optimizer.zero_grad() (which sets .grad to None)")
+        present = [g for g in grads if g is not None]
+        norms = list(torch._foreach_norm(present))
+        if missing:
+            zero = torch.zeros((), dtype=norms[0].dtype, device=norms[0].device)
+            it = iter(norms)
+            norms = [zero if g is None else next(it) for g in grads]
+            self._note_missing(missing)
+        lrs: tuple[float, ...] = ()
+        if self._group_of_param is not None:
+            lrs = tuple(float(g["lr"]) for g in self.optimizer.param_groups)
+        pending = PendingStep(self._step, norms, [m[0] for m in self._micro],
+                              [m[1] for m in self._micro],
+                              [m[2] for m in self._micro if m[2] is not None], lrs, missing)
+        if len(pending.losses) not in (0, len(self._micro)):
+            pending.losses = []  # a partial sum would not be the backpropagated loss
+        if self._eager is not None:
+            if any(m[0].shape[0] for m in self._micro):
+                raise ValueError("mixing very large and small micro-batches in one step is not "
+                                 "supported: use equal micro-batch sizes")
+            pending.computed = tuple(self._eager)
+        self._micro, self._eager = [], None
+        self._pending.append(pending)
+        first = self._step == 0
+        self._step += 1
+        if first:
+            self._open()
+            self._first_step_check()
+        due_full = self.full_every is not None and pending.index % self.full_every == 0
+        due_probe = self.probe_every is not None and pending.index % self.probe_every == 0
+        if due_full or due_probe or len(self._pending) >= self.sync_every:
+            self.flush()
+        if due_full:
+            self._full(pending.index)
+        if due_probe:
+            self._probe(pending.index)
+
+    def _first_step_check(self) -> None:
+        rows = self.flush()
+        r = rows[0]
+        if r["grad_sq"] == 0 and r["fgrad_sq"] > 0:
+            raise MonitorError(
+                f"every gradient is exactly zero while ‖∇ℓ‖²_D = {r['fgrad_sq']:.4g} > 0: "
+                "monitor.step was called after optimizer.zero_grad(set_to_none=False) or before "
+                "loss.backward(); call it after backward and before zero_grad")
+
+    def _note_missing(self, missing: tuple[str, ...]) -> None:
+        if not getattr(self, "_missing_said", False):
+            self._missing_said = True
+            self._emit(Diagnosis(self._step, "missing-gradients", (
+                f"step {self._step}: {len(missing)} trainable parameter tensor(s) have no "
+                f"gradient (.grad is None: unused in this forward pass): "
+                f"{', '.join(missing[:6])}; counted as zero")))
+
+    # -- read-back --------------------------------------------------------------------------
+    def flush(self) -> list[dict[str, Any]]:
+        """Read back pending steps (one host synchronization), write them to the sinks, run the
+        diagnosis; returns the new per-step rows."""
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        if not self._targets_checked and any(p.computed is None for p in pending):
+            self._targets_checked = True  # evaluate_steps checks the labels it concatenates
+        vals = evaluate_steps(self.loss, pending, self.convention)
+        rows = [self._row(p, vals, i) for i, p in enumerate(pending)]
+        self.rows.extend(rows)
+        for s in self.sinks:
+            s.write("main", rows)
+        for d in self.diagnoser.update(rows, list(self.layout.groups)):
+            self._emit(d)
+        if self.target_loss is not None:
+            self._update_forecast()
+        return rows
+
+    def _row(self, p: PendingStep, vals: dict[str, list], i: int) -> dict[str, Any]:
+        loss, fg, n = vals["loss"][i], vals["fgrad_sq"][i], vals["n"][i]
+        param_sq = vals["param_sq"][i]
+        group_sq = self.layout.group_sums(param_sq)
+        grad_sq = float(sum(group_sq.values()))
+        row: dict[str, Any] = {"t": p.index, "step": p.index, "loss": loss, "grad_sq": grad_sq,
+                               "fgrad_sq": fg}
+        passed = vals["loss_passed"][i]
+        ok = True
+        if p.losses and math.isfinite(passed) and math.isfinite(loss):
+            eps = 10 * torch.finfo(torch.float32 if self._rtol > 1e-9 else torch.float64).eps
+            ok = abs(passed - loss) <= self._rtol * abs(loss) + eps
+            if not ok:
+                self._mismatch(p.index, passed, loss)
+        if fg > 0 and ok:
+            row["rayleigh"] = grad_sq / fg
+            row.update({f"rayleigh[{g}]": v / fg for g, v in group_sq.items()})
+            if math.isfinite(row["rayleigh"]):
+                self._rayleigh_min = min(self._rayleigh_min, row["rayleigh"])
+        else:
+            row["rayleigh"] = math.nan
+            row.update({f"rayleigh[{g}]": math.nan for g in group_sq})
+        for d in self.family:
+            row[f"kl[{d.name}]"] = (float(d.kl_ratio(loss, grad_sq))
+                                    if ok and loss > 0 and math.isfinite(loss) else math.nan)
+        row["n"] = n
+        if p.losses:
+            row["loss_passed"] = passed
+        if p.lrs:
+            lr_of = [p.lrs[j] if j >= 0 else 0.0 for j in self._group_of_param]
+            row["lr"] = p.lrs[0]
+            row["gd_decrease"] = float(sum(a * b for a, b in zip(lr_of, param_sq, strict=True)))
+            if math.isfinite(row["gd_decrease"]):
+                self._gd_since_full += row["gd_decrease"]
+        if self._first_loss is None and math.isfinite(loss):
+            self._first_loss = loss
+        self._batch_n = n
+        if math.isfinite(loss) and math.isfinite(grad_sq):
+            self._recent.append((p.index, loss, grad_sq))
+        if p.index > 0 and grad_sq == 0 and fg > 0:
+            self._emit(Diagnosis(p.index, "zero-gradient", (
+                f"step {p.index}: every gradient is exactly zero while ‖∇ℓ‖²_D = {fg:.4g} > 0 "
+                "(monitor.step after zero_grad(set_to_none=False)?)")))
+        return row
+
+    def _mismatch(self, step: int, passed: float, loss: float) -> None:
+        self._mismatches += 1
+        if self._mismatches == 1 or self._mismatches % 100 == 0:
+            self._emit(Diagnosis(step, "loss-mismatch", (
+                f"step {step}: the loss passed ({passed:.8g}) differs from the declared "
+                f"{self.loss.name} loss ({self.convention.value} convention) recomputed from the "
+                f"outputs ({loss:.8g}; relative {abs(passed - loss) / max(abs(loss), 1e-300):.2g}"
+                f" > {self._rtol:g}): .grad is not the gradient of the declared loss (a penalty, "
+                f"label smoothing, another reduction?), so ‖∇L‖² = R·‖∇ℓ‖²_D does not hold; "
+                f"{self._mismatches} such step(s) get no quotient"),
+                {"passed": passed, "declared": loss}))
+
+    # -- periodic estimates -----------------------------------------------------------------
+    def _full(self, step: int) -> None:
+        est = full_data_estimate(self.model, self.full_data, self.loss,
+                                 convention=self.convention, layout=self.layout,
+                                 split=self.split)
+        row: dict[str, Any] = {"t": step, "step": step, **est.as_row()}
+        for d in self.family:
+            row[f"kl[{d.name}]"] = float(d.kl_ratio(est.loss, est.grad_sq))
+        if self.full_rows and self._group_of_param is not None and self._gd_since_full > 0:
+            row["decrease_ratio"] = (self.full_rows[-1]["loss"] - est.loss) / self._gd_since_full
+        self._gd_since_full = 0.0
+        self.full_rows.append(row)
+        for s in self.sinks:
+            s.write("full", [row])
+        if self.target_loss is not None:
+            self._update_forecast()
+
+    def full_estimate(self):
+        """The exact full-data estimate now (no record is written)."""
+        if self.full_data is None:
+            raise ValueError("no full_data loader was given to the Monitor")
+        return full_data_estimate(self.model, self.full_data, self.loss,
+                                  convention=self.convention, layout=self.layout,
+                                  split=self.split)
+
+    def _probe(self, step: int) -> None:
+        spec = self.probe.spectrum()
+        row = {"t": step, "step": step, **spec.as_row(),
+               "lambda_min_label": spec.lambda_min_label}
+        self.probe_rows.append(row)
+        for s in self.sinks:
+            s.write("probe", [row])
+        opt = self.optimizer
+        if opt is not None:
+            g0 = opt.param_groups[0]
+            lr = max(float(g["lr"]) for g in opt.param_groups)
+            adaptive = not isinstance(opt, torch.optim.SGD)
+            d = stability(step, lr, 0.0 if adaptive else float(g0.get("momentum", 0.0)),
+                          adaptive, spec.lambda_max, self.loss.name)
+            if d is not None:
+                self._emit(d)
+
+    # -- forecast ---------------------------------------------------------------------------
+    def forecast(self, target: float | None = None) -> Forecast:
+        """Forecast (if the ratio stays ≥ μ) of the step at which the loss reaches ``target``:
+        from the full-data estimates when there are two or more, else from the last window of
+        batch records."""
+        target = self.target_loss if target is None else target
+        if target is None:
+            raise ValueError("give a target loss: monitor.forecast(0.01)")
+        self.flush()
+        full = [r for r in self.full_rows if math.isfinite(r["loss"])]
+        if len(full) >= 2:
+            recent = full[-max(2, len(self._recent) // 2 or 2):]
+            return forecast(self.phi, target, [r["step"] for r in recent],
+                            [r["loss"] for r in recent], [r["grad_sq"] for r in recent],
+                            f"full-data estimates at steps {recent[0]['step']}–"
+                            f"{recent[-1]['step']}")
+        rec = list(self._recent)
+        src = (f"batch records, steps {rec[0][0]}–{rec[-1][0]}" if rec else "no batch record")
+        return forecast(self.phi, target, [r[0] for r in rec], [r[1] for r in rec],
+                        [r[2] for r in rec], src)
+
+    def _update_forecast(self) -> None:
+        self.last_forecast = self.forecast()
+
+    # -- messages, summary, close -----------------------------------------------------------
+    def _emit(self, d: Diagnosis, echo: bool = True) -> None:
+        self.diagnoses.append(d)
+        for s in self.sinks:
+            s.message(d)
+        if echo and self.echo is not None:
+            self.echo(f"[rayleighflow] {d.message}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MonitorError("the monitor is closed: create a new one for another run")
+
+    def summary(self, status: str = "complete") -> dict[str, Any]:
+        """summary.json for the run folder (docs/RUN_FOLDER.md); ``certificates`` stays empty."""
+        from ..report import versions
+
+        last_main = self.rows[-1] if self.rows else {}
+        full = self.full_rows[-1] if self.full_rows else None
+        probe = self.probe_rows[-1] if self.probe_rows else None
+        k = self._k or 0
+        nk = int(full["n_samples"] * k) if full else int((self._batch_n or 0) * k)
+        fc = self.last_forecast if self.target_loss is not None else None
+        kinds = ("collapse", "plateau", "edge-of-stability", "non-finite", "loss-mismatch",
+                 "missing-gradients", "zero-gradient", "frozen", "update-rule")
+        notes = [_SCOPE_NOTE]
+        notes += [d.message for d in self.diagnoses if d.kind in kinds]
+        notes.append("t is the optimizer step; loss_final is the last "
+                     + ("full-data estimate" if full else "batch loss")
+                     + f"; nk = {nk} counts the " + ("full data" if full else "last batch")
+                     + f" (n·k, k = {k})")
+        if probe is not None:
+            notes.append(f"rank and λ are those of the probe set (nk = {int(probe['nk'])}); "
+                         f"λ_min label: {probe['lambda_min_label']}")
+        if fc is not None:
+            notes.append(fc.text)
+        return {
+            "experiment": self.name, "status": status, "convention": self.convention.value,
+            "P": self.layout.n_params, "nk": nk,
+            "loss_initial": self._first_loss,
+            "loss_final": full["loss"] if full else last_main.get("loss"),
+            "t_final": last_main.get("step"),
+            "rank": None if probe is None or probe["rank"] is None else int(probe["rank"]),
+            "lambda_min": None if probe is None else probe["lambda_min"],
+            "lambda_max": None if probe is None else probe["lambda_max"],
+            "rayleigh_min": self._rayleigh_min if math.isfinite(self._rayleigh_min) else None,
+            "certificates": [],
+            "run_time_s": time.perf_counter() - self._begin,
+            "versions": versions(),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "description": f"rayleighflow.Monitor on a user training loop ({self.loss.name} "
+                           "loss): diagnostics, not certificates",
+            "notes": notes,
+            "steps": self._step,
+            "update_rule": self.update_rule()[1],
+            "forecast": None if fc is None else fc.as_dict(),
+            "diagnoses": [{"step": d.step, "kind": d.kind, "message": d.message}
+                          for d in self.diagnoses],
+        }
+
+    def close(self, status: str = "complete") -> dict[str, Any]:
+        """Flush, write the summary to every sink and close them; returns the summary."""
+        if self._closed:
+            return {}
+        self.flush()
+        if self.target_loss is not None and self._step:
+            self._update_forecast()
+        summary = self.summary(status)
+        self._closed = True
+        if not self._opened:
+            self._open()
+        for s in self.sinks:
+            s.close(summary)
+        return summary
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close("complete")
+        else:
+            self.close("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")

@@ -1,0 +1,106 @@
+"""NTK spectrum on a fixed probe set, through the NTK engine (``rayleighflow.ntk.ntk_spectrum``).
+
+λ_min is reported as max(λ, 0) with its label (CERTIFICATES.md §6): ``structural`` when
+nk > P (rank K ≤ P < nk, no computation needed), ``numerical`` when it lies below the stated
+rank threshold, ``positive`` otherwise. A probe set is a subset of the data: its kernel does not
+certify the full-data kernel (interlacing gives only λ_min(K) ≤ (|S|/n) λ_min(K_S)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import final
+
+import torch
+from torch import Tensor, nn
+
+from .._types import Convention
+from ..data import Dataset
+from ..losses import Loss
+from ..ntk import ntk_spectrum
+from ..problem import Model, Problem
+from ..rayleigh import measure
+from ._batch import flatten_batch
+from ._params import ParamLayout, eval_mode
+
+__all__ = ["ProbeSpectrum", "ProbeSet"]
+
+
+@final
+@dataclass(frozen=True)
+class ProbeSpectrum:
+    """Spectrum of K on the probe set and, when targets were given, R(K; ∇ℓ) there."""
+
+    size: int                 # nk of the probe set
+    n_params: int
+    rank: int | None
+    threshold: float | None
+    lambda_max: float
+    lambda_min: float         # max(λ_min, 0)
+    lambda_min_label: str     # structural | numerical | positive
+    lambda_min_nonzero: float | None
+    rayleigh: float | None
+    loss: float | None
+
+    def as_row(self) -> dict[str, float | str | None]:
+        lam_plot = self.lambda_min
+        if self.threshold is not None:
+            lam_plot = max(lam_plot, self.threshold)
+        return {"lambda_max": self.lambda_max, "lambda_min": self.lambda_min,
+                "lambda_min_plot": lam_plot, "lambda_min_nonzero": self.lambda_min_nonzero,
+                "rank": None if self.rank is None else float(self.rank),
+                "rank_threshold": self.threshold, "rayleigh": self.rayleigh,
+                "loss": self.loss, "nk": float(self.size),
+                "lambda_min_structural": float(self.lambda_min_label == "structural")}
+
+
+@final
+class ProbeSet:
+    """A fixed probe set (x, optional y) and the machinery to take its spectrum repeatedly."""
+
+    def __init__(self, module: nn.Module, layout: ParamLayout, loss: Loss,
+                 convention: Convention, x: Tensor, y: Tensor | None = None) -> None:
+        self.module, self.layout, self.loss, self.convention = module, layout, loss, convention
+        dev = layout.params[0].device
+        self.x = x.to(dev)
+        self.y = None if y is None else y.to(dev)
+        self._problem: Problem | None = None
+        self._model: Model | None = None
+
+    def _params(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in zip(self.layout.names, self.layout.params,
+                                               strict=True)}
+
+    def spectrum(self) -> ProbeSpectrum:
+        params = self._params()
+        with eval_mode(self.module), torch.autocast(self.x.device.type, enabled=False):
+            if self._model is None:
+                self._model = Model(self.module, params)
+            spec = ntk_spectrum(self._model, self.x, params=params,
+                                convention=self.convention)
+            rayleigh = loss = None
+            if self.y is not None:
+                if self._problem is None:
+                    with torch.no_grad():
+                        out = self.module(self.x)
+                    f, y = flatten_batch(self.loss, out, self.y)
+                    if f.shape[0] != self.x.shape[0]:
+                        raise ValueError("the probe set's R(K; ∇ℓ) needs one output vector per "
+                                         f"input; the model gave {f.shape[0]} for "
+                                         f"{self.x.shape[0]}")
+                    data = Dataset.from_arrays(self.x, y.reshape(y.shape[0], *y.shape[1:]),
+                                               dtype=f.dtype,
+                                               index_inputs=not self.x.is_floating_point())
+                    self._problem = Problem(self._model, data, self.loss, self.convention)
+                m = measure(self._problem, params=params)
+                rayleigh, loss = m.rayleigh, m.loss
+        lam = spec.lambda_min if spec.lambda_min is not None else 0.0
+        if spec.n_params is not None and spec.size > spec.n_params:
+            label = "structural"
+        elif spec.threshold is not None and lam <= spec.threshold:
+            label = "numerical"
+        else:
+            label = "positive"
+        return ProbeSpectrum(spec.size, self.layout.n_params, spec.rank, spec.threshold,
+                             float(spec.lambda_max), max(float(lam), 0.0), label,
+                             spec.lambda_min_nonzero, rayleigh, loss)
