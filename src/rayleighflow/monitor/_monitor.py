@@ -154,6 +154,7 @@ class Monitor:
         self._mismatches = 0
         self._gd_since_full = 0.0
         self._targets_checked = False
+        self._unstable = False
         self._closed = False
         self._begin = time.perf_counter()
         self._group_of_param = self._optimizer_groups()
@@ -448,21 +449,22 @@ class Monitor:
             adaptive = not isinstance(opt, torch.optim.SGD)
             d = stability(step, lr, 0.0 if adaptive else float(g0.get("momentum", 0.0)),
                           adaptive, spec.lambda_max, self.loss.name)
-            if d is not None:
+            if d is not None and not self._unstable:
                 self._emit(d)
+            self._unstable = d is not None
 
     # -- forecast ---------------------------------------------------------------------------
     def forecast(self, target: float | None = None) -> Forecast:
         """Forecast (if the ratio stays ≥ μ) of the step at which the loss reaches ``target``:
-        from the full-data estimates when there are two or more, else from the last window of
-        batch records."""
+        from the last five full-data estimates when there are two or more, else from the last
+        window of batch records (see :func:`rayleighflow.monitor.diagnose.forecast`)."""
         target = self.target_loss if target is None else target
         if target is None:
             raise ValueError("give a target loss: monitor.forecast(0.01)")
         self.flush()
         full = [r for r in self.full_rows if math.isfinite(r["loss"])]
         if len(full) >= 2:
-            recent = full[-max(2, len(self._recent) // 2 or 2):]
+            recent = full[-5:]
             return forecast(self.phi, target, [r["step"] for r in recent],
                             [r["loss"] for r in recent], [r["grad_sq"] for r in recent],
                             f"full-data estimates at steps {recent[0]['step']}–"
