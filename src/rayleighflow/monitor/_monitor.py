@@ -418,9 +418,14 @@ class Monitor:
         row: dict[str, Any] = {"t": step, "step": step, **est.as_row()}
         for d in self.family:
             row[f"kl[{d.name}]"] = float(d.kl_ratio(est.loss, est.grad_sq))
-        if self.full_rows and self._group_of_param is not None and self._gd_since_full > 0:
-            row["decrease_ratio"] = (self.full_rows[-1]["loss"] - est.loss) / self._gd_since_full
-        self._gd_since_full = 0.0
+        # The decrease from the previous estimate (step a) to this one (step b) is made by the
+        # updates of steps a..b-1; step b's own update comes after this estimate.
+        current = self.rows[-1].get("gd_decrease", 0.0) if self.rows else 0.0
+        current = current if math.isfinite(current) else 0.0
+        made = self._gd_since_full - current
+        if self.full_rows and self._group_of_param is not None and made > 0:
+            row["decrease_ratio"] = (self.full_rows[-1]["loss"] - est.loss) / made
+        self._gd_since_full = current
         self.full_rows.append(row)
         for s in self.sinks:
             s.write("full", [row])

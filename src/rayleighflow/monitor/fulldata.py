@@ -60,7 +60,7 @@ def _default_split(batch: Any) -> tuple[Tensor, Tensor]:
 
 def full_data_estimate(
     model: nn.Module, data: Iterable[Any], loss: Loss, *,
-    convention: Convention = Convention.MEAN, layout: ParamLayout | None = None,
+    convention: Convention | str = Convention.MEAN, layout: ParamLayout | None = None,
     split: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
     forward: Callable[[nn.Module, Tensor], Tensor] | None = None,
 ) -> FullDataEstimate:
@@ -72,6 +72,7 @@ def full_data_estimate(
         est = full_data_estimate(net, loader, get_loss("cross-entropy"))
         est.rayleigh, est.group_rayleigh
     """
+    convention = Convention.parse(convention)
     layout = ParamLayout.of(model) if layout is None else layout
     split = _default_split if split is None else split
     params = layout.params
