@@ -10,15 +10,18 @@ backward pass), :func:`gradient_flow` (a recorded :class:`Trajectory`), :func:`c
 from __future__ import annotations
 
 from ._types import Convention, Params
-from .certify import Assumption, Certificate, CertificateStatus, certify, compose, kl_ratios
+from .certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
+from .certify import certify, compose, kl_ratios, rank_desingularizers, spectral
 from .data import Dataset, Gaussian, Sampler, TeacherStudent, UniformBox, load_sklearn
 from .desingularizers import (
     CrossEntropy,
     Custom,
     Desingularizer,
     Log,
+    Plateau,
     Power,
     Reciprocal,
+    ScaledCrossEntropy,
     get_desingularizer,
 )
 from .flow import FlowResult, FlowStatus, Integrator, gradient_flow
@@ -33,8 +36,9 @@ __all__ = [
     "Assumption", "BinaryLogistic", "Certificate", "CertificateStatus", "Convention",
     "CrossEntropy", "Custom", "Dataset", "Desingularizer", "FlowResult", "FlowStatus",
     "FunctionalKL", "Gaussian", "Integrator", "Log", "Measurement", "Model",
-    "NondeterministicModelError", "Params", "Power", "Problem", "Reciprocal", "Sampler",
-    "SoftmaxCrossEntropy", "SquareLoss", "TeacherStudent", "Trajectory", "UniformBox",
-    "__version__", "certify", "compose", "get_desingularizer", "get_loss", "gradient_flow",
-    "kl_ratios", "load_sklearn", "measure", "witness_bound",
+    "NondeterministicModelError", "Params", "Plateau", "Power", "Problem", "Reason",
+    "Reciprocal", "Sampler", "ScaledCrossEntropy", "Scope", "SoftmaxCrossEntropy", "SquareLoss",
+    "TeacherStudent", "Trajectory", "UniformBox", "__version__", "certify", "compose",
+    "get_desingularizer", "get_loss", "gradient_flow", "kl_ratios", "load_sklearn", "measure",
+    "rank_desingularizers", "spectral", "witness_bound",
 ]

@@ -1,131 +1,78 @@
-"""Convergence certificates from a recorded trajectory (THEORY.md §3–4, §7).
+"""Convergence certificates from a recorded run (THEORY.md §3–4, CERTIFICATES.md §2–3, §6).
 
-A certificate for a desingularizer φ and a constant μ states: the KL ratio φ'(L_t)‖∇L_t‖² ≥ μ
-at every record, hence L_t ≤ φ⁻¹(φ(L_0) − μ t), and checks that bound one-sidedly against the
-recorded loss: L_t ≤ bound_t (1 + rtol) + atol. For a discretized flow the certificate is
-empirical: it holds at the recorded points.
+A certificate for a desingularizer φ and a constant μ checks the KL ratio φ′(L)‖∇L‖² ≥ μ and
+the bound L ≤ B one-sidedly (L ≤ B·(1 + rtol) + atol) and says where it checked (its scope):
 
-μ comes from one of three sources:
+* gradient descent (``method = "euler"`` with full batches): the exact discrete certificate of
+  :mod:`rayleighflow.discrete`, L_K ≤ φ⁻¹(φ(L₀) − μ Σ α_k η), checked at every iterate (PATH);
+* a flow: B(t) = φ⁻¹(φ(L₀) − μ(t − t₀)) against the records; the KL ratio at every gradient
+  evaluation the integrator logged (each Runge–Kutta stage) plus the delayed check
+  L(t_a) ≤ B(t_{a+1}) give scope PATH, the records alone scope RECORDS.
 
-* ``observed``: μ* = min_t φ'(L_t)‖∇L_t‖² along the trajectory;
-* ``user``: a stated μ, checked at every record (pass, or the first violation);
-* ``composed``: μ = c · R_low, the loss's functional constant c (losses.FunctionalKL) times a
-  lower bound R_low on R(K_θ; ∇ℓ) (observed minimum or user-given) — THEORY.md §4.
+μ comes from one of four sources: ``observed`` (μ* = min of the ratio over every checked point),
+a stated μ (``user``, or a theorem's constant, e.g. "theory: κ²ε²"), ``composed`` (c·R_low,
+THEORY.md §4) and ``spectral`` (c·min λ_min(K), the definite-NTK proposition).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, final
+from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 
-from .desingularizers import Desingularizer, best_desingularizer, get_desingularizer
+from .certificate import (
+    Assumption,
+    Certificate,
+    CertificateStatus,
+    DelayedCheck,
+    Reason,
+    Scope,
+)
+from .desingularizers import _DEFAULT_CANDIDATES, Desingularizer, get_desingularizer
 from .losses import FunctionalKL
 from .trajectory import Trajectory
 
-__all__ = ["CertificateStatus", "Assumption", "Certificate", "kl_ratios", "certify",
-           "compose", "spectral", "rank_desingularizers"]
+__all__ = ["CertificateStatus", "Scope", "Reason", "Assumption", "Certificate", "kl_ratios",
+           "certify", "compose", "spectral", "rank_desingularizers", "delayed_check"]
 
-
-class CertificateStatus(str, Enum):
-    HOLDS = "holds"            # every assumption checked at every record and the bound holds
-    VIOLATED = "violated"      # a stated μ or the bound fails at some record (see first_violation)
-    UNAVAILABLE = "unavailable"  # no positive constant exists on this trajectory (e.g. λ_min = 0)
-
-
-@final
-@dataclass(frozen=True)
-class Assumption:
-    name: str
-    holds: bool
-    detail: str
-
-
-@final
-@dataclass(frozen=True)
-class Certificate:
-    """A KL certificate and the evidence for it; ``to_dict`` gives the JSON form."""
-
-    desingularizer: str
-    mu: float
-    mu_source: str
-    status: CertificateStatus
-    convention: str
-    t: np.ndarray
-    loss: np.ndarray
-    bound: np.ndarray
-    kl_ratio: np.ndarray
-    mu_star: float
-    t_at_mu_star: float
-    max_bound_violation: float
-    rtol: float
-    atol: float
-    assumptions: tuple[Assumption, ...]
-    first_violation: tuple[float, str] | None = None
-    notes: tuple[str, ...] = field(default=())
-
-    @property
-    def bound_final(self) -> float:
-        return float(self.bound[-1]) if self.bound.size else math.nan
-
-    def time_to(self, target: float) -> float:
-        """Certified time to reach ``target`` from the first record (inf if unavailable)."""
-        if self.status is CertificateStatus.UNAVAILABLE or not self.mu > 0:
-            return math.inf
-        phi = get_desingularizer(self.desingularizer)
-        return float(self.t[0]) + phi.time_to_reach(float(self.loss[0]), self.mu, target)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "desingularizer": self.desingularizer, "mu": _num(self.mu),
-            "mu_source": self.mu_source, "status": self.status.value,
-            "convention": self.convention, "mu_star": _num(self.mu_star),
-            "t_at_mu_star": _num(self.t_at_mu_star), "bound_final": _num(self.bound_final),
-            "max_bound_violation": _num(self.max_bound_violation),
-            "slack": {"rtol": self.rtol, "atol": self.atol},
-            "first_violation": self.first_violation,
-            "assumptions": [a.__dict__ for a in self.assumptions],
-            "empirical": "holds at the recorded points of a discretized flow",
-            "notes": list(self.notes),
-        }
-
-
-def _num(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
+# A μ read off the records (c·min R) may sit one rounding below its own ratio.
+_MU_RTOL = 1e-12
 
 
 def kl_ratios(traj: Trajectory, desingularizer: str | Desingularizer) -> np.ndarray:
-    """φ'(L_t)‖∇L_t‖² at every record (NaN where L_t ≤ 0: the KL inequality is vacuous).
+    """φ′(L_t)‖∇L_t‖² at every record (NaN where L_t is at or below φ's floor: KL is silent).
 
-    A zero (or underflowed) gradient at a positive loss gives 0, not ∞·0 = NaN: such a record
-    supports no μ > 0, so it must not be skipped.
+    A zero (or underflowed) gradient at a positive loss gives 0, not ∞·0 = NaN; an infinite
+    ratio stays infinite (a failure, never a pass).
     """
-    phi = get_desingularizer(desingularizer)
-    loss, grad_sq = traj["loss"], traj["grad_sq"]
-    out = np.full(loss.shape, np.nan)
-    ok = (loss > 0) & np.isfinite(loss) & np.isfinite(grad_sq)
-    with np.errstate(invalid="ignore", over="ignore"):
-        out[ok] = phi.kl_ratio(loss[ok], grad_sq[ok])
-    out[ok & (grad_sq <= 0)] = 0.0
-    return out
+    return _ratios(get_desingularizer(desingularizer), traj["loss"], traj["grad_sq"])
 
 
-def _finite_records(traj: Trajectory) -> Assumption:
-    loss, grad_sq = traj["loss"], traj["grad_sq"]
-    bad = int(np.sum(~(np.isfinite(loss) & np.isfinite(grad_sq))))
-    return Assumption("every record finite", bad == 0,
-                      f"{bad} of {len(loss)} records have a non-finite loss or gradient norm")
+def _ratios(phi: Desingularizer, loss: np.ndarray, grad_sq: np.ndarray) -> np.ndarray:
+    ratios = np.asarray(phi.kl_ratio(loss, grad_sq), dtype=np.float64).reshape(loss.shape)
+    above = np.isfinite(loss) & (loss > phi.floor)
+    ratios[above & (grad_sq <= 0)] = 0.0
+    ratios[above & ~np.isfinite(grad_sq)] = np.nan  # _bad_points fails such a point
+    return ratios
 
 
-def _observed_min(values: np.ndarray, t: np.ndarray) -> tuple[float, float]:
-    finite = np.isfinite(values)
-    if not finite.any():
+def _min_at(values: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    ok = ~np.isnan(values)
+    if not ok.any():
         return math.nan, math.nan
-    i = int(np.nanargmin(np.where(finite, values, np.inf)))
+    i = int(np.argmin(np.where(ok, values, np.inf)))
     return float(values[i]), float(t[i])
+
+
+def _bad_points(loss: np.ndarray, grad_sq: np.ndarray, ratios: np.ndarray,
+                phi: Desingularizer) -> np.ndarray:
+    """Checked points where something is not finite: a non-finite loss or gradient norm, or a
+    non-finite ratio above the floor. Such a point fails the certificate."""
+    above = np.isfinite(loss) & (loss > phi.floor)
+    return (~np.isfinite(loss) | ~np.isfinite(grad_sq)
+            | (above & ~np.isfinite(ratios)))
 
 
 def certify(
@@ -137,66 +84,161 @@ def certify(
     atol: float = 0.0,
     extra_assumptions: tuple[Assumption, ...] = (),
     mu_source: str | None = None,
+    use_evaluations: bool = True,
 ) -> Certificate:
-    """Certificate for φ with a stated μ (checked at every record) or the observed μ*.
+    """Certificate for φ with a stated μ or the observed μ*, in the strongest scope the run
+    supports (see the module docstring). ``use_evaluations=False`` checks the records only.
 
-    The bound check is one-sided, L_t ≤ bound_t·(1 + rtol) + atol; atol defaults to 0 so that
-    the check keeps its meaning at tiny losses.
+    The bound check is one-sided, L ≤ bound·(1 + rtol) + atol; atol defaults to 0 so that the
+    check keeps its meaning at tiny losses.
     """
     phi = get_desingularizer(desingularizer)
-    if mu is not None and not (math.isfinite(mu) and mu > 0):
+    if mu is not None and not (isinstance(mu, int | float) and math.isfinite(mu) and mu > 0):
         raise ValueError(
-            f"mu must be a finite number > 0 (got {mu}): a KL constant is a positive lower bound "
-            "on φ'(L)‖∇L‖²; omit it to use the observed minimum μ*"
-        )
+            f"mu must be a finite number > 0 (got {mu!r}): a KL constant is a positive lower "
+            "bound on φ'(L)‖∇L‖²; omit it to use the observed minimum μ*")
+    if not isinstance(traj, Trajectory):
+        raise TypeError(f"certify needs a Trajectory (got {type(traj).__name__}); pass "
+                        "result.trajectory of gradient_flow")
     if len(traj) < 2:
         raise ValueError("a certificate needs a trajectory with at least 2 records")
-    t, loss = traj.t, traj["loss"]
-    if np.any(np.diff(t) <= 0):
+    if np.any(np.diff(traj.t) <= 0):
         raise ValueError("trajectory times must be strictly increasing")
-    ratios = kl_ratios(traj, phi)
-    mu_star, t_star = _observed_min(ratios, t)
-    assumptions = [*extra_assumptions, _finite_records(traj)]
-    if not (math.isfinite(loss[0]) and loss[0] > 0):
-        return _unavailable(traj, phi, math.nan, mu_source or "observed", ratios, mu_star,
-                            t_star, rtol, atol, tuple(assumptions),
-                            "the first recorded loss is not positive: nothing to certify")
-    violation = None
+    evals = traj.evaluations if use_evaluations else None
+    if evals is not None and traj.meta.get("method") == "euler":
+        from .discrete import gd_certificate
+
+        return gd_certificate(traj, phi, mu, rtol=rtol, atol=atol, mu_source=mu_source,
+                              extra_assumptions=extra_assumptions)
+    return _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra_assumptions)
+
+
+def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Certificate:
+    t, loss, grad_sq = traj.t, traj["loss"], traj["grad_sq"]
+    ratios = _ratios(phi, loss, grad_sq)
+    ck = _checked_points(traj, evals)
+    ck_t, ck_loss, ck_g = ck["t"], ck["loss"], ck["grad_sq"]
+    ck_ratios = _ratios(phi, ck_loss, ck_g)
+    mu_star, t_star = _min_at(ck_ratios, ck_t)
+    n_evals = 0 if evals is None else int(evals["t"].size)
+    base = dict(desingularizer=phi, convention=traj.meta.get("convention", "mean"), t=t,
+                loss=loss, kl_ratio=ratios, mu_star=mu_star, t_at_mu_star=t_star, rtol=rtol,
+                atol=atol, n_records=len(traj), n_grad_evals=n_evals)
+    where = (f"{len(traj)} records" + (f" and {n_evals} gradient evaluations" if n_evals else ""))
+    assumptions = list(extra)
+    source = mu_source or ("observed" if mu is None else "user")
+
+    def unavailable(reason: Reason, why: str, mu_value: float = math.nan) -> Certificate:
+        assumptions.append(Assumption(f"KL with φ = {phi.name}", False, why))
+        return Certificate(mu=mu_value, mu_source=source,
+                           status=CertificateStatus.UNAVAILABLE, scope=Scope.RECORDS,
+                           bound=np.full(loss.shape, np.nan), max_bound_violation=math.nan,
+                           assumptions=tuple(assumptions), reason=reason, notes=(why,), **base)
+
+    if not (math.isfinite(loss[0]) and loss[0] > phi.floor):
+        return unavailable(Reason.NOTHING_TO_CERTIFY,
+                           f"the first recorded loss {loss[0]:.6g} is not above φ's floor "
+                           f"{phi.floor:g}: nothing to certify")
+    bad = _bad_points(ck_loss, ck_g, ck_ratios, phi)
+    violation, reason = None, None
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        violation, reason = (float(ck_t[i]), "non-finite loss, gradient norm or KL ratio"), \
+            Reason.NON_FINITE
+        assumptions.append(Assumption("every checked point finite", False,
+                                      f"{int(bad.sum())} of {ck_t.size} checked points are not "
+                                      "finite"))
     if mu is None:
-        mu, source = mu_star, mu_source or "observed"
+        mu = mu_star
+        if not (math.isfinite(mu) and mu > 0):
+            return unavailable(Reason.NO_POSITIVE_CONSTANT if reason is None else reason,
+                               f"μ* = min φ'(L)‖∇L‖² = {mu_star:.6g} at t = {t_star:.6g} over "
+                               f"{where}: no positive constant", mu)
         assumptions.append(Assumption(
-            f"KL with φ = {phi.name}", bool(mu > 0),
-            f"μ* = min_t φ'(L_t)‖∇L_t‖² = {mu_star:.6g} at t = {t_star:.6g} "
-            f"({int(np.isfinite(ratios).sum())} records)"))
+            f"KL with φ = {phi.name}", True,
+            f"μ* = min φ'(L)‖∇L‖² = {mu_star:.6g} at t = {t_star:.6g} over {where}"))
     else:
-        source = mu_source or "user"
-        # 1e-12: a μ read off the records (c·min R) may sit one rounding below its ratio.
-        bad = np.flatnonzero(np.isfinite(ratios) & (ratios < mu * (1 - 1e-12)))
-        holds = bad.size == 0
-        if not holds:
-            i = int(bad[0])
-            violation = (float(t[i]), f"φ'(L)‖∇L‖² = {ratios[i]:.6g} < μ = {mu:.6g}")
+        below = np.flatnonzero(ck_ratios < mu * (1 - _MU_RTOL))
+        if below.size:
+            i = int(below[np.argmin(ck_t[below])])
+            if violation is None or ck_t[i] < violation[0]:
+                violation = (float(ck_t[i]), f"φ'(L)‖∇L‖² = {ck_ratios[i]:.6g} < μ = {mu:.6g}")
+            reason = reason or Reason.KL_BELOW_MU
         assumptions.append(Assumption(
-            f"KL with φ = {phi.name}, μ = {mu:.6g}", holds,
-            "holds at every record" if holds else f"first violated at t = {violation[0]:.6g}"))
-    if not (math.isfinite(mu) and mu > 0):
-        return _unavailable(traj, phi, mu, source, ratios, mu_star, t_star, rtol, atol,
-                            tuple(assumptions))
+            f"KL with φ = {phi.name}, μ = {mu:.6g}", below.size == 0,
+            f"held at {where}" if below.size == 0 else
+            f"below μ at {below.size} of {ck_t.size} checked points; min {mu_star:.6g} at "
+            f"t = {t_star:.6g}"))
     bound = phi.bound(float(loss[0]), mu, t - t[0])
     excess = loss - (bound * (1 + rtol) + atol)
     max_violation = float(np.nanmax(excess))
-    bound_holds = max_violation <= 0
-    if not bound_holds and violation is None:
+    bound_ok = max_violation <= 0
+    if not bound_ok:
         i = int(np.flatnonzero(excess > 0)[0])
-        violation = (float(t[i]), f"loss {loss[i]:.6g} > bound {bound[i]:.6g}")
+        if violation is None:
+            violation = (float(t[i]), f"loss {loss[i]:.6g} > bound {bound[i]:.6g}")
+        reason = reason or Reason.BOUND_BELOW_LOSS
     assumptions.append(Assumption(
-        "bound ≥ recorded loss", bound_holds,
-        f"max(L − bound·(1+{rtol:g}) − {atol:g}) = {max_violation:.3g}"))
+        "bound ≥ recorded loss", bound_ok,
+        f"max(L − bound·(1+{rtol:g}) − {atol:g}) = {max_violation:.3g} over {len(traj)} records"))
+    delayed = delayed_check(t, loss, bound, rtol, atol, phi.floor)
     ok = all(a.holds for a in assumptions)
-    status = CertificateStatus.HOLDS if ok else CertificateStatus.VIOLATED
-    return Certificate(phi.name, float(mu), source, status, traj.meta.get("convention", "mean"),
-                       t, loss, bound, ratios, mu_star, t_star, max_violation, rtol, atol,
-                       tuple(assumptions), violation)
+    path = ok and evals is not None and delayed.passed
+    notes = [_scope_note(evals is not None, delayed, traj.meta.get("method"))]
+    return Certificate(mu=float(mu), mu_source=source,
+                       status=CertificateStatus.HOLDS if ok else CertificateStatus.VIOLATED,
+                       scope=Scope.PATH if path else Scope.RECORDS, bound=bound,
+                       max_bound_violation=max_violation, assumptions=tuple(assumptions),
+                       reason=None if ok else (reason or Reason.KL_BELOW_MU),
+                       first_violation=violation, delayed_check=delayed, notes=tuple(notes),
+                       **base)
+
+
+def _checked_points(traj: Trajectory, evals: dict[str, np.ndarray] | None
+                    ) -> dict[str, np.ndarray]:
+    """Records and, if logged, every gradient evaluation: t, loss, grad_sq, fgrad_sq."""
+    rec = {"t": traj.t, "loss": traj["loss"], "grad_sq": traj["grad_sq"],
+           "fgrad_sq": traj.get("fgrad_sq")}
+    if rec["fgrad_sq"] is None:
+        rec["fgrad_sq"] = np.full(len(traj), np.nan)
+    if evals is None:
+        return rec
+    return {k: np.concatenate([rec[k], evals[k]]) for k in rec}
+
+
+def _scope_note(have_evals: bool, delayed: DelayedCheck, method: str | None) -> str:
+    parts = []
+    if method == "euler":
+        parts.append("gradient descent with fresh batches (or a separate evaluation set): the "
+                     "flow bound is compared at the records only")
+    elif have_evals:
+        parts.append("KL ratio checked at every gradient evaluation of the integrator")
+    else:
+        parts.append("KL ratio checked at the records only")
+    parts.append(f"delayed check L(t_a) ≤ B(t_(a+1)) {'passed' if delayed.passed else 'failed'}"
+                 f" on the {delayed.intervals} record intervals after the first")
+    return "; ".join(parts)
+
+
+def delayed_check(t: np.ndarray, loss: np.ndarray, bound: np.ndarray, rtol: float,
+                  atol: float, floor: float = 0.0) -> DelayedCheck:
+    """CERTIFICATES.md §2: L(t_a) ≤ B(t_{a+1})·(1 + rtol) + atol for consecutive records.
+
+    The first interval is not checked: B starts at L(t_0), so L(t_0) > B(t_1) always; only the
+    KL ratio at the evaluations inside it covers it. Intervals starting at or below the floor
+    are skipped (the bound sits at its floor there).
+    """
+    if loss.size < 3:
+        return DelayedCheck(True, 0, math.nan)
+    start, nxt = loss[:-1], bound[1:] * (1 + rtol) + atol
+    use = np.isfinite(start) & (start > floor)
+    use[0] = False
+    if not use.any():
+        return DelayedCheck(True, 0, math.nan)
+    slack = (nxt - start)[use] / start[use]
+    fails = np.flatnonzero(use & ~(nxt >= start))
+    first = (float(t[fails[0]]), float(t[fails[0] + 1])) if fails.size else None
+    return DelayedCheck(fails.size == 0, int(use.sum()), float(np.min(slack)), first)
 
 
 def compose(
@@ -207,49 +249,73 @@ def compose(
     rtol: float = 1e-6,
     atol: float = 0.0,
 ) -> Certificate:
-    """THEORY.md §4: functional KL (φ, c) × R(K; ∇ℓ) ≥ R_low  ⇒  parametric KL with μ = c·R_low.
+    """THEORY.md §4: functional KL (φ, c) × R(K; ∇ℓ) ≥ R_low ⇒ parametric KL, μ = c·R_low.
 
-    Both assumptions are checked at every record: φ'(L)‖∇ℓ‖²_D ≥ c and R ≥ R_low.
+    Both assumptions are checked at every record that carries them (φ'(ℓ)‖∇ℓ‖² ≥ c and
+    R ≥ R_low); a check with no record to look at fails (UNAVAILABLE), it never passes empty.
+    The resulting μ is then checked like a stated μ, at every gradient evaluation too.
     """
+    if isinstance(functional_kl, str):
+        raise TypeError("compose needs a FunctionalKL (e.g. "
+                        "problem.loss.functional_kl(data.weights, problem.convention)), not "
+                        f"the name {functional_kl!r}")
     phi = get_desingularizer(functional_kl.desingularizer)
-    t, loss = traj.t, traj["loss"]
-    ray, fgrad = traj["rayleigh"], traj["fgrad_sq"]
-    r_min, t_rmin = _observed_min(ray, t)
+    ck = _checked_points(traj, traj.evaluations)
+    t, loss, fgrad = ck["t"], ck["loss"], ck["fgrad_sq"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ray = np.where(fgrad > 0, ck["grad_sq"] / fgrad, np.nan)
+    have_ray = np.isfinite(ray)
+    r_min, t_rmin = _min_at(np.where(have_ray, ray, np.nan), t)
     if rayleigh_lower is None:
         rayleigh_lower, src = r_min, "observed min"
     else:
         if not (math.isfinite(rayleigh_lower) and rayleigh_lower > 0):
             raise ValueError(f"rayleigh_lower must be a finite number > 0 (got {rayleigh_lower})")
         src = "given"
-    ok = (loss > 0) & np.isfinite(fgrad)
-    fkl = phi.kl_ratio(loss[ok], fgrad[ok])
-    fkl_ok = bool(np.all(fkl >= functional_kl.c * (1 - 1e-9)))
-    ray_ok = bool(np.all(ray[np.isfinite(ray)] >= rayleigh_lower * (1 - 1e-12)))
+    use = np.isfinite(loss) & (loss > phi.floor) & np.isfinite(fgrad)
+    fkl = _ratios(phi, loss[use], fgrad[use])
+    fkl_ok = bool(use.any() and np.all(fkl >= functional_kl.c * (1 - 1e-9)))
+    ray_ok = bool(have_ray.any() and np.all(ray[have_ray] >= rayleigh_lower * (1 - _MU_RTOL)))
     assumptions = (
         Assumption(f"functional KL: φ'(ℓ)‖∇ℓ‖² ≥ c = {functional_kl.c:.6g}", fkl_ok,
-                   f"{functional_kl.reason}; min over records "
-                   f"{np.min(fkl) if fkl.size else 0:.6g}"),
+                   f"{functional_kl.reason}; " + (
+                       f"min over {int(use.sum())} checked points {np.min(fkl):.6g}"
+                       if use.any() else "no checked point with a positive loss and a finite "
+                                         "‖∇ℓ‖²: nothing checked")),
         Assumption(f"Rayleigh bound R(K; ∇ℓ) ≥ {rayleigh_lower:.6g} ({src})", ray_ok,
-                   f"observed min R = {r_min:.6g} at t = {t_rmin:.6g}"),
+                   f"observed min R = {r_min:.6g} at t = {t_rmin:.6g} over "
+                   f"{int(have_ray.sum())} checked points" if have_ray.any()
+                   else "no checked point with a finite R(K; ∇ℓ): nothing checked"),
     )
     mu = functional_kl.c * rayleigh_lower
+    if not (use.any() and have_ray.any()):
+        return _unavailable(traj, phi, "composed", Reason.NO_CHECKED_POINT, assumptions,
+                            "no record carries the quantities the composition needs", rtol, atol)
+    if not fkl_ok or not ray_ok:
+        reason = Reason.FUNCTIONAL_KL_FAILED if not fkl_ok else Reason.RAYLEIGH_BELOW_BOUND
+        cert = certify(traj, phi, mu if mu > 0 else None, rtol=rtol, atol=atol,
+                       extra_assumptions=assumptions, mu_source="composed")
+        return replace(cert, status=CertificateStatus.VIOLATED, reason=reason,
+                       scope=Scope.RECORDS)
     if not (math.isfinite(mu) and mu > 0):
-        ratios = kl_ratios(traj, phi)
-        mu_star, t_star = _observed_min(ratios, t)
-        return _unavailable(traj, phi, mu, "composed", ratios, mu_star, t_star, rtol, atol,
-                            assumptions)
+        return _unavailable(traj, phi, "composed", Reason.NO_POSITIVE_CONSTANT, assumptions,
+                            f"c·R_low = {mu:.6g}: no positive constant", rtol, atol)
     return certify(traj, phi, mu, rtol=rtol, atol=atol, extra_assumptions=assumptions,
                    mu_source="composed")
 
 
-def _unavailable(traj, phi, mu, source, ratios, mu_star, t_star, rtol, atol,
-                 assumptions, why: str = "no positive KL constant on this trajectory",
-                 ) -> Certificate:
+def _unavailable(traj: Trajectory, phi: Desingularizer, source: str, reason: Reason,
+                 assumptions: tuple[Assumption, ...], why: str, rtol: float,
+                 atol: float) -> Certificate:
     loss = traj["loss"]
-    return Certificate(phi.name, mu, source, CertificateStatus.UNAVAILABLE,
+    ratios = _ratios(phi, loss, traj["grad_sq"])
+    mu_star, t_star = _min_at(ratios, traj.t)
+    evals = traj.evaluations
+    return Certificate(phi, math.nan, source, CertificateStatus.UNAVAILABLE, Scope.RECORDS,
                        traj.meta.get("convention", "mean"), traj.t, loss,
                        np.full(loss.shape, np.nan), ratios, mu_star, t_star, math.nan, rtol,
-                       atol, tuple(assumptions), None, (why,))
+                       atol, tuple(assumptions), reason, None, len(traj),
+                       0 if evals is None else int(evals["t"].size), notes=(why,))
 
 
 def spectral(
@@ -260,37 +326,71 @@ def spectral(
     atol: float = 0.0,
 ) -> Certificate:
     """T1 / the definite-NTK proposition: R(K; ∇ℓ) ≥ λ_min(K_θt), so if λ_min > 0 along the
-    flow, μ = c · min_t λ_min. Needs the ``lambda_min`` and ``rank_threshold`` columns (a
-    spectrum at records). Unavailable when λ_min is numerically zero at some record, which
-    is forced when nk > P (rank K ≤ P)."""
+    flow, μ = c · min_t λ_min.
+
+    Needs the spectrum columns at records (``lambda_min``, ``rank_threshold``,
+    ``spectrum_samples``; experiments.common.spectrum_diagnostic). UNAVAILABLE when a spectrum
+    was computed on a subset of the evaluation data (a subset never certifies the full kernel)
+    or when λ_min is zero — structurally (rank ≤ P < nk) or numerically (≤ τ) — at a record.
+    """
     lam, thr = traj.get("lambda_min"), traj.get("rank_threshold")
+    phi = get_desingularizer(functional_kl.desingularizer)
     if lam is None or thr is None or not np.isfinite(lam).any():
         raise ValueError("a spectral certificate needs λ_min at records: record the NTK "
                          "spectrum (e.g. experiments.common.spectrum_diagnostic)")
     have = np.isfinite(lam)
+    samples = traj.get("spectrum_samples")
+    n_eval = traj.meta.get("eval_size")
+    if samples is None or n_eval is None or np.any(samples[have] != n_eval):
+        got = "unknown" if samples is None else f"{int(np.nanmin(samples[have]))}"
+        a = Assumption("spectrum on the full evaluation data", False,
+                       f"spectra on {got} samples, evaluation data {n_eval}")
+        return _unavailable(traj, phi, "spectral", Reason.SUBSET_SPECTRUM, (a,),
+                            f"spectrum computed on a subset ({got} of {n_eval} samples)",
+                            rtol, atol)
     lam_min = float(np.min(lam[have]))
     zero = ~(lam[have] > thr[have])  # an unknown (NaN) threshold proves nothing: count as zero
     definite = Assumption(
-        "definite NTK: λ_min(K_θt) > 0 at every record", not bool(zero.any()),
-        f"min λ_min = {lam_min:.6g} over {int(have.sum())} spectra; "
-        f"{int(zero.sum())} below the rank threshold")
+        "definite NTK: λ_min(K_θt) > τ at every spectrum record", not bool(zero.any()),
+        f"min λ_min = {max(lam_min, 0.0):.6g} over {int(have.sum())} spectra on all {n_eval} "
+        f"samples; {int(zero.sum())} at or below the threshold τ")
     if zero.any():
-        phi = get_desingularizer(functional_kl.desingularizer)
-        ratios = kl_ratios(traj, phi)
-        mu_star, t_star = _observed_min(ratios, traj.t)
-        return _unavailable(traj, phi, 0.0, "spectral", ratios, mu_star, t_star, rtol, atol,
-                            (definite,))
+        return _unavailable(traj, phi, "spectral", Reason.KERNEL_NOT_DEFINITE, (definite,),
+                            "λ_min(K) is zero at some record", rtol, atol)
     cert = compose(traj, functional_kl, lam_min, rtol=rtol, atol=atol)
-    return _replace_source(cert, "spectral", (definite,))
+    return replace(cert, mu_source="spectral", assumptions=(definite, *cert.assumptions))
 
 
-def _replace_source(cert: Certificate, source: str, extra: tuple[Assumption, ...]) -> Certificate:
-    from dataclasses import replace
+def rank_desingularizers(
+    traj: Trajectory, candidates: Iterable[str | Desingularizer] | None = None,
+) -> list[dict]:
+    """The family ranked by tightness over the whole run (CERTIFICATES.md; issue 7 item 8).
 
-    return replace(cert, mu_source=source, assumptions=extra + cert.assumptions)
+    Each candidate gets its observed-μ* certificate. Only those that HOLD at every checked
+    point are ranked, by the mean of log(bound/L) over the checked points (0 is exact); the
+    others follow, unranked, with their status and reason.
+    """
+    rows = []
+    for spec in candidates if candidates is not None else _DEFAULT_CANDIDATES:
+        cert = certify(traj, spec)
+        use = np.isfinite(cert.bound) & (cert.loss > cert.desingularizer.floor)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gap = np.log(cert.bound[use] / cert.loss[use]) if use.any() else np.array([])
+        rows.append({
+            "name": cert.desingularizer.name, "status": cert.status.value,
+            "scope": cert.scope.value, "mu_star": _finite(cert.mu_star),
+            "t_at_min": _finite(cert.t_at_mu_star),
+            "tightness": _finite(float(np.mean(gap))) if gap.size and cert.holds else None,
+            "final_ratio": _finite(cert.bound_final / float(cert.loss[-1]))
+            if cert.loss[-1] > 0 else None,
+            "reason": None if cert.reason is None else cert.reason.code})
+    held = sorted((r for r in rows if r["status"] == "holds" and r["tightness"] is not None),
+                  key=lambda r: r["tightness"])
+    for i, r in enumerate(held):
+        r["rank"] = i + 1
+    rest = [dict(r, rank=None) for r in rows if r not in held]
+    return held + rest
 
 
-def rank_desingularizers(traj: Trajectory, candidates=None) -> list[dict]:
-    """The family ranked by tightness of the observed-μ* bound at the final record."""
-    t = traj.t
-    return best_desingularizer(traj["loss"], traj["grad_sq"], t - t[0], candidates)
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None

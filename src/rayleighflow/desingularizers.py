@@ -37,8 +37,10 @@ __all__ = [
     "Custom",
     "Desingularizer",
     "Log",
+    "Plateau",
     "Power",
     "Reciprocal",
+    "ScaledCrossEntropy",
     "best_desingularizer",
     "get_desingularizer",
 ]
@@ -58,7 +60,7 @@ def _out(x: np.ndarray):
     return np.asarray(x, dtype=np.float64)[()]
 
 
-def _check_start(loss0, mu) -> tuple[float, float]:
+def _check_start(loss0, mu, floor: float = 0.0) -> tuple[float, float]:
     out = []
     for what, value, why in (
         ("loss0", loss0, "the bound starts from the positive loss L(0) of the trajectory"),
@@ -71,6 +73,8 @@ def _check_start(loss0, mu) -> tuple[float, float]:
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"{what} must be > 0 and finite (got {v!r}): {why}")
         out.append(v)
+    if not out[0] > floor:
+        raise ValueError(f"loss0 = {out[0]!r} must exceed the desingularizer's floor {floor!r}")
     return out[0], out[1]
 
 
@@ -84,6 +88,10 @@ class Desingularizer(abc.ABC):
 
     name: str
     phi_lower: float = -math.inf
+    #: phi' non-increasing (phi concave): needed by the discrete certificate (CERTIFICATES.md §3).
+    concave: bool = True
+    #: The KL inequality speaks of L > floor (0, or the plateau level of ``Plateau``).
+    floor: float = 0.0
 
     @abc.abstractmethod
     def phi(self, u): ...
@@ -98,25 +106,33 @@ class Desingularizer(abc.ABC):
         return f"<{type(self).__name__} {self.name}>"
 
     def kl_ratio(self, loss, grad_sq):
-        """phi'(L) |grad L|^2 elementwise; NaN where L <= 0 or not finite (KL is silent there)."""
+        """phi'(L) |grad L|^2 elementwise; NaN where L <= floor or L is not finite (KL is silent).
+
+        Computed in a form that cannot overflow where the true value is finite (e.g. for
+        cross-entropy (|grad L| / (1 - e^{-L}))^2), so an infinite ratio is a real failure,
+        never an overflow that would pass any mu.
+        """
         loss, grad_sq = np.broadcast_arrays(_f64(loss), _f64(grad_sq))
-        ok = np.isfinite(loss) & (loss > 0)
-        with np.errstate(over="ignore", invalid="ignore"):
-            ratio = self.dphi(np.where(ok, loss, 1.0)) * grad_sq
+        ok = np.isfinite(loss) & (loss > self.floor)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            ratio = self._kl_ratio(np.where(ok, loss, self.floor + 1.0), grad_sq)
         return _out(np.where(ok, ratio, np.nan))
+
+    def _kl_ratio(self, loss: np.ndarray, grad_sq: np.ndarray) -> np.ndarray:
+        return self.dphi(loss) * grad_sq
 
     def bound(self, loss0: float, mu: float, t) -> np.ndarray:
         """phi^{-1}(phi(L0) - mu t) for t >= 0 (t = inf allowed): the KL loss bound at time t.
 
         Clamped to [0, L0] (exact in theory, guards rounding); equals L0 exactly at t = 0.
         """
-        loss0, mu = _check_start(loss0, mu)
+        loss0, mu = _check_start(loss0, mu, self.floor)
         t = _f64(t)
         if np.any(np.isnan(t)) or np.any(t < 0):
             raise ValueError("t must be >= 0 and not NaN; pass flow times measured from t = 0")
         with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
             b = self._bound(loss0, mu, t)
-        b = np.where(t == 0, loss0, np.clip(b, 0.0, loss0))  # NaN stays NaN: never hide a bug
+        b = np.where(t == 0, loss0, np.clip(b, self.floor, loss0))  # NaN stays NaN
         return _out(b)
 
     def _bound(self, loss0: float, mu: float, t: np.ndarray) -> np.ndarray:
@@ -129,13 +145,13 @@ class Desingularizer(abc.ABC):
         A target <= 0 is reached at (phi(L0) - phi(0+)) / mu, which is inf unless phi is
         bounded below.
         """
-        loss0, mu = _check_start(loss0, mu)
+        loss0, mu = _check_start(loss0, mu, self.floor)
         target = float(target)
         if math.isnan(target):
             raise ValueError("target must be a number (got nan); pass the loss level to reach")
         if target >= loss0:
             return 0.0
-        low = self.phi_lower if target <= 0 else float(self.phi(target))
+        low = self.phi_lower if target <= self.floor else float(self.phi(target))
         return float((float(self.phi(loss0)) - low) / mu)
 
 
@@ -160,6 +176,9 @@ class Log(Desingularizer):
         with np.errstate(over="ignore"):
             return _out(np.exp(_f64(v)))
 
+    def _kl_ratio(self, loss, grad_sq):
+        return grad_sq / loss
+
     def _bound(self, loss0, mu, t):
         return loss0 * np.exp(-mu * t)
 
@@ -176,6 +195,10 @@ class _PowerLaw(Desingularizer):
     def dphi(self, u):
         with np.errstate(over="ignore", divide="ignore"):
             return _out(_f64(u) ** (-self.alpha))
+
+    def _kl_ratio(self, loss, grad_sq):
+        # g L^-alpha in log space: L^-alpha alone overflows for tiny L.
+        return np.exp(np.log(grad_sq) - self.alpha * np.log(loss))
 
     def phi_inv(self, v):
         c = 1.0 - self.alpha
@@ -257,6 +280,10 @@ class CrossEntropy(Desingularizer):
         with np.errstate(over="ignore", divide="ignore"):
             return _out((1.0 / -np.expm1(-_f64(u))) ** 2)
 
+    def _kl_ratio(self, loss, grad_sq):
+        # (|grad L| / (1 - e^{-L}))^2: phi'(L) alone overflows once L < ~1e-154.
+        return (np.sqrt(grad_sq) / -np.expm1(-loss)) ** 2
+
     def phi_inv(self, v):
         z = -_f64(v)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
@@ -265,6 +292,81 @@ class CrossEntropy(Desingularizer):
             small_w = w - z + np.log1p(w)
             big_w = np.log1p(1.0 / w)  # full relative precision for tiny losses
         return _out(np.where(w <= 1.0, small_w, big_w))
+
+
+@typing.final
+class ScaledCrossEntropy(Desingularizer):
+    """phi_k(u) = k phi_CE(u/k), phi_k'(u) = (1 - e^{-u/k})^{-2}, for a scale 0 < k <= 1.
+
+    KL reads |grad L|^2 >= mu (1 - e^{-L/k})^2: the sharp isolation form of the logistic
+    theorem (CERTIFICATES.md §5) with k = min_i w_i. Bound
+    L_t <= k phi_CE^{-1}(phi_CE(L0/k) - (mu/k) t); scale 1 is ``CrossEntropy``.
+    """
+
+    def __init__(self, scale: float):
+        try:
+            k = float(scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"scale must be a real number (got {scale!r})") from None
+        if not (math.isfinite(k) and 0 < k <= 1):
+            raise ValueError(f"scale must lie in (0, 1] (got {k!r}): it is the isolation "
+                             "kappa = min_i w_i")
+        self.scale = k
+        self.name = f"cross-entropy(scale={k:.6g})"
+        self._ce = CrossEntropy()
+
+    def phi(self, u):
+        return _out(self.scale * _f64(self._ce.phi(_f64(u) / self.scale)))
+
+    def dphi(self, u):
+        return self._ce.dphi(_f64(u) / self.scale)
+
+    def _kl_ratio(self, loss, grad_sq):
+        return self._ce._kl_ratio(loss / self.scale, grad_sq)
+
+    def phi_inv(self, v):
+        return _out(self.scale * _f64(self._ce.phi_inv(_f64(v) / self.scale)))
+
+    def _bound(self, loss0, mu, t):
+        k = self.scale
+        return k * self._ce.phi_inv(self._ce.phi(loss0 / k) - (mu / k) * t)
+
+
+@typing.final
+class Plateau(Desingularizer):
+    """phi(u) = log(u - eta) on u > eta, phi'(u) = 1/(u - eta): KL above a floor eta >= 0.
+
+    KL reads |grad L|^2 >= mu (L - eta); bound eta + (L0 - eta) e^{-mu t}: convergence to the
+    plateau level eta, not to zero. Records with L <= eta are outside its scope.
+    """
+
+    def __init__(self, eta: float):
+        try:
+            e = float(eta)
+        except (TypeError, ValueError):
+            raise ValueError(f"eta must be a real number (got {eta!r})") from None
+        if not (math.isfinite(e) and e >= 0):
+            raise ValueError(f"eta must be >= 0 and finite (got {e!r}): the plateau level")
+        self.eta = self.floor = e
+        self.name = f"plateau(eta={e:.6g})"
+
+    def phi(self, u):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _out(np.log(_f64(u) - self.eta))
+
+    def dphi(self, u):
+        with np.errstate(divide="ignore"):
+            return _out(1.0 / (_f64(u) - self.eta))
+
+    def _kl_ratio(self, loss, grad_sq):
+        return grad_sq / (loss - self.eta)
+
+    def phi_inv(self, v):
+        with np.errstate(over="ignore"):
+            return _out(self.eta + np.exp(_f64(v)))
+
+    def _bound(self, loss0, mu, t):
+        return self.eta + (loss0 - self.eta) * np.exp(-mu * t)
 
 
 # ---------------------------------------------------------------- custom
@@ -290,15 +392,18 @@ class Custom(Desingularizer):
     """User desingularizer from callables phi and dphi (phi' > 0); phi^{-1} by root finding.
 
     KL reads phi'(L) |grad L|^2 >= mu. ``lower`` is lim_{u->0+} phi(u) if finite (None: -inf).
-    phi^{-1} brackets the root in log u over [1e-300, 1e300], then polishes with brentq in u
-    (relative accuracy ~1e-15). Checked at construction on a probe grid u in [1e-6, 1e6]:
+    ``concave`` declares phi' non-increasing (needed by the discrete gradient-descent
+    certificate); when omitted it is read off the probe grid. phi^{-1} brackets the root in
+    log u over [1e-300, 1e300], then polishes with brentq in u (relative accuracy ~1e-15).
+    Checked at construction on a probe grid u in [1e-6, 1e6]:
     phi finite and increasing, dphi finite, > 0 and matching finite differences of phi.
 
     >>> Custom(np.log, lambda u: 1 / u, label="log").bound(2.0, 1.0, 1.0)  # 2/e
     np.float64(0.7357588823428847)
     """
 
-    def __init__(self, phi: Callable, dphi: Callable, label: str = "user", lower=None):
+    def __init__(self, phi: Callable, dphi: Callable, label: str = "user", lower=None,
+                 concave: bool | None = None):
         if not (callable(phi) and callable(dphi)):
             raise TypeError("Custom(phi, dphi): both must be callables u -> value")
         self._phi, self._dphi = _vectorize(phi), _vectorize(dphi)
@@ -323,6 +428,12 @@ class Custom(Desingularizer):
                     f"custom desingularizer {label!r}: {what} on the probe grid u in [1e-6, 1e6];"
                     " pass an increasing phi on (0, inf) and its derivative dphi > 0"
                 )
+        grid_concave = bool(np.all(np.diff(d) <= 1e-12 * np.abs(d[:-1])))
+        if concave and not grid_concave:
+            raise ValueError(f"custom desingularizer {label!r} is declared concave but dphi "
+                             "increases on the probe grid u in [1e-6, 1e6]; pass concave=False")
+        # Undeclared: the grid decides (the discrete certificate needs phi' non-increasing).
+        self.concave = grid_concave if concave is None else bool(concave)
 
     def phi(self, u):
         return _out(self._phi(_f64(u)))
@@ -365,13 +476,15 @@ class Custom(Desingularizer):
 
 def get_desingularizer(spec) -> Desingularizer:
     """A Desingularizer (returned as is) or a name: 'log' | 'pl' | 'reciprocal' |
-    'power:<alpha>' (also 'power(alpha=<alpha>)', the ``name`` form) | 'cross-entropy' | 'ce'.
+    'power:<alpha>' (also 'power(alpha=<alpha>)', the ``name`` form) | 'cross-entropy' | 'ce' |
+    'cross-entropy:<scale>' | 'plateau:<eta>' (and their ``name`` forms).
     """
     if isinstance(spec, Desingularizer):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"spec must be a Desingularizer or a name string, got {type(spec)}")
-    allowed = "log, pl, reciprocal, power:<alpha> (e.g. power:0.5), cross-entropy, ce"
+    allowed = ("log, pl, reciprocal, power:<alpha> (e.g. power:0.5), cross-entropy, ce, "
+               "cross-entropy:<scale>, plateau:<eta>")
     s = _ALIASES.get(spec.strip().lower(), spec.strip().lower())
     if s == "log":
         return Log()
@@ -386,6 +499,14 @@ def get_desingularizer(spec) -> Desingularizer:
         except ValueError:
             raise ValueError(f"cannot read alpha from {spec!r}; write e.g. 'power:0.5'") from None
         return Power(alpha)
+    m = re.fullmatch(r"(cross-entropy|plateau)(?::(.+)|\((?:scale|eta)=(.+)\))", s)
+    if m:
+        try:
+            value = float(m.group(2) or m.group(3))
+        except ValueError:
+            raise ValueError(f"cannot read the parameter of {spec!r}; write e.g. "
+                             "'cross-entropy:0.01' or 'plateau:0.05'") from None
+        return ScaledCrossEntropy(value) if m.group(1) == "cross-entropy" else Plateau(value)
     if s.startswith("custom"):
         raise ValueError(f"{spec!r} cannot be rebuilt from its name; pass the Custom instance")
     raise ValueError(f"unknown desingularizer {spec!r}; allowed names: {allowed}")

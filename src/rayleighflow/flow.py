@@ -10,7 +10,16 @@ Two integrators:
   sample.
 
 The run stops at ``t_max``, at ``loss_target`` (checked at records), at ``max_steps`` gradient
-evaluations, at a non-finite loss, or on Ctrl-C; ``FlowResult.status`` says which and where.
+evaluations (the adaptive integrator has a default budget, ``DEFAULT_MAX_EVALS``), when the
+adaptive step stalls (at the rate of the last ``stall_window`` gradient evaluations, reaching
+``t_max`` would take more evaluations than the budget has left: a collapsed step, as for a
+stiff or exploding model), at a non-finite loss, or on Ctrl-C; ``FlowResult.status`` says which
+and where.
+
+Every gradient evaluation of a full-batch integrator (each gradient-descent iterate, each
+Runge–Kutta stage) is logged in the trajectory (``Trajectory.evaluations``: t, L, ‖∇L‖²) at
+the cost of one reduction, so certificates can check the KL ratio along the whole computed path
+(CERTIFICATES.md §2–3), not only at the records.
 
 Example:
     >>> result = gradient_flow(problem, t_max=100.0)          # doctest: +SKIP
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -38,7 +48,10 @@ from .rayleigh import _measurement, loss_and_grad
 from .trajectory import Trajectory
 
 __all__ = ["Integrator", "FlowStatus", "FlowResult", "gradient_flow", "log_record_times",
-           "Diagnostic"]
+           "Diagnostic", "DEFAULT_MAX_EVALS"]
+
+#: Gradient-evaluation budget of the adaptive integrator when ``max_steps`` is not given.
+DEFAULT_MAX_EVALS = 1_000_000
 
 Diagnostic = Callable[[Problem, Params, Dataset, int], Mapping[str, float]]
 """Extra per-record columns: called as fn(problem, params, eval_data, record_index)."""
@@ -55,12 +68,16 @@ class FlowStatus(str, Enum):
     STEP_BUDGET = "step_budget"
     NON_FINITE = "non_finite"
     SOLVER_FAILED = "solver_failed"
+    STALLED = "stalled"
     INTERRUPTED = "interrupted"
 
 
 @final
 @dataclass
 class FlowResult:
+    """What a flow returns. ``params`` are θ at ``t_final``; the model itself is not changed
+    unless ``gradient_flow(..., update_model=True)`` or :meth:`load_into` is used."""
+
     trajectory: Trajectory
     params: Params
     status: FlowStatus
@@ -68,6 +85,19 @@ class FlowResult:
     n_grad_evals: int
     message: str
     wall_time: float
+
+    def load_into(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Copy the final parameters into ``module`` in place (names as in ``named_parameters``);
+        returns the module."""
+        named = dict(module.named_parameters())
+        missing = sorted(set(self.params) - set(named))
+        if missing:
+            raise ValueError(f"the module has no parameters named {missing}: load into the "
+                             "module the flow was run on")
+        with torch.no_grad():
+            for name, value in self.params.items():
+                named[name].copy_(value)
+        return module
 
 
 def log_record_times(t_max: float, n: int = 60, t_min: float | None = None) -> np.ndarray:
@@ -151,6 +181,8 @@ def gradient_flow(
     progress: Callable[[float, float], None] | None = None,
     group_quotients: bool = True,
     grad_evals_start: int = 0,
+    stall_window: int = 1000,
+    update_model: bool = False,
 ) -> FlowResult:
     """Integrate θ̇ = −∇L(θ) from ``params`` (default the model's) at ``t_start`` to ``t_max``.
 
@@ -159,10 +191,19 @@ def gradient_flow(
     ``path`` streams the trajectory to a JSONL file as it grows (``append`` continues one);
     ``on_record(row, params)`` sees every record (checkpoints); ``progress(t, loss)`` too.
     A resumed run passes ``grad_evals_start`` so the count (and ``max_steps``) carry over.
+    ``update_model`` copies the final θ into the wrapped ``nn.Module`` (see
+    :meth:`FlowResult.load_into`).
     """
     method = _parse_method(method)
+    if not isinstance(problem, Problem):
+        raise TypeError(f"gradient_flow needs a rayleighflow.Problem (got {type(problem).__name__})"
+                        ": wrap the model, e.g. Problem(Model(net), data, 'square')")
+    if not (isinstance(t_max, int | float) and math.isfinite(t_max)):
+        raise ValueError(f"t_max must be a finite number (got {t_max!r})")
     if not t_max > t_start:
         raise ValueError(f"t_max ({t_max}) must exceed the start time ({t_start})")
+    if max_steps is None and method is Integrator.ADAPTIVE:
+        max_steps = grad_evals_start + DEFAULT_MAX_EVALS
     if method is Integrator.EULER and not (step is not None and step > 0):
         raise ValueError("the Euler integrator needs a step > 0 (it is gradient descent, t = kη)")
     if loss_target is not None and not loss_target > 0:
@@ -179,6 +220,8 @@ def gradient_flow(
     traj = Trajectory(header, path, append=append)
     rec = _Recorder(problem, eval_data, traj, diagnostics, on_record, progress,
                     group_quotients)
+    # The path log is a full-batch object: fresh batches or a separate evaluation set break it.
+    log = traj if (train_data is eval_data) else None
     theta = {k: v.detach().clone() for k, v in (params or problem.params).items()}
     state = {"t": t_start, "evals": grad_evals_start, "theta": theta}
     begin = time.perf_counter()
@@ -188,18 +231,35 @@ def gradient_flow(
             _check_target(rec.record(t_start, theta, 0), loss_target, t_start)
         if method is Integrator.EULER:
             _run_euler(problem, state, times, step, train_data, generator, batch_size, rec,
-                       loss_target, max_steps)
+                       loss_target, max_steps, log)
         else:
             _run_adaptive(problem, state, times, train_data, rtol, atol, rec, loss_target,
-                          max_steps)
+                          max_steps, log, stall_window)
         status, message = FlowStatus.T_MAX, f"reached t_max = {t_max:g}"
     except _Stop as stop:
         status, message = stop.status, stop.message
     except KeyboardInterrupt:
         status, message = FlowStatus.INTERRUPTED, f"interrupted at t = {state['t']:.6g}"
     traj.close(status.value, message)
-    return FlowResult(traj, state["theta"], status, state["t"], state["evals"], message,
-                      time.perf_counter() - begin)
+    result = FlowResult(traj, state["theta"], status, state["t"], state["evals"], message,
+                        time.perf_counter() - begin)
+    if update_model and problem.model.module is not None:
+        result.load_into(problem.model.module)
+    return result
+
+
+def _check_stall(recent: deque[float], t_max: float, budget_left: int) -> None:
+    """Stop when, at the rate of the recent evaluations, t_max is out of the budget's reach."""
+    advance = max(recent) - recent[0]
+    t_now = recent[-1]
+    needed = math.inf if advance <= 0 else (t_max - t_now) / advance * len(recent)
+    if needed > budget_left:
+        raise _Stop(FlowStatus.STALLED, (
+            f"stalled near t = {t_now:.6g}: the last {len(recent)} gradient evaluations advanced "
+            f"the flow by {advance:.3g}; at that rate reaching t_max = {t_max:g} needs ~"
+            f"{needed:.2g} more, beyond the {budget_left} left in the budget. The adaptive step "
+            "collapsed, as for a stiff or exploding model (outputs or weights at a huge scale): "
+            "rescale the model, raise max_steps, or use method='euler' with a small step"))
 
 
 def _parse_method(method: Integrator | str) -> Integrator:
@@ -242,22 +302,42 @@ def _check_target(loss: float, target: float | None, t: float) -> None:
         raise _Stop(FlowStatus.LOSS_TARGET, f"loss {loss:.6g} ≤ target {target:g} at t = {t:.6g}")
 
 
-def _grad(problem: Problem, theta: Params, data: Dataset, t: float) -> tuple[float, Params]:
-    loss, grad, _, _ = loss_and_grad(problem, theta, data)
-    if not torch.isfinite(loss) or not all(torch.isfinite(g).all() for g in grad.values()):
+def _grad(problem: Problem, theta: Params, data: Dataset, t: float,
+          log: Trajectory | None) -> Params:
+    """∇L at θ: one forward, one backward.
+
+    Logs (t, L, ‖∇L‖², ‖∇ℓ‖²_D) in ``log``: one reduction over the gradient and one O(nk)
+    functional gradient at the detached outputs, so that R(K; ∇ℓ) is known at every evaluation.
+    """
+    leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+    with torch.enable_grad():
+        f = problem.model(leaves, data.x)
+        loss = problem.loss.value(f, problem.targets(data, f), problem.omega(data))
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    grad = {k: (g if g is not None else torch.zeros_like(leaves[k]))
+            for k, g in zip(leaves, grads, strict=True)}
+    grad_sq = float(sum((g * g).sum() for g in grad.values()))
+    value = float(loss.detach())
+    if not (math.isfinite(value) and math.isfinite(grad_sq)):
         raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss or gradient near t = {t:.6g}")
-    return float(loss), grad
+    if log is not None:
+        fd = f.detach()
+        fg = problem.loss.functional_grad(fd, problem.targets(data, fd))
+        fgrad_sq = float((problem.omega(data) * (fg * fg).sum(-1)).sum())
+        log.add_evaluation(t, value, grad_sq, fgrad_sq)
+    return grad
 
 
 def _run_euler(problem, state, times, step, data, generator, batch_size, rec, target,
-               max_steps) -> None:
+               max_steps, log) -> None:
     t0, k, next_idx = state["t"], 0, 0
     while next_idx < len(times):
         if max_steps is not None and state["evals"] >= max_steps:
             raise _Stop(FlowStatus.STEP_BUDGET, f"step budget {max_steps} spent at "
                                                 f"t = {state['t']:.6g}")
         batch = data if batch_size is None else problem.data.sample(batch_size, generator)
-        _, grad = _grad(problem, state["theta"], batch, state["t"])
+        grad = _grad(problem, state["theta"], batch, state["t"],
+                     log if batch_size is None else None)
         state["theta"] = {n: p - step * grad[n] for n, p in state["theta"].items()}
         state["evals"] += 1
         k += 1
@@ -270,17 +350,24 @@ def _run_euler(problem, state, times, step, data, generator, batch_size, rec, ta
                           state["t"])
 
 
-def _run_adaptive(problem, state, times, data, rtol, atol, rec, target, max_steps) -> None:
+def _run_adaptive(problem, state, times, data, rtol, atol, rec, target, max_steps, log,
+                  window: int) -> None:
     from torchdiffeq import odeint
 
     like = state["theta"]
+    recent: deque[float] = deque(maxlen=window)  # flow times of the last `window` evaluations
+    t_max = float(times[-1])
 
     def rhs(t: Tensor, y: Tensor) -> Tensor:
-        if max_steps is not None and state["evals"] >= max_steps:
+        t_now = float(t)
+        if state["evals"] >= max_steps:
             raise _Stop(FlowStatus.STEP_BUDGET, f"gradient-evaluation budget {max_steps} "
-                                                f"spent near t = {float(t):.6g}")
+                                                f"spent near t = {t_now:.6g}")
         state["evals"] += 1
-        _, grad = _grad(problem, _unflatten(y, like), data, float(t))
+        recent.append(t_now)
+        if len(recent) == window and state["evals"] % window == 0:
+            _check_stall(recent, t_max, max_steps - state["evals"])
+        grad = _grad(problem, _unflatten(y, like), data, t_now, log)
         return -_flatten(grad)
 
     y = _flatten(like)

@@ -55,8 +55,10 @@ class Loss(abc.ABC):
         """g_i = ∂ℓ_i/∂f_i, shape (n, k)."""
 
     @abc.abstractmethod
-    def functional_kl(self, weights: Tensor, convention: Convention) -> FunctionalKL:
-        """The functional KL fact for data weights w (probability weights, sum 1)."""
+    def functional_kl(self, weights: Tensor, convention: Convention,
+                      n_classes: int | None = None) -> FunctionalKL:
+        """The functional KL fact for data weights w (probability weights, sum 1) and k
+        outputs (``n_classes``; some constants sharpen with it)."""
 
     @abc.abstractmethod
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
@@ -79,7 +81,8 @@ class SquareLoss(Loss):
     def functional_grad(self, f: Tensor, y: Tensor) -> Tensor:
         return f - y
 
-    def functional_kl(self, weights: Tensor, convention: Convention) -> FunctionalKL:
+    def functional_kl(self, weights: Tensor, convention: Convention,
+                      n_classes: int | None = None) -> FunctionalKL:
         return FunctionalKL("log", 2.0, convention, "‖∇ℓ‖² = Σ ω_i‖f_i − y_i‖² = 2ℓ")
 
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
@@ -115,9 +118,10 @@ def _check_labels(f: Tensor, y: Tensor, n_classes: int, loss: str) -> Tensor:
 class SoftmaxCrossEntropy(Loss):
     """ℓ_i = logsumexp(f_i) − f_{i,y_i}, g_i = softmax(f_i) − e_{y_i}.
 
-    Stable for logits of size 1e10 (max-shifted log-softmax). Functional KL: cross-entropy φ
-    with c = κ², κ = min_i w_i (mean convention); c = 1/n for uniform weights in the sum
-    convention.
+    Stable for logits of size 1e10 (max-shifted log-softmax). Functional KL (sharp,
+    CERTIFICATES.md §4): cross-entropy φ with c = κ·k/(k−1), κ = min_i w_i (mean convention);
+    c = k/((k−1)n) for uniform weights in the sum convention, k κ_ω²/((k−1)n) with κ_ω = n·min w
+    for non-uniform ones.
     """
 
     name = "cross-entropy"
@@ -136,8 +140,10 @@ class SoftmaxCrossEntropy(Loss):
         g_y = -p.scatter(-1, y.unsqueeze(-1), 0.0).sum(-1, keepdim=True)
         return p.scatter(-1, y.unsqueeze(-1), g_y)
 
-    def functional_kl(self, weights: Tensor, convention: Convention) -> FunctionalKL:
-        return _ce_kl(weights, convention)
+    def functional_kl(self, weights: Tensor, convention: Convention,
+                      n_classes: int | None = None) -> FunctionalKL:
+        """``n_classes`` = k; without it the k-free constant (k/(k−1) → 1) is returned."""
+        return _ce_kl(weights, convention, n_classes)
 
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
         if f.shape[-1] < 2:
@@ -148,19 +154,26 @@ class SoftmaxCrossEntropy(Loss):
         return _check_labels(f, y, f.shape[-1], "cross-entropy")
 
 
-def _ce_kl(weights: Tensor, convention: Convention) -> FunctionalKL:
-    # mean: e^{−ℓ} = Π p_i^{w_i} ≥ min p_i, so 1−e^{−ℓ} ≤ max_i(1−p_i) ≤ Σ w_i(1−p_i)/κ, and
-    #   Jensen gives Σ w_i‖g_i‖² ≥ (Σ w_i(1−p_i))²: c = κ², κ = min w_i (THEORY.md §4).
-    # sum (ω_i = n w_i, Σω = n): 1 − Π p_i^{ω_i} ≤ Σ max(ω_i, 1)(1−p_i) and Cauchy–Schwarz
-    #   Σ ω_i(1−p_i)² ≥ (Σ ω_i(1−p_i))²/n give c = (min ω / max(1, max ω))²/n (1/n uniform).
+def _ce_kl(weights: Tensor, convention: Convention, n_classes: int | None) -> FunctionalKL:
+    # CERTIFICATES.md §4. Per sample, the wrong-class probabilities sum to 1 − p_y = h(ℓ_i),
+    # h(u) = 1 − e^{−u}, so ‖g_i‖² ≥ k/(k−1)·h(ℓ_i)² (one logit: |g_i| = h(ℓ_i), factor 1).
+    # mean: Σ w_i‖g_i‖² ≥ κ·k/(k−1)·max_i h(ℓ_i)² ≥ κ·k/(k−1)·h(L), since max_i ℓ_i ≥ L.
+    # sum (ω_i = n w_i, Σω = n): Cauchy–Schwarz Σω_i h_i² ≥ (Σω_i h_i)²/n, and the concave
+    #   ℓ ↦ Σω_i h(ℓ_i) on {Σω_i ℓ_i = L} is smallest at a vertex: ≥ κ_ω h(L/κ_ω) ≥ κ_ω h(L).
+    if n_classes is None:
+        factor, k_txt = 1.0, "k/(k−1) → 1 (k not given)"
+    elif n_classes == 1:  # the one-logit binary loss: |g_i| = h(ℓ_i) exactly
+        factor, k_txt = 1.0, "one logit: |g_i| = 1 − e^{−ℓ_i}"
+    else:
+        factor, k_txt = n_classes / (n_classes - 1), f"k/(k−1) = {n_classes}/{n_classes - 1}"
     if convention is Convention.MEAN:
         kappa = float(weights.min())
-        c, why = kappa**2, f"κ = min w_i = {kappa:.6g}; c = κ²"
+        c, why = kappa * factor, f"κ = min w_i = {kappa:.6g}; c = κ·{k_txt}"
     else:
         n = weights.shape[0]
-        omega = weights * n
-        ratio = float(omega.min()) / max(1.0, float(omega.max()))
-        c, why = ratio**2 / n, f"ω_i = n w_i; c = (min ω / max(1, max ω))²/n with n = {n}"
+        kappa = float(weights.min()) * n
+        c = factor * kappa**2 / n
+        why = f"ω_i = n w_i, κ_ω = min ω = {kappa:.6g}, n = {n}; c = {k_txt}·κ_ω²/n"
     return FunctionalKL("cross-entropy", c, convention, why)
 
 
@@ -168,8 +181,8 @@ def _ce_kl(weights: Tensor, convention: Convention) -> FunctionalKL:
 class BinaryLogistic(Loss):
     """One logit, labels y ∈ {0, 1}: ℓ_i = softplus(−s_i f_i), s_i = 2y_i − 1.
 
-    g_i = −s_i σ(−s_i f_i), so |g_i| = 1 − p_i with ℓ_i = −log p_i: same KL fact as
-    cross-entropy.
+    g_i = −s_i σ(−s_i f_i), so |g_i| = 1 − p_i = 1 − e^{−ℓ_i}: the cross-entropy KL fact with
+    no k/(k−1) factor, c = κ (mean) and κ_ω²/n (sum).
     """
 
     name = "logistic"
@@ -182,8 +195,9 @@ class BinaryLogistic(Loss):
         s = 2.0 * y.to(f.dtype) - 1.0
         return (-s * torch.sigmoid(-s * f[:, 0])).unsqueeze(-1)
 
-    def functional_kl(self, weights: Tensor, convention: Convention) -> FunctionalKL:
-        return _ce_kl(weights, convention)
+    def functional_kl(self, weights: Tensor, convention: Convention,
+                      n_classes: int | None = None) -> FunctionalKL:
+        return _ce_kl(weights, convention, 1)
 
     def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
         if f.shape[-1] != 1:

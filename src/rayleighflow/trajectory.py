@@ -4,8 +4,13 @@ File format (append-only, one JSON object per line, so an interrupted run keeps 
 it wrote and a truncated last line is ignored on load)::
 
     {"type": "meta", ...}                     # once, first line
+    {"type": "evals", "row": 1, "t": [...], "loss": [...], "grad_sq": [...], "fgrad_sq": [...]}
     {"type": "row", "t": 0.0, "loss": ..., ...}
     {"type": "end", "status": "t_max", "detail": "..."}   # last "end" wins (resumed runs)
+
+An "evals" line holds the integrator's gradient evaluations (each gradient-descent iterate, each
+Runge–Kutta stage) since the previous record: flow time, L, ‖∇L‖² and ‖∇ℓ‖²_D at each. It is written
+just before the record row with index ``row``, so truncating rows drops its evaluations too.
 
 Non-finite floats are written as null and read back as NaN.
 """
@@ -34,6 +39,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
+_EVAL_KEYS = ("t", "loss", "grad_sq", "fgrad_sq")
+
+
+def _chunk_line(index: int, chunk: Mapping[str, list]) -> str:
+    clean = {k: [None if x is None else _clean(float(x)) for x in v] for k, v in chunk.items()}
+    return json.dumps({"type": "evals", "row": index, **clean}) + "\n"
+
+
 @final
 class Trajectory:
     """Columns of diagnostics indexed by record; optionally mirrored to a JSONL file.
@@ -50,10 +63,14 @@ class Trajectory:
         self.detail: str | None = None
         self.path = Path(path) if path is not None else None
         self._fh: IO[str] | None = None
+        # (index of the row that follows, {"t": [...], "loss": [...], "grad_sq": [...]})
+        self._eval_chunks: list[tuple[int, dict[str, list[float]]]] = []
+        self._pending: dict[str, list[float]] = {k: [] for k in _EVAL_KEYS}
         if self.path is not None:
             if append and self.path.exists():
                 loaded = Trajectory.load(self.path)
                 self.meta, self.rows = loaded.meta, loaded.rows
+                self._eval_chunks = loaded._eval_chunks
                 self._fh = open(self.path, "a")
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,10 +84,40 @@ class Trajectory:
         self._fh.write(json.dumps({k: _clean(v) for k, v in obj.items()}) + "\n")
         self._fh.flush()
 
+    def add_evaluation(self, t: float, loss: float, grad_sq: float,
+                       fgrad_sq: float = math.nan) -> None:
+        """Buffer one gradient evaluation of the integrator; written with the next record."""
+        for key, value in zip(_EVAL_KEYS, (t, loss, grad_sq, fgrad_sq), strict=True):
+            self._pending[key].append(value)
+
+    def _flush_evaluations(self) -> None:
+        if not self._pending["t"]:
+            return
+        chunk, index = self._pending, len(self.rows)
+        self._pending = {k: [] for k in _EVAL_KEYS}
+        self._eval_chunks.append((index, chunk))
+        self._write_chunk(index, chunk)
+
+    def _write_chunk(self, index: int, chunk: Mapping[str, list[float]]) -> None:
+        if self._fh is not None:
+            self._fh.write(_chunk_line(index, chunk))
+
     def append(self, row: Mapping[str, Any]) -> None:
+        self._flush_evaluations()
         row = {k: _clean(v) for k, v in row.items()}
         self.rows.append(row)
         self._write({"type": "row", **row})
+
+    @property
+    def evaluations(self) -> dict[str, np.ndarray] | None:
+        """Every logged gradient evaluation up to the last record, as float64 arrays ``t``,
+        ``loss``, ``grad_sq``, ``fgrad_sq`` (None when the integrator logged none)."""
+        chunks = [c for i, c in self._eval_chunks if i < len(self.rows)]
+        if not chunks:
+            return None
+        return {k: np.array([np.nan if x is None else x for c in chunks
+                             for x in c.get(k, [None] * len(c["t"]))], dtype=np.float64)
+                for k in _EVAL_KEYS}
 
     def close(self, status: str, detail: str = "") -> None:
         """Record why the run stopped and close the file (idempotent)."""
@@ -102,6 +149,8 @@ class Trajectory:
                 traj.meta = obj
             elif kind == "row":
                 traj.rows.append(obj)
+            elif kind == "evals":
+                traj._eval_chunks.append((int(obj.pop("row")), obj))
             elif kind == "end":
                 traj.status, traj.detail = obj.get("status"), obj.get("detail")
         return traj
@@ -138,7 +187,10 @@ class Trajectory:
         tmp = Path(str(path) + ".tmp")
         with open(tmp, "w") as fh:
             fh.write(json.dumps({"type": "meta", **self.meta}) + "\n")
-            for r in self.rows:
+            chunks = {i: c for i, c in self._eval_chunks if i < len(self.rows)}
+            for i, r in enumerate(self.rows):
+                if i in chunks:
+                    fh.write(_chunk_line(i, chunks[i]))
                 fh.write(json.dumps({"type": "row", **r}) + "\n")
             if self.status is not None:
                 fh.write(json.dumps({"type": "end", "status": self.status,

@@ -9,23 +9,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..certify import Certificate, CertificateStatus, certify, compose, rank_desingularizers
+from ..certificate import Certificate, CertificateStatus
+from ..certify import certify, compose, rank_desingularizers
 from ..data import Dataset
 from ..desingularizers import get_desingularizer
 from ..flow import FlowResult
+from ..losses import FunctionalKL
 from ..ntk import ntk_spectrum
+from ..ntk.spectrum import NUMERICAL_ZERO, STRUCTURAL_ZERO, VALUE
 from ..problem import Problem
 from ..trajectory import Trajectory
 
 __all__ = ["spectrum_diagnostic", "certificates", "certificate_arrays", "loss_figure",
-           "kernel_figure", "flow_summary", "finite_or_none"]
+           "kernel_figure", "flow_summary", "finite_or_none", "functional_kl",
+           "lambda_min_label"]
+
+
+def functional_kl(problem: Problem, data: Dataset) -> FunctionalKL:
+    """The loss's functional KL fact for these weights, with k read off the model's outputs."""
+    k = int(problem.model(problem.params, data.x[:1]).shape[-1])
+    return problem.loss.functional_kl(data.weights, problem.convention, n_classes=k)
 
 
 def spectrum_diagnostic(every: int = 1, max_samples: int | None = None):
     """Per-record NTK spectrum columns (λ_min, λ_max, smallest nonzero λ, rank) every N records.
 
     Eigenvalues are of the operator K on the evaluation data in the problem's convention,
-    computed in float64; rank counts λ > max(nk, P)·eps·λ_max.
+    computed in float64; rank counts λ > max(nk, P)·eps·λ_max. ``spectrum_samples`` records how
+    many points the spectrum saw (a subset never certifies the full kernel);
+    ``lambda_min_structural`` / ``lambda_min_zero`` (1 or 0) carry λ_min's label.
     """
     if every < 1:
         raise ValueError(f"spectrum every N records needs N >= 1 (got {every})")
@@ -39,7 +51,9 @@ def spectrum_diagnostic(every: int = 1, max_samples: int | None = None):
         # λ_min below the rank threshold is numerically zero: plot it at the threshold.
         return {"lambda_min": spec.lambda_min, "lambda_max": spec.lambda_max,
                 "lambda_min_nonzero": spec.lambda_min_nonzero, "rank": float(spec.rank),
-                "rank_threshold": spec.threshold,
+                "rank_threshold": spec.threshold, "spectrum_samples": float(data.n),
+                "lambda_min_structural": float(spec.lambda_min_label == STRUCTURAL_ZERO),
+                "lambda_min_zero": float(spec.lambda_min_label != VALUE),
                 "lambda_min_plot": max(spec.lambda_min, spec.threshold)}
 
     return diag
@@ -64,23 +78,23 @@ def certificates(
         stated = stated_mu.get(get_desingularizer(name).name)
         out.append((f"{name} ({'stated' if stated else 'observed'} μ)",
                     certify(traj, name, stated, rtol=rtol, atol=atol)))
-    fkl = problem.loss.functional_kl(data.weights, problem.convention)
+    fkl = functional_kl(problem, data)
     out.append((f"composed: c·R ({fkl.desingularizer})",
                 compose(traj, fkl, rayleigh_lower, rtol=rtol, atol=atol)))
     return out
 
 
 def certificate_arrays(prefix: str, certs: list[tuple[str, Certificate]]) -> dict[str, Any]:
-    """Bound curves as arrays for arrays.npz, keyed ``{prefix}bound{i}``."""
+    """Bound curves at the record times, for arrays.npz, keyed ``{prefix}bound{i}``."""
     arrays = {}
     for i, (_, cert) in enumerate(certs):
         if cert.status is not CertificateStatus.UNAVAILABLE:
-            arrays[f"{prefix}bound{i}"] = cert.bound
+            arrays[f"{prefix}bound{i}"] = cert.bound_at_records
     return arrays
 
 
 def _cert_label(label: str, cert: Certificate) -> str:
-    return f"{label}, μ = {cert.mu:.3g}"
+    return f"{label}, μ = {cert.mu:.3g}: {cert.status.value} (scope {cert.scope.value})"
 
 
 def loss_figure(name: str, traj_name: str, certs: Sequence[tuple[str, Certificate]] | int,
@@ -141,6 +155,28 @@ def _reduce(traj: Trajectory, name: str, fn) -> float | None:
     return finite_or_none(fn(col[np.isfinite(col)]))
 
 
+def lambda_min_label(traj: Trajectory) -> str | None:
+    """The label of the smallest recorded λ_min: structural zero, numerical zero, or value."""
+    if traj.get("lambda_min") is None:
+        return None
+    structural, zero = traj.get("lambda_min_structural"), traj.get("lambda_min_zero")
+    if structural is not None and np.nansum(structural) > 0:
+        return STRUCTURAL_ZERO
+    if zero is not None and np.nansum(zero) > 0:
+        return NUMERICAL_ZERO
+    return VALUE if zero is not None else None
+
+
+def cert_dicts(certs: Sequence[tuple[str, Certificate]], loss0: float) -> list[dict[str, Any]]:
+    """to_dict of each certificate, labelled, with the certified and forecast time to 1e-3·L₀."""
+    out = []
+    for label, cert in certs:
+        d = cert.to_dict(target=float(loss0) * 1e-3)
+        d["label"] = label
+        out.append(d)
+    return out
+
+
 def flow_summary(problem: Problem, data: Dataset, result: FlowResult,
                  certs: list[tuple[str, Certificate]]) -> dict[str, Any]:
     """The summary.json keys of one flow (docs/RUN_FOLDER.md)."""
@@ -148,14 +184,8 @@ def flow_summary(problem: Problem, data: Dataset, result: FlowResult,
     loss = traj["loss"]
     rank = _reduce(traj, "rank", np.max)
     k = problem.model(problem.params, data.x[:1]).shape[-1]
-    target = float(loss[0]) * 1e-3
-    cert_dicts = []
-    for label, cert in certs:
-        d = cert.to_dict()
-        d["label"] = label
-        d["certified_time_to_1e-3_L0"] = finite_or_none(cert.time_to(target))
-        cert_dicts.append(d)
-    violations = [c["max_bound_violation"] for c in cert_dicts
+    cert_dicts_ = cert_dicts(certs, float(loss[0]))
+    violations = [c["max_bound_violation"] for c in cert_dicts_
                   if c["max_bound_violation"] is not None]
     return {
         "convention": problem.convention.value, "P": problem.model.n_params, "nk": data.n * k,
@@ -164,9 +194,11 @@ def flow_summary(problem: Problem, data: Dataset, result: FlowResult,
         "rank": None if rank is None else int(rank),
         "rank_threshold": _reduce(traj, "rank_threshold", np.max),
         "lambda_min": _reduce(traj, "lambda_min", np.min),
+        "lambda_min_label": lambda_min_label(traj),
+        "spectrum_samples": _reduce(traj, "spectrum_samples", np.min),
         "lambda_max": _reduce(traj, "lambda_max", np.max),
         "rayleigh_min": _reduce(traj, "rayleigh", np.min),
-        "certificates": cert_dicts,
+        "certificates": cert_dicts_,
         "max_bound_violation": max(violations) if violations else None,
         "desingularizer_ranking": rank_desingularizers(traj),
         "flow_status": result.status.value, "flow_message": result.message,

@@ -20,6 +20,7 @@ from .common import (
     certificate_arrays,
     certificates,
     flow_summary,
+    functional_kl,
     kernel_figure,
     loss_figure,
     spectrum_diagnostic,
@@ -39,8 +40,7 @@ def _data(p: dict, ctx: RunContext) -> Dataset:
 
 
 def _certs(traj, problem, data):
-    fkl = problem.loss.functional_kl(data.weights, problem.convention)
-    pl = ("PL via λ_min(K) (definite NTK)", spectral(traj, fkl))
+    pl = ("PL via λ_min(K) (definite NTK)", spectral(traj, functional_kl(problem, data)))
     return [pl, *certificates(traj, problem, data, [])]
 
 
@@ -80,7 +80,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                   if c["max_bound_violation"] is not None]
     summary = {k: under[k] for k in ("convention", "P", "nk", "loss_initial", "loss_final",
                                      "t_final", "rank", "rank_threshold", "lambda_min",
-                                     "lambda_max", "rayleigh_min")}
+                                     "lambda_min_label", "lambda_max", "rayleigh_min")}
     summary.update(
         certificates=all_certs, regimes=regimes,
         max_bound_violation=max(violations) if violations else None,
@@ -97,12 +97,14 @@ def _fmt(x) -> str:
 
 def _note(regime: str, r: dict[str, Any]) -> str:
     """What this run shows, read off its computed statuses (never assumed)."""
-    pl, composed = r["certificates"][0]["status"], r["certificates"][-1]["status"]
+    pl, composed = r["certificates"][0], r["certificates"][-1]
     size = "≥" if r["P"] >= r["nk"] else "<"
+    why = "" if pl["reason"] is None else f" ({pl['reason']['cause']})"
     return (f"{regime}-parameterized: m = {r['width']}, P = {r['P']} {size} nk = {r['nk']}; "
-            f"min λ_min(K) = {_fmt(r['lambda_min'])} (rank threshold "
-            f"{_fmt(r['rank_threshold'])}), PL certificate: {pl}; min R(K; ∇ℓ) = "
-            f"{_fmt(r['rayleigh_min'])}, composed Rayleigh certificate: {composed}.")
+            f"min λ_min(K) = {_fmt(r['lambda_min'])} ({r['lambda_min_label']}, rank threshold "
+            f"{_fmt(r['rank_threshold'])}); PL certificate: {pl['status']} (scope "
+            f"{pl['scope']}){why}; min R(K; ∇ℓ) = {_fmt(r['rayleigh_min'])}, composed Rayleigh "
+            f"certificate: {composed['status']} (scope {composed['scope']}).")
 
 
 EXPERIMENT = Experiment(

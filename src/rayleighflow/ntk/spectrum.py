@@ -11,12 +11,20 @@ M = Ω^{1/2} G Ω^{1/2}, nk × nk):
 
 Rank: λ ≤ threshold = rtol · λ_max counts as zero, with the default
 rtol = max(nk, P) · eps(dtype the kernel was computed in) (THEORY.md §7); the threshold used is
-always reported.
+always reported. A float32 (or lower) model's kernel is computed in float64 by default
+(``accumulate_float64``): the parameters are cast, so the eigenvalues are those of the model's
+exact kernel at its stored weights, and the threshold uses float64's eps; a warning says when
+the float32 threshold would have decided otherwise.
+
+λ_min is reported as a number ≥ 0 with a label (CERTIFICATES.md §6): "structural zero" (rank ≤
+P < nk: no computation needed), "numerical zero" (≤ the threshold τ) or "value".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import warnings
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import final
 
@@ -44,7 +52,11 @@ from .operator import NTKOperator
 from .plan import act_bytes
 
 __all__ = ["Spectrum", "SpectrumRoute", "dual_gram", "extreme_eigenpairs", "kernel_spectrum",
-           "ntk_spectrum"]
+           "ntk_spectrum", "STRUCTURAL_ZERO", "NUMERICAL_ZERO", "VALUE"]
+
+STRUCTURAL_ZERO = "structural zero (rank ≤ P < nk)"
+NUMERICAL_ZERO = "numerical zero (≤ τ)"
+VALUE = "value"
 
 
 class SpectrumRoute(StrEnum):
@@ -63,8 +75,11 @@ class Spectrum:
 
     ``eigenvalues`` holds all nk eigenvalues for DENSE and DUAL (the structural zeros of the
     dual route included), only the computed extreme ones for LANCZOS. ``rank`` and
-    ``lambda_min_nonzero`` are None when unknown (LANCZOS). ``lambda_min`` is 0.0 exactly when
-    nk > P (structural).
+    ``lambda_min_nonzero`` are None when unknown (LANCZOS). ``lambda_min`` is ≥ 0, with
+    ``lambda_min_label`` saying what it is: 0.0 exactly when nk > P (structural), max(λ, 0)
+    otherwise. ``samples`` is the number of data points, ``computed_dtype`` the dtype of the
+    kernel's arithmetic, ``dtype_note`` non-empty when the float32 threshold would have given
+    another answer.
     """
 
     eigenvalues: np.ndarray
@@ -78,6 +93,16 @@ class Spectrum:
     lambda_min_nonzero: float | None
     method: str
     eigenvectors: np.ndarray | None = None
+    lambda_min_label: str = VALUE
+    samples: int | None = None
+    convention: str | None = None
+    computed_dtype: str | None = None
+    dtype_note: str = ""
+
+    @property
+    def definite(self) -> bool:
+        """λ_min above the threshold τ (known only when λ_min is)."""
+        return self.lambda_min_label == VALUE and self.lambda_min is not None
 
 
 def _default_rtol(size: int, n_params: int | None, dtype: torch.dtype) -> float:
@@ -119,9 +144,47 @@ def _summarize(vals: np.ndarray, size: int, n_params: int | None, rtol: float | 
     rank = int(nonzero.size)
     if structural_zeros:
         vals = np.concatenate([np.zeros(structural_zeros), vals])
-    lam_min = 0.0 if structural_zeros else float(vals[0])
+    structural = bool(structural_zeros) or (n_params is not None and n_params < size)
+    lam_min, label = _label(float(vals[0]), threshold, structural)
     return Spectrum(vals, size, n_params, rank, threshold, rtol, lam_max, lam_min,
-                    float(nonzero[0]) if rank else None, method, vecs)
+                    float(nonzero[0]) if rank else None, method, vecs, label,
+                    computed_dtype=str(dtype).removeprefix("torch."))
+
+
+def _label(raw: float, threshold: float | None, structural: bool) -> tuple[float, str]:
+    if structural:
+        return 0.0, STRUCTURAL_ZERO
+    if threshold is None or not raw > threshold:
+        return max(raw, 0.0), NUMERICAL_ZERO
+    return raw, VALUE
+
+
+def _as_float64(model: Model) -> Model:
+    """A shallow copy of ``model`` whose floating buffers are float64 (parameters are passed)."""
+    out = copy.copy(model)
+    out.buffers = {k: (v.double() if v.is_floating_point() else v)
+                   for k, v in (getattr(model, "buffers", None) or {}).items()}
+    return out
+
+
+def _dtype_check(spec: Spectrum, nk: int, p: int, low: torch.dtype) -> Spectrum:
+    """Warn (and note) when the threshold of the model's own dtype would change the answer."""
+    if spec.rtol is None or spec.lambda_min_label == STRUCTURAL_ZERO:
+        return spec
+    thr_low = _default_rtol(nk, p, low) * max(spec.lambda_max, 0.0)
+    vals = spec.eigenvalues
+    rank_low = int(np.sum(vals > thr_low)) if spec.rank is not None else None
+    raw_min = float(vals[0]) if vals.size else None
+    flips = (rank_low is not None and rank_low != spec.rank) or (
+        raw_min is not None and (raw_min > spec.threshold) != (raw_min > thr_low))
+    if not flips:
+        return spec
+    note = (f"the dtype decides the answer: with {str(low).removeprefix('torch.')}'s threshold "
+            f"{thr_low:.3g} the rank would be {rank_low} and λ_min "
+            f"{'> τ' if raw_min is not None and raw_min > thr_low else '≤ τ'}; computed in "
+            f"float64 (threshold {spec.threshold:.3g}) it is rank {spec.rank}")
+    warnings.warn(note, stacklevel=3)
+    return replace(spec, dtype_note=note)
 
 
 def dual_gram(
@@ -199,18 +262,40 @@ def ntk_spectrum(
     weights: Tensor | None = None, convention: Convention | str = "mean",
     route: SpectrumRoute | str = "auto", rtol: float | None = None,
     max_memory: int | str | None = None, eigenvectors: bool = False,
+    accumulate_float64: bool = True,
 ) -> Spectrum:
-    """Eigenvalues, numerical rank, λ_max, λ_min and smallest nonzero eigenvalue of K_θ.
+    """Eigenvalues, numerical rank, λ_max, λ_min (≥ 0, labelled) and smallest nonzero
+    eigenvalue of K_θ, with the sample count, convention and dtype it was computed with.
 
     K is the operator on L²(D) ("mean", default) or the Euclidean Gram ("sum"); see
-    :func:`empirical_ntk`. Example: ``s = ntk_spectrum(net, x); s.rank, s.threshold``.
+    :func:`empirical_ntk`. A model in a dtype below float64 is evaluated in float64 unless
+    ``accumulate_float64=False``. Example: ``s = ntk_spectrum(net, x); s.rank, s.threshold``.
     """
     model = as_model(model)
     params = resolve_params(model, params)
+    own = param_dtype(params)
+    if accumulate_float64 and own != torch.float64 and own.is_floating_point:
+        params = {k: (v.double() if v.is_floating_point() else v) for k, v in params.items()}
+        model = _as_float64(model)
+        if isinstance(x, Dataset):
+            x = x.to(dtype=torch.float64)
+        elif x.is_floating_point():
+            x = x.double()
+        weights = None if weights is None else weights.double()
+    spec = _ntk_spectrum(model, x, params, weights, convention, route, rtol, max_memory,
+                         eigenvectors)
+    if spec.computed_dtype == "float64" and own != torch.float64:
+        spec = _dtype_check(spec, spec.size, spec.n_params or 0, own)
+    return spec
+
+
+def _ntk_spectrum(model, x, params, weights, convention, route, rtol, max_memory,
+                  eigenvectors) -> Spectrum:
     xt, w = prepare_x(x, params, "x")
     w = weights if weights is not None else w
     conv = Convention.parse(convention)
     dtype = param_dtype(params)
+    meta = {"samples": int(xt.shape[0]), "convention": conv.value}
     with torch.no_grad():
         k = int(model(params, xt[:1]).shape[1])
     nk, p = xt.shape[0] * k, sum(v.numel() for v in params.values())
@@ -228,14 +313,15 @@ def ntk_spectrum(
                              max_memory=max_memory)
         s = kernel_spectrum(kern, rtol=rtol, n_params=p, computed_in=dtype,
                             eigenvectors=eigenvectors)
-        return s
+        return replace(s, **meta)
     if route is SpectrumRoute.DUAL:
         if p >= nk:
             raise ValueError(f"the dual route needs P < nk (P = {p}, nk = {nk}): use 'dense'")
         phi = dual_gram(model, xt, params=params, weights=w, convention=conv,
                         max_memory=max_memory)
         vals = torch.linalg.eigvalsh(phi.cpu()).numpy()
-        return _summarize(vals, nk, p, rtol, dtype, "dual", structural_zeros=nk - p)
+        return replace(_summarize(vals, nk, p, rtol, dtype, "dual", structural_zeros=nk - p),
+                       **meta)
     op = NTKOperator(model, xt, params=params, weights=w, convention=conv,
                      max_memory=max_memory)
     top, vec = extreme_eigenpairs(op, 1, which="largest")
@@ -245,6 +331,8 @@ def ntk_spectrum(
         low, _ = extreme_eigenpairs(op, 1, which="smallest", method="lobpcg")
         lam_min = float(low[0])
     r = _default_rtol(nk, p, dtype) if rtol is None else float(rtol)
-    return Spectrum(np.concatenate([low, top]), nk, p, None, r * float(top[-1]), r,
-                    float(top[-1]), lam_min, None, "lanczos",
-                    vec if eigenvectors else None)
+    thr = r * float(top[-1])
+    lam_min, label = _label(lam_min, thr, nk > p)
+    return Spectrum(np.concatenate([low, top]), nk, p, None, thr, r, float(top[-1]), lam_min,
+                    None, "lanczos", vec if eigenvectors else None, label,
+                    computed_dtype=str(dtype).removeprefix("torch."), **meta)

@@ -38,7 +38,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import optimize, special
 
-from rayleighflow.desingularizers import CrossEntropy
+from rayleighflow.desingularizers import CrossEntropy, ScaledCrossEntropy
 
 __all__ = [
     "AdversarialProblem",
@@ -282,6 +282,9 @@ class LogisticCertificate:
     """Global KL certificate for linear softmax regression: ‖∇L‖² ≥ μ(1 − e^{−L})², μ = κ²ε².
 
     ``margin`` ε is in the units of x, ``isolation`` κ = min_i w_i, ``C`` = φ(loss0).
+    ``scale`` is the smallest effective weight κ' (κ in the mean convention, n·min w_i in the
+    sum convention); the sharp isolation form (CERTIFICATES.md §5) reads
+    ‖∇L‖² ≥ κ'²ε²(1 − e^{−L/κ'})², hence L_t ≤ κ'·φ⁻¹(φ(L₀/κ') − κ'ε²t) (:meth:`sharp_bound`).
     """
 
     margin: float
@@ -289,6 +292,30 @@ class LogisticCertificate:
     C: float
     mu: float
     loss0: float
+    scale: float | None = None
+    convention: str = "mean"
+
+    @property
+    def kappa(self) -> float:
+        """κ' of the sharp form (the isolation in the mean convention)."""
+        return self.isolation if self.scale is None else self.scale
+
+    def desingularizer(self) -> CrossEntropy:
+        """φ of the classical form: cross-entropy, with μ = :attr:`mu`."""
+        return CrossEntropy()
+
+    def sharp_desingularizer(self) -> ScaledCrossEntropy:
+        """φ_κ'(u) = κ'φ(u/κ') of the sharp form, with the same μ = κ'²ε²."""
+        return ScaledCrossEntropy(self.kappa)
+
+    def sharp_bound(self, t: ArrayLike) -> FloatArray:
+        """κ'·φ⁻¹(φ(L₀/κ') − κ'ε²t): never above :meth:`bound`, ~1/(ε²t) at small loss."""
+        return self.sharp_desingularizer().bound(self.loss0, self.mu,
+                                                 np.asarray(t, dtype=np.float64))
+
+    def best_bound(self, t: ArrayLike) -> FloatArray:
+        """The pointwise minimum of the two valid bounds."""
+        return np.minimum(self.bound(t), self.sharp_bound(t))
 
     def __post_init__(self) -> None:
         fields = {"margin": self.margin, "mu": self.mu, "loss0": self.loss0}
@@ -297,6 +324,8 @@ class LogisticCertificate:
                 raise ValueError(f"{name} must be finite and > 0; got {value!r}")
         if not (0 < self.isolation <= 1):
             raise ValueError(f"isolation must lie in (0, 1]; got {self.isolation!r}")
+        if not (0 < self.kappa <= 1):
+            raise ValueError(f"scale must lie in (0, 1]; got {self.scale!r}")
         if not math.isfinite(self.C):
             raise ValueError(f"C = φ(loss0) must be finite; got {self.C!r}")
 
@@ -338,12 +367,17 @@ def margin_certificate(
     loss0: float,
     weights: ArrayLike | None = None,
     separator: Separator | None = None,
+    convention: str = "mean",
 ) -> LogisticCertificate:
     """Certificate for L(W_t) from the initial loss L₀ (computed by the caller at W_0).
 
     ε is the margin of ``separator`` re-measured on (X, y) (default: the max-margin one), so any
-    separator is accepted; κ = min_i w_i. Raises ValueError when the data are not separated.
+    separator is accepted; κ = min_i w_i. Mean convention (L = Σ w_i ℓ_i): μ = κ²ε². Sum
+    convention (L = Σ ω_i ℓ_i, ω_i = n w_i): μ = κ_ω²ε² with κ_ω = n κ, which is ε² for
+    uniform weights. Raises ValueError when the data are not separated.
     """
+    if convention not in ("mean", "sum"):
+        raise ValueError(f"convention must be 'mean' or 'sum' (got {convention!r})")
     X, y_int, k = _check_data(X, y, n_classes)
     kappa = isolation(_weights(weights, X.shape[0]))
     loss0 = float(loss0)
@@ -360,7 +394,9 @@ def margin_certificate(
             f"bias feature to X, or restrict to classes that are linearly separable"
         )
     C = float(CrossEntropy().phi(loss0))
-    return LogisticCertificate(eps, kappa, C, kappa**2 * eps**2, loss0)
+    # The witness −W* gives ‖∇L‖ ≥ ε Σ ω_i h(ℓ_i) ≥ ε κ' h(L/κ') (concavity, CERTIFICATES §5).
+    scale = kappa if convention == "mean" else min(1.0, kappa * X.shape[0])
+    return LogisticCertificate(eps, kappa, C, scale**2 * eps**2, loss0, scale, convention)
 
 
 # --- data generators for the R2 experiment -----------------------------------------------------
