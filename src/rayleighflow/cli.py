@@ -1,4 +1,10 @@
-"""Command-line interface: a thin layer over rayleighflow.experiments and rayleighflow.report."""
+"""Command-line interface: a thin layer over rayleighflow.experiments and rayleighflow.report.
+
+Every failure ends in one line on stderr (``error: ...``; a configuration with several problems
+lists one per line) and a non-zero exit code: 2 for bad input (options, files, configuration,
+folders), 1 when the run itself failed (summary.json then has status "failed"), 130 after an
+interrupt (Ctrl-C or SIGTERM; the resume command is printed). Never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,53 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 
 DEFAULT_OUT = "runs"
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _seed(text: str) -> int:
+    from .experiments.registry import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an integer seed (use 0 to {MAX_SEED})") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed {text} is out of range (use 0 to {MAX_SEED})")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name; give a folder, e.g. runs/mine")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rayleighflow",
         description="Certify and diagnose gradient-flow convergence through Rayleigh quotients "
                     "of the neural tangent kernel and Kurdyka-Lojasiewicz inequalities.",
@@ -27,34 +72,40 @@ def _parser() -> argparse.ArgumentParser:
                                      "user experiment from a TOML file, into a run folder with "
                                      "config.toml, summary.json, trajectories, figures and "
                                      "report.html.")
-    run.add_argument("experiment", nargs="?", default="demo",
+    run.add_argument("experiment", nargs="?", default=None,
                      help="experiment name or path to a .toml file (default: demo)")
     _add_run_options(run)
-    run.add_argument("--resume", metavar="RUN_DIR",
-                     help="continue an interrupted run from its last record")
+    run.add_argument("--resume", metavar="RUN_DIR", type=_folder,
+                     help="continue an interrupted run from its last record, exactly as it was "
+                          "configured (options that would change it are refused)")
+    run.add_argument("--force-new", action="store_true",
+                     help="with --resume: start RUN_DIR over (emptied), with the given options")
 
     demo = sub.add_parser("demo", help="the default demo (same as `rayleighflow run demo`)")
     _add_run_options(demo)
 
     report = sub.add_parser("report", help="re-render a run folder's figures and report.html "
                                            "from its saved files")
-    report.add_argument("run_dir", type=Path)
+    report.add_argument("run_dir", type=_folder)
 
     sub.add_parser("list", help="list the built-in experiments")
 
     ntk = sub.add_parser("ntk", help="NTK spectrum summary at initialization for an "
                                      "experiment's model and data")
-    ntk.add_argument("experiment", help="a .toml experiment file")
-    ntk.add_argument("--max-samples", type=int, default=None,
+    ntk.add_argument("experiment", help="a .toml experiment file (or a run folder of one)")
+    ntk.add_argument("--max-samples", type=_positive_int, default=None,
                      help="use at most this many samples (the kernel is (n k)^2)")
     return parser
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"run folder (default: {DEFAULT_OUT}/<experiment>)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="random seed (default 0, or the TOML file's)")
+    p.add_argument("--out", type=_folder, default=None,
+                   help=f"run folder (default: {DEFAULT_OUT}/<experiment>, or "
+                        f"{DEFAULT_OUT}/<experiment>-2, ... when that one holds files)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run folder's contents if it already holds a run")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="random seed, 0 to 2^32-1 (default 0, or the TOML file's)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default cpu, or the TOML file's)")
     p.add_argument("--dtype", default=None, choices=["float64", "float32"],
@@ -62,18 +113,43 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a short variant (seconds), as in CI")
 
 
-def _progress():
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+class _LazyProgress:
+    """A rich progress display that starts with its first bar, so an error raised while
+    checking the inputs prints nothing but its one line."""
 
-    return Progress(TextColumn("{task.description}"), BarColumn(),
-                    TextColumn("t={task.completed:.4g}"), TimeElapsedColumn(),
-                    TimeRemainingColumn(), transient=False)
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  TextColumn("t={task.completed:.4g}"), TimeElapsedColumn(),
+                                  TimeRemainingColumn(), transient=False)
+        self._started = False
+
+    def add_task(self, *args, **kwargs):
+        if not self._started:
+            self._progress.start()
+            self._started = True
+        return self._progress.add_task(*args, **kwargs)
+
+    def update(self, *args, **kwargs) -> None:
+        self._progress.update(*args, **kwargs)
+
+    def __enter__(self) -> _LazyProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._started:
+            self._progress.stop()
+
+
+def _progress() -> _LazyProgress:
+    return _LazyProgress()
 
 
 def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -81,27 +157,58 @@ def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001 - signal handler signa
 
 
 def _cmd_run(args) -> int:
-    from .experiments import run_experiment
+    from .experiments.registry import default_run_dir, resume_run, run_experiment
 
-    resume = args.resume is not None if hasattr(args, "resume") else False
-    if resume:
-        run_dir = Path(args.resume)
-        config = run_dir / "config.toml"
-        if not config.exists():
-            print(f"error: {run_dir} has no config.toml: not a run folder", file=sys.stderr)
-            return 2
-        target, out = str(config), run_dir
+    resume = getattr(args, "resume", None)
+    experiment = getattr(args, "experiment", None)
+    options = {"seed": args.seed, "device": args.device, "dtype": args.dtype,
+               "quick": args.quick}
+    if resume is not None and args.out is not None and Path(args.out) != Path(resume):
+        raise ValueError(f"--out {args.out} with --resume {resume}: a resumed run stays in its "
+                         "own folder; drop --out")
+    if resume is not None and args.overwrite and not args.force_new:
+        raise ValueError("--overwrite with --resume: --resume continues the run; use "
+                         "--force-new to start it over")
+    if resume is not None and not args.force_new:
+        out = Path(resume)
+        run = lambda progress: resume_run(out, experiment=experiment,  # noqa: E731
+                                          progress=progress, **options)
     else:
-        target = args.experiment if hasattr(args, "experiment") else "demo"
-        stem = Path(target).stem if target.endswith(".toml") else target
-        out = args.out if args.out is not None else Path(DEFAULT_OUT) / stem
+        if resume is not None:  # --force-new: start over in the same folder
+            out = Path(resume)
+            target = experiment or str(out / "config.toml")
+            overwrite = True
+        else:
+            target = experiment or "demo"
+            out = Path(args.out) if args.out is not None else default_run_dir(target, DEFAULT_OUT)
+            overwrite = args.overwrite
+        if getattr(args, "force_new", False) and resume is None:
+            raise ValueError("--force-new applies only with --resume RUN_DIR; to replace a "
+                             "folder's run use --overwrite")
+        run = lambda progress: run_experiment(target, out, overwrite=overwrite,  # noqa: E731
+                                              progress=progress, **options)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     with _progress() as progress:
-        summary = run_experiment(target, out, seed=args.seed, device=args.device,
-                                 dtype=args.dtype, quick=args.quick, resume=resume,
-                                 progress=progress)
+        summary = run(progress)
     _print_summary(summary, out)
-    return 0 if summary["status"] == "complete" else 130
+    if summary["status"] == "interrupted":
+        from .experiments.runner import resume_command
+
+        print(f"interrupted at t = {_fmt(summary.get('t_final'))}: what was recorded is in "
+              f"{out}; continue with: {resume_command(out)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    for stop in summary.get("stopped_early") or []:
+        print(f"warning: flow {stop['flow']!r} stopped early ({stop['status']}): "
+              f"{stop['message']}", file=sys.stderr)
+    return 0
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -109,22 +216,29 @@ def _print_summary(summary: dict, out: Path) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"{summary['experiment']}: {summary['status']}")
+    recorded = summary["status"] != "complete"
+    title = f"{summary['experiment']}: {summary['status']}"
+    if recorded and summary.get("recorded_flow"):
+        title += f" (values recorded by flow {summary['recorded_flow']!r})"
+    table = Table(title=title)
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for key in ("P", "nk", "rank", "lambda_min", "lambda_max", "rayleigh_min", "loss_initial",
                 "loss_final", "t_final", "run_time_s"):
-        value = summary.get(key)
-        table.add_row(key, "—" if value is None else f"{value:.4g}"
-                      if isinstance(value, float) else str(value))
+        table.add_row(key, _fmt(summary.get(key)))
     console.print(table)
     certs = Table(title="certificates")
-    for col in ("certificate", "μ", "status", "bound at end"):
+    for col in ("certificate", "μ", "status", "scope", "L₀ → bound at end", "note"):
         certs.add_column(col)
     for c in summary.get("certificates", []):
-        mu, bound = c.get("mu"), c.get("bound_final")
-        certs.add_row(c.get("label", c["desingularizer"]), "—" if mu is None else f"{mu:.4g}",
-                      c["status"], "—" if bound is None else f"{bound:.4g}")
+        from .report.html import certified_reduction
+
+        red = certified_reduction(c, summary)
+        reduction = "—" if red["l0"] is None or red["bound"] is None else (
+            f"{red['l0']:.4g} → {red['bound']:.4g} (×{red['ratio']:.3g})")
+        certs.add_row(c.get("label", c["desingularizer"]), _fmt(c.get("mu")), c["status"],
+                      str(c.get("scope") or "—"), reduction,
+                      "vacuous" if red["vacuous"] else "")
     if summary.get("certificates"):
         console.print(certs)
     console.print(f"run folder: {out}   report: {out / 'report.html'}")
@@ -133,7 +247,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 def _cmd_report(args) -> int:
     from .report import report_from_dir
 
-    path = report_from_dir(args.run_dir)
+    path = report_from_dir(Path(args.run_dir))
     print(f"report: {path}")
     return 0
 
@@ -154,17 +268,45 @@ def _cmd_ntk(args) -> int:
     return 0
 
 
+def _one_line(text: object) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else "(no message)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --help, --version and usage errors (one line) exit through SystemExit, as argparse does.
     args = _parser().parse_args(argv)
-    commands = {"run": _cmd_run, "demo": _cmd_run, "report": _cmd_report, "list": _cmd_list,
-                "ntk": _cmd_ntk, None: _cmd_run}
     if args.command is None:
-        args = _parser().parse_args(["run", *(argv or [])])
+        args = _parser().parse_args(["run", *argv])
+    commands = {"run": _cmd_run, "demo": _cmd_run, "report": _cmd_report, "list": _cmd_list,
+                "ntk": _cmd_ntk}
+    from .experiments._toml import ConfigError
+    from .experiments.registry import NothingToResume
+    from .experiments.runner import RunFailed
+
     try:
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except NothingToResume as done:
+        print(done, file=sys.stderr)
+        return 0
+    except ConfigError as err:
+        print(f"error: {err.one_line()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RunFailed as err:
+        print(f"error: the run failed: {_one_line(err)}; what was recorded is in {err.out} "
+              "(summary.json status \"failed\", traceback in it)", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, TypeError, OSError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the CLI's promise: one line, never a traceback
+        print(f"error: unexpected {type(err).__name__}: {_one_line(err)} (please report this "
+              "with the command you ran)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

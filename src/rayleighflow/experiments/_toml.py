@@ -52,6 +52,15 @@ class ConfigError(ValueError):
         lines += [f"  {f'line {i.line}: ' if i.line else ''}{i.message}" for i in self.issues]
         super().__init__("\n".join(lines))
 
+    def one_line(self) -> str:
+        """The message on one line when there is one problem (the file and line first);
+        otherwise the full message, one problem per line."""
+        if len(self.issues) != 1:
+            return str(self)
+        issue = self.issues[0]
+        where = ", ".join(filter(None, (self.source, f"line {issue.line}" if issue.line else "")))
+        return f"{where}: {issue.message}" if where else issue.message
+
 
 _TOKEN = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
 _HEADER = re.compile(rf"^\s*\[\[?\s*({_TOKEN}(?:\s*\.\s*{_TOKEN})*)\s*\]\]?\s*(?:#.*)?$")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,9 +13,12 @@ from typing import Any
 import torch
 
 from . import definite_ntk, demo, logistic, toy2d, two_layer
+from ._toml import ConfigError, Issue
 from .runner import Experiment, RunContext, execute
 
-__all__ = ["EXPERIMENTS", "get_experiment", "run_experiment", "builtin_config_text"]
+__all__ = ["EXPERIMENTS", "get_experiment", "run_experiment", "builtin_config_text",
+           "resume_run", "resume_conflicts", "prepare_out", "default_run_dir", "check_seed",
+           "NothingToResume", "MAX_SEED", "is_toml"]
 
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in (demo.EXPERIMENT, toy2d.EXPERIMENT, definite_ntk.EXPERIMENT,
@@ -66,6 +72,108 @@ def _resolve(exp: Experiment, quick: bool, overrides: Mapping[str, Any]) -> dict
     return params
 
 
+MAX_SEED = 2**32 - 1
+_RUN_FILES = ("config.toml", "summary.json", "trajectories", "report.html", "checkpoints",
+              "figures.json")
+
+
+class NothingToResume(Exception):
+    """``--resume`` on a run that finished: there is nothing to continue."""
+
+
+def is_toml(name: str | Path) -> bool:
+    """Whether ``name`` names a TOML file (any case of the extension) rather than a built-in."""
+    return str(name).lower().endswith(".toml")
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int in 0..2³²−1, or a one-line ValueError."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (got {seed!r})")
+    return seed
+
+
+def _out_path(out: str | Path) -> Path:
+    if isinstance(out, str) and not out.strip():
+        raise ValueError("the run folder (--out) is an empty string: give a folder name, e.g. "
+                         "--out runs/mine")
+    return Path(out).expanduser()
+
+
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in _RUN_FILES)
+
+
+def prepare_out(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check (and create) the run folder before anything is written into it.
+
+    A new run needs ``out`` absent or empty; an existing non-empty folder is refused unless
+    ``overwrite`` (which empties it first, and only if it looks like a run folder) or
+    ``resume``. Every refusal is a one-line ValueError naming the way out.
+    """
+    out = _out_path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the run folder {str(out)!r} exists and is a file, not a folder: "
+                         "choose another --out")
+    if resume:
+        if not (out / "config.toml").is_file():
+            raise ValueError(f"{str(out)!r} is not a run folder (no config.toml): nothing to "
+                             "resume")
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"the run folder {str(out)!r} already holds files: add --overwrite "
+                             f"to replace them, use --resume {out} to continue that run, or "
+                             "choose another --out")
+        _empty_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".rayleighflow-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write into the run folder {str(out)!r}: "
+                         f"{exc.strerror or exc}; choose another --out") from None
+    return out
+
+
+def _empty_run_folder(out: Path) -> None:
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    if target == here or target in here.parents or target == Path.home().resolve():
+        raise ValueError(f"--overwrite refuses to empty {str(out)!r}: it is the current "
+                         "folder, one of its parents or the home folder; choose another --out")
+    if not is_run_folder(out):
+        raise ValueError(f"{str(out)!r} is not empty and is not a run folder (no config.toml, "
+                         "summary.json or trajectories/): --overwrite only replaces run "
+                         "folders; choose another --out")
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def default_run_dir(target: str, root: str | Path = "runs") -> Path:
+    """``runs/NAME``, or ``runs/NAME-2``, ``-3``… when it already holds files. NAME is the
+    experiment's (for a saved ``config.toml``, the experiment it describes)."""
+    stem = target
+    if is_toml(target):
+        stem = Path(target).stem
+        try:
+            doc = tomllib.loads(Path(target).read_text(encoding="utf-8"))
+            name = doc.get("experiment", doc.get("name"))
+            if isinstance(name, str) and name.strip() and not re.search(r"[/\\]", name):
+                stem = name.strip()
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            pass
+    base = Path(root) / stem
+    candidate, i = base, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        i += 1
+        candidate = base.with_name(f"{base.name}-{i}")
+    return candidate
+
+
 def run_experiment(
     name: str,
     out: str | Path,
@@ -76,13 +184,21 @@ def run_experiment(
     quick: bool = False,
     overrides: Mapping[str, Any] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Run a built-in experiment by name, or a user TOML experiment by path, into ``out``."""
-    out = Path(out)
-    if name.endswith(".toml"):
+    """Run a built-in experiment by name, or a user TOML experiment by path, into ``out``.
+
+    Everything is validated before the folder is touched (see :func:`prepare_out` for the
+    folder rules). A failure of the experiment itself leaves summary.json with status
+    "failed" and raises :class:`~rayleighflow.experiments.runner.RunFailed`.
+    """
+    out = _out_path(out)
+    if seed is not None:
+        check_seed(seed)
+    if is_toml(name):
         return _run_file(Path(name), out, seed=seed, device=device, dtype=dtype, quick=quick,
-                         resume=resume, progress=progress)
+                         resume=resume, overwrite=overwrite, progress=progress)
     exp = get_experiment(name)
     seed = 0 if seed is None else seed
     device = device or "cpu"
@@ -92,31 +208,128 @@ def run_experiment(
     _check_device(device)
     params = _resolve(exp, quick, overrides or {})
     settings = {"seed": seed, "device": device, "dtype": dtype, "quick": quick}
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, resume=resume, overwrite=overwrite)
     ctx = RunContext(out, params, seed=seed, device=device, dtype=_DTYPES[dtype], resume=resume,
                      progress=progress)
     return execute(exp, ctx, builtin_config_text(exp.name, settings, params))
 
 
-def _run_file(path: Path, out: Path, **kw: Any) -> dict[str, Any]:
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A TOML document, or a ConfigError that names the file (and the line)."""
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not a .toml file: to continue a run use "
+                         f"--resume {path}; to run it again use {path / 'config.toml'}")
     if not path.exists():
-        raise FileNotFoundError(f"no experiment file {path}")
-    with open(path, "rb") as fh:
-        doc = tomllib.load(fh)
+        raise FileNotFoundError(f"no experiment file {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        return tomllib.loads(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the file: {exc}", path) from None
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise ConfigError([Issue("", int(m.group(1)) if m else None, f"not valid TOML: {exc}")],
+                          path) from None
+
+
+def _builtin_settings(path: Path, doc: Mapping[str, Any]) -> dict[str, Any]:
+    extra = set(doc) - {"experiment", "seed", "device", "dtype", "quick", "params"}
+    if extra:
+        raise ConfigError(f"unknown key(s) {sorted(extra)} in a built-in run configuration "
+                          "(allowed: experiment, seed, device, dtype, quick, [params])", path)
+    types = {"experiment": str, "seed": int, "device": str, "dtype": str, "quick": bool,
+             "params": dict}
+    for key, kind in types.items():
+        if key in doc and (not isinstance(doc[key], kind)
+                           or (kind is int and isinstance(doc[key], bool))):
+            raise ConfigError(f"{key} must be {'a table' if kind is dict else 'a ' + kind.__name__}"
+                              f" (got {doc[key]!r})", path)
+    return {"experiment": doc["experiment"], "seed": doc.get("seed", 0),
+            "device": doc.get("device", "cpu"), "dtype": doc.get("dtype", "float64"),
+            "quick": doc.get("quick", False), "params": doc.get("params", {})}
+
+
+def _run_file(path: Path, out: Path, **kw: Any) -> dict[str, Any]:
+    doc = _read_toml(path)
     if "experiment" in doc:  # a saved built-in run configuration
-        extra = set(doc) - {"experiment", "seed", "device", "dtype", "quick", "params"}
-        if extra:
-            raise ValueError(f"{path}: unknown key(s) {sorted(extra)} in a built-in run config")
+        saved = _builtin_settings(path, doc)
         return run_experiment(
-            doc["experiment"], out,
-            seed=kw["seed"] if kw["seed"] is not None else int(doc.get("seed", 0)),
-            device=kw["device"] or str(doc.get("device", "cpu")),
-            dtype=kw["dtype"] or str(doc.get("dtype", "float64")),
-            quick=bool(doc.get("quick", False)), overrides=doc.get("params", {}),
-            resume=kw["resume"], progress=kw["progress"])
+            saved["experiment"], out,
+            seed=kw["seed"] if kw["seed"] is not None else saved["seed"],
+            device=kw["device"] or saved["device"], dtype=kw["dtype"] or saved["dtype"],
+            quick=bool(saved["quick"] or kw["quick"]), overrides=saved["params"],
+            resume=kw["resume"], overwrite=kw["overwrite"], progress=kw["progress"])
     from .user import run_user_experiment
 
     return run_user_experiment(path, out, **kw)
+
+
+def resume_conflicts(run_dir: str | Path, *, experiment: str | None = None,
+                     seed: int | None = None, device: str | None = None,
+                     dtype: str | None = None, quick: bool = False) -> list[str]:
+    """The options that would change the run saved in ``run_dir`` (empty: safe to resume)."""
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.toml"
+    doc = _read_toml(saved_path)
+    builtin = "experiment" in doc
+    name = doc.get("experiment") if builtin else doc.get("name", "experiment")
+    out = []
+    for opt, value, default in (("seed", seed, 0), ("device", device, "cpu"),
+                                ("dtype", dtype, "float64")):
+        was = doc.get(opt, default)
+        if value is not None and value != was:
+            out.append(f"--{opt} {value} (the run has {opt} {was})")
+    if quick and not (builtin and doc.get("quick") is True):
+        out.append("--quick (the run is not a --quick run)" if builtin else
+                   "--quick (the saved configuration already holds the run's flow settings)")
+    if experiment is not None:
+        if is_toml(experiment):
+            if not _same_config(Path(experiment), saved_path, doc):
+                out.append(f"{experiment} (not the configuration the run was started with)")
+        elif not builtin or experiment != name:
+            out.append(f"experiment {experiment!r} (the run is experiment {name!r})")
+    return out
+
+
+def _same_config(path: Path, saved_path: Path, saved: Mapping[str, Any]) -> bool:
+    try:
+        if path.resolve() == saved_path.resolve():
+            return True
+    except OSError:
+        return False
+    doc = _read_toml(path)
+    if "experiment" in saved or "experiment" in doc:
+        return _builtin_settings(path, doc) == _builtin_settings(saved_path, saved)
+    from .config import load_config
+
+    return load_config(path) == load_config(saved_path)
+
+
+def resume_run(run_dir: str | Path, *, experiment: str | None = None, seed: int | None = None,
+               device: str | None = None, dtype: str | None = None, quick: bool = False,
+               progress: Any = None) -> dict[str, Any]:
+    """Continue the run saved in ``run_dir`` exactly as it was configured.
+
+    Options are accepted only when they agree with the saved configuration; one that would
+    change the run is a one-line ValueError. A finished run raises :class:`NothingToResume`.
+    """
+    run_dir = prepare_out(run_dir, resume=True)
+    conflicts = resume_conflicts(run_dir, experiment=experiment, seed=seed, device=device,
+                                 dtype=dtype, quick=quick)
+    if conflicts:
+        raise ValueError(f"--resume {run_dir}: {'; '.join(conflicts)} would change the run; "
+                         "drop it to continue the run as it was, or add --force-new to start "
+                         "it over with the new settings")
+    summary = run_dir / "summary.json"
+    try:
+        status = json.loads(summary.read_text()).get("status") if summary.exists() else None
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "complete":
+        raise NothingToResume(f"nothing to resume: {run_dir} finished (status complete); "
+                              f"`rayleighflow report {run_dir}` re-renders it, --force-new runs "
+                              "it again")
+    return run_experiment(str(run_dir / "config.toml"), run_dir, resume=True, progress=progress)
 
 
 def _check_device(device: str) -> None:

@@ -24,13 +24,27 @@ from ..flow import FlowResult, FlowStatus, gradient_flow
 from ..problem import Problem
 from ..trajectory import Trajectory
 
-__all__ = ["RunContext", "RunInterrupted", "Experiment", "execute", "DONE_STATUSES"]
+__all__ = ["RunContext", "RunInterrupted", "RunFailed", "Experiment", "execute",
+           "DONE_STATUSES", "EARLY_STOPS"]
 
+#: Flow statuses that end a flow for good (a resumed run reloads it instead of continuing).
 DONE_STATUSES = {s.value for s in FlowStatus} - {FlowStatus.INTERRUPTED.value}
+#: Flow statuses that finish a flow without reaching what was asked (t_max or the loss target):
+#: the run completes, and says so in the terminal, summary.json ``stopped_early`` and the report.
+EARLY_STOPS = DONE_STATUSES - {FlowStatus.T_MAX.value, FlowStatus.LOSS_TARGET.value}
 
 
 class RunInterrupted(Exception):
     """Raised after a flow was interrupted: the runner keeps what was recorded."""
+
+
+class RunFailed(RuntimeError):
+    """The experiment raised: summary.json (status "failed") holds the error and what was
+    recorded; ``summary`` is that dict, ``out`` the run folder."""
+
+    def __init__(self, message: str, out: Path, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.out, self.summary = out, summary
 
 
 @final
@@ -55,7 +69,16 @@ class RunContext:
     dtype: torch.dtype = torch.float64
     resume: bool = False
     progress: Any = None  # a rich.progress.Progress or None
+    #: run time of earlier segments (resumes), so checkpoints carry the accumulated run time
+    run_time_before: float = 0.0
+    #: name -> (status, message) of every flow run or reloaded, in order
+    flows: dict[str, tuple[str, str]] = field(default_factory=dict)
     _arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    _begin: float = field(default_factory=time.perf_counter)
+
+    def run_time(self) -> float:
+        """Seconds of run time so far, earlier segments included."""
+        return self.run_time_before + time.perf_counter() - self._begin
 
     def __post_init__(self) -> None:
         (self.out / "trajectories").mkdir(parents=True, exist_ok=True)
@@ -97,6 +120,7 @@ class RunContext:
             saved = Trajectory.load(path)
             state = torch.load(ckpt, weights_only=True)
             if saved.status in DONE_STATUSES:
+                self.flows[name] = (saved.status, saved.detail or "")
                 return FlowResult(saved, state["params"], FlowStatus(saved.status),
                                   float(state["t"]), int(state["evals"]),
                                   saved.detail or "", 0.0)
@@ -105,7 +129,8 @@ class RunContext:
                      "grad_evals_start": int(state["evals"])}
 
         def on_record(row: dict, params) -> None:
-            _atomic_torch({"params": params, "t": row["t"], "evals": row["grad_evals"]}, ckpt)
+            _atomic_torch({"params": params, "t": row["t"], "evals": row["grad_evals"],
+                           "run_time": self.run_time()}, ckpt)
 
         task = None
         if self.progress is not None:
@@ -121,8 +146,11 @@ class RunContext:
         result = gradient_flow(problem, path=path, on_record=on_record, progress=progress,
                                generator=kwargs.pop("generator", self.generator()),
                                **start, **kwargs)
-        if task is not None:
-            self.progress.update(task, completed=float(kwargs["t_max"]))
+        self.flows[name] = (result.status.value, result.message)
+        if task is not None:  # the bar stops where the flow stopped, and says why
+            how = "" if result.status is FlowStatus.T_MAX else f" [{result.status.value}]"
+            self.progress.update(task, completed=float(result.t_final),
+                                 description=f"{label or name}{how}")
         if result.status is FlowStatus.INTERRUPTED:
             raise RunInterrupted(result.message)
         return result
@@ -149,37 +177,106 @@ def _atomic_torch(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def resume_command(out: Path) -> str:
+    return f"rayleighflow run --resume {_quote(str(out))}"
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
 def execute(experiment: Experiment, ctx: RunContext, config_text: str) -> dict[str, Any]:
-    """Run ``experiment`` in ``ctx``; write config.toml, summary.json and the report."""
-    from ..report import render_report, versions, write_summary
+    """Run ``experiment`` in ``ctx``; write config.toml, summary.json and the report.
+
+    Every ending writes summary.json: "complete"; "interrupted" (Ctrl-C, SIGTERM), with the
+    resume command in the notes; "failed" (the experiment raised), with ``error`` and
+    ``traceback``, after which :class:`RunFailed` is raised. An interrupted or failed summary
+    carries the values recorded so far (read from the trajectories). ``run_time_s`` accumulates
+    across resumes (summary.json or, after a kill, the checkpoints).
+    """
+    from ..report import recorded_summary, render_report, versions, write_summary
 
     _atomic_text(ctx.out / "config.toml", config_text)
-    begin = time.perf_counter()
-    previous = _previous_run_time(ctx.out) if ctx.resume else 0.0
-    status, notes = "complete", []
+    ctx.run_time_before = previous_run_time(ctx.out) if ctx.resume else 0.0
+    ctx._begin = time.perf_counter()
+    status, notes, error, tb = "complete", [], None, None
     try:
         summary = experiment.run(ctx)
-    except RunInterrupted as stop:
+    except (RunInterrupted, KeyboardInterrupt) as stop:
         status, summary = "interrupted", {}
-        notes.append(f"interrupted: {stop}; `rayleighflow run --resume {ctx.out}` continues")
+        where = str(stop) or "interrupted outside a flow"
+        notes.append(f"interrupted: {where}; `{resume_command(ctx.out)}` continues")
+    except Exception as exc:  # the experiment (a user's model, data) raised: record, then report
+        import traceback
+
+        status, summary = "failed", {}
+        error = _one_line(f"{type(exc).__name__}: {exc}")
+        tb = traceback.format_exc()
+        _close_open_trajectories(ctx.out, error)
+        notes.append(f"failed: {error}")
+    if status != "complete":
+        summary = {**recorded_summary(ctx.out), **summary}
     summary = {**_placeholders(), **summary}
     summary.update(
-        experiment=experiment.name, status=status,
-        run_time_s=previous + time.perf_counter() - begin,
+        experiment=experiment.name, status=status, run_time_s=ctx.run_time(),
         versions=versions(), created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
+    if error is not None:
+        summary.update(error=error, traceback=tb)
+    stopped = [{"flow": n, "status": st, "message": msg} for n, (st, msg) in ctx.flows.items()
+               if st in EARLY_STOPS]
+    if stopped:
+        summary["stopped_early"] = stopped
     summary.setdefault("description", experiment.description)
     summary["notes"] = list(summary.get("notes", [])) + notes
     write_summary(ctx.out, summary)
-    render_report(ctx.out)
+    try:
+        render_report(ctx.out)
+    except Exception as exc:  # noqa: BLE001 - the summary is written; a report bug must not hide it
+        if error is None:
+            raise
+        summary["notes"].append(f"report.html could not be rendered: {exc}")
+    if error is not None:
+        raise RunFailed(error, ctx.out, summary)
     return summary
 
 
-def _previous_run_time(out: Path) -> float:
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else "(no message)"
+
+
+def _close_open_trajectories(out: Path, error: str) -> None:
+    """Give trajectories the failure left without an end record a "failed" one."""
+    for path in sorted((out / "trajectories").glob("*.jsonl")):
+        try:
+            if Trajectory.load(path).status is not None:
+                continue
+            text = path.read_text()
+            with open(path, "a") as fh:
+                if text and not text.endswith("\n"):
+                    fh.write("\n")
+                fh.write(json.dumps({"type": "end", "status": "failed", "detail": error}) + "\n")
+        except (OSError, ValueError):
+            continue
+
+
+def previous_run_time(out: Path) -> float:
+    """Run time of the earlier segments of a run: the largest of summary.json's
+    ``run_time_s`` and the checkpoints' (a killed segment writes no summary)."""
+    best = 0.0
     try:
-        return float(json.loads((out / "summary.json").read_text()).get("run_time_s") or 0.0)
-    except (OSError, ValueError):
-        return 0.0
+        best = float(json.loads((out / "summary.json").read_text()).get("run_time_s") or 0.0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        best = 0.0
+    for ckpt in sorted((out / "checkpoints").glob("*.pt")):
+        try:
+            best = max(best, float(torch.load(ckpt, weights_only=True).get("run_time", 0.0)))
+        except Exception:  # noqa: BLE001 - a torn checkpoint only loses its time
+            continue
+    return best
 
 
 def _placeholders() -> dict[str, Any]:

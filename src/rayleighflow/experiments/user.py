@@ -45,15 +45,28 @@ def _eval_data(problem, cfg: ExperimentConfig) -> Dataset | None:
     return problem.data if isinstance(problem.data, Dataset) else None
 
 
-def _run(cfg: ExperimentConfig):
+def _kernel_figure(groups: list[str], spectra: bool) -> dict[str, Any]:
+    """R(K; ∇ℓ) and per-group quotients, with the λ series only when spectra are recorded
+    (no panel series without data)."""
+    fig = kernel_figure("kernel", "flow", groups=groups)
+    if not spectra:
+        fig["title"] = "Rayleigh quotients along the flow"
+        for panel in fig["panels"]:
+            panel["series"] = [s for s in panel["series"] if ":lambda_" not in str(s.get("y"))]
+            panel["title"] = "R(K; ∇ℓ) and per-group quotients"
+            panel["ylabel"] = "Rayleigh quotient"
+    return fig
+
+
+def _run(cfg: ExperimentConfig, built: tuple[Any, dict[str, Any]]):
     def run(ctx: RunContext) -> dict[str, Any]:
-        problem, info = build_problem(cfg)
+        problem, info = built
         groups = list(problem.model.groups) if cfg.diagnostics.groups else []
         spectra = cfg.diagnostics.spectrum_every > 0
         n_certs = len(cfg.certify.desingularizers) + 1
         figures = [loss_figure("loss", "flow", n_certs)]
         if spectra or groups:
-            figures.append(kernel_figure("kernel", "flow", groups=groups))
+            figures.append(_kernel_figure(groups, spectra))
         ctx.save_figures(figures)
         diagnostics = [spectrum_diagnostic(cfg.diagnostics.spectrum_every)] if spectra else []
         kwargs = flow_kwargs(cfg)
@@ -74,25 +87,61 @@ def _run(cfg: ExperimentConfig):
         summary = flow_summary(problem, eval_data, result, certs)
         summary["model"] = info.get("model")
         summary["data"] = info.get("data")
+        if info.get("notes"):
+            summary["notes"] = list(summary.get("notes", [])) + list(info["notes"])
         return summary
 
     return run
 
 
 def run_user_experiment(path: Path, out: Path, *, seed=None, device=None, dtype=None,
-                        quick: bool = False, resume: bool = False,
+                        quick: bool = False, resume: bool = False, overwrite: bool = False,
                         progress: Any = None) -> dict[str, Any]:
+    """Validate the file, build the problem, and only then create the run folder: a
+    configuration or model error leaves nothing behind."""
+    from .registry import prepare_out
+
     cfg = apply_overrides(load_config(path), seed=seed, device=device, dtype=dtype, quick=quick)
-    exp = Experiment(name=cfg.name, description=f"user experiment from {path}", run=_run(cfg),
-                     defaults={}, quick={})
-    out.mkdir(parents=True, exist_ok=True)
+    built = build_problem(cfg)
+    exp = Experiment(name=cfg.name, description=f"user experiment from {path}",
+                     run=_run(cfg, built), defaults={}, quick={})
+    out = prepare_out(out, resume=resume, overwrite=overwrite)
     ctx = RunContext(out, {}, seed=cfg.seed, device=cfg.device,
                      dtype=getattr(torch, cfg.dtype), resume=resume, progress=progress)
     return execute(exp, ctx, config_to_toml(cfg))
 
 
 def ntk_summary(path: Path, *, max_samples: int | None = None) -> str:
-    """The paper's contrast at initialization for a TOML experiment's model and data."""
+    """The paper's contrast at initialization for a TOML experiment's model and data.
+
+    ``path`` is a user experiment file or a run folder of one (its config.toml)."""
+    from .registry import EXPERIMENTS, is_toml
+
+    path = Path(path)
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"--max-samples must be at least 1 (got {max_samples})")
+    if path.is_dir() and (path / "config.toml").is_file():
+        path = path / "config.toml"
+    elif str(path) in EXPERIMENTS and not path.exists():
+        raise ValueError(f"ntk takes a TOML experiment file; {str(path)!r} is a built-in "
+                         f"experiment, whose report shows its spectrum: rayleighflow run {path}")
+    elif path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not a TOML experiment file or a run "
+                         "folder")
+    elif not is_toml(path):
+        raise ValueError(f"ntk takes a .toml experiment file (got {str(path)!r})")
+    if not path.exists():
+        raise FileNotFoundError(f"no experiment file {str(path)!r}")
+    try:
+        import tomllib
+
+        builtin = "experiment" in tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        builtin = False
+    if builtin:
+        raise ValueError(f"{str(path)!r} is the configuration of a built-in experiment: ntk "
+                         "takes a user experiment file (model, data, loss); the built-in "
+                         "experiment's report shows its spectrum")
     cfg = load_config(path)
     problem, info = build_problem(cfg)
     data = problem.data

@@ -6,6 +6,7 @@ experiment saved (docs/RUN_FOLDER.md). Entry point: :func:`report_from_dir`.
 
 from .figures import RenderedFigure, render_figures, validate_figures_spec
 from .html import format_number, render_report, report_from_dir
+from .rundir import recorded_summary
 from .summary import (
     REQUIRED_SUMMARY_KEYS,
     read_summary,
@@ -19,6 +20,7 @@ __all__ = [
     "RenderedFigure",
     "format_number",
     "read_summary",
+    "recorded_summary",
     "render_figures",
     "render_report",
     "report_from_dir",

@@ -24,13 +24,18 @@ from .figures import RenderedFigure, render_figures
 from .rundir import RunContents, check_run_dir, load_run
 from .summary import REQUIRED_SUMMARY_KEYS, atomic_write_text, versions
 
-__all__ = ["render_report", "report_from_dir", "format_number"]
+__all__ = ["render_report", "report_from_dir", "format_number", "certified_reduction",
+           "VACUOUS_FRACTION"]
+
+#: A holding certificate whose bound at the end is above (1 − this)·L₀ certifies almost no
+#: decrease: it is marked "vacuous".
+VACUOUS_FRACTION = 0.1
 
 REPORT_FILE = "report.html"
 EMPIRICAL = ("For a discretized flow, certificates are empirical: they hold at the recorded "
              "points.")
 _KNOWN_KEYS = {*REQUIRED_SUMMARY_KEYS, "description", "notes", "rank_threshold",
-               "max_bound_violation"}
+               "max_bound_violation", "error", "traceback", "stopped_early", "recorded_flow"}
 _BANNERS = {
     "complete": ("Complete", "The run finished and wrote every result; the values below are "
                              "final."),
@@ -87,11 +92,39 @@ def _num(v: Any) -> float | None:
     return None
 
 
-def _highlights(s: Mapping[str, Any], certs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The few numbers a reader looks for first, as cards."""
+def certified_reduction(c: Mapping[str, Any], summary: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """L₀, the bound at the end, their ratio and whether a holding certificate is vacuous
+    (its bound reduces L₀ by less than :data:`VACUOUS_FRACTION`).
+
+    L₀ is the certificate's ``loss_initial``; a run folder that predates that key falls back
+    to the summary's, for a single-flow summary only (one with ``flow_status``).
+    """
+    l0 = _num(c.get("loss_initial"))
+    if l0 is None and "loss_initial" not in c and summary is not None \
+            and "flow_status" in summary:
+        l0 = _num(summary.get("loss_initial"))
+    bound = _num(c.get("bound_final"))
+    ratio = bound / l0 if l0 and bound is not None else None
+    vacuous = (c.get("status") == "holds" and ratio is not None
+               and ratio > 1.0 - VACUOUS_FRACTION)
+    return {"l0": l0, "bound": bound, "ratio": ratio, "vacuous": vacuous}
+
+
+def _loss_ratios(trajs: Sequence[Any]) -> list[float]:
+    return [t.loss_last / t.loss_first for t in trajs
+            if t.loss_first and t.loss_last is not None and t.loss_first > 0]
+
+
+def _highlights(s: Mapping[str, Any], certs: list[dict[str, Any]],
+                trajs: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """The few numbers a reader looks for first, as cards; a multi-flow run gets cards for
+    the whole set of flows."""
     l0, l1 = _num(s.get("loss_initial")), _num(s.get("loss_final"))
     ratio = l1 / l0 if l0 and l1 is not None else None
-    held = [c["label"] or c["desingularizer"] for c in certs if c["status"] == "holds"]
+    held = [c["label"] or c["desingularizer"] for c in certs
+            if c["status"] == "holds" and not c["vacuous"]]
+    vacuous = [c for c in certs if c["vacuous"]]
     tone = ("good" if certs and len(held) == len(certs)
             else "bad" if any(c["status"] == "violated" for c in certs) else "neutral")
     rank, nk = s.get("rank"), s.get("nk")
@@ -100,22 +133,63 @@ def _highlights(s: Mapping[str, Any], certs: list[dict[str, Any]]) -> list[dict[
     lmax = s.get("lambda_max")
     lmax_text = (Markup("λ<sub>max</sub> = {}").format(format_number(lmax)) if lmax is not None
                  else Markup("λ<sub>max</sub> not measured"))
-    return [
+    cert_sub = ("; ".join(held) or "no certificate holds") if certs else \
+        "no certificate was issued"
+    if vacuous:
+        cert_sub += f" ({len(vacuous)} more hold but are vacuous)"
+    cards = [
         {"label": "Loss, final ÷ initial", "value": format_number(ratio, 3),
          "sub": Markup("{} → {}").format(format_number(l0), format_number(l1)),
          "tone": "good" if ratio is not None and ratio < 1 else "neutral"},
-        {"label": "Certificates holding",
+        {"label": "Certificates holding (not vacuous)",
          "value": f"{len(held)} of {len(certs)}" if certs else "none",
-         "sub": "; ".join(held) or "no certificate holds"
-         if certs else "no certificate was issued", "tone": tone},
+         "sub": cert_sub, "tone": tone},
         {"label": "min R(K; ∇ℓ)", "value": format_number(s.get("rayleigh_min")),
          "sub": "smallest recorded Rayleigh quotient", "tone": "neutral"},
-        {"label": Markup("λ<sub>min</sub>(K)"), "value": format_number(s.get("lambda_min")),
+        {"label": Markup("λ<sub>min</sub>(K)"), "value": _lambda_min(s),
          "sub": Markup("{} · {}").format(lmax_text, rank_text),
          "tone": "neutral"},
         {"label": "Flow time reached", "value": format_number(s.get("t_final")),
          "sub": f"in {format_duration(s.get('run_time_s'))} of run time", "tone": "neutral"},
     ]
+    if len(trajs) > 1:
+        cards = _set_cards(s, cards, trajs)
+    return cards
+
+
+def _lambda_min(s: Mapping[str, Any]) -> Any:
+    """λ_min, shown as 0 when it is below the rank threshold (e.g. −3.9e−17: rounding)."""
+    lam, thr = _num(s.get("lambda_min")), _num(s.get("rank_threshold"))
+    if lam is not None and thr is not None and abs(lam) <= thr:
+        return Markup("0 <span class=\"hint\">({} is below the rank threshold {})</span>"
+                      ).format(format_number(lam, 2), format_number(thr, 2))
+    return format_number(lam)
+
+
+def _set_cards(s: Mapping[str, Any], cards: list[dict[str, Any]],
+               trajs: Sequence[Any]) -> list[dict[str, Any]]:
+    """Cards for a run of many flows: each value over the whole set, from the recordings."""
+    n = len(trajs)
+    ended = sum(t.status not in (None, "interrupted", "failed") for t in trajs)
+    ratios = _loss_ratios(trajs)
+    if ratios:
+        lo, hi, med = min(ratios), max(ratios), float(sorted(ratios)[len(ratios) // 2])
+        cards[0] = {"label": f"Loss, final ÷ initial ({len(ratios)} flows)",
+                    "value": format_number(med, 3),
+                    "sub": Markup("median; from {} to {}").format(format_number(lo, 3),
+                                                                 format_number(hi, 3)),
+                    "tone": "good" if hi < 1 else "neutral"}
+    rmins = [t.rayleigh_min for t in trajs if t.rayleigh_min is not None]
+    if s.get("rayleigh_min") is None and rmins:
+        cards[2] = {"label": "min R(K; ∇ℓ)", "value": format_number(min(rmins)),
+                    "sub": f"smallest over the {len(rmins)} flows' records", "tone": "neutral"}
+    t_last = [t.t_last for t in trajs if t.t_last is not None]
+    cards[4] = {"label": "Flows finished", "value": f"{ended} of {n}",
+                "sub": Markup("up to t = {} · {} of run time").format(
+                    format_number(max(t_last) if t_last else None),
+                    format_duration(s.get("run_time_s"))),
+                "tone": "good" if ended == n else "neutral"}
+    return cards
 
 
 def _summary_rows(s: Mapping[str, Any]) -> list[tuple[Any, Any, Any, str]]:
@@ -129,7 +203,7 @@ def _summary_rows(s: Mapping[str, Any]) -> list[tuple[Any, Any, Any, str]]:
         ("Parameters P", format_number(s.get("P")), "", ""),
         ("Outputs nk", format_number(s.get("nk")), "samples × outputs", ""),
         ("NTK rank", format_number(s.get("rank")), rank_hint, ""),
-        (Markup("λ<sub>min</sub>(K)"), format_number(s.get("lambda_min")),
+        (Markup("λ<sub>min</sub>(K)"), _lambda_min(s),
          "smallest NTK eigenvalue", ""),
         (Markup("λ<sub>max</sub>(K)"), format_number(s.get("lambda_max")),
          "largest NTK eigenvalue", ""),
@@ -178,7 +252,28 @@ def _certificates(s: Mapping[str, Any]) -> list[dict[str, Any]]:
             mu_hint = Markup("observed μ* = {}").format(format_number(c["mu_star"]))
             if _num(c.get("t_at_mu_star")) is not None:
                 mu_hint += Markup(" at t = {}").format(format_number(c["t_at_mu_star"]))
+        red = certified_reduction(c, s)
+        reduction = ""
+        if red["l0"] is not None and red["bound"] is not None:
+            reduction = Markup("{} → {} (×{})").format(
+                format_number(red["l0"]), format_number(red["bound"]),
+                format_number(red["ratio"], 3))
+        reason = c.get("reason") if isinstance(c.get("reason"), Mapping) else None
+        times = []
+        for key, what in (("horizon", "checked up to t = {}"),
+                          ("certified_time_to", "certified time to target {}"),
+                          ("forecast_time_to", "forecast time to target {}"),
+                          ("n_records", "{} records"),
+                          ("n_grad_evals_checked", "{} gradient evaluations checked")):
+            if _num(c.get(key)) is not None:
+                times.append(Markup(what).format(format_number(c[key])))
         out.append({
+            "scope": str(c.get("scope")) if c.get("scope") else "",
+            "reduction": reduction, "vacuous": red["vacuous"],
+            "reason": ({"code": str(reason.get("code") or ""),
+                        "cause": str(reason.get("cause") or ""),
+                        "remedy": str(reason.get("remedy") or "")} if reason else None),
+            "checked": Markup(" · ").join(times),
             "desingularizer": str(c.get("desingularizer", "?")),
             "label": str(c["label"]) if isinstance(c.get("label"), str) else "",
             "mu": format_number(c.get("mu")),
@@ -215,17 +310,57 @@ def _figure(f: RenderedFigure) -> dict[str, Any]:
     data_uri = None
     if f.png is not None:
         data_uri = "data:image/png;base64," + base64.b64encode(f.png.read_bytes()).decode()
+    # Masked values and series with nothing recorded are facts about the data, not errors:
+    # they go in a footnote; only real problems keep the note box.
+    footnotes = [n for n in f.notes if _is_footnote(n)]
+    notes = [n for n in f.notes if not _is_footnote(n)]
     return {"name": f.name, "title": f.title, "alt": f.alt, "caption": f.caption,
-            "notes": f.notes, "data_uri": data_uri, "wide": f.panels > 1,
+            "notes": notes, "footnotes": footnotes, "data_uri": data_uri,
+            "wide": f.panels > 1,
             "svg": f"figures/{f.svg.name}" if f.svg is not None else None}
+
+
+def _banner(s: Mapping[str, Any], run: RunContents) -> tuple[str, Any]:
+    status = str(s.get("status") or "unknown")
+    headline, text = _BANNERS.get(status, (status.capitalize(), "Unknown run status{until}."))
+    t_final = _num(s.get("t_final"))
+    trajs = run.trajectories
+    if len(trajs) > 1 and status != "complete":
+        done = sum(t.status not in (None, "interrupted", "failed") for t in trajs)
+        running = s.get("recorded_flow")
+        until = Markup(": {} of {} flows had finished").format(done, len(trajs))
+        if isinstance(running, str) and t_final is not None:
+            until += Markup("; flow {} stopped at t = {}").format(running,
+                                                                  format_number(t_final))
+    else:
+        until = (Markup(" up to t = {}").format(format_number(t_final))
+                 if t_final is not None else "")
+    body = Markup(escape(text)).replace("{until}", until)
+    if status == "failed" and isinstance(s.get("error"), str):
+        body += Markup(" <span class=\"error\">Error: {}</span>").format(s["error"])
+    if status == "interrupted":
+        body += Markup(" Continue it with <code>rayleighflow run --resume {}</code>.").format(
+            run.run_dir)
+    for stop in s.get("stopped_early") or []:
+        if isinstance(stop, Mapping):
+            body += Markup(" <span class=\"stopped\">Flow <code>{}</code> stopped early "
+                           "(<b>{}</b>): {}</span>").format(stop.get("flow"), stop.get("status"),
+                                                           stop.get("message"))
+    return headline, body
+
+
+_FOOTNOTE_MARKS = ("masked on the log axis", "no finite values recorded",
+                   "not recorded in this run", "outside the plotted range")
+
+
+def _is_footnote(note: str) -> bool:
+    return any(mark in note for mark in _FOOTNOTE_MARKS)
 
 
 def _context(run: RunContents, figures: list[RenderedFigure]) -> dict[str, Any]:
     s = run.summary
     status = str(s.get("status") or "unknown")
-    headline, text = _BANNERS.get(status, (status.capitalize(), "Unknown run status{until}."))
-    t_final = _num(s.get("t_final"))
-    until = Markup(" up to t = {}").format(format_number(t_final)) if t_final is not None else ""
+    headline, banner_text = _banner(s, run)
     certs = _certificates(s)
     notes = [str(n) for n in s.get("notes") or [] if n is not None]
     run_versions = s.get("versions") if isinstance(s.get("versions"), Mapping) else {}
@@ -234,15 +369,23 @@ def _context(run: RunContents, figures: list[RenderedFigure]) -> dict[str, Any]:
         "description": s.get("description") if isinstance(s.get("description"), str) else "",
         "created": s.get("created"), "run_dir": run.run_dir.name,
         "status": status, "status_class": status if status in _BANNERS else "other",
-        "banner_headline": headline,
-        "banner_text": Markup(escape(text)).replace("{until}", until),
+        "banner_headline": headline, "banner_text": banner_text,
+        "early_stop": bool(s.get("stopped_early")),
+        "traceback": s.get("traceback") if isinstance(s.get("traceback"), str) else None,
         "from_trajectories": run.from_trajectories,
-        "highlights": _highlights(s, certs), "summary_rows": _summary_rows(s),
+        "highlights": _highlights(s, certs, run.trajectories),
+        "summary_rows": _summary_rows(s),
+        "show_assumptions": any(c["assumptions"] for c in certs),
+        "vacuous_fraction": f"{VACUOUS_FRACTION:.0%}",
         "certificates": certs, "empirical": EMPIRICAL, "extras": _extras(s),
         "notes": notes, "problems": list(run.problems),
         "figures": [_figure(f) for f in figures],
-        "figure_notes": sum(len(f.notes) for f in figures),
+        "figure_notes": sum(not _is_footnote(n) for f in figures for n in f.notes),
+        "collapse_trajectories": len(run.trajectories) > 8,
         "trajectories": [{"name": t.name, "records": format_number(t.records),
+                          "reduction": (Markup("{} → {}").format(format_number(t.loss_first),
+                                                                  format_number(t.loss_last))
+                                        if t.loss_first is not None else "—"),
                           "t_first": format_number(t.t_first), "t_last": format_number(t.t_last),
                           "status": t.status or "no end record", "detail": t.detail or "",
                           "columns": ", ".join(t.columns)} for t in run.trajectories],
