@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._types import Convention
-from ..losses import Loss, SquareLoss
+from ..losses import Loss, SoftmaxCrossEntropy, SquareLoss
 
 __all__ = ["flatten_batch", "PendingStep", "evaluate_steps"]
 
@@ -89,8 +89,23 @@ def batch_sums(loss: Loss, f: Tensor, y: Tensor, check: bool = True) -> tuple[Te
         y = y.to(f.dtype)
     else:
         y = y.long()
+    if isinstance(loss, SoftmaxCrossEntropy):
+        return _cross_entropy_sums(f, y)
     g = loss.functional_grad(f, y)
     return loss.per_sample(f, y), (g * g).sum(-1)
+
+
+def _cross_entropy_sums(f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax cross-entropy in one log-softmax pass: with q = p off the true class and
+    s = Σ_j q_j = 1 − p_y (no cancellation), ‖g_i‖² = ‖q_i‖² + s_i² and ℓ_i = −log1p(−s_i)
+    while s_i < ½ (full relative precision for tiny losses), −log p_y otherwise."""
+    logp = torch.log_softmax(f, dim=-1)
+    idx = y.unsqueeze(-1)
+    q = logp.exp().scatter_(-1, idx, 0.0)
+    s = q.sum(-1)
+    gsq = torch.linalg.vector_norm(q, dim=-1).square_().add_(s * s)
+    ell = torch.where(s < 0.5, -torch.log1p(-s), -logp.gather(-1, idx).squeeze(-1))
+    return ell, gsq
 
 
 def evaluate_steps(loss: Loss, steps: list[PendingStep],

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, final
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -344,6 +345,7 @@ class Monitor:
             self._targets_checked = True  # evaluate_steps checks the labels it concatenates
         vals = evaluate_steps(self.loss, pending, self.convention)
         rows = [self._row(p, vals, i) for i, p in enumerate(pending)]
+        self._kl_columns(rows)
         self.rows.extend(rows)
         for s in self.sinks:
             s.write("main", rows)
@@ -375,9 +377,6 @@ class Monitor:
         else:
             row["rayleigh"] = math.nan
             row.update({f"rayleigh[{g}]": math.nan for g in group_sq})
-        for d in self.family:
-            row[f"kl[{d.name}]"] = (float(d.kl_ratio(loss, grad_sq))
-                                    if ok and loss > 0 and math.isfinite(loss) else math.nan)
         row["n"] = n
         if p.losses:
             row["loss_passed"] = passed
@@ -397,6 +396,21 @@ class Monitor:
                 f"step {p.index}: every gradient is exactly zero while ‖∇ℓ‖²_D = {fg:.4g} > 0 "
                 "(monitor.step after zero_grad(set_to_none=False)?)")))
         return row
+
+    def _kl_columns(self, rows: list[dict[str, Any]]) -> None:
+        """kl[φ] = φ'(L_B)‖∇L_B‖² for the family, one vectorized call per φ; NaN where the
+        quotient is void (loss mismatch) or L_B ≤ 0."""
+        loss = np.array([r["loss"] for r in rows], dtype=np.float64)
+        gsq = np.array([r["grad_sq"] for r in rows], dtype=np.float64)
+        void = np.array([math.isnan(r["rayleigh"]) and r["fgrad_sq"] > 0 for r in rows])
+        ok = ~void & np.isfinite(loss) & (loss > 0)
+        for d in self.family:
+            with np.errstate(over="ignore", invalid="ignore"):
+                kl = np.where(ok, np.asarray(d.kl_ratio(np.where(ok, loss, 1.0), gsq),
+                                             dtype=np.float64), np.nan).tolist()
+            key = f"kl[{d.name}]"
+            for r, v in zip(rows, kl, strict=True):
+                r[key] = v
 
     def _mismatch(self, step: int, passed: float, loss: float) -> None:
         self._mismatches += 1

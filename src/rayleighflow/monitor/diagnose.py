@@ -169,7 +169,9 @@ class Diagnoser:
                         "or check the inputs"),
                         {"loss": loss, "grad_sq": gsq, "count": self._nonfinite}))
                 continue
-            kl = float(self.phi.kl_ratio(loss, gsq)) if loss > 0 else float("nan")
+            kl = r.get(f"kl[{self.phi.name}]")
+            if kl is None:
+                kl = float(self.phi.kl_ratio(loss, gsq)) if loss > 0 else float("nan")
             self._rows.append((r["step"], r.get("rayleigh", float("nan")), kl,
                                {g: r.get(f"rayleigh[{g}]", float("nan")) for g in groups}))
             if len(self._rows) >= self.window:

@@ -1,0 +1,219 @@
+"""Benchmark of rf.Monitor's per-step overhead and of the full-data estimate's cost.
+
+For each case a training step (forward + loss + zero_grad + backward + optimizer step) runs
+with ``monitor.step(out, y, loss)`` called every step, as a user would. Each step times the
+training step and the monitor call separately (the monitor's periodic read-back, every
+``sync_every`` steps, falls inside the calls that do it); after warm-up, 200 steps give the
+median training step, the median and the mean monitor call, and the median per-step ratio.
+The full-data estimate is timed against one pass of forward + backward over the same batches
+(its cost in gradient-equivalents). Everything runs in one process. Writes JSON with the
+environment::
+
+    python benchmarks/monitor.py                      # CPU, all cases
+    python benchmarks/monitor.py --device cuda
+    python benchmarks/monitor.py --quick              # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayleighflow.monitor import Monitor, full_data_estimate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(c_out)
+        self.c2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(c_out)
+        self.skip = (nn.Identity() if stride == 1 and c_in == c_out else
+                     nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                   nn.BatchNorm2d(c_out)))
+
+    def forward(self, x):
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + self.skip(x))
+
+
+def resnet() -> nn.Module:
+    """ResNet-style CNN for 3×32×32 inputs: stem 32, stages 32-64-128 (one block each)."""
+    return nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                         Block(32, 32, 1), Block(32, 64, 2), Block(64, 128, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+class Encoder(nn.Module):
+    """2-layer transformer encoder over tokens, logits per token (B, T, V)."""
+
+    def __init__(self, vocab: int = 1000, d: int = 128, heads: int = 4, seq: int = 64) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(seq, d))
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        return self.head(self.enc(self.emb(tokens) + self.pos))
+
+
+def case(name: str, device: str, gen: torch.Generator):
+    """(model, make_batch() -> (x, y), loss_fn(out, y))."""
+    if name == "mlp-digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x_all = torch.tensor(d.data / 16.0, dtype=torch.float32, device=device)
+        y_all = torch.tensor(d.target, device=device)
+        model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                              nn.Linear(512, 10))
+
+        def batch():
+            i = torch.randint(0, x_all.shape[0], (64,), generator=gen).to(device)
+            return x_all[i], y_all[i]
+        return model, batch, F.cross_entropy
+    if name == "resnet-cifar":
+        def batch():
+            return (torch.randn(128, 3, 32, 32, generator=gen).to(device),
+                    torch.randint(0, 10, (128,), generator=gen).to(device))
+        return resnet(), batch, F.cross_entropy
+    if name == "transformer-tokens":
+        def batch():
+            t = torch.randint(0, 1000, (32, 65), generator=gen).to(device)
+            return t[:, :-1], t[:, 1:]
+
+        def loss(out, y):
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        return Encoder(), batch, loss
+    raise ValueError(name)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(name: str, device: str, steps: int, warmup: int, full_batches: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model, batch, loss_fn = case(name, device, gen)
+    model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    monitor = Monitor(model, "cross-entropy", optimizer=opt, echo=None)
+    train_t, mon_t = [], []
+    for i in range(warmup + steps):
+        x, y = batch()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(x)
+        loss = loss_fn(out, y)
+        opt.zero_grad()
+        loss.backward()
+        _sync(device)
+        t1 = time.perf_counter()
+        monitor.step(out, y, loss)
+        _sync(device)
+        t2 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t3 = time.perf_counter()
+        if i >= warmup:
+            train_t.append((t1 - t0) + (t3 - t2))
+            mon_t.append(t2 - t1)
+    monitor.close()
+    rows = list(monitor.rows)
+    med_train = statistics.median(train_t)
+    ratios = [m / t for m, t in zip(mon_t, train_t, strict=True)]
+    rec = {
+        "case": name, "n_params": sum(p.numel() for p in model.parameters()),
+        "steps_timed": steps, "warmup": warmup, "sync_every": monitor.sync_every,
+        "train_step_median_s": med_train,
+        "monitor_call_median_s": statistics.median(mon_t),
+        "monitor_call_mean_s": statistics.fmean(mon_t),
+        "overhead_median_fraction": statistics.median(mon_t) / med_train,
+        "overhead_mean_fraction": statistics.fmean(mon_t) / med_train,
+        "overhead_per_step_ratio_median": statistics.median(ratios),
+        "stored_outputs": monitor.max_stored >= out.numel() * monitor.sync_every,
+        "last_rayleigh": rows[-1]["rayleigh"], "mismatches": monitor._mismatches,
+    }
+    # Full-data estimate against one forward + backward pass over the same batches.
+    data = [batch() for _ in range(full_batches)]
+    grads_t, est_t = [], []
+    for _ in range(2):
+        _sync(device)
+        t0 = time.perf_counter()
+        for x, y in data:
+            out = model(x)
+            flat_y = y
+            torch.autograd.grad(loss_fn(out, flat_y), list(model.parameters()))
+        _sync(device)
+        t1 = time.perf_counter()
+        full_data_estimate(model, data, monitor.loss)
+        _sync(device)
+        t2 = time.perf_counter()
+        grads_t.append(t1 - t0)
+        est_t.append(t2 - t1)
+    rec["full_data"] = {"batches": full_batches, "gradient_pass_s": min(grads_t),
+                        "estimate_s": min(est_t),
+                        "gradient_equivalents": min(est_t) / min(grads_t)}
+    return rec
+
+
+def environment(device: str) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "threads": torch.get_num_threads(), "dtype": "float32", "device": device,
+           "loadavg_start": os.getloadavg(),
+           "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_"))}}
+    if device == "cuda":
+        env.update(device_name=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="mlp-digits,resnet-cifar,transformer-tokens")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--full-batches", type=int, default=8)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.full_batches = 30, 5, 2
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"monitor-{args.device}.json")
+    report = {"environment": environment(args.device), "cases": []}
+    for name in args.cases.split(","):
+        rec = run_case(name, args.device, args.steps, args.warmup, args.full_batches)
+        report["cases"].append(rec)
+        print(f"{name}: train step {rec['train_step_median_s'] * 1e3:.3g} ms, monitor "
+              f"{rec['monitor_call_median_s'] * 1e3:.3g} ms median / "
+              f"{rec['monitor_call_mean_s'] * 1e3:.3g} ms mean "
+              f"({100 * rec['overhead_median_fraction']:.2g}% / "
+              f"{100 * rec['overhead_mean_fraction']:.2g}%); full-data estimate "
+              f"{rec['full_data']['gradient_equivalents']:.2f} gradient-equivalents", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str))
+    report["environment"]["loadavg_end"] = os.getloadavg()
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
