@@ -42,6 +42,10 @@ class Model:
             (THEORY.md T2); default one group per module (``"0.weight"`` and ``"0.bias"`` form
             group ``"0"``) or one per parameter for a callable.
         allow_nondeterministic: accept dropout / batch-norm in training mode (not advised).
+
+    Parameters of a module with ``requires_grad=False`` are frozen: held fixed (passed with the
+    buffers), excluded from θ and P, and listed in ``frozen`` and ``notes``. Half-precision
+    (float16/bfloat16) and meta-device parameters are refused with the fix.
     """
 
     def __init__(
@@ -52,14 +56,30 @@ class Model:
         groups: Mapping[str, list[str] | tuple[str, ...]] | None = None,
         allow_nondeterministic: bool = False,
     ) -> None:
+        if not (isinstance(fn, nn.Module) or callable(fn)):
+            raise TypeError(f"Model needs an nn.Module or a function f(params, x) (got "
+                            f"{type(fn).__name__})")
         self.module = fn if isinstance(fn, nn.Module) else None
         self._fn = fn
+        self.frozen: tuple[str, ...] = ()
+        self.notes: list[str] = []
         if self.module is not None:
             if not allow_nondeterministic:
                 _refuse_random_layers(self.module)
+            named = dict(self.module.named_parameters())
             if params is None:
-                params = {k: v.detach().clone() for k, v in self.module.named_parameters()}
-            self.buffers = {k: v.detach() for k, v in self.module.named_buffers()}
+                params = {k: v.detach().clone() for k, v in named.items() if v.requires_grad}
+                self.frozen = tuple(k for k, v in named.items() if not v.requires_grad)
+                if self.frozen and not params:
+                    raise ValueError("every parameter of the model has requires_grad=False: "
+                                     "there is nothing to train; unfreeze some")
+            if self.frozen:
+                count = sum(named[k].numel() for k in self.frozen)
+                shown = ", ".join(self.frozen[:4]) + (", ..." if len(self.frozen) > 4 else "")
+                self.notes.append(f"{len(self.frozen)} frozen parameter tensor(s) ({shown}; "
+                                  f"{count} values, requires_grad=False) are held fixed and "
+                                  "excluded from θ and P")
+            self.buffers = self._fixed()
         else:
             if params is None:
                 raise ValueError("a plain function f(params, x) needs its initial params dict")
@@ -67,12 +87,26 @@ class Model:
         self.params: Params = {k: torch.as_tensor(v).detach() for k, v in params.items()}
         if not self.params:
             raise ValueError("the model has no parameters: there is nothing to train or certify")
+        _check_params(self.params)
         self.allow_nondeterministic = allow_nondeterministic
         self.groups = _make_groups(self.params, groups, by_module=self.module is not None)
+
+    def _fixed(self) -> dict[str, Tensor]:
+        """Buffers and frozen parameters: what functional_call takes besides θ."""
+        assert self.module is not None
+        named = dict(self.module.named_parameters())
+        return {**{k: named[k].detach() for k in self.frozen},
+                **{k: v.detach() for k, v in self.module.named_buffers()}}
 
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The floating dtype of θ (None if the parameters mix dtypes)."""
+        kinds = {p.dtype for p in self.params.values() if p.is_floating_point()}
+        return kinds.pop() if len(kinds) == 1 else None
 
     def __call__(self, params: Params, x: Tensor) -> Tensor:
         if self.module is not None:
@@ -87,9 +121,22 @@ class Model:
         """Move parameters (and a wrapped module) to a device/dtype; returns self."""
         if self.module is not None:
             self.module.to(device=device, dtype=dtype)
-            self.buffers = {k: v.detach() for k, v in self.module.named_buffers()}
+            self.buffers = self._fixed()
         self.params = {k: v.to(device=device, dtype=dtype) for k, v in self.params.items()}
         return self
+
+
+def _check_params(params: Params) -> None:
+    for name, p in params.items():
+        if p.is_meta:
+            raise ValueError(f"parameter {name!r} is on the meta device (it has no values): "
+                             "materialize the model first, e.g. module.to_empty(device='cpu') "
+                             "and initialize it")
+        if p.dtype in (torch.float16, torch.bfloat16):
+            raise ValueError(f"parameter {name!r} is {str(p.dtype).removeprefix('torch.')}: a "
+                             "gradient flow and its certificates need float32 or float64 (half "
+                             "precision rounds the loss decrease away); call module.float() or "
+                             "module.double() first")
 
 
 def _refuse_random_layers(module: nn.Module) -> None:
@@ -150,10 +197,40 @@ class Problem:
     def __post_init__(self) -> None:
         if isinstance(self.model, nn.Module) or not isinstance(self.model, Model):
             self.model = Model(self.model)
+        if not isinstance(self.data, Dataset | Sampler):
+            raise TypeError(f"Problem data must be a rayleighflow Dataset or Sampler (got "
+                            f"{type(self.data).__name__}): build one with "
+                            "Dataset.from_arrays(x, y)")
         self.loss = get_loss(self.loss)
         self.convention = Convention.parse(self.convention)
         if isinstance(self.data, Dataset):
+            self.data = self._align(self.data)
             self.validate(self.data)
+
+    def _align(self, data: Dataset) -> Dataset:
+        """``data`` in the model's floating dtype: float inputs, real targets and weights are
+        cast (float64 data with a float32 model, and back); integer inputs are cast as
+        ``Dataset.from_arrays`` does, unless the model takes them as they are (an embedding)."""
+        dtype = self.model.dtype
+        if dtype is None:
+            return data
+        x, y, w = data.x, data.y, data.weights
+        if not x.is_floating_point() and x.dtype is not torch.bool:
+            try:
+                with torch.no_grad():
+                    self.model(self.model.params, x[:1])
+            except (RuntimeError, TypeError, IndexError):
+                x = x.to(dtype)
+        elif x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
+        if y.is_floating_point() and y.dtype != dtype:
+            y = y.to(dtype)
+        if w.dtype != dtype:
+            w = w.to(dtype)
+            w = w / w.sum()
+        if x is data.x and y is data.y and w is data.weights:
+            return data
+        return Dataset(x, y, w)
 
     @property
     def params(self) -> Params:
@@ -163,6 +240,13 @@ class Problem:
         """Check shapes, labels, finiteness and determinism once per dataset object."""
         if data in self._checked:
             return
+        dtype = self.model.dtype
+        if dtype is not None and data.x.is_floating_point() and data.x.dtype != dtype:
+            name = str(dtype).removeprefix("torch.")
+            raise ValueError(f"the data is {str(data.x.dtype).removeprefix('torch.')} but the "
+                             f"model's parameters are {name}: build the data with "
+                             f"dtype=torch.{name} (Dataset.from_arrays, load_sklearn) or cast "
+                             "the model (module.double() / module.float())")
         with torch.no_grad():
             f = self.model(self.model.params, data.x)
             f2 = self.model(self.model.params, data.x)

@@ -123,10 +123,23 @@ def build_problem(cfg: ExperimentConfig) -> tuple[Problem, dict[str, Any]]:
 
     data = transform(raw) if isinstance(raw, Dataset) else _Mapped(raw, transform)
     module, model_desc = _module(cfg, shape, k)
+    notes = []
+    given = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()
+                    if p.is_floating_point() and p.dtype != dtype})
+    if given:
+        notes.append(f"the model's {', '.join(given)} parameters were cast to {cfg.dtype} "
+                     "(the configuration's dtype)")
     try:
         model = Model(module.to(device=device, dtype=dtype))
     except NondeterministicModelError as exc:
+        what = str(exc).split("; call model.eval()")[0]
+        fix = ("return the module in eval mode from the factory (e.g. `return net.eval()`) or "
+               "remove the layer" if isinstance(cfg.model, ImportConfig)
+               else "remove the layer")
+        raise _fail(cfg, "model", f"model: {what}; {fix}") from None
+    except ValueError as exc:  # half precision, meta device, no trainable parameters
         raise _fail(cfg, "model", f"model: {exc}") from None
+    notes += model.notes
     _check_width(cfg, model, transform(probe), k)
     try:
         problem = Problem(model, data, cfg.loss.name, cfg.convention)
@@ -138,7 +151,7 @@ def build_problem(cfg: ExperimentConfig) -> tuple[Problem, dict[str, Any]]:
             else None, "k": k, "input_shape": list(shape), "groups": list(model.groups),
             "model": model_desc, "data": data_desc, "loss": cfg.loss.name,
             "convention": cfg.convention.value, "dtype": cfg.dtype, "device": str(device),
-            "seed": cfg.seed}
+            "seed": cfg.seed, "notes": notes}
     return problem, info
 
 
@@ -216,6 +229,9 @@ def _file_data(cfg: ExperimentConfig, d: FileData, dtype: torch.dtype):
     except ValueError as exc:
         key = "data.target" if "is not a column" in str(exc) else "data.path"
         raise _fail(cfg, key, f"{key}: {exc}") from None
+    if cfg.loss.name == "square" and not cfg.loss.one_hot and not ds.y.is_floating_point():
+        # whole-number targets of a regression are values, not class labels
+        ds = Dataset(ds.x, ds.y.to(dtype), ds.weights)
     k = int(ds.y.max()) + 1 if not ds.y.is_floating_point() else None
     if d.n_samples is not None:
         if d.n_samples > ds.n:

@@ -12,7 +12,7 @@ only needs one direction, and can stay bounded below (THEORY.md §1, §5).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import final
+from typing import Any, final
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,7 @@ class ContrastReport:
     threshold: float | None
     rtol: float | None
     method: str
+    at: str = "θ₀ (the model's parameters when the Problem was built)"
 
     @property
     def rank_deficient(self) -> bool:
@@ -69,21 +70,25 @@ class ContrastReport:
             ("R(K; ∇ℓ)", f(self.rayleigh)),
         ]
         width = max(len(r[0]) for r in rows)
-        lines = [f"tangent kernel, {self.convention.value} convention, {self.method} route"]
+        lines = [f"tangent kernel, {self.convention.value} convention, {self.method} route, "
+                 f"at {self.at}"]
         lines += [f"  {a:<{width}}  {b}" for a, b in rows]
         return "\n".join(lines)
 
 
 def contrast_report(
     problem_or_model: Problem | Model | nn.Module, data: Dataset | None = None, *,
-    loss: Loss | str | None = None, params: Params | None = None,
+    loss: Loss | str | None = None, params: Params | Any | None = None,
     convention: Convention | str | None = None, route: SpectrumRoute | str = "auto",
     rtol: float | None = None, max_memory: int | str | None = None,
 ) -> ContrastReport:
     """Spectrum and rank of K_θ next to R(K_θ; ∇ℓ) for a model, data and loss.
 
     Give a :class:`Problem` (its loss, convention and finite data are used unless overridden)
-    or a model with ``data`` and ``loss``. The quotient is computed with one VJP through the
+    or a model with ``data`` and ``loss``. ``params`` are the parameters to report at: a dict
+    or a :class:`~rayleighflow.flow.FlowResult` (its final θ); the default is the model's
+    initial θ₀, which training never changes (``contrast_report(problem, params=result)``
+    reports after a flow). The quotient is computed with one VJP through the
     kernel operator, the spectrum by :func:`ntk_spectrum` (route AUTO: dual when P < nk).
 
     Example::
@@ -107,6 +112,11 @@ def contrast_report(
         raise TypeError(f"data must be a rayleighflow Dataset, got {type(data).__name__}")
     loss = get_loss(loss)
     conv = Convention.parse(convention if convention is not None else "mean")
+    at = ContrastReport.at if params is None else "the given parameters"
+    if params is not None and not isinstance(params, dict) and hasattr(params, "params") \
+            and hasattr(params, "t_final"):
+        at = f"θ_t of the flow result, t = {float(params.t_final):.6g}"
+        params = params.params
     params = resolve_params(model, params)
     spec = ntk_spectrum(model, data.x, params=params, weights=data.weights, convention=conv,
                         route=route, rtol=rtol, max_memory=max_memory)
@@ -116,7 +126,7 @@ def contrast_report(
     rayleigh = op.rayleigh(g) if bool(g.any()) else float("nan")
     return ContrastReport(spec.n_params or op.n_params, spec.size, spec.rank, spec.lambda_max,
                           spec.lambda_min, spec.lambda_min_nonzero, rayleigh, conv,
-                          spec.threshold, spec.rtol, spec.method)
+                          spec.threshold, spec.rtol, spec.method, at)
 
 
 def _functional_grad(model: Model, params: Params, x: Tensor, y: Tensor, loss: Loss) -> Tensor:
