@@ -268,7 +268,7 @@ def test_figures_render_png_svg_and_skip_missing(tmp_path):
     loss, ntk = figs
     assert any("not_recorded" in n and "skipped" in n for n in loss.notes)
     assert any("missing_key" in n and "skipped" in n for n in ntk.notes)
-    assert any("non-positive" in n for n in ntk.notes)  # 0 and -1e-9 masked on the log axis
+    assert any("masked on the log axis" in n for n in ntk.notes)  # 0 and -1e-9
     assert ntk.panels == 2 and "Spectrum" in ntk.alt
     # Rendering twice gives the same SVG (stable ids, no date).
     first = ntk.svg.read_bytes()

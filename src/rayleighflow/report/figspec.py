@@ -194,13 +194,14 @@ class RunData:
                 return None, traj
             values = traj.get(m.group(2))
             if values is None:
-                return None, f"trajectory {m.group(1)!r} has no column {m.group(2)!r}"
+                return None, (f"trajectory {m.group(1)!r} has no column {m.group(2)!r} "
+                              "(not recorded in this run)")
         elif (m := ARR_RE.match(ref)) is not None:
             arrays = self._npz()
             if isinstance(arrays, str):
                 return None, arrays
             if m.group(1) not in arrays:
-                return None, f"arrays.npz has no array {m.group(1)!r}"
+                return None, f"arrays.npz has no array {m.group(1)!r} (not recorded in this run)"
             values = arrays[m.group(1)]
         else:
             return None, ref_problem(ref)

@@ -48,8 +48,9 @@ __all__ = ["RenderedFigure", "render_figures", "validate_figures_spec", "PALETTE
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000",
            "#F0E442")
 DPI = 110
+TINY = 1e-300  # values at or below it are masked on a log axis (zero or underflow)
 PANEL_SIZE = (5.5, 4.0)  # inches per panel
-LEGEND_INSIDE = 4  # legends with more entries go below the panel
+LEGEND_INSIDE = 2  # legends with more entries go below the panel (never on data)
 _STYLE = {
     "axes.prop_cycle": matplotlib.cycler(color=list(PALETTE)),
     "axes.grid": True, "grid.alpha": 0.3, "grid.linestyle": "-",
@@ -150,9 +151,29 @@ def _save(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def _has_data(panel: Any, data: RunData) -> bool:
+    """Whether any data series of ``panel`` has a finite value to draw."""
+    if not isinstance(panel, Mapping) or not isinstance(panel.get("series"), list):
+        return False
+    for s in panel["series"]:
+        if not isinstance(s, Mapping) or s.get("kind") == "hline" or series_problems(s)[0]:
+            continue
+        values, _ = data.get(s.get("y"))
+        if values is not None and np.isfinite(values).any():
+            return True
+    return False
+
+
 def _draw(spec: Mapping[str, Any], data: RunData, notes: list[str], *,
           parse_math: bool) -> Figure:
-    panels = spec["panels"]
+    # No panel without data: panels with nothing recorded are left out (all of them empty:
+    # the first one stays, saying so).
+    panels = [p for p in spec["panels"] if _has_data(p, data)] or spec["panels"][:1]
+    for j, p in enumerate(spec["panels"]):
+        if p not in panels:
+            title = p.get("title") if isinstance(p, Mapping) else None
+            notes.append(f"{spec['name']}, panel {title or j!r}: no data recorded; panel "
+                         "left out (not recorded in this run)")
     # rc_context restores every setting on exit: nothing leaks into the caller's matplotlib.
     with matplotlib.rc_context({**_STYLE, "text.parse_math": parse_math}):
         # A long legend goes below its panel (inside, it would hide the data): make room.
@@ -289,13 +310,16 @@ def _draw_series(ax: Axes, s: Mapping[str, Any], data: RunData, scales: dict[str
     masked = 0
     for key, axis in (("x", "x"), ("y", "y"), ("y2", "y")):
         if key in cols and scales[axis] == "log":
-            bad = cols[key] <= 0
+            # ≤ 0 cannot be drawn; below 1e-300 is underflow that would stretch the axis
+            # over hundreds of decades with all the data in one corner
+            bad = cols[key] <= TINY
             masked += int(bad.sum())
             cols[key] = np.where(bad, np.nan, cols[key])
     if masked:
         if all(np.isnan(v).all() for k, v in cols.items() if k != "yerr"):
-            return "no positive values to draw on a log axis"
-        notes.append(f"{name}: {masked} non-positive value(s) masked on the log axis")
+            return "no values above 1e-300 to draw on a log axis (masked on the log axis)"
+        notes.append(f"{name}: {masked} value(s) ≤ {TINY:g} (zero or underflow) masked on "
+                     "the log axis")
     x, y = cols["x"], cols["y"]
     if kind == "line":
         ax.plot(x, y, color=color, linestyle=style or "-", marker=marker, markersize=3.5,
