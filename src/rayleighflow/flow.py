@@ -11,10 +11,11 @@ Two integrators:
 
 The run stops at ``t_max``, at ``loss_target`` (checked at records), at ``max_steps`` gradient
 evaluations (the adaptive integrator has a default budget, ``DEFAULT_MAX_EVALS``), when the
-adaptive step stalls (at the rate of the last ``stall_window`` gradient evaluations, reaching
-``t_max`` would take more evaluations than the budget has left: a collapsed step, as for a
-stiff or exploding model), at a non-finite loss, or on Ctrl-C; ``FlowResult.status`` says which
-and where.
+adaptive step stalls (the last ``stall_window`` gradient evaluations advanced the flow by less
+than ``stall_rtol`` of the time elapsed since the start — or of the first record interval — and
+at that rate reaching ``t_max`` would take more evaluations than the budget has left: a
+collapsed step, as for a stiff or exploding model), at a non-finite loss, or on Ctrl-C;
+``FlowResult.status`` says which and where.
 
 Every gradient evaluation of a full-batch integrator (each gradient-descent iterate, each
 Runge–Kutta stage) is logged in the trajectory (``Trajectory.evaluations``: t, L, ‖∇L‖²) at
@@ -182,6 +183,7 @@ def gradient_flow(
     group_quotients: bool = True,
     grad_evals_start: int = 0,
     stall_window: int = 1000,
+    stall_rtol: float = 1e-3,
     update_model: bool = False,
 ) -> FlowResult:
     """Integrate θ̇ = −∇L(θ) from ``params`` (default the model's) at ``t_start`` to ``t_max``.
@@ -233,8 +235,9 @@ def gradient_flow(
             _run_euler(problem, state, times, step, train_data, generator, batch_size, rec,
                        loss_target, max_steps, log)
         else:
+            scale = float(times[0]) - t_start  # the first record interval
             _run_adaptive(problem, state, times, train_data, rtol, atol, rec, loss_target,
-                          max_steps, log, stall_window)
+                          max_steps, log, (stall_window, stall_rtol, t_start, scale))
         status, message = FlowStatus.T_MAX, f"reached t_max = {t_max:g}"
     except _Stop as stop:
         status, message = stop.status, stop.message
@@ -248,12 +251,13 @@ def gradient_flow(
     return result
 
 
-def _check_stall(recent: deque[float], t_max: float, budget_left: int) -> None:
-    """Stop when, at the rate of the recent evaluations, t_max is out of the budget's reach."""
+def _check_stall(recent: deque[float], t_max: float, budget_left: int, floor: float) -> None:
+    """Stop when the recent evaluations advanced the flow by less than ``floor`` and, at their
+    rate, t_max is out of the budget's reach."""
     advance = max(recent) - recent[0]
     t_now = recent[-1]
     needed = math.inf if advance <= 0 else (t_max - t_now) / advance * len(recent)
-    if needed > budget_left:
+    if advance < floor and needed > budget_left:
         raise _Stop(FlowStatus.STALLED, (
             f"stalled near t = {t_now:.6g}: the last {len(recent)} gradient evaluations advanced "
             f"the flow by {advance:.3g}; at that rate reaching t_max = {t_max:g} needs ~"
@@ -351,10 +355,11 @@ def _run_euler(problem, state, times, step, data, generator, batch_size, rec, ta
 
 
 def _run_adaptive(problem, state, times, data, rtol, atol, rec, target, max_steps, log,
-                  window: int) -> None:
+                  stall: tuple[int, float, float, float]) -> None:
     from torchdiffeq import odeint
 
     like = state["theta"]
+    window, stall_rtol, t_start, scale = stall
     recent: deque[float] = deque(maxlen=window)  # flow times of the last `window` evaluations
     t_max = float(times[-1])
 
@@ -366,7 +371,8 @@ def _run_adaptive(problem, state, times, data, rtol, atol, rec, target, max_step
         state["evals"] += 1
         recent.append(t_now)
         if len(recent) == window and state["evals"] % window == 0:
-            _check_stall(recent, t_max, max_steps - state["evals"])
+            floor = stall_rtol * max(t_now - t_start, scale)
+            _check_stall(recent, t_max, max_steps - state["evals"], floor)
         grad = _grad(problem, _unflatten(y, like), data, t_now, log)
         return -_flatten(grad)
 
