@@ -111,44 +111,36 @@ def _cross_entropy_sums(f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def evaluate_steps(loss: Loss, steps: list[PendingStep],
                    convention: Convention) -> dict[str, list[float]]:
     """Read back a list of pending steps: per step L_B, ‖∇ℓ‖²_D, n, the passed loss and the
-    per-parameter squared gradient norms. One host synchronization for all of them."""
-    lazy = [s for s in steps if s.computed is None]
-    per_step_loss = torch.zeros(len(steps), dtype=torch.float64)
-    per_step_fg = torch.zeros(len(steps), dtype=torch.float64)
-    counts = torch.zeros(len(steps), dtype=torch.float64)
-    device = steps[0].grad_norms[0].device if steps and steps[0].grad_norms else "cpu"
+    per-parameter squared gradient norms. A fixed number of operations for any number of
+    steps, and one host synchronization."""
+    n = len(steps)
+    norms = torch.stack([g for s in steps for g in s.grad_norms]).double()
+    device = norms.device
+    sums = torch.zeros(3, n, dtype=torch.float64, device=device)   # Σℓ_i, Σ‖g_i‖², count
+    lazy = [(i, s) for i, s in enumerate(steps) if s.computed is None]
     if lazy:
-        position = {id(s): i for i, s in enumerate(steps)}
-        f = torch.cat([o for s in lazy for o in s.outputs])
-        y = torch.cat([t for s in lazy for t in s.targets])
-        seg = torch.cat([torch.full((o.shape[0],), position[id(s)], dtype=torch.long,
-                                    device=o.device) for s in lazy for o in s.outputs])
-        ell, gsq = batch_sums(loss, f, y)
-        ls = torch.zeros(len(steps), dtype=torch.float64, device=f.device)
-        fs = torch.zeros(len(steps), dtype=torch.float64, device=f.device)
-        ns = torch.zeros(len(steps), dtype=torch.float64, device=f.device)
-        ls.index_add_(0, seg, ell.double())
-        fs.index_add_(0, seg, gsq.double())
-        ns.index_add_(0, seg, torch.ones_like(ell, dtype=torch.float64))
-        per_step_loss, per_step_fg, counts = ls, fs, ns
-        device = f.device
-    eager = [(i, s) for i, s in enumerate(steps) if s.computed is not None]
-    if eager:
-        per_step_loss, per_step_fg, counts = (t.to(device) for t in
-                                              (per_step_loss, per_step_fg, counts))
-        for i, s in eager:
-            a, b, c = s.computed
-            per_step_loss[i], per_step_fg[i], counts[i] = a, b, c
+        outputs = [o for _, s in lazy for o in s.outputs]
+        sizes = torch.tensor([o.shape[0] for o in outputs], device=device)
+        owner = torch.tensor([i for i, s in lazy for _ in s.outputs], device=device)
+        seg = torch.repeat_interleave(owner, sizes)
+        ell, gsq = batch_sums(loss, torch.cat(outputs),
+                              torch.cat([t for _, s in lazy for t in s.targets]))
+        sums.index_add_(1, seg, torch.stack([ell.double(), gsq.double(),
+                                             torch.ones_like(ell, dtype=torch.float64)]))
+    for i, s in enumerate(steps):
+        if s.computed is not None:
+            sums[:, i] = torch.stack(s.computed).to(device)
     if convention is Convention.MEAN:
-        per_step_loss = per_step_loss / counts
-        per_step_fg = per_step_fg / counts
-    passed = torch.stack([torch.stack(s.losses).double().sum() if s.losses
-                          else torch.tensor(float("nan"), dtype=torch.float64, device=device)
-                          for s in steps]).to(device)
-    norms = torch.stack([torch.stack(s.grad_norms).double() for s in steps]).to(device)
-    packed = torch.cat([per_step_loss[:, None], per_step_fg[:, None], counts[:, None],
-                        passed[:, None], norms * norms], dim=1).cpu()
-    rows = packed.tolist()
+        sums[:2] /= sums[2]
+    passed = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
+    with_loss = [(i, s) for i, s in enumerate(steps) if s.losses]
+    if with_loss:
+        flat = torch.stack([v.to(device) for _, s in with_loss for v in s.losses]).double()
+        owner = torch.tensor([i for i, s in with_loss for _ in s.losses], device=device)
+        passed.index_fill_(0, torch.tensor([i for i, _ in with_loss], device=device), 0.0)
+        passed.index_add_(0, owner, flat)
+    packed = torch.cat([sums.T, passed[:, None], (norms * norms).reshape(n, -1)], dim=1)
+    rows = packed.cpu().tolist()
     return {
         "loss": [r[0] for r in rows], "fgrad_sq": [r[1] for r in rows],
         "n": [r[2] for r in rows], "loss_passed": [r[3] for r in rows],
