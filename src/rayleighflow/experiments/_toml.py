@@ -53,13 +53,17 @@ class ConfigError(ValueError):
         super().__init__("\n".join(lines))
 
     def one_line(self) -> str:
-        """The message on one line when there is one problem (the file and line first);
-        otherwise the full message, one problem per line."""
-        if len(self.issues) != 1:
-            return str(self)
-        issue = self.issues[0]
-        where = ", ".join(filter(None, (self.source, f"line {issue.line}" if issue.line else "")))
-        return f"{where}: {issue.message}" if where else issue.message
+        """The message on one line: the file and line, then the problem; several problems
+        are joined with "; " (each with its line)."""
+        if len(self.issues) == 1:
+            issue = self.issues[0]
+            where = ", ".join(filter(None, (self.source,
+                                            f"line {issue.line}" if issue.line else "")))
+            return f"{where}: {issue.message}" if where else issue.message
+        n = len(self.issues)
+        head = f"{self.source}: {n} errors" if self.source else f"{n} errors"
+        parts = [f"{f'line {i.line}: ' if i.line else ''}{i.message}" for i in self.issues]
+        return f"{head}: " + "; ".join(" ".join(p.split()) for p in parts)
 
 
 _TOKEN = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
@@ -135,14 +139,17 @@ def _spec(kind: str, default: Any = _REQUIRED, **check: Any) -> Any:
 
 def _type_name(v: Any) -> str:
     for t, name in ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
-                    (list, "array"), (dict, "table")):
+                    (list, "array"), (dict, "table"), (type(None), "null (not a TOML value)")):
         if isinstance(v, t):
             return name
     return "date/time"
 
 
 def _show(v: Any) -> str:
-    s = toml_value(v)
+    try:
+        s = toml_value(v)
+    except TypeError:  # not a TOML value (None, an object) handed in through the Python API
+        s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
 
 

@@ -373,6 +373,9 @@ def _call_factory(cfg: ExperimentConfig, m: ImportConfig, factory: Callable[...,
             sig = ""
         raise _fail(cfg, "model.kwargs", f"model.factory called with [model.kwargs] "
                     f"{m.kwargs}: {exc}{sig}") from exc
+    except Exception as exc:  # the user's factory raised: say so in context, one line
+        raise _fail(cfg, "model.factory", f"model.factory: calling {m.factory}() failed with "
+                    f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(module, nn.Module):
         raise _fail(cfg, "model.factory", f"model.factory {m.factory} returned a "
                     f"{type(module).__name__}, not a torch.nn.Module")

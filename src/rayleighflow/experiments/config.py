@@ -271,7 +271,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the configuration file: {exc}", p) from None
     try:
         raw = tomllib.loads(text)

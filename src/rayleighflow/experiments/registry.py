@@ -298,7 +298,9 @@ def _same_config(path: Path, saved_path: Path, saved: Mapping[str, Any]) -> bool
     except OSError:
         return False
     doc = _read_toml(path)
-    if "experiment" in saved or "experiment" in doc:
+    if ("experiment" in saved) != ("experiment" in doc):
+        return False
+    if "experiment" in saved:
         return _builtin_settings(path, doc) == _builtin_settings(saved_path, saved)
     from .config import load_config
 

@@ -58,6 +58,19 @@ def _kernel_figure(groups: list[str], spectra: bool) -> dict[str, Any]:
     return fig
 
 
+def _uncertified_summary(ctx: RunContext, problem, data, result, info) -> dict[str, Any]:
+    """Summary keys of a flow too short to certify, read off what it recorded."""
+    from ..report import recorded_summary
+
+    summary = recorded_summary(ctx.out)
+    summary.pop("notes", None)
+    summary.pop("recorded_flow", None)
+    return {**summary, "convention": problem.convention.value, "P": problem.model.n_params,
+            "nk": data.n * int(info["k"]), "certificates": [],
+            "flow_status": result.status.value, "flow_message": result.message,
+            "grad_evals": result.n_grad_evals}
+
+
 def _run(cfg: ExperimentConfig, built: tuple[Any, dict[str, Any]]):
     def run(ctx: RunContext) -> dict[str, Any]:
         problem, info = built
@@ -78,17 +91,28 @@ def _run(cfg: ExperimentConfig, built: tuple[Any, dict[str, Any]]):
         result = ctx.flow("flow", problem, label=cfg.name, meta={"experiment": info},
                           diagnostics=diagnostics, group_quotients=cfg.diagnostics.groups,
                           **kwargs)
-        certs = certificates(result.trajectory, problem, eval_data, cfg.certify.desingularizers,
-                             rayleigh_lower=cfg.certify.rayleigh_lower, mu=cfg.certify.mu,
-                             rtol=cfg.certify.rtol, atol=cfg.certify.atol)
-        ctx.save_arrays(**certificate_arrays("", certs))
-        figures[0] = loss_figure("loss", "flow", certs)
-        ctx.save_figures(figures)
-        summary = flow_summary(problem, eval_data, result, certs)
+        notes = []
+        if len(result.trajectory) < 2:  # stopped at its first record: nothing to certify
+            certs = []
+            notes.append(f"no certificate: the flow stopped ({result.status.value}) after "
+                         f"{len(result.trajectory)} record(s): {result.message}")
+        else:
+            certs = certificates(result.trajectory, problem, eval_data,
+                                 cfg.certify.desingularizers,
+                                 rayleigh_lower=cfg.certify.rayleigh_lower, mu=cfg.certify.mu,
+                                 rtol=cfg.certify.rtol, atol=cfg.certify.atol)
+        if not certs:
+            summary = _uncertified_summary(ctx, problem, eval_data, result, info)
+        else:
+            ctx.save_arrays(**certificate_arrays("", certs))
+            figures[0] = loss_figure("loss", "flow", certs)
+            ctx.save_figures(figures)
+            summary = flow_summary(problem, eval_data, result, certs)
         summary["model"] = info.get("model")
         summary["data"] = info.get("data")
-        if info.get("notes"):
-            summary["notes"] = list(summary.get("notes", [])) + list(info["notes"])
+        notes += list(info.get("notes") or [])
+        if notes:
+            summary["notes"] = list(summary.get("notes", [])) + notes
         return summary
 
     return run

@@ -1,0 +1,554 @@
+"""The bad-input catalogue (issue 11): every reproduction gives one clear line, never a traceback,
+a non-zero exit code, and leaves either nothing or a run folder whose status is "failed".
+
+CLI cases run ``rayleighflow.cli.main`` in-process; API cases call the library. A hypothesis
+fuzz of the TOML loader checks that it raises nothing but ConfigError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import rayleighflow as rf
+from rayleighflow.cli import main
+from rayleighflow.experiments.config import ConfigError, load_config, parse_config
+from rayleighflow.experiments.registry import (
+    MAX_SEED,
+    check_seed,
+    default_run_dir,
+    prepare_out,
+    run_experiment,
+)
+from rayleighflow.experiments.runner import RunFailed
+from rayleighflow.ntk import contrast_report
+
+FACTORIES = '''
+import torch
+from torch import nn
+
+
+class Boom(nn.Module):
+    """Breaks after a number of calls: a model that raises in the middle of a flow."""
+
+    def __init__(self, after=40):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.calls, self.after = 0, after
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("boom: the model broke mid-flow")
+        return self.lin(x)
+
+
+def boom(after=40):
+    return Boom(after)
+
+
+def raises():
+    raise RuntimeError("factory exploded")
+
+
+def not_module():
+    return 42
+
+
+def dropout():
+    return nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+
+
+def stiff():
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[2].weight.mul_(1e8)
+    return net
+
+
+def half():
+    return nn.Linear(4, 3).half()
+'''
+
+
+def toml(model: str = 'kind = "mlp"\nwidths = [4]', *, data: str | None = None,
+         loss: str = "cross-entropy", flow: str = "t_max = 0.5\nn_records = 4",
+         top: str = "") -> str:
+    data = data or 'kind = "sklearn"\nname = "iris"\nn_samples = 30'
+    return (f"{top}\n[model]\n{model}\n\n[data]\n{data}\n\n[loss]\nname = \"{loss}\"\n\n"
+            f"[flow]\n{flow}\n\n[diagnostics]\ngroups = false\n\n"
+            "[certify]\ndesingularizers = [\"log\"]\n")
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A working folder with the factory file, a few TOML files and fake run folders."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    files = {
+        "ok.toml": toml(),
+        "upper.TOML": toml(),
+        "syntax.toml": "[model\nkind = 'mlp'\n",
+        "typo.toml": toml(flow="t_mx = 0.5"),
+        "latin1.toml": None,
+        "empty.toml": "",
+        "raises.toml": toml('kind = "import"\nfactory = "factories.py:raises"'),
+        "nofile.toml": toml('kind = "import"\nfactory = "missing.py:net"'),
+        "notmodule.toml": toml('kind = "import"\nfactory = "factories.py:not_module"'),
+        "dropout.toml": toml('kind = "import"\nfactory = "factories.py:dropout"'),
+        "boom.toml": toml('kind = "import"\nfactory = "factories.py:boom"',
+                          flow="t_max = 5.0\nn_records = 20"),
+        "nocsv.toml": toml(data='kind = "csv"\npath = "missing.csv"', loss="square"),
+        "badtarget.toml": toml(data='kind = "csv"\npath = "d.csv"\ntarget = "nope"',
+                               loss="square"),
+        "toomany.toml": toml(data='kind = "sklearn"\nname = "iris"\nn_samples = 999'),
+        "logistic3.toml": toml(loss="logistic"),
+        "cuda.toml": toml(top='device = "cuda"'),
+        "builtin_extra.toml": 'experiment = "demo"\nfoo = 1\n',
+        "builtin_unknown.toml": 'experiment = "nope"\n',
+        "builtin_param.toml": 'experiment = "demo"\n[params]\nwidht = 3\n',
+        "builtin_seedtype.toml": 'experiment = "demo"\nseed = "x"\n',
+        "negseed.toml": toml(top="seed = -1"),
+    }
+    for name, text in files.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+    (tmp_path / "latin1.toml").write_bytes(b'name = "caf\xe9"\n')
+    (tmp_path / "d.csv").write_text("a,b,y\n1,2,0.5\n3,4,1.5\n5,6,2.5\n")
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("someone's file")
+    (tmp_path / "emptydir").mkdir()
+    run = tmp_path / "oldrun"  # a demo run folder killed before its summary
+    (run / "trajectories").mkdir(parents=True)
+    (run / "config.toml").write_text('experiment = "demo"\nseed = 0\ndevice = "cpu"\n'
+                                     'dtype = "float64"\nquick = false\n\n[params]\n')
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "summary.json").write_text("{not json")
+    return tmp_path
+
+
+def _listing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as stop:  # argparse: usage errors exit, one line
+        code = stop.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line(code: int, err: str, *needles: str) -> None:
+    assert code != 0, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle.lower() in err.lower(), (needle, err)
+
+
+# (argv, words the one line must contain); "{ws}" is the working folder
+CLI_CASES = [
+    (["run", "nope"], ["unknown experiment 'nope'"]),
+    (["run", "demo", "--seed", "-1"], ["--seed", "out of range"]),
+    (["run", "demo", "--seed", "1e23"], ["not an integer seed"]),
+    (["run", "demo", "--seed", "100000000000000000000000"], ["out of range"]),
+    (["run", "demo", "--seed", "abc"], ["not an integer seed"]),
+    (["run", "demo", "--seed", str(MAX_SEED + 1)], ["out of range"]),
+    (["run", "demo", "--dtype", "float16"], ["invalid choice"]),
+    (["run", "demo", "--device", "tpu"], ["unknown device 'tpu'"]),
+    (["run", "demo", "--out", ""], ["empty folder name"]),
+    (["run", "demo", "--out", "   "], ["empty folder name"]),
+    (["run", "demo", "--out", "a_file"], ["is a file"]),
+    (["run", "demo", "--out", "a_file/sub"], ["cannot write into the run folder"]),
+    (["run", "demo", "--out", "full"], ["already holds files", "--overwrite"]),
+    (["run", "demo", "--out", "full", "--overwrite"], ["not a run folder"]),
+    (["run", "demo", "--out", "oldrun"], ["already holds files", "--resume"]),
+    (["run", "demo", "--out", ".", "--overwrite"], ["refuses to empty"]),
+    (["run", "emptydir"], ["unknown experiment"]),
+    (["run", "oldrun/"], ["unknown experiment"]),
+    (["run", "missing.toml"], ["no experiment file"]),
+    (["run", "missing.TOML"], ["no experiment file"]),
+    (["run", "emptydir.toml"], ["no experiment file"]),
+    (["run", "syntax.toml"], ["syntax.toml", "line", "not valid toml"]),
+    (["run", "typo.toml"], ["typo.toml", "line", "t_mx", "t_max"]),
+    (["run", "latin1.toml"], ["latin1.toml", "cannot read"]),
+    (["run", "empty.toml"], ["empty.toml", "errors"]),
+    (["run", "raises.toml"], ["factory exploded"]),
+    (["run", "nofile.toml"], ["model.factory"]),
+    (["run", "notmodule.toml"], ["not a torch.nn.Module"]),
+    (["run", "dropout.toml"], ["dropout", "eval"]),
+    (["run", "nocsv.toml"], ["missing.csv"]),
+    (["run", "badtarget.toml"], ["'nope'", "not a column"]),
+    (["run", "toomany.toml"], ["n_samples", "999"]),
+    (["run", "logistic3.toml"], ["logistic", "2 classes"]),
+    (["run", "negseed.toml"], ["seed"]),
+    (["run", "builtin_extra.toml"], ["builtin_extra.toml", "foo"]),
+    (["run", "builtin_unknown.toml"], ["unknown experiment 'nope'"]),
+    (["run", "builtin_param.toml"], ["widht"]),
+    (["run", "builtin_seedtype.toml"], ["builtin_seedtype.toml", "seed"]),
+    (["run", "ok.toml", "--seed", "-5"], ["out of range"]),
+    (["run", "ok.toml", "--out", "full"], ["already holds files"]),
+    (["run", "--resume", "nowhere"], ["not a run folder"]),
+    (["run", "--resume", "emptydir"], ["not a run folder"]),
+    (["run", "--resume", "a_file"], ["is a file"]),
+    (["run", "--resume", ""], ["empty folder name"]),
+    (["run", "--resume", "oldrun", "--seed", "3"], ["--seed 3", "seed 0", "--force-new"]),
+    (["run", "--resume", "oldrun", "--dtype", "float32"], ["--dtype float32"]),
+    (["run", "--resume", "oldrun", "--device", "cuda"], ["--device cuda"]),
+    (["run", "--resume", "oldrun", "--quick"], ["--quick"]),
+    (["run", "toy2d", "--resume", "oldrun"], ["experiment 'toy2d'", "'demo'"]),
+    (["run", "ok.toml", "--resume", "oldrun"], ["ok.toml", "not the configuration"]),
+    (["run", "--resume", "oldrun", "--out", "elsewhere"], ["drop --out"]),
+    (["run", "--resume", "oldrun", "--overwrite"], ["--force-new"]),
+    (["run", "demo", "--force-new"], ["only with --resume"]),
+    (["run", "demo", "surplus"], ["unrecognized arguments"]),
+    (["run", "--bogus"], ["unrecognized arguments"]),
+    (["frobnicate"], ["invalid choice"]),
+    (["report", "nowhere"], ["does not exist"]),
+    (["report", "a_file"], ["not a folder"]),
+    (["report", "emptydir"], ["not a run folder"]),
+    (["report", "corrupt"], ["nothing to report"]),
+    (["report", ""], ["empty folder name"]),
+    (["ntk", "demo"], ["built-in experiment", "rayleighflow run demo"]),
+    (["ntk", "missing.toml"], ["no experiment file"]),
+    (["ntk", "emptydir"], ["is a folder"]),
+    (["ntk", "ok.toml", "--max-samples", "-3"], ["--max-samples", "at least 1"]),
+    (["ntk", "ok.toml", "--max-samples", "0"], ["at least 1"]),
+    (["ntk", "oldrun"], ["built-in experiment"]),
+    (["ntk", "syntax.toml"], ["syntax.toml", "not valid toml"]),
+    (["ntk", "d.csv"], ["takes a .toml"]),
+]
+if not torch.cuda.is_available():
+    CLI_CASES += [
+        (["run", "toy2d", "--device", "cuda"], ["CUDA is not available"]),
+        (["run", "cuda.toml"], ["CUDA is not available"]),
+    ]
+
+
+@pytest.mark.parametrize(("argv", "needles"), CLI_CASES,
+                         ids=[" ".join(a) or "empty" for a, _ in CLI_CASES])
+def test_cli_bad_input_is_one_line_and_leaves_nothing(ws, capsys, argv, needles):
+    before = _listing(ws)
+    code, _, err = cli(capsys, *argv)
+    assert_one_line(code, err, *needles)
+    assert code == 2
+    assert _listing(ws) == before  # nothing created, nothing emptied, nothing rewritten
+    assert (ws / "oldrun" / "config.toml").read_text().count("seed = 0") == 1
+
+
+def test_model_raising_mid_flow_leaves_a_failed_run(ws, capsys):
+    code, _, err = cli(capsys, "run", "boom.toml", "--out", "b")
+    assert_one_line(code, err, "the run failed", "boom: the model broke mid-flow")
+    assert code == 1
+    s = json.loads((ws / "b" / "summary.json").read_text())
+    assert s["status"] == "failed" and "boom" in s["error"] and "Traceback" in s["traceback"]
+    assert s["loss_initial"] is not None and s["t_final"] is not None  # what was recorded
+    html = (ws / "b" / "report.html").read_text()
+    assert "Failed" in html and "Interrupted" not in html and "boom" in html
+    traj = rf.Trajectory.load(ws / "b" / "trajectories" / "flow.jsonl")
+    assert traj.status == "failed" and len(traj) >= 1
+    code, out, err = cli(capsys, "report", "b")
+    assert code == 0 and "Failed" in (ws / "b" / "report.html").read_text()
+
+
+def test_folders_are_never_reused_silently(ws, capsys):
+    code, _, err = cli(capsys, "run", "ok.toml")
+    assert code == 0, err
+    code, _, err = cli(capsys, "run", "ok.toml")
+    assert code == 0, err
+    runs = sorted(p.name for p in (ws / "runs").iterdir())
+    assert runs == ["ok", "ok-2"]  # the second default folder is new, the first untouched
+    # a saved config.toml runs into a folder named after its experiment, not "config"
+    code, _, err = cli(capsys, "run", "runs/ok/config.toml")
+    assert code == 0, err
+    assert (ws / "runs" / "ok-3" / "summary.json").exists()
+    # --overwrite empties the old run first: no stale trajectories remain
+    (ws / "runs" / "ok" / "trajectories" / "stale.jsonl").write_text('{"type": "meta"}\n')
+    code, _, err = cli(capsys, "run", "ok.toml", "--out", "runs/ok", "--overwrite")
+    assert code == 0, err
+    assert not (ws / "runs" / "ok" / "trajectories" / "stale.jsonl").exists()
+    # resuming a finished run: nothing to resume, exit 0, nothing rewritten
+    before = (ws / "runs" / "ok" / "summary.json").read_text()
+    code, _, err = cli(capsys, "run", "--resume", "runs/ok")
+    assert code == 0 and "nothing to resume" in err
+    assert (ws / "runs" / "ok" / "summary.json").read_text() == before
+    # --force-new starts over with the new seed, and config.toml says so
+    code, _, err = cli(capsys, "run", "--resume", "runs/ok", "--seed", "3", "--force-new")
+    assert code == 0, err
+    assert "seed = 3" in (ws / "runs" / "ok" / "config.toml").read_text()
+    for name in ("summary.json", "report.html"):  # written 0644 like the rest, not 0600
+        assert (ws / "runs" / "ok" / name).stat().st_mode & 0o044 == 0o044
+
+
+def _stopped_early(ws, capsys, flow: str, status: str) -> None:
+    (ws / "stiff.toml").write_text(toml('kind = "import"\nfactory = "factories.py:stiff"',
+                                        flow=flow))
+    code, _, err = cli(capsys, "run", "stiff.toml", "--out", "s")
+    s = json.loads((ws / "s" / "summary.json").read_text())
+    assert s["status"] == "complete" and code == 0, err
+    assert [x["status"] for x in s["stopped_early"]] == [status]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: flow 'flow' stopped early")
+    assert status in lines[0]
+    html = (ws / "s" / "report.html").read_text()
+    assert "stopped early" in html and status in html and "Interrupted" not in html
+
+
+def test_stiff_model_within_a_budget_stops_early_with_one_line(ws, capsys):
+    _stopped_early(ws, capsys, "t_max = 100.0\nn_records = 4\nmax_steps = 60", "step_budget")
+
+
+@pytest.mark.slow
+def test_stiff_model_stops_as_stalled_not_hanging(ws, capsys):
+    start = time.perf_counter()
+    _stopped_early(ws, capsys, "t_max = 100.0\nn_records = 4", "stalled")
+    assert time.perf_counter() - start < 300
+
+
+def test_half_precision_factory_is_cast_with_a_note(ws, capsys):
+    (ws / "half.toml").write_text(toml('kind = "import"\nfactory = "factories.py:half"'))
+    code, _, err = cli(capsys, "run", "half.toml", "--out", "h")
+    assert code == 0, err
+    notes = json.loads((ws / "h" / "summary.json").read_text())["notes"]
+    assert any("float16 parameters were cast to float64" in n for n in notes)
+
+
+def test_kill_then_resume_accumulates_run_time_and_keeps_settings(ws):
+    (ws / "long.toml").write_text(toml(flow="t_max = 5.0\nn_records = 40"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rayleighflow.cli", "run", "long.toml",
+                             "--out", "k", "--seed", "3"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    path = ws / "k" / "trajectories" / "flow.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if path.exists() and path.read_text().count('"type": "row"') >= 5:
+            break
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    else:
+        pytest.fail("no records in time")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_time = torch.load(ws / "k" / "checkpoints" / "flow.pt", weights_only=True)["run_time"]
+    assert killed_time > 0
+    code = main(["run", "--resume", "k", "--seed", "4"])
+    assert code == 2 and "seed = 3" in (ws / "k" / "config.toml").read_text()
+    assert main(["run", "--resume", "k"]) == 0
+    s = json.loads((ws / "k" / "summary.json").read_text())
+    assert s["status"] == "complete" and s["run_time_s"] > killed_time
+    assert "seed = 3" in (ws / "k" / "config.toml").read_text()
+
+
+def test_interrupted_summary_shows_what_was_recorded(ws):
+    """Ctrl-C mid-flow: the summary (terminal table) carries the recorded values."""
+    from rayleighflow.experiments.runner import execute
+    from rayleighflow.experiments.user import run_user_experiment
+
+    assert execute  # the runner writes the summary; here the flow sees Ctrl-C at a record
+    calls = {"n": 0}
+    real = rf.flow._Recorder.record
+
+    def record(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    rf.flow._Recorder.record = record
+    try:
+        s = run_user_experiment(ws / "ok.toml", ws / "i")
+    finally:
+        rf.flow._Recorder.record = real
+    assert s["status"] == "interrupted"
+    assert s["loss_initial"] is not None and s["t_final"] is not None and s["P"] is not None
+    assert any("rayleighflow run --resume" in n for n in s["notes"])
+
+
+# ----------------------------------------------------------------------------- API cases
+
+
+def _net(dtype=torch.float64):
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def _api_cases():
+    iris = rf.load_sklearn("iris", n_samples=20)
+    yield "Model(42)", TypeError, "nn.Module or a function", lambda: rf.Model(42)
+    yield "half model", ValueError, "float16", lambda: rf.Model(nn.Linear(3, 1).half())
+    yield "bfloat16 model", ValueError, "bfloat16", \
+        lambda: rf.Model(nn.Linear(3, 1).to(torch.bfloat16))
+    yield "meta model", ValueError, "meta device", \
+        lambda: rf.Model(nn.Linear(3, 1, device="meta"))
+
+    def all_frozen():
+        net = nn.Linear(3, 1)
+        net.requires_grad_(False)
+        rf.Model(net)
+
+    yield "all frozen", ValueError, "nothing to train", all_frozen
+    yield "tuple data", TypeError, "Dataset.from_arrays", \
+        lambda: rf.Problem(_net(), (iris.x, iris.y), "cross-entropy")
+
+    def sampler_mismatch():
+        sampler = rf.UniformBox(4, 1.0, rf.data.smooth_target)
+        problem = rf.Problem(nn.Linear(4, 1).float(), sampler, "square")
+        problem.validate(sampler.sample(5, torch.Generator().manual_seed(0)))
+
+    yield "sampler dtype", ValueError, "dtype=torch.float32", sampler_mismatch
+    yield "gradient_flow(net)", TypeError, "Problem", lambda: rf.gradient_flow(_net(), t_max=1)
+    yield "t_max inf", ValueError, "finite", lambda: rf.gradient_flow(
+        rf.Problem(_net(), iris, "cross-entropy"), t_max=float("inf"))
+    yield "seed -1", ValueError, "seed must be", lambda: check_seed(-1)
+    yield "seed bool", ValueError, "seed must be", lambda: check_seed(True)
+    yield "seed 2^40", ValueError, "seed must be", lambda: check_seed(2**40)
+    yield "out ''", ValueError, "empty string", lambda: run_experiment("demo", "")
+    yield "run seed", ValueError, "seed must be", lambda: run_experiment("demo", "x", seed=-2)
+    yield "prepare file", ValueError, "is a file", lambda: prepare_out(Path(__file__))
+    yield "config dir", ConfigError, "cannot read", lambda: load_config(Path(__file__).parent)
+    yield "config empty", ConfigError, "model", lambda: parse_config({})
+    yield "config type", ConfigError, "seed", lambda: parse_config(
+        {"seed": "x", "model": {"kind": "mlp"}, "data": {"kind": "sklearn", "name": "iris"},
+         "loss": {"name": "cross-entropy"}})
+
+
+API_CASES = list(_api_cases())
+
+
+@pytest.mark.parametrize(("name", "exc", "needle", "call"), API_CASES,
+                         ids=[c[0] for c in API_CASES])
+def test_api_bad_input_is_one_clear_error(tmp_path, monkeypatch, name, exc, needle, call):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(exc) as info:
+        call()
+    message = info.value.one_line() if isinstance(info.value, ConfigError) else str(info.value)
+    assert needle in message and "\n" not in message, message
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_float32_model_with_float64_data_is_aligned():
+    data = rf.load_sklearn("wine")                      # float64
+    net = nn.Sequential(nn.Linear(13, 6), nn.Tanh(), nn.Linear(6, 3))   # float32
+    problem = rf.Problem(rf.Model(net), data, "cross-entropy")
+    assert problem.data.x.dtype == torch.float32 and problem.data.weights.dtype == torch.float32
+    m = rf.measure(problem)
+    assert m.loss > 0 and m.rayleigh > 0
+
+
+def test_integer_inputs_are_cast_like_from_arrays():
+    x = torch.randint(0, 5, (10, 3))
+    d = rf.Dataset(x, torch.randn(10, 1, dtype=torch.float64),
+                   torch.full((10,), 0.1, dtype=torch.float64))
+    problem = rf.Problem(nn.Linear(3, 1).double(), d, "square")
+    assert problem.data.x.dtype == torch.float64
+    assert torch.equal(problem.data.x, x.double())
+    # an embedding takes its integer inputs as they are
+    emb = nn.Sequential(nn.Embedding(5, 2), nn.Flatten(), nn.Linear(6, 1)).double()
+    assert rf.Problem(emb, d, "square").data.x.dtype == torch.int64
+
+
+def test_frozen_parameters_stay_frozen_and_leave_p():
+    data = rf.load_sklearn("iris", n_samples=30)
+    net = _net()
+    net[0].weight.requires_grad_(False)
+    frozen = net[0].weight.detach().clone()
+    model = rf.Model(net)
+    assert "0.weight" not in model.params and model.frozen == ("0.weight",)
+    assert model.n_params == sum(p.numel() for p in net.parameters()) - frozen.numel()
+    assert model.notes and "excluded from θ and P" in model.notes[0]
+    result = rf.gradient_flow(rf.Problem(model, data, "cross-entropy"), t_max=1.0, n_records=3)
+    assert "0.weight" not in result.params
+    assert torch.equal(net[0].weight, frozen)
+    result.load_into(net)
+    assert torch.equal(net[0].weight, frozen) and torch.equal(net[2].bias, result.params["2.bias"])
+
+
+def test_contrast_report_at_the_trained_parameters():
+    data = rf.load_sklearn("iris", n_samples=30)
+    problem = rf.Problem(_net(), data, "cross-entropy")
+    result = rf.gradient_flow(problem, t_max=1.0, n_records=3)
+    start, end = contrast_report(problem), contrast_report(problem, params=result)
+    assert start.rayleigh != end.rayleigh
+    assert "θ_t of the flow result, t = 1" in str(end) and "θ₀" in str(start)
+    assert end.rayleigh == pytest.approx(contrast_report(problem, params=result.params).rayleigh)
+
+
+def test_default_run_dir_is_unique_and_named_after_the_experiment(tmp_path):
+    saved = tmp_path / "x" / "config.toml"
+    saved.parent.mkdir()
+    saved.write_text('experiment = "toy2d"\n')
+    assert default_run_dir(str(saved), tmp_path / "runs") == tmp_path / "runs" / "toy2d"
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    assert default_run_dir("demo", tmp_path / "runs") == tmp_path / "runs" / "demo"  # empty
+    (tmp_path / "runs" / "demo" / "f").write_text("")
+    (tmp_path / "runs" / "demo-2").mkdir()
+    (tmp_path / "runs" / "demo-2" / "f").write_text("")
+    assert default_run_dir("demo", tmp_path / "runs") == tmp_path / "runs" / "demo-3"
+
+
+def test_run_failed_is_raised_through_the_api(ws):
+    with pytest.raises(RunFailed, match="boom") as info:
+        run_experiment(str(ws / "boom.toml"), ws / "api")
+    assert info.value.summary["status"] == "failed" and info.value.out == ws / "api"
+
+
+def test_catalogue_size():
+    assert len(CLI_CASES) + len(API_CASES) >= 60
+
+
+# ----------------------------------------------------------------------------- TOML fuzz
+
+_KEYS = ["model", "data", "loss", "flow", "diagnostics", "certify", "kind", "name", "seed",
+         "dtype", "device", "convention", "widths", "t_max", "step", "method", "path",
+         "factory", "kwargs", "mu", "desingularizers", "n_samples", "classes", "target",
+         "population", "dim", "outputs", "rtol", "atol", "experiment", "params", "x", "é", ""]
+_SCALARS = (st.none() | st.booleans() | st.integers(-2**70, 2**70)
+            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
+            | st.sampled_from(["mlp", "cnn", "import", "sklearn", "iris", "csv", "npz",
+                               "square", "cross-entropy", "logistic", "euler", "adaptive",
+                               "log", "cpu", "cuda", "float32", "mean", "x.py:f", "a:b"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.sampled_from(_KEYS) | st.text(max_size=6), inner,
+                                         max_size=5), max_leaves=12)
+_DOCS = st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=_DOCS)
+def test_toml_fuzz_parse_config_raises_only_config_error(doc):
+    try:
+        parse_config(doc)
+    except ConfigError as err:
+        assert err.one_line()
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200), encoding=st.sampled_from(["utf-8", "utf-16", "latin-1",
+                                                             "cp1252"]),
+       raw=st.binary(max_size=64))
+def test_toml_fuzz_load_config_raises_only_config_error(tmp_path, text, encoding, raw):
+    path = tmp_path / "fuzz.toml"
+    for data in (text.encode(encoding, errors="replace"), raw,
+                 ("[model]\nkind = 'mlp'\n" + text).encode(encoding, errors="replace")):
+        path.write_bytes(data)
+        try:
+            load_config(path)
+        except ConfigError as err:
+            assert err.one_line()
