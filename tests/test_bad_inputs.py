@@ -552,3 +552,13 @@ def test_toml_fuzz_load_config_raises_only_config_error(tmp_path, text, encoding
             load_config(path)
         except ConfigError as err:
             assert err.one_line()
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parent.parent
+                                            / "examples").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_example_toml_loads(example):
+    cfg = load_config(example)
+    assert cfg.source == example.resolve()
+    if cfg.data.kind == "csv":  # examples/data.csv has a TOML that uses it
+        assert cfg.data.path.exists()
