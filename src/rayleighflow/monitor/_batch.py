@@ -101,10 +101,12 @@ def _cross_entropy_sums(f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     while s_i < ½ (full relative precision for tiny losses), −log p_y otherwise."""
     logp = torch.log_softmax(f, dim=-1)
     idx = y.unsqueeze(-1)
-    q = logp.exp().scatter_(-1, idx, 0.0)
+    q = logp.exp().scatter(-1, idx, 0.0)   # out of place: also used under autograd
     s = q.sum(-1)
-    gsq = torch.linalg.vector_norm(q, dim=-1).square_().add_(s * s)
-    ell = torch.where(s < 0.5, -torch.log1p(-s), -logp.gather(-1, idx).squeeze(-1))
+    gsq = torch.linalg.vector_norm(q, dim=-1).square() + s * s
+    small = s < 0.5   # the other branch is fed 0, so autograd never sees log1p(-1) = -inf
+    ell = torch.where(small, -torch.log1p(-torch.where(small, s, 0.0)),
+                      -logp.gather(-1, idx).squeeze(-1))
     return ell, gsq
 
 

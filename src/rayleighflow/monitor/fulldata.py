@@ -89,15 +89,13 @@ def full_data_estimate(
             out = model(x) if forward is None else forward(model, x)
             f, yf = flatten_batch(loss, out, y)
             f = _attach(out, f)
-            yy = loss.check_targets(f, yf)
-            ell = loss.per_sample(f, yy)
+            ell, gsq = batch_sums(loss, f, loss.check_targets(f, yf), check=False)
             grads = torch.autograd.grad(ell.sum(), params, allow_unused=True)
             for a, g in zip(acc, grads, strict=True):
                 if g is not None:
                     a.add_(g.double())
-            _, gsq = batch_sums(loss, f.detach(), yf)
             s_loss += ell.detach().double().sum()
-            s_fg += gsq.double().sum()
+            s_fg += gsq.detach().double().sum()
             n += int(ell.shape[0])
             batches += 1
     if n == 0:
