@@ -26,6 +26,7 @@ from .desingularizers import (
 )
 from .flow import FlowResult, FlowStatus, Integrator, gradient_flow
 from .losses import BinaryLogistic, FunctionalKL, SoftmaxCrossEntropy, SquareLoss, get_loss
+from .monitor import Monitor
 from .problem import Model, NondeterministicModelError, Problem
 from .rayleigh import Measurement, measure, witness_bound
 from .trajectory import Trajectory
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Assumption", "BinaryLogistic", "Certificate", "CertificateStatus", "Convention",
     "CrossEntropy", "Custom", "Dataset", "Desingularizer", "FlowResult", "FlowStatus",
-    "FunctionalKL", "Gaussian", "Integrator", "Log", "Measurement", "Model",
+    "FunctionalKL", "Gaussian", "Integrator", "Log", "Measurement", "Model", "Monitor",
     "NondeterministicModelError", "Params", "Plateau", "Power", "Problem", "Reason",
     "Reciprocal", "Sampler", "ScaledCrossEntropy", "Scope", "SoftmaxCrossEntropy", "SquareLoss",
     "TeacherStudent", "Trajectory", "UniformBox", "__version__", "certify", "compose",
