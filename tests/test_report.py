@@ -392,3 +392,83 @@ def test_report_renders_in_headless_chromium(tmp_path):
     subprocess.run(cmd, timeout=60, capture_output=True, check=False)
     assert shot.exists(), "chromium wrote no screenshot"
     assert shot.read_bytes()[:8] == PNG_MAGIC and shot.stat().st_size > 10_000
+
+
+# -- issue 11: certified reduction, vacuous bounds, scope, endings, many flows ---------------------
+
+def test_certificates_show_reduction_scope_and_vacuous(tmp_path):
+    certs = [
+        {"desingularizer": "log", "mu": 0.1, "status": "holds", "bound_final": 0.01,
+         "loss_initial": 0.8841, "scope": "path", "horizon": 20.0, "reason": None},
+        {"desingularizer": "cross-entropy", "mu": 1e-3, "status": "holds",
+         "bound_final": 0.8838, "loss_initial": 0.8841, "scope": "records",
+         "label": "composed: c·R (cross-entropy)"},
+        {"desingularizer": "reciprocal", "mu": None, "status": "unavailable",
+         "bound_final": None, "scope": "records",
+         "reason": {"code": "no_kl", "cause": "the KL ratio is not bounded below",
+                    "remedy": "record longer"}},
+    ]
+    run = make_run(tmp_path / "run", summary=_summary(certificates=certs,
+                                                      max_bound_violation=-1.0))
+    html = render_report(run).read_text()
+    assert "0.8841 → 0.01" in html and "vacuous" in html
+    assert html.count('class="pill vacuous"') == 1  # only the 0.8838 bound
+    assert html.count("scope: ") == 3 and "scope: path" in html and "scope: records" in html
+    assert "the KL ratio is not bounded below" in html and "record longer" in html
+    assert "checked up to t = 20" in html
+    assert "Certificates holding (not vacuous)" in html and "1 of 3" in html
+    # old run folders without the new keys still render, scope "not stated"
+    old = make_run(tmp_path / "old")
+    assert "scope: not stated" in render_report(old).read_text()
+
+
+def test_failed_and_stopped_early_endings_in_the_report(tmp_path):
+    run = make_run(tmp_path / "f", summary=_summary(
+        status="failed", error="RuntimeError: boom", traceback="Traceback ...\nboom"))
+    html = render_report(run).read_text()
+    assert "Failed" in html and "RuntimeError: boom" in html and "Error traceback" in html
+    run = make_run(tmp_path / "s", summary=_summary(stopped_early=[
+        {"flow": "main", "status": "stalled", "message": "stalled near t = 0"}]))
+    html = render_report(run).read_text()
+    assert "Complete" in html and "stopped early" in html and "stalled near t = 0" in html
+    assert "Interrupted" not in html
+    run = make_run(tmp_path / "i", summary=_summary(status="interrupted"))
+    assert "rayleighflow run --resume" in render_report(run).read_text()
+
+
+def test_many_flows_ordered_numerically_collapsed_with_set_cards(tmp_path):
+    run = make_run(tmp_path / "run", summary=_summary(loss_initial=None, loss_final=None,
+                                                      rayleigh_min=None, lambda_min=-3.9e-17,
+                                                      rank_threshold=1e-12))
+    src = run / "trajectories" / "main.jsonl"
+    for m in (2, 16, 128, 4, 8, 32, 64, 256, 512):
+        shutil.copy(src, run / "trajectories" / f"m{m}.jsonl")
+    src.unlink()
+    html = render_report(run).read_text()
+    names = [f"m{m}" for m in (2, 4, 8, 16, 32, 64, 128, 256, 512)]
+    where = [html.index(f"<code>{n}</code>") for n in names]
+    assert where == sorted(where)  # m16 before m128
+    assert '<details class="collapse">' in html and "9 trajectories" in html
+    assert "Loss, final ÷ initial (9 flows)" in html and "Flows finished" in html
+    assert "9 of 9" in html
+    assert "below the rank threshold" in html  # −3.9e−17 is shown as 0
+
+
+def test_panels_without_data_are_left_out(tmp_path):
+    figures = [{"name": "k", "title": "K", "panels": [
+        {"title": "R", "xlabel": "t", "ylabel": "R", "series": [
+            {"kind": "line", "x": "traj:main:t", "y": "traj:main:rayleigh", "label": "R"}]},
+        {"title": "spectrum", "xlabel": "t", "ylabel": "λ", "yscale": "log", "series": [
+            {"kind": "scatter", "x": "traj:main:t", "y": "traj:main:lambda_max"}]}]}]
+    run = make_run(tmp_path / "run", figures=figures)
+    (fig,) = render_figures(run)
+    assert fig.ok and any("panel left out" in n for n in fig.notes)
+    html = render_report(run).read_text()
+    assert 'class="footnotes"' in html and 'class="fig-notes"' not in html
+
+
+def test_summary_and_report_are_world_readable(tmp_path):
+    run = make_run(tmp_path / "run")
+    render_report(run)
+    for name in ("summary.json", "report.html"):
+        assert (run / name).stat().st_mode & 0o044 == 0o044
