@@ -334,13 +334,16 @@ def _trajectory(d, loss0=4.0, mu=0.3, t_end=60.0, n=200):
 def test_best_desingularizer_recovers_the_true_one(d):
     loss, grad_sq, t = _trajectory(d)
     rows = best_desingularizer(loss, grad_sq, t)
-    assert [set(r) for r in rows] == [{"name", "mu_star", "t_at_min", "final_ratio"}] * 6
-    assert rows[0]["name"] == d.name
+    keys = {"name", "mu_star", "t_at_min", "final_ratio", "holds", "tightness", "rank"}
+    assert [set(r) for r in rows] == [keys] * 6
+    assert rows[0]["name"] == d.name and rows[0]["rank"] == 1
     assert rows[0]["mu_star"] == pytest.approx(0.3, rel=1e-10)
     assert rows[0]["final_ratio"] == pytest.approx(1.0, rel=1e-9)
-    assert all(r["final_ratio"] >= 1 - 1e-9 for r in rows)  # every bound holds on an exact flow
-    gaps = [abs(math.log(r["final_ratio"])) for r in rows]
-    assert gaps == sorted(gaps)
+    assert rows[0]["tightness"] == pytest.approx(0.0, abs=1e-9)
+    assert all(r["holds"] for r in rows)  # every bound holds on an exact flow
+    assert all(r["final_ratio"] >= 1 - 1e-9 for r in rows)
+    tight = [r["tightness"] for r in rows]
+    assert tight == sorted(tight) and [r["rank"] for r in rows] == list(range(1, 7))
 
 
 def test_best_desingularizer_ignores_invalid_records_and_reports_argmin():

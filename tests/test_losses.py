@@ -68,7 +68,7 @@ def test_functional_kl_inequality_holds(seed, n, k, scale, convention, uniform, 
         return  # ‖∇ℓ‖² ~ ℓ² underflows float64 below this: nothing left to compare
     gf = loss.functional_grad(f, y)
     fgrad_sq = float((omega * (gf * gf).sum(-1)).sum())
-    fkl = loss.functional_kl(w, conv)
+    fkl = loss.functional_kl(w, conv, n_classes=k)
     phi = get_desingularizer(fkl.desingularizer)
     assert float(phi.kl_ratio(np.float64(value), fgrad_sq)) >= fkl.c * (1 - 1e-9)
 

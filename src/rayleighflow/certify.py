@@ -100,8 +100,12 @@ def certify(
     if not isinstance(traj, Trajectory):
         raise TypeError(f"certify needs a Trajectory (got {type(traj).__name__}); pass "
                         "result.trajectory of gradient_flow")
-    if len(traj) < 2:
-        raise ValueError("a certificate needs a trajectory with at least 2 records")
+    if len(traj) == 0:
+        raise ValueError("a certificate needs a trajectory with records (this one is empty)")
+    if len(traj) < 2:  # a flow stopped at its first record: nothing between two points
+        return _unavailable(traj, phi, mu_source or ("observed" if mu is None else "user"),
+                            Reason.NO_CHECKED_POINT, (), "a certificate needs at least 2 "
+                            "records; the run stopped at its first one", rtol, atol)
     if np.any(np.diff(traj.t) <= 0):
         raise ValueError("trajectory times must be strictly increasing")
     evals = traj.evaluations if use_evaluations else None

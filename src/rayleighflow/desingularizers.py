@@ -521,10 +521,10 @@ def best_desingularizer(
     """Rank desingularizers by how tightly their KL bound fits a trajectory recorded in time order.
 
     For each candidate: mu_star = min_t phi'(L_t)|grad L_t|^2 over valid records (L > 0, all
-    finite), t_at_min where it is attained, and final_ratio = bound(L_first, mu_star,
-    t_last - t_first) / L_last (>= 1 for an exact flow; closer to 1 is tighter). If mu_star is 0
-    the bound is the constant L_first. Sorted by |log final_ratio|, so that a ratio slightly
-    below 1 (discretization) counts as tight and a violated bound (ratio << 1) does not win.
+    finite), t_at_min where it is attained, the observed-mu_star bound at every record, and
+    ``holds`` (bound >= L at every record, rtol 1e-9). Only candidates whose bound holds at every
+    record are ranked, by ``tightness`` = mean over records of log(bound / L) (0 is exact);
+    the others follow with ``rank`` None. ``final_ratio`` = bound / L at the last record.
     """
     loss, grad_sq, t = _f64(loss).ravel(), _f64(grad_sq).ravel(), _f64(t).ravel()
     if not (loss.shape == grad_sq.shape == t.shape):
@@ -539,14 +539,22 @@ def best_desingularizer(
     rows = []
     for spec in _DEFAULT_CANDIDATES if candidates is None else candidates:
         d = get_desingularizer(spec)
+        above = loss > d.floor
         # inf * 0 (phi' overflow at a stationary record) counts as KL failing there: 0.
-        ratios = np.nan_to_num(_f64(d.kl_ratio(loss, grad_sq)), nan=0.0, posinf=np.inf)
+        ratios = np.nan_to_num(_f64(d.kl_ratio(loss, grad_sq)), nan=np.inf, posinf=np.inf)
+        ratios = np.where(above, ratios, np.inf)
         i = int(np.argmin(ratios))
         mu_star = float(ratios[i])
-        mu_eff = min(mu_star, float(np.finfo(np.float64).max))
-        b = d.bound(loss[0], mu_eff, max(t[-1] - t[0], 0.0)) if mu_star > 0 else loss[0]
-        ratio = float(b) / float(loss[-1])
-        rows.append(dict(name=d.name, mu_star=mu_star, t_at_min=float(t[i]), final_ratio=ratio))
-    with np.errstate(divide="ignore"):
-        rows.sort(key=lambda row: abs(np.log(row["final_ratio"])))
-    return rows
+        if mu_star > 0 and math.isfinite(mu_star) and loss[0] > d.floor:
+            b = _f64(d.bound(loss[0], mu_star, np.maximum(t - t[0], 0.0)))
+        else:
+            b = np.full(loss.shape, loss[0])
+        holds = bool(np.all(loss <= b * (1 + 1e-9)))
+        with np.errstate(divide="ignore"):
+            tight = float(np.mean(np.log(b[above] / loss[above]))) if above.any() else math.inf
+        rows.append(dict(name=d.name, mu_star=mu_star, t_at_min=float(t[i]),
+                         final_ratio=float(b[-1] / loss[-1]), holds=holds, tightness=tight))
+    ranked = sorted((r for r in rows if r["holds"]), key=lambda r: r["tightness"])
+    for k, r in enumerate(ranked):
+        r["rank"] = k + 1
+    return ranked + [dict(r, rank=None) for r in rows if not r["holds"]]

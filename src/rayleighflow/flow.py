@@ -182,7 +182,7 @@ def gradient_flow(
     progress: Callable[[float, float], None] | None = None,
     group_quotients: bool = True,
     grad_evals_start: int = 0,
-    stall_window: int = 1000,
+    stall_window: int = 200,
     stall_rtol: float = 1e-3,
     update_model: bool = False,
 ) -> FlowResult:

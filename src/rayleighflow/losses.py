@@ -107,10 +107,11 @@ def _check_labels(f: Tensor, y: Tensor, n_classes: int, loss: str) -> Tensor:
             raise ValueError(f"{loss}: labels must be integers, got non-integer values")
         y = y.long()
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        what = ("logistic takes labels 0/1 (one logit); for more classes use loss "
+                "'cross-entropy' with one output per class" if loss == "logistic" else
+                f"the model has {n_classes} outputs, so labels must lie in [0, {n_classes - 1}]")
         raise ValueError(
-            f"{loss}: label out of range: labels span [{int(y.min())}, {int(y.max())}] but the "
-            f"model has {n_classes} output(s), so labels must lie in [0, {n_classes - 1}]"
-        )
+            f"{loss}: label out of range: labels span [{int(y.min())}, {int(y.max())}]; {what}")
     return y.long()
 
 
