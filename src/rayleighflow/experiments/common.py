@@ -52,6 +52,7 @@ def spectrum_diagnostic(every: int = 1, max_samples: int | None = None):
         return {"lambda_min": spec.lambda_min, "lambda_max": spec.lambda_max,
                 "lambda_min_nonzero": spec.lambda_min_nonzero, "rank": float(spec.rank),
                 "rank_threshold": spec.threshold, "spectrum_samples": float(data.n),
+                "spectrum_float64": float(spec.computed_dtype == "float64"),
                 "lambda_min_structural": float(spec.lambda_min_label == STRUCTURAL_ZERO),
                 "lambda_min_zero": float(spec.lambda_min_label != VALUE),
                 "lambda_min_plot": max(spec.lambda_min, spec.threshold)}

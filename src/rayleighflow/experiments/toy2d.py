@@ -58,11 +58,20 @@ def run(ctx: RunContext) -> dict[str, Any]:
     summary.update(
         s0=p["s0"], s_final=s_final, distance_to_target=float(np.hypot(
             *result.trajectory["f1"][-1:], *result.trajectory["f2"][-1:])),
-        notes=["K = γ'(s)γ'(s)ᵀ is 2×2 of rank one: λ_min(K) = 0 at every s, so no "
-               "definite-NTK argument applies; R(K; ∇ℓ) = (γ'·γ)²/‖γ‖² stays positive along "
-               f"the flow and the loss goes to zero (s → π/2 = {math.pi / 2:.6f}, reached "
-               f"{s_final:.6f})."])
+        notes=[_note(summary, s_final)])
     return summary
+
+
+def _note(s: dict[str, Any], s_final: float) -> str:
+    """Read off the summary: the rank, λ_min's label, min R, the final loss and s."""
+    cert = s["certificates"][-1]
+    return (f"K = γ'(s)γ'(s)ᵀ is 2×2 with max recorded rank {s['rank']} (P = {s['P']}): "
+            f"λ_min(K) = {s['lambda_min']:.3g} ({s['lambda_min_label']}), so no definite-NTK "
+            f"argument applies; min R(K; ∇ℓ) = (γ'·γ)²/‖γ‖² over the records = "
+            f"{s['rayleigh_min']:.3g}; the composed certificate {cert['status']} (scope "
+            f"{cert['scope']}); the loss went from {s['loss_initial']:.3g} to "
+            f"{s['loss_final']:.3g} by t = {s['t_final']:.3g}, with s = {s_final:.6f} "
+            f"(the target sits at s = π/2 = {math.pi / 2:.6f}).")
 
 
 EXPERIMENT = Experiment(
