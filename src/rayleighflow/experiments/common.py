@@ -112,7 +112,7 @@ def loss_figure(name: str, traj_name: str, certs: Sequence[tuple[str, Certificat
             continue
         series.append({"kind": "line", "x": f"traj:{traj_name}:t", "y": f"arr:{prefix}bound{i}",
                        "label": label if cert is None else _cert_label(label, cert),
-                       "style": "--", "color": f"C{i}"})
+                       "style": "--", "color": f"C{i}", "role": "reference"})
     return {"name": name, "title": title, "panels": [{
         "title": "L(θ_t) ≤ φ⁻¹(φ(L₀) − μt)", "xlabel": "flow time t", "ylabel": "loss",
         "xscale": "symlog", "yscale": "log", "series": series}]}

@@ -3,8 +3,8 @@
 For each dataset: the max-margin separator gives the margin ε (the measured normalized margin
 of the separator used), κ = min_i w_i, C = φ(L₀), μ = κ²ε²; the exact flow (adaptive RK) and
 gradient descent are recorded. Two theory certificates, both valid, are checked on each run:
-the classical one (cross-entropy φ, ‖∇L‖² ≥ κ²ε²(1 − e^{−L})², bound log(1 + 1/W₀(e^{μt−C})))
-and the sharp isolation one (φ_κ(u) = κφ(u/κ), ‖∇L‖² ≥ κ²ε²(1 − e^{−L/κ})², bound
+the classical one (cross-entropy φ, ‖∇L‖² ≥ κ²ε²(1 − exp(−L))², bound log(1 + 1/W₀(e^{μt−C})))
+and the sharp isolation one (φ_κ(u) = κφ(u/κ), ‖∇L‖² ≥ κ²ε²(1 − exp(−L/κ))², bound
 κφ⁻¹(φ(L₀/κ) − κε²t), CERTIFICATES.md §5). On the flow they are checked at every gradient
 evaluation with the delayed check; on gradient descent by the exact discrete certificate at
 every iterate (scope PATH). The slides' printed form log(1/W₀(e^{μt−C})) is shown beside them
@@ -70,30 +70,31 @@ def _figures(name: str, gd_step: float) -> list[dict]:
                  {"kind": "scatter", "x": f"traj:{name}_gd:t", "y": f"traj:{name}_gd:loss",
                   "label": f"gradient descent, step {gd_step:g}", "color": "C2"},
                  {"kind": "line", "x": f"arr:{name}_t", "y": f"arr:{name}_bound",
-                  "label": "derived Lambert-W bound (κ²ε²(1 − e^{−L})²)", "style": "--",
-                  "color": "C0"},
+                  "label": "derived Lambert-W bound (κ²ε²(1 − exp(−L))²)", "style": "--",
+                  "color": "C0", "role": "reference"},
                  {"kind": "line", "x": f"arr:{name}_t", "y": f"arr:{name}_sharp",
-                  "label": "sharp isolation bound (κ²ε²(1 − e^{−L/κ})²)", "style": "-.",
-                  "color": "C1"},
+                  "label": "sharp isolation bound (κ²ε²(1 − exp(−L/κ))²)", "style": "-.",
+                  "color": "C1", "role": "reference"},
                  {"kind": "line", "x": f"arr:{name}_t", "y": f"arr:{name}_slide",
                   "label": "slides' printed form (negative values masked)", "style": ":",
-                  "color": "C3"}]},
+                  "color": "C3", "role": "reference"}]},
              {"title": "local decrease: −dL/dt = ‖∇L‖² ≥ κ²ε²(1 − exp(−L))²",
               "xlabel": "loss L", "ylabel": "−dL/dt", "xscale": "log", "yscale": "log",
               "series": [
                   {"kind": "scatter", "x": f"{tr}:loss", "y": f"{tr}:grad_sq",
                    "label": "‖∇L‖² along the flow", "color": "k"},
                   {"kind": "line", "x": f"arr:{name}_lgrid", "y": f"arr:{name}_lower",
-                   "label": "κ²ε²(1 − exp(−L))²", "style": "--", "color": "C0"}]}]}]
+                   "label": "κ²ε²(1 − exp(−L))²", "style": "--", "color": "C0",
+                   "role": "reference"}]}]}]
 
 
 def _theory_certs(traj, cert, rtol: float, atol: float) -> list[tuple[str, Certificate]]:
     """The classical and the sharp logistic certificates on one run, with the theory μ."""
     src = f"theory: κ²ε² = {cert.mu:.3g} (max-margin separator)"
-    return [("classical: κ²ε²(1 − e^{−L})²",
+    return [("classical: κ²ε²(1 − exp(−L))²",
              certify(traj, cert.desingularizer(), cert.mu, rtol=rtol, atol=atol,
                      mu_source=src)),
-            ("sharp: κ²ε²(1 − e^{−L/κ})²",
+            ("sharp: κ²ε²(1 − exp(−L/κ))²",
              certify(traj, cert.sharp_desingularizer(), cert.mu, rtol=rtol, atol=atol,
                      mu_source=src))]
 

@@ -27,7 +27,7 @@ REQUIRED_BY_KIND: dict[str, tuple[str, ...]] = {
     "line": ("x", "y"), "scatter": ("x", "y"), "errorbar": ("x", "y", "yerr"),
     "band": ("x", "y", "y2"), "hline": ("value",),
 }
-STYLE_KEYS = ("label", "style", "color", "marker", "alpha", "linewidth")
+STYLE_KEYS = ("label", "style", "color", "marker", "alpha", "linewidth", "role")
 FIGURE_KEYS = ("name", "title", "panels", "caption")
 PANEL_KEYS = ("title", "xlabel", "ylabel", "xscale", "yscale", "equal_aspect", "xlim", "ylim",
               "series")

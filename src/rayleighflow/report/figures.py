@@ -208,6 +208,8 @@ def _draw_panel(ax: Axes, panel: Any, data: RunData, notes: list[str], where: st
     series = panel.get("series") if isinstance(panel.get("series"), list) else []
     drawn, labelled, last_color = 0, 0, None
     auto = _auto_colors(series)
+    extent: dict[str, list[float]] = {"x": [], "y": []}  # data series only, for the limits
+    references = 0
     for k, s in enumerate(series):
         fatal, minor = series_problems(s)
         name = f"{where}, series {k}"
@@ -227,16 +229,23 @@ def _draw_panel(ax: Axes, panel: Any, data: RunData, notes: list[str], where: st
             color = "0.35"
         elif color is None:
             color = next(auto)
-        why = _draw_series(ax, s, data, scales, color, notes, name)
+        reference = s.get("role") == "reference"
+        why = _draw_series(ax, s, data, scales, color, notes, name,
+                           None if reference else extent)
         if why is not None:
             notes.append(f"{name}: {why}; skipped")
             continue
+        references += reference
         drawn += 1
         last_color = color
         labelled += bool(s.get("label"))
     for axis in ("x", "y"):
         if scales[axis] != "linear" and drawn:
             getattr(ax, f"set_{axis}scale")(scales[axis])
+        if references and extent[axis] and f"{axis}lim" not in panel:
+            # Reference curves (bounds, theory) may span decades beyond the data: the axes
+            # follow the recorded data, and a curve leaving the range is clipped.
+            getattr(ax, f"set_{axis}lim")(*_padded(extent[axis], scales[axis]))
         lim = panel.get(f"{axis}lim")
         if isinstance(lim, list | tuple) and len(lim) == 2 and drawn:
             getattr(ax, f"set_{axis}lim")(*lim)
@@ -250,6 +259,15 @@ def _draw_panel(ax: Axes, panel: Any, data: RunData, notes: list[str], where: st
     if not drawn:
         ax.text(0.5, 0.5, "no data recorded", transform=ax.transAxes, ha="center",
                 va="center", color="0.45", fontsize=11)
+
+
+def _padded(values: list[float], scale: str) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    if scale == "log" and lo > 0:
+        span = max(np.log10(hi / lo), 1.0)
+        return lo / 10 ** (0.06 * span), hi * 10 ** (0.06 * span)
+    pad = 0.06 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.1
+    return lo - pad, hi + pad
 
 
 def _labels(panel: Any) -> list[str]:
@@ -276,8 +294,10 @@ def _auto_colors(series: list[Any]) -> Iterator[str]:
 
 
 def _draw_series(ax: Axes, s: Mapping[str, Any], data: RunData, scales: dict[str, str],
-                 color: str, notes: list[str], name: str) -> str | None:
-    """Draw one series; return why it was skipped, or None when drawn."""
+                 color: str, notes: list[str], name: str,
+                 extent: dict[str, list[float]] | None = None) -> str | None:
+    """Draw one series; return why it was skipped, or None when drawn. ``extent`` collects
+    the finite x and y range of a data series."""
     kind = s["kind"]
     label = s.get("label") or None
     alpha = float(s["alpha"]) if isinstance(s.get("alpha"), int | float) else None
@@ -321,6 +341,11 @@ def _draw_series(ax: Axes, s: Mapping[str, Any], data: RunData, scales: dict[str
         notes.append(f"{name}: {masked} value(s) ≤ {TINY:g} (zero or underflow) masked on "
                      "the log axis")
     x, y = cols["x"], cols["y"]
+    if extent is not None:
+        for axis, v in (("x", x), ("y", y)):
+            v = v[np.isfinite(v)]
+            if v.size:
+                extent[axis] += [float(v.min()), float(v.max())]
     if kind == "line":
         ax.plot(x, y, color=color, linestyle=style or "-", marker=marker, markersize=3.5,
                 linewidth=lw, alpha=alpha, label=label)
