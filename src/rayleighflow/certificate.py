@@ -90,6 +90,19 @@ class Reason(Enum):
     NOT_CONCAVE = (
         "not_concave", "φ′ is not non-increasing, so the discrete gradient-descent certificate "
         "does not apply", "use a concave desingularizer (all built-in ones are)")
+    PROOF_RHO_NONPOSITIVE = (
+        "proof_rho_nonpositive", "no proof: the lower bound on R(K_θ; ∇ℓ) over the parameter "
+        "ball is not positive (the perturbation terms exceed the value at θ₀)",
+        "a smaller radius, a wider network (the Jacobian's Lipschitz constant falls like "
+        "m^(-1/2)), or a certificate observed along a run (rf.certify)")
+    PROOF_PATH_TOO_LONG = (
+        "proof_path_too_long", "no proof: the flow's path-length bound √(2L₀/ρ) (to the "
+        "target) is not below the ball's radius, so the flow might leave the ball",
+        "a higher target, a wider network, or a certificate observed along a run (rf.certify)")
+    PROOF_UNSUPPORTED = (
+        "proof_unsupported", "no proof: the model, loss or data is outside what rf.prove covers",
+        "two-layer networks (TwoLayer: tanh, softplus, sigmoid, GELU) and linear models with "
+        "square loss on a finite dataset; otherwise use rf.certify on a run")
 
 
 @final

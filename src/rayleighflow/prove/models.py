@@ -1,0 +1,245 @@
+"""The model-specific part of a proof: the Jacobian J₀ at θ₀ as a float64 matrix with a
+rigorous entrywise error bound, the residual f_{θ₀} − y as balls, and a Lipschitz constant of
+θ ↦ J_θ around θ₀, for the model classes whose constants are known in closed form.
+
+Everything is in the L²(D) geometry of the problem's convention: row (j, c) of J is
+√ω_j ∂f_c(x_j)/∂θ, so ‖J v‖ = ‖J_θ v‖_D, ‖Jᵀ g̃‖ = ‖J_θ* g‖ with g̃_j = √ω_j g_j, and the
+singular values of J are the square roots of the eigenvalues of the tangent kernel K.
+
+**Two-layer network** F(x) = m^{-1/2} Σ_i a_i σ(w_i·x + b_i) (a_i ∈ R^k, TwoLayer). Write x̃
+for x with a 1 appended when the bias is trained (x alone otherwise), δ = (ΔW̃, Δa) a parameter
+step and v = (Ṽ, α) a direction. The Jacobian difference at one input splits into three terms
+(A. = the a of θ₀):
+
+    (J_θ(x) − J_θ₀(x))v = m^{-1/2} Σ_i [α_i(σ(z_i′) − σ(z_i)) + Δa_i σ′(z_i′) ũ_i
+                                        + a_i(σ′(z_i′) − σ′(z_i)) ũ_i],   ũ_i = ṽ_i·x̃,
+
+and |σ(z′) − σ(z)| ≤ sup|σ′|·|Δz_i|, |σ′(z′) − σ′(z)| ≤ sup|σ″|·|Δz_i|, |Δz_i| ≤ ‖Δw̃_i‖‖x̃‖,
+Cauchy–Schwarz over i and over (δ, v) give
+
+    ‖J_θ(x) − J_θ₀(x)‖₂ ≤ m^{-1/2} (sup|σ′|·‖x̃‖·[both layers trained]
+                                    + sup|σ″|·max_i‖a_i⁰‖·‖x̃‖²) · ‖θ − θ₀‖,
+
+and over the data ‖J_θ − J_θ₀‖ ≤ Lip_J ‖θ − θ₀‖ with Lip_J² = (1/m) Σ_j ω_j c_j², c_j the
+bracket at x_j. A frozen hidden layer makes F linear in θ (Lip_J = 0).
+
+**Linear model** f(x) = W x (+ b): J does not depend on θ, Lip_J = 0 exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import Dataset
+from ..problem import Problem
+from ._arb import U, arb, gamma, up
+from .activations import get_activation
+
+__all__ = ["ModelBounds", "model_bounds", "UnsupportedModel"]
+
+
+class UnsupportedModel(ValueError):
+    """The model is outside the classes whose constants are known: refused with the reason."""
+
+
+@dataclass
+class ModelBounds:
+    kind: str
+    jhat: np.ndarray             # (nk, P) float64, rows weighted by √ω_j
+    jerr: np.ndarray             # (nk, P) entrywise |J − Ĵ| upper bounds
+    resid: list[arb]             # √ω_j (f_θ₀(x_j) − y_j)_c, row order of jhat
+    lip_j: arb                   # ‖J_θ − J_θ₀‖ ≤ lip_j ‖θ − θ₀‖ on all of R^P
+    lip_j_how: str
+    activation: str | None = None
+    width: int | None = None
+    notes: list[str] = field(default_factory=list)
+    constants: list[tuple[str, float, str]] = field(default_factory=list)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def _split(b: arb) -> tuple[float, float]:
+    """(nearest float to the ball's midpoint, an upper bound on |x − that float| over the ball)."""
+    m = float(b.mid())
+    return m, up(abs(b - arb(m)))
+
+
+def _param(problem: Problem, name: str) -> tuple[np.ndarray, bool]:
+    if name in problem.params:
+        return _np(problem.params[name]), True
+    buffers = problem.model.buffers if problem.model.module is not None else {}
+    if name in buffers:
+        return _np(buffers[name]), False
+    raise UnsupportedModel(f"parameter {name!r} not found")
+
+
+def _weights(problem: Problem, data: Dataset) -> list[arb]:
+    omega = _np(problem.omega(data))
+    return [arb(float(w)) for w in omega]
+
+
+def model_bounds(problem: Problem, data: Dataset) -> ModelBounds:
+    """Dispatch on the module: TwoLayer (theorems.two_layer) or a bare nn.Linear."""
+    from ..theorems.two_layer import TwoLayer
+
+    module = problem.model.module
+    if data.x.dim() != 2:
+        raise UnsupportedModel("inputs must be (n, d) vectors")
+    if isinstance(module, TwoLayer):
+        return _two_layer(problem, data, module)
+    if isinstance(module, nn.Linear):
+        return _linear(problem, data, module)
+    if isinstance(module, nn.Sequential) and len(module) == 1 and isinstance(module[0],
+                                                                             nn.Linear):
+        return _linear(problem, data, module[0], prefix="0.")
+    kind = type(module).__name__ if module is not None else "a parameter function"
+    raise UnsupportedModel(
+        f"no closed-form Lipschitz constant of the Jacobian for {kind}: proofs cover "
+        "two-layer networks (rayleighflow.theorems.two_layer.TwoLayer; tanh, softplus, sigmoid, "
+        "GELU) and linear models (nn.Linear); deeper networks are not proven yet")
+
+
+def _two_layer(problem: Problem, data: Dataset, net) -> ModelBounds:
+    act = get_activation(net.activation)
+    W, train_w = _param(problem, "hidden.weight")
+    b, train_b = _param(problem, "hidden.bias")
+    A, train_a = _param(problem, "out.weight")   # (k, m)
+    X, Y = _np(data.x), _np(problem.targets(data, problem.model(problem.params, data.x)))
+    n, d = X.shape
+    k, m = A.shape
+    omega = _weights(problem, data)
+    if train_b and not train_w:
+        raise UnsupportedModel("a trained bias with a frozen hidden weight is not covered")
+    # z = W x + b as balls: float product with Higham's bound γ_{d+1}(|W||x| + |b|)
+    zhat = X @ W.T + b
+    zerr = (np.abs(X) @ np.abs(W).T + np.abs(b)) * gamma(d + 2) * (1 + 8 * U)
+    if not (np.isfinite(zhat).all() and np.isfinite(zerr).all()):
+        raise UnsupportedModel("non-finite pre-activations at θ₀")
+    inv_sqrt_m = 1 / arb(m).sqrt()
+    scale = [(w.sqrt() * inv_sqrt_m) for w in omega]             # √(ω_j/m)
+    q_hat = np.empty((n, m))           # √(ω_j/m) σ′(z_ji)
+    q_err = np.empty((n, m))
+    p_hat = np.empty((n, m))           # √(ω_j/m) σ(z_ji)
+    p_err = np.empty((n, m))
+    resid: list[arb] = []
+    for j in range(n):
+        sj = scale[j]
+        f = [arb(0)] * k
+        for i in range(m):
+            z = arb(float(zhat[j, i]), float(zerr[j, i]))
+            s = act.value(z)
+            p_hat[j, i], p_err[j, i] = _split(sj * s)
+            q_hat[j, i], q_err[j, i] = _split(sj * act.deriv(z))
+            for c in range(k):
+                f[c] += arb(float(A[c, i])) * s
+        for c in range(k):
+            resid.append(omega[j].sqrt() * (f[c] * inv_sqrt_m - arb(float(Y[j, c]))))
+    xt = np.concatenate([X, np.ones((n, 1))], axis=1) if train_b else X
+    blocks, errs = [], []
+    g2 = gamma(2) / (1 - gamma(2)) * (1 + 4 * U)
+    for c in range(k):
+        rows, rerr = [], []
+        if train_w:
+            # ∂f_c/∂w̃_i = √(ω_j/m) a_ci σ′(z_ji) x̃_j  (row-major (i, input))
+            jh = (A[c][None, :] * q_hat)[:, :, None] * xt[:, None, :]
+            je = np.abs(A[c])[None, :, None] * np.abs(xt)[:, None, :] * q_err[:, :, None] \
+                + g2 * np.abs(jh)
+            rows.append(jh.reshape(n, -1))
+            rerr.append(je.reshape(n, -1))
+        if train_a:
+            # ∂f_c/∂a_{c'i} = δ_{cc'} √(ω_j/m) σ(z_ji)
+            oh = np.zeros((n, k, m))
+            oe = np.zeros((n, k, m))
+            oh[:, c, :] = p_hat
+            oe[:, c, :] = p_err
+            rows.append(oh.reshape(n, -1))
+            rerr.append(oe.reshape(n, -1))
+        blocks.append(np.concatenate(rows, axis=1))
+        errs.append(np.concatenate(rerr, axis=1))
+    # rows ordered (j, c) like resid
+    jhat = np.stack(blocks, axis=1).reshape(n * k, -1)
+    jerr = np.stack(errs, axis=1).reshape(n * k, -1) * (1 + 16 * U)
+    # Lip_J
+    a_inf = max((sum((arb(float(v)) ** 2 for v in A[:, i]), arb(0))).sqrt() for i in range(m))
+    a_inf_f = up(a_inf)
+    if not train_w:
+        lip = arb(0)
+        how = "0: the hidden layer is frozen, so f is linear in the trained θ"
+    else:
+        tot = arb(0)
+        for j in range(n):
+            xn = sum((arb(float(v)) ** 2 for v in xt[j]), arb(0)).sqrt()
+            cj = act.d2 * arb(a_inf_f) * xn * xn + (act.d1 * xn if train_a else arb(0))
+            tot += omega[j] * cj * cj
+        lip = (tot / m).sqrt()
+        how = (f"m^(-1/2)·(Σ_j ω_j c_j²)^(1/2), c_j = sup|σ′|·‖x̃_j‖"
+               f"{'' if train_a else ' (dropped: output layer frozen)'} + sup|σ″|·max_i‖a_i⁰‖·"
+               f"‖x̃_j‖², in ball arithmetic; three-term split of J_θ − J_θ₀ (prove/models.py)")
+    mb = ModelBounds(
+        kind=f"two-layer {act.name} network, m = {m}", jhat=jhat, jerr=jerr, resid=resid,
+        lip_j=lip, lip_j_how=how, activation=act.name, width=m)
+    mb.constants += [
+        ("sup|σ′|", up(act.d1), act.how_d1),
+        ("sup|σ″|", up(act.d2), act.how_d2),
+        ("max_i ‖a_i⁰‖", a_inf_f, "column norms of the output weight at θ₀, ball arithmetic"),
+    ]
+    trained = [nm for nm, t in (("hidden.weight", train_w), ("hidden.bias", train_b),
+                                ("out.weight", train_a)) if t]
+    mb.notes.append(f"trained: {', '.join(trained)}; pre-activations z = Wx + b as balls "
+                    f"(float64 with |error| ≤ γ_(d+2)(|W||x| + |b|), max {float(zerr.max()):.2g}),"
+                    f" σ(z) and σ′(z) in arb at {106} bits")
+    if act.caveat:
+        mb.notes.append(act.caveat)
+    return mb
+
+
+def _linear(problem: Problem, data: Dataset, lin: nn.Linear, prefix: str = "") -> ModelBounds:
+    W, train_w = _param(problem, prefix + "weight")
+    if lin.bias is not None:
+        b, train_b = _param(problem, prefix + "bias")
+    else:
+        b, train_b = np.zeros(W.shape[0]), False
+    X = _np(data.x)
+    Y = _np(problem.targets(data, problem.model(problem.params, data.x)))
+    n, d = X.shape
+    k = W.shape[0]
+    omega = _weights(problem, data)
+    if not (train_w or train_b):
+        raise UnsupportedModel("nothing trained")
+    sq = [w.sqrt() for w in omega]
+    cols = []
+    if train_w:
+        cols.append(X)
+    if train_b:
+        cols.append(np.ones((n, 1)))
+    xt = np.concatenate(cols, axis=1)                 # (n, q): features per output
+    q = xt.shape[1]
+    s_hat = np.empty(n)
+    s_err = np.empty(n)
+    for j in range(n):
+        s_hat[j], s_err[j] = _split(sq[j])
+    jhat = np.zeros((n, k, k, q))
+    jerr = np.zeros((n, k, k, q))
+    for c in range(k):
+        jhat[:, c, c, :] = s_hat[:, None] * xt
+        jerr[:, c, c, :] = (np.abs(xt) * s_err[:, None] + U * np.abs(s_hat[:, None] * xt)) \
+            * (1 + 4 * U)
+    resid = []
+    for j in range(n):
+        for c in range(k):
+            f = sum((arb(float(W[c, t])) * arb(float(X[j, t])) for t in range(d)), arb(0)) \
+                + arb(float(b[c]))
+            resid.append(sq[j] * (f - arb(float(Y[j, c]))))
+    mb = ModelBounds(kind=f"linear model, {k} output(s), {d} input(s)",
+                     jhat=jhat.reshape(n * k, k * q), jerr=jerr.reshape(n * k, k * q),
+                     resid=resid, lip_j=arb(0),
+                     lip_j_how="0 exactly: f is linear in θ, so J does not depend on θ")
+    mb.notes.append("linear model: J_θ = J₀ for every θ, so the only approximations are the "
+                    "rounding errors bounded below")
+    return mb
