@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import definite_ntk, demo, logistic, toy2d, two_layer
+from . import definite_ntk, demo, logistic, proof, toy2d, two_layer
 from ._toml import ConfigError, Issue
 from .runner import Experiment, RunContext, execute
 
@@ -22,7 +22,7 @@ __all__ = ["EXPERIMENTS", "get_experiment", "run_experiment", "builtin_config_te
 
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in (demo.EXPERIMENT, toy2d.EXPERIMENT, definite_ntk.EXPERIMENT,
-                        logistic.EXPERIMENT, two_layer.EXPERIMENT)
+                        logistic.EXPERIMENT, two_layer.EXPERIMENT, proof.EXPERIMENT)
 }
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}

@@ -1,0 +1,140 @@
+"""Does a run obey its proof? Track ‖θ − θ₀‖ and L at every model evaluation of a flow (records
+and every solver stage) and compare the run with the proven statement.
+
+The proof says, for the exact flow: L_t ≤ max(L₀e^{−2ρt}, L_target) for every t, θ_t ∈ B(θ₀, r)
+while L_t > L_target (forever when L_target = 0), and ‖θ_t − θ₀‖ ≤ (√(2L₀) − √(2L_t))/√ρ while
+L_t ≥ L_target (the path-length envelope). A computed flow approximates the exact one, so the
+comparison carries a stated relative tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from ..problem import Model, Problem
+from ..trajectory import Trajectory
+from .core import Proof
+
+__all__ = ["BallTracker", "RunCheck", "check_run", "proven_bound"]
+
+
+class BallTracker:
+    """Wraps a problem's module as a parameter function that logs (‖θ − θ₀‖, L(θ)) at every
+    plain (untransformed) evaluation on the full dataset, and keeps a thinned set of θ."""
+
+    def __init__(self, problem: Problem, keep_every: int = 10, keep_max: int = 200) -> None:
+        if problem.model.module is None:
+            raise ValueError("BallTracker needs a problem built on an nn.Module")
+        self.module = problem.model.module
+        self.buffers = problem.model.buffers
+        self.names = list(problem.params)
+        self.theta0 = {k: v.detach().clone() for k, v in problem.params.items()}
+        data = problem.data
+        self.n = data.x.shape[0]
+        self.y = problem.targets(data, problem.model(problem.params, data.x))
+        self.w = problem.omega(data)
+        self.dist: list[float] = []
+        self.loss: list[float] = []
+        self.kept: list[torch.Tensor] = []
+        self._calls = 0
+        self.keep_every, self.keep_max = keep_every, keep_max
+
+    def model(self) -> Model:
+        return Model(self._fn, params={k: v.clone() for k, v in self.theta0.items()})
+
+    def _fn(self, params, x):
+        out = functional_call(self.module, (params, self.buffers), (x,))
+        try:
+            with torch.no_grad():
+                d2 = sum(((params[k].detach() - self.theta0[k]) ** 2).sum() for k in self.names)
+                d = float(d2) ** 0.5
+                if x.shape[0] == self.n:
+                    f = out.detach().reshape(self.n, -1)
+                    loss = 0.5 * float((self.w * ((f - self.y) ** 2).sum(-1)).sum())
+                    self.dist.append(d)
+                    self.loss.append(loss)
+                    self._calls += 1
+                    if self._calls % self.keep_every == 1 and len(self.kept) < self.keep_max:
+                        self.kept.append(torch.cat([params[k].detach().reshape(-1)
+                                                    for k in self.names]).clone())
+        except (RuntimeError, ValueError):  # inside a torch.func transform: nothing to log
+            pass
+        return out
+
+
+def proven_bound(proof: Proof, t: np.ndarray) -> np.ndarray:
+    """max(L₀e^{−2ρt}, L_target): the proven bound, valid at every t ≥ 0 (NaN if no proof)."""
+    t = np.asarray(t, dtype=np.float64)
+    if proof.target is None or proof.constants is None:
+        return np.full(t.shape, np.nan)
+    return np.maximum(proof.constants.loss0 * np.exp(-2 * proof.rho * t), proof.target)
+
+
+def envelope(proof: Proof, loss: np.ndarray) -> np.ndarray:
+    """(√(2L₀) − √(2L))/√ρ: the proven bound on ‖θ_t − θ₀‖ when L_t = L ≥ L_target."""
+    c = proof.constants
+    loss = np.asarray(loss, dtype=np.float64)
+    return (c.s0 - np.sqrt(2 * np.maximum(loss, 0))) / math.sqrt(proof.rho)
+
+
+@dataclass
+class RunCheck:
+    passed: bool
+    n_records: int
+    n_evaluations: int
+    n_points: int                      # tracked model evaluations (distance known)
+    max_record_excess: float           # max (L − B)/B over records (≤ rtol passes)
+    max_eval_excess: float             # the same over the solver's gradient evaluations
+    max_distance: float                # over tracked points with L > L_target
+    radius: float
+    max_envelope_excess: float         # max ‖θ − θ₀‖ − envelope(L) over those points
+    rtol: float
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_run(proof: Proof, traj: Trajectory, tracker: BallTracker | None,
+              rtol: float = 1e-6) -> RunCheck:
+    """Compare a computed flow with a HOLDS proof at every record, every logged gradient
+    evaluation and (with a tracker) every model evaluation's distance from θ₀."""
+    if proof.target is None:
+        raise ValueError("no proof to check the run against")
+    fails: list[str] = []
+    t, loss = traj["t"], traj["loss"]
+    b = proven_bound(proof, t)
+    rec = float(np.max((loss - b) / b)) if t.size else -math.inf
+    if rec > rtol:
+        i = int(np.argmax((loss - b) / b))
+        fails.append(f"record t = {t[i]:.4g}: L = {loss[i]:.6g} > proven bound {b[i]:.6g}")
+    ev = traj.evaluations
+    n_ev, ev_ex = 0, -math.inf
+    if ev is not None and ev["t"].size:
+        be = proven_bound(proof, ev["t"])
+        ex = (ev["loss"] - be) / be
+        n_ev, ev_ex = int(ev["t"].size), float(np.max(ex))
+        if ev_ex > rtol:
+            i = int(np.argmax(ex))
+            fails.append(f"evaluation t = {ev['t'][i]:.4g}: L = {ev['loss'][i]:.6g} > proven "
+                         f"bound {be[i]:.6g}")
+    max_d, env_ex, n_pts = 0.0, -math.inf, 0
+    if tracker is not None and tracker.dist:
+        d, lo = np.array(tracker.dist), np.array(tracker.loss)
+        n_pts = int(d.size)
+        live = lo > proof.target * (1 + rtol)
+        if live.any():
+            max_d = float(d[live].max())
+            env_ex = float(np.max(d[live] - envelope(proof, lo[live]) * (1 + rtol)))
+        if max_d > proof.radius:
+            fails.append(f"‖θ − θ₀‖ = {max_d:.6g} > r = {proof.radius:.6g} above the target")
+        if env_ex > 1e-12:
+            fails.append(f"‖θ − θ₀‖ exceeds the path-length envelope by {env_ex:.3g}")
+    return RunCheck(not fails, int(t.size), n_ev, n_pts, rec, ev_ex, max_d, proof.radius,
+                    env_ex, rtol, fails)
