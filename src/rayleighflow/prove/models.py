@@ -92,24 +92,71 @@ def model_bounds(problem: Problem, data: Dataset) -> ModelBounds:
     if data.x.dim() != 2:
         raise UnsupportedModel("inputs must be (n, d) vectors")
     if isinstance(module, TwoLayer):
-        return _two_layer(problem, data, module)
+        return _two_layer(problem, data, _Spec("hidden.weight", "hidden.bias", "out.weight",
+                                               None, module.activation, True))
     if isinstance(module, nn.Linear):
         return _linear(problem, data, module)
-    if isinstance(module, nn.Sequential) and len(module) == 1 and isinstance(module[0],
-                                                                             nn.Linear):
-        return _linear(problem, data, module[0], prefix="0.")
+    if isinstance(module, nn.Sequential):
+        named = [(n, c) for n, c in module.named_children() if not isinstance(c, nn.Flatten)]
+        if any(isinstance(c, nn.Flatten) for _, c in module.named_children()) \
+                and data.x.dim() != 2:
+            raise UnsupportedModel("inputs must be (n, d) vectors")
+        if len(named) == 1 and isinstance(named[0][1], nn.Linear):
+            return _linear(problem, data, named[0][1], prefix=named[0][0] + ".")
+        if len(named) == 3 and isinstance(named[0][1], nn.Linear) \
+                and isinstance(named[2][1], nn.Linear):
+            act = _activation_name(named[1][1])
+            h, o = named[0][0], named[2][0]
+            return _two_layer(problem, data, _Spec(
+                f"{h}.weight", f"{h}.bias" if named[0][1].bias is not None else None,
+                f"{o}.weight", f"{o}.bias" if named[2][1].bias is not None else None, act,
+                False))
     kind = type(module).__name__ if module is not None else "a parameter function"
     raise UnsupportedModel(
         f"no closed-form Lipschitz constant of the Jacobian for {kind}: proofs cover "
-        "two-layer networks (rayleighflow.theorems.two_layer.TwoLayer; tanh, softplus, sigmoid, "
-        "GELU) and linear models (nn.Linear); deeper networks are not proven yet")
+        "two-layer networks (rayleighflow.theorems.two_layer.TwoLayer, or nn.Sequential(Linear, "
+        "activation, Linear); tanh, softplus, sigmoid, GELU) and linear models (nn.Linear); "
+        "deeper networks are not proven yet")
 
 
-def _two_layer(problem: Problem, data: Dataset, net) -> ModelBounds:
-    act = get_activation(net.activation)
-    W, train_w = _param(problem, "hidden.weight")
-    b, train_b = _param(problem, "hidden.bias")
-    A, train_a = _param(problem, "out.weight")   # (k, m)
+@dataclass(frozen=True)
+class _Spec:
+    """Where a two-layer network keeps its tensors; ``ntk_scale``: the m^{-1/2} of TwoLayer."""
+
+    w: str
+    b: str | None
+    a: str
+    a_bias: str | None
+    activation: str
+    ntk_scale: bool
+
+
+_MODULE_ACTIVATIONS = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+
+
+def _activation_name(mod: nn.Module) -> str:
+    if type(mod) in _MODULE_ACTIVATIONS:
+        return _MODULE_ACTIVATIONS[type(mod)]
+    if isinstance(mod, nn.GELU) and mod.approximate == "none":
+        return "gelu"
+    if isinstance(mod, nn.Softplus) and mod.beta == 1:
+        return "softplus"
+    raise UnsupportedModel(f"activation {type(mod).__name__} has no proven sup|σ″| "
+                           "(supported: Tanh, Sigmoid, GELU (exact), Softplus (beta = 1))")
+
+
+def _two_layer(problem: Problem, data: Dataset, spec: _Spec) -> ModelBounds:
+    act = get_activation(spec.activation)
+    W, train_w = _param(problem, spec.w)
+    if spec.b is not None:
+        b, train_b = _param(problem, spec.b)
+    else:
+        b, train_b = np.zeros(W.shape[0]), False
+    A, train_a = _param(problem, spec.a)   # (k, m)
+    if spec.a_bias is not None:
+        beta, train_beta = _param(problem, spec.a_bias)
+    else:
+        beta, train_beta = np.zeros(A.shape[0]), False
     X, Y = _np(data.x), _np(problem.targets(data, problem.model(problem.params, data.x)))
     n, d = X.shape
     k, m = A.shape
@@ -121,7 +168,7 @@ def _two_layer(problem: Problem, data: Dataset, net) -> ModelBounds:
     zerr = (np.abs(X) @ np.abs(W).T + np.abs(b)) * gamma(d + 2) * (1 + 8 * U)
     if not (np.isfinite(zhat).all() and np.isfinite(zerr).all()):
         raise UnsupportedModel("non-finite pre-activations at θ₀")
-    inv_sqrt_m = 1 / arb(m).sqrt()
+    inv_sqrt_m = 1 / arb(m).sqrt() if spec.ntk_scale else arb(1)
     scale = [(w.sqrt() * inv_sqrt_m) for w in omega]             # √(ω_j/m)
     q_hat = np.empty((n, m))           # √(ω_j/m) σ′(z_ji)
     q_err = np.empty((n, m))
@@ -139,7 +186,8 @@ def _two_layer(problem: Problem, data: Dataset, net) -> ModelBounds:
             for c in range(k):
                 f[c] += arb(float(A[c, i])) * s
         for c in range(k):
-            resid.append(omega[j].sqrt() * (f[c] * inv_sqrt_m - arb(float(Y[j, c]))))
+            resid.append(omega[j].sqrt() * (f[c] * inv_sqrt_m + arb(float(beta[c]))
+                                            - arb(float(Y[j, c]))))
     xt = np.concatenate([X, np.ones((n, 1))], axis=1) if train_b else X
     blocks, errs = [], []
     g2 = gamma(2) / (1 - gamma(2)) * (1 + 4 * U)
@@ -160,6 +208,14 @@ def _two_layer(problem: Problem, data: Dataset, net) -> ModelBounds:
             oe[:, c, :] = p_err
             rows.append(oh.reshape(n, -1))
             rerr.append(oe.reshape(n, -1))
+        if train_beta:
+            # ∂f_c/∂β_c' = δ_{cc'} √ω_j
+            bh = np.zeros((n, k))
+            be = np.zeros((n, k))
+            for j in range(n):
+                bh[j, c], be[j, c] = _split(omega[j].sqrt())
+            rows.append(bh)
+            rerr.append(be)
         blocks.append(np.concatenate(rows, axis=1))
         errs.append(np.concatenate(rerr, axis=1))
     # rows ordered (j, c) like resid
@@ -177,20 +233,21 @@ def _two_layer(problem: Problem, data: Dataset, net) -> ModelBounds:
             xn = sum((arb(float(v)) ** 2 for v in xt[j]), arb(0)).sqrt()
             cj = act.d2 * arb(a_inf_f) * xn * xn + (act.d1 * xn if train_a else arb(0))
             tot += omega[j] * cj * cj
-        lip = (tot / m).sqrt()
-        how = (f"m^(-1/2)·(Σ_j ω_j c_j²)^(1/2), c_j = sup|σ′|·‖x̃_j‖"
+        lip = tot.sqrt() * inv_sqrt_m
+        how = (f"{'m^(-1/2)·' if spec.ntk_scale else ''}(Σ_j ω_j c_j²)^(1/2), c_j = sup|σ′|·‖x̃_j‖"
                f"{'' if train_a else ' (dropped: output layer frozen)'} + sup|σ″|·max_i‖a_i⁰‖·"
                f"‖x̃_j‖², in ball arithmetic; three-term split of J_θ − J_θ₀ (prove/models.py)")
     mb = ModelBounds(
-        kind=f"two-layer {act.name} network, m = {m}", jhat=jhat, jerr=jerr, resid=resid,
-        lip_j=lip, lip_j_how=how, activation=act.name, width=m)
+        kind=f"two-layer {act.name} network, m = {m}"
+             + ("" if spec.ntk_scale else " (no m^(-1/2) scaling)"),
+        jhat=jhat, jerr=jerr, resid=resid, lip_j=lip, lip_j_how=how, activation=act.name, width=m)
     mb.constants += [
         ("sup|σ′|", up(act.d1), act.how_d1),
         ("sup|σ″|", up(act.d2), act.how_d2),
         ("max_i ‖a_i⁰‖", a_inf_f, "column norms of the output weight at θ₀, ball arithmetic"),
     ]
-    trained = [nm for nm, t in (("hidden.weight", train_w), ("hidden.bias", train_b),
-                                ("out.weight", train_a)) if t]
+    trained = [nm for nm, t in ((spec.w, train_w), (spec.b, train_b), (spec.a, train_a),
+                                (spec.a_bias, train_beta)) if t]
     mb.notes.append(f"trained: {', '.join(trained)}; pre-activations z = Wx + b as balls "
                     f"(float64 with |error| ≤ γ_(d+2)(|W||x| + |b|), max {float(zerr.max()):.2g}),"
                     f" σ(z) and σ′(z) in arb at {106} bits")
