@@ -19,6 +19,7 @@ from . import __version__
 
 DEFAULT_OUT = "runs"
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_NO_PROOF = 3  # `rayleighflow prove`: the bounds give no proof (the reason is printed)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +96,17 @@ def _parser() -> argparse.ArgumentParser:
     ntk.add_argument("experiment", help="a .toml experiment file (or a run folder of one)")
     ntk.add_argument("--max-samples", type=_positive_int, default=None,
                      help="use at most this many samples (the kernel is (n k)^2)")
+
+    prove = sub.add_parser("prove", help="a proof (scope proven) that gradient flow from the "
+                                         "experiment's initialization converges; exit 0 when "
+                                         "proven, 3 when no proof is available")
+    prove.add_argument("experiment", help="a .toml experiment file (or a run folder of one)")
+    prove.add_argument("--radius", type=float, default=None,
+                       help="the parameter ball's radius (default: searched)")
+    prove.add_argument("--target", type=float, default=None,
+                       help="the loss to reach (0: convergence to zero; default: the "
+                            "strongest statement the bounds allow)")
+    prove.add_argument("--json", default=None, help="also write the proof as JSON here")
     return parser
 
 
@@ -268,6 +280,15 @@ def _cmd_ntk(args) -> int:
     return 0
 
 
+def _cmd_prove(args) -> int:
+    from .prove.file import format_proof, prove_file
+
+    proof = prove_file(args.experiment, radius=args.radius, target=args.target,
+                       json_out=args.json)
+    print(format_proof(proof))
+    return 0 if proof.certificate.holds else EXIT_NO_PROOF
+
+
 def _one_line(text: object) -> str:
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
     return "; ".join(lines) if lines else "(no message)"
@@ -280,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         args = _parser().parse_args(["run", *argv])
     commands = {"run": _cmd_run, "demo": _cmd_run, "report": _cmd_report, "list": _cmd_list,
-                "ntk": _cmd_ntk}
+                "ntk": _cmd_ntk, "prove": _cmd_prove}
     from .experiments._toml import ConfigError
     from .experiments.registry import NothingToResume
     from .experiments.runner import RunFailed

@@ -278,8 +278,7 @@ def _holds(problem, c: Constants, a: RhoAt, target: float, searched, t0, convent
                      "((‖J₀*∇ℓ₀‖ − ‖J₀‖·min(Lip_F·r, 2s₀))/s₀ − Lip_J·r)²")
     assumptions = _assumptions(c, a) + [
         Assumption(f"R(K_θ; ∇ℓ) ≥ ρ = {rho:.6g} on B(θ₀, {a.r:.4g}) ∩ {{L ≤ L₀}}", True,
-                   f"{a.route} route: ρ = {route_formula}"
-                   + (f" (the other route gives √ρ ≤ {max(a.sqrt_dir, a.sqrt_def, 0):.4g})")),
+                   f"{a.route} route: ρ = {route_formula}; " + _other_route(a)),
         Assumption(f"path length ≤ {path:.6g} < r = {a.r:.4g}", True,
                    "(√(2L₀) − √(2L_target))/√ρ" if target > 0 else "√(2L₀/ρ)"),
     ]
@@ -305,6 +304,17 @@ def _holds(problem, c: Constants, a: RhoAt, target: float, searched, t0, convent
         t_at_mu_star=math.nan, max_bound_violation=math.nan, rtol=0.0, atol=0.0,
         assumptions=tuple(assumptions), notes=notes)
     return Proof(cert, c, a, target, T, path, searched, seconds, statement)
+
+
+def _other_route(a: RhoAt) -> str:
+    if a.route == "definite":
+        return (f"the directional route gives √ρ ≥ {a.sqrt_dir:.4g}" if a.sqrt_dir > 0 else
+                "the directional route gives no positive bound here")
+    if a.sqrt_def == -math.inf:
+        return "the definite route does not apply (P < nk: λ_min(K) = 0)"
+    return (f"the definite route gives √ρ ≥ {a.sqrt_def:.4g}" if a.sqrt_def > 0 else
+            f"the definite route gives no positive bound here (σ_min(J₀) − Lip_J·r = "
+            f"{a.sqrt_def:.3g})")
 
 
 def _failed(problem, c: Constants, searched: list[RhoAt], target, t0) -> Proof:
