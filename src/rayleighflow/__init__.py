@@ -28,6 +28,7 @@ from .flow import FlowResult, FlowStatus, Integrator, gradient_flow
 from .losses import BinaryLogistic, FunctionalKL, SoftmaxCrossEntropy, SquareLoss, get_loss
 from .monitor import Monitor
 from .problem import Model, NondeterministicModelError, Problem
+from .prove import prove
 from .rayleigh import Measurement, measure, witness_bound
 from .trajectory import Trajectory
 
@@ -41,5 +42,5 @@ __all__ = [
     "Reciprocal", "Sampler", "ScaledCrossEntropy", "Scope", "SoftmaxCrossEntropy", "SquareLoss",
     "TeacherStudent", "Trajectory", "UniformBox", "__version__", "certify", "compose",
     "get_desingularizer", "get_loss", "gradient_flow", "kl_ratios", "load_sklearn", "measure",
-    "rank_desingularizers", "spectral", "witness_bound",
+    "prove", "rank_desingularizers", "spectral", "witness_bound",
 ]
