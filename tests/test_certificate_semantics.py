@@ -285,7 +285,7 @@ def test_gradient_descent_certificate_matches_its_definition():
         loss = problem.loss_value(
             {k: v.requires_grad_(True) for k, v in theta.items()}, problem.data)
         g = torch.autograd.grad(loss, list(theta.values()))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grads.append(float(sum((gi * gi).sum() for gi in g)))
         theta = {k: (v - eta * gi).detach() for (k, v), gi in zip(theta.items(), g, strict=True)}
     losses, grads = np.array(losses), np.array(grads)
