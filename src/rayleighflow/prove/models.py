@@ -146,7 +146,10 @@ def _activation_name(mod: nn.Module) -> str:
 
 
 def _two_layer(problem: Problem, data: Dataset, spec: _Spec) -> ModelBounds:
-    act = get_activation(spec.activation)
+    try:
+        act = get_activation(spec.activation)
+    except ValueError as exc:
+        raise UnsupportedModel(str(exc)) from None
     W, train_w = _param(problem, spec.w)
     if spec.b is not None:
         b, train_b = _param(problem, spec.b)

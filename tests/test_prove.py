@@ -1,0 +1,316 @@
+"""Issue 10: proof-grade certificates (scope PROVEN).
+
+Every test here can fail: the bounds are compared with exact (mpmath) values, with sampled
+measurements (and a deliberately wrong constant must be caught by the same sampler), and with
+the flow actually run afterwards at every record and every solver evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rayleighflow as rf
+from rayleighflow.certificate import CertificateStatus, Reason, Scope
+from rayleighflow.prove import proof_constants, prove_details
+from rayleighflow.prove._arb import arb, down, gram_bounds, sym_eig_bounds, up
+from rayleighflow.prove.activations import ACTIVATIONS
+from rayleighflow.prove.falsify import falsify
+from rayleighflow.prove.reference import reference_constants
+from rayleighflow.prove.runcheck import BallTracker, check_run, proven_bound
+from rayleighflow.theorems.two_layer import TwoLayer
+
+
+def _dntk_data():
+    """The definite-NTK experiment's data (n = 20, dim 5, teacher width 2, seed 0)."""
+    from rayleighflow.experiments.definite_ntk import EXPERIMENT, _data
+
+    class Ctx:
+        params = EXPERIMENT.defaults
+        dtype, device, seed = torch.float64, "cpu", 0
+
+        def generator(self, i=0):
+            return torch.Generator().manual_seed(i)
+
+    return _data(Ctx.params, Ctx()), Ctx().generator(3)
+
+
+def _dntk_problem(width: int, activation: str = "tanh"):
+    data, g = _dntk_data()
+    net = TwoLayer(5, width, activation=activation, generator=g)
+    return rf.Problem(rf.Model(net), data, "square")
+
+
+@pytest.fixture(scope="module")
+def wide():
+    problem = _dntk_problem(512)
+    return problem, prove_details(problem)
+
+
+@pytest.fixture(scope="module")
+def narrow():
+    problem = _dntk_problem(2)
+    return problem, prove_details(problem)
+
+
+# -- outward rounding ----------------------------------------------------------------------
+
+def test_up_down_round_outward():
+    third = arb(1) / 3
+    assert up(third) > 1 / 3 > down(third) or (up(third) >= 1 / 3 and down(third) <= 1 / 3)
+    assert arb(up(third)) >= third and arb(down(third)) <= third
+    assert up(arb(2).sqrt()) ** 2 >= 2 and down(arb(2).sqrt()) ** 2 <= 2
+
+
+def test_gram_bounds_bracket_singular_values():
+    rng = np.random.default_rng(0)
+    for shape in ((6, 40), (30, 9)):
+        a = rng.standard_normal(shape) * 0.3
+        b = gram_bounds(a, np.zeros_like(a))
+        s = np.linalg.svd(a, compute_uv=False)
+        assert b["norm_up"] >= s[0] and b["norm_up"] <= s[0] * (1 + 1e-10)
+        if shape[0] <= shape[1]:
+            assert b["smin_lo"] <= s[-1] and b["smin_lo"] >= s[-1] * (1 - 1e-8)
+        else:
+            assert b["smin_lo"] == 0.0
+    # an entrywise error of the inputs widens the bounds by at least ‖err‖_F
+    a = rng.standard_normal((5, 20))
+    err = np.full(a.shape, 1e-6)
+    b0, b1 = gram_bounds(a, np.zeros_like(a)), gram_bounds(a, err)
+    assert b1["norm_up"] - b0["norm_up"] >= 1e-6 * 10 * (1 - 1e-9)
+
+
+def test_eigenvalue_bounds_need_a_positive_definite_proof():
+    m = np.diag([1.0, 2.0, 3.0])
+    lo, hi = sym_eig_bounds(m)
+    assert lo <= 1.0 <= 1.0 + 1e-9 and hi >= 3.0 and lo > 1 - 1e-9 and hi < 3 + 1e-9
+    singular = np.array([[1.0, 1.0], [1.0, 1.0]])
+    lo, _ = sym_eig_bounds(singular)
+    assert lo <= 0.0
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_constants_bound_a_dense_grid_tightly(name):
+    act = ACTIVATIONS[name]
+    z = np.linspace(-40, 40, 400001)   # sup σ′ of softplus is a limit at +∞
+    zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    fn = {"tanh": torch.tanh, "softplus": nn.functional.softplus, "sigmoid": torch.sigmoid,
+          "gelu": nn.functional.gelu}[name]
+    (d1,) = torch.autograd.grad(fn(zt).sum(), zt, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), zt)
+    m1, m2 = float(d1.detach().abs().max()), float(d2.detach().abs().max())
+    assert up(act.d1) >= m1 * (1 - 1e-12) and up(act.d1) <= m1 * (1 + 1e-5)
+    assert up(act.d2) >= m2 * (1 - 1e-12) and up(act.d2) <= m2 * (1 + 1e-5)
+
+
+def test_mpmath_reference_rederives_every_constant():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.randn(6, 1, generator=g, dtype=torch.float64)
+    net = TwoLayer(3, 8, generator=torch.Generator().manual_seed(2))
+    problem = rf.Problem(rf.Model(net), rf.Dataset.from_arrays(x, y), "square")
+    c = proof_constants(problem)
+    ref = reference_constants(problem, dps=40)["mp"]
+    import mpmath as mp
+
+    def ok_upper(impl, exact):   # never tighter than the exact value, and not vacuous
+        assert mp.mpf(impl) >= exact and mp.mpf(impl) <= exact * (1 + mp.mpf(1e-9)) + 1e-300
+
+    def ok_lower(impl, exact):
+        assert mp.mpf(impl) <= exact and mp.mpf(impl) >= exact * (1 - mp.mpf(1e-6))
+
+    ok_upper(c.norm_j0, ref["norm_j0"])
+    ok_lower(c.smin_j0, ref["smin_j0"])
+    ok_lower(c.a0, ref["a0"])
+    ok_upper(c.s0, ref["s0"])
+    ok_lower(c.s0_lo, ref["s0"])
+    ok_upper(c.lip_j, ref["lip_j"])
+    extra = {n: v for n, v, _ in c.extra}
+    ok_upper(extra["sup|σ′|"], ref["sup_d1"])
+    ok_upper(extra["sup|σ″|"], ref["sup_d2"])
+
+
+# -- the definite-NTK experiment's networks -------------------------------------------------
+
+def test_wide_case_gets_a_proven_certificate(wide):
+    problem, proof = wide
+    cert = proof.certificate
+    assert cert.status is CertificateStatus.HOLDS and cert.scope is Scope.PROVEN
+    c = proof.constants
+    assert 0 < proof.target < c.loss0_lo and proof.rho > 0 and proof.time > 0
+    assert proof.path_bound < proof.radius
+    # the statement is built from the numbers it states
+    assert f"{proof.target:.4g}" in proof.statement and f"{proof.time:.4g}" in proof.statement
+    assert cert.time_to(proof.target) == pytest.approx(proof.time, rel=1e-9)
+    assert proof.seconds < 30
+    json.dumps(proof.to_dict(), default=str)
+    names = " ".join(a.name for a in cert.assumptions)
+    for key in ("‖J₀‖", "σ_min(J₀)", "Lip_J", "Lip_F", "ρ =", "path length", "sup|σ″|"):
+        assert key in names
+
+
+def test_wide_case_zero_loss_is_refused_with_numbers(wide):
+    problem, _ = wide
+    zero = prove_details(problem, target=0.0)
+    assert zero.certificate.status is CertificateStatus.UNAVAILABLE
+    assert zero.certificate.reason is Reason.PROOF_PATH_TOO_LONG
+    c = zero.constants
+    assert f"{c.smin_j0 ** 2:.4g}" in zero.statement and "4·Lip_J" in zero.statement
+
+
+def test_wide_flow_obeys_the_proof_at_every_record_and_evaluation(wide):
+    problem, proof = wide
+    tracker = BallTracker(problem)
+    flow_problem = rf.Problem(tracker.model(), problem.data, "square")
+    res = rf.gradient_flow(flow_problem, t_max=10.0, n_records=15)
+    traj = res.trajectory
+    ev = traj.evaluations
+    assert ev is not None and ev["t"].size > 20
+    check = check_run(proof, traj, tracker, rtol=1e-6)
+    assert check.passed, check.failures
+    assert check.n_points >= ev["t"].size
+    assert check.max_distance <= proof.radius
+    # beyond T the loss is below the proven target
+    late = traj["t"] >= proof.time
+    assert late.any() and np.all(traj["loss"][late] <= proof.target)
+    b = proven_bound(proof, ev["t"])
+    assert np.all(ev["loss"] <= b * (1 + 1e-6))
+
+
+def test_narrow_case_never_gets_convergence_to_zero(narrow):
+    problem, proof = narrow
+    assert proof.constants.P < proof.constants.nk and proof.constants.smin_j0 == 0.0
+    if proof.certificate.holds:
+        assert proof.target > 0
+    for seed in range(3):
+        data, _ = _dntk_data()
+        net = TwoLayer(5, 2, generator=torch.Generator().manual_seed(100 + seed))
+        p = rf.Problem(rf.Model(net), data, "square")
+        zero = prove_details(p, target=0.0)
+        assert not zero.certificate.holds
+        assert f"P = {zero.constants.P} < nk = {zero.constants.nk}" in zero.statement
+
+
+def test_narrow_target_is_above_the_plateau(narrow):
+    problem, proof = narrow
+    assert proof.certificate.holds
+    res = rf.gradient_flow(problem, t_max=200.0, n_records=10)
+    assert float(res.trajectory["loss"][-1]) < proof.target
+
+
+# -- falsification with teeth --------------------------------------------------------------
+
+def test_sampler_never_beats_the_proof_and_catches_a_wrong_constant(wide):
+    problem, proof = wide
+    c, a = proof.constants, proof.chosen
+    kw = dict(radius=a.r, lip_f=a.lip_f, rho=a.rho, loss0=c.loss0, samples=12,
+              generator=torch.Generator().manual_seed(5))
+    honest = falsify(problem, lip_j=c.lip_j, **kw)
+    assert honest.samples == 12 and honest.rayleigh_points > 0
+    assert not honest.falsified, honest.counterexamples
+    assert honest.max_lip_j_ratio <= c.lip_j and honest.max_lip_f_ratio <= a.lip_f
+    assert honest.min_rayleigh >= a.rho
+    # teeth: the same sampler with Lip_J/100 must find a counterexample
+    wrong = falsify(problem, lip_j=c.lip_j / 100, **kw)
+    assert wrong.falsified and "Lip_J" in wrong.counterexamples[0]
+
+
+def test_sampler_catches_wrong_lip_f_and_rho(narrow):
+    problem, proof = narrow
+    c, a = proof.constants, proof.chosen
+    kw = dict(radius=a.r, loss0=c.loss0, samples=16, generator=torch.Generator().manual_seed(6))
+    assert falsify(problem, lip_j=c.lip_j / 100, lip_f=a.lip_f, rho=a.rho, **kw).falsified
+    assert falsify(problem, lip_j=c.lip_j, lip_f=a.lip_f / 100, rho=a.rho, **kw).falsified
+    assert falsify(problem, lip_j=c.lip_j, lip_f=a.lip_f, rho=a.rho * 100, **kw).falsified
+    assert not falsify(problem, lip_j=c.lip_j, lip_f=a.lip_f, rho=a.rho, **kw).falsified
+
+
+# -- unavailable, with the reason in numbers ------------------------------------------------
+
+def test_large_radius_has_no_positive_rho(wide):
+    problem, _ = wide
+    p = prove_details(problem, radius=50.0)
+    assert p.certificate.status is CertificateStatus.UNAVAILABLE
+    assert p.certificate.reason is Reason.PROOF_RHO_NONPOSITIVE
+    assert "perturbation term" in p.statement and f"{p.constants.a0:.4g}" in p.statement
+    assert p.certificate.to_dict()["status"] == "unavailable"
+
+
+def test_unsupported_models_and_losses_are_refused():
+    data, g = _dntk_data()
+    relu = TwoLayer(5, 8, activation="relu", generator=g)
+    p = prove_details(rf.Problem(rf.Model(relu), data, "square"))
+    assert p.certificate.reason is Reason.PROOF_UNSUPPORTED and "ReLU" in p.statement
+    deep = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                         nn.Linear(4, 1)).double()
+    p = prove_details(rf.Problem(rf.Model(deep), data, "square"))
+    assert p.certificate.reason is Reason.PROOF_UNSUPPORTED and "deeper" in p.statement
+    x = torch.randn(8, 3, dtype=torch.float64)
+    ce = rf.Problem(rf.Model(nn.Linear(3, 2).double()),
+                    rf.Dataset.from_arrays(x, torch.arange(8) % 2), "cross-entropy")
+    p = prove_details(ce)
+    assert p.certificate.reason is Reason.PROOF_UNSUPPORTED and "cross-entropy" in p.statement
+    with pytest.raises(ValueError, match="target"):
+        prove_details(ce, target=-1.0)
+
+
+# -- linear models: Lip_J = 0 exactly --------------------------------------------------------
+
+def test_linear_overparameterized_converges_to_zero_and_the_run_obeys():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    y = torch.randn(4, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 1).double()
+    problem = rf.Problem(rf.Model(lin), rf.Dataset.from_arrays(x, y), "square")
+    proof = prove_details(problem, target=0.0)
+    assert proof.certificate.holds and proof.target == 0.0 and proof.constants.lip_j == 0.0
+    jt = torch.cat([x, torch.ones(4, 1, dtype=torch.float64)], 1) / 2   # √(1/n) rows
+    lam_min = float(torch.linalg.eigvalsh(jt @ jt.T)[0])
+    assert proof.rho <= lam_min and proof.rho >= lam_min * (1 - 1e-8)   # exact up to rounding
+    tracker = BallTracker(problem)
+    res = rf.gradient_flow(rf.Problem(tracker.model(), problem.data, "square"), t_max=30.0,
+                           n_records=10)
+    check = check_run(proof, res.trajectory, tracker)
+    assert check.passed, check.failures
+    assert math.isclose(check.radius, proof.radius)
+
+
+def test_two_layer_variants_prove_and_obey_the_sampler():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(8, 3, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.randn(8, 2, generator=g, dtype=torch.float64) * 0.5
+    data = rf.Dataset.from_arrays(x, y)
+    for act in ("softplus", "gelu"):
+        net = TwoLayer(3, 64, outputs=2, activation=act, generator=torch.Generator()
+                       .manual_seed(5))
+        net.out.weight.requires_grad_(False)             # output layer fixed
+        problem = rf.Problem(rf.Model(net), data, "square")
+        proof = prove_details(problem)
+        assert proof.certificate.holds, proof.statement
+        c, a = proof.constants, proof.chosen
+        f = falsify(problem, radius=a.r, lip_j=c.lip_j, lip_f=a.lip_f, rho=a.rho,
+                    loss0=c.loss0, samples=8)
+        assert not f.falsified, f.counterexamples
+
+
+def test_cli_prove(tmp_path, capsys):
+    from rayleighflow.cli import main
+
+    cfg = tmp_path / "mlp.toml"
+    cfg.write_text('name = "tiny"\nseed = 0\n[model]\nkind = "mlp"\nwidths = [32]\n'
+                   'activation = "tanh"\n[data]\nkind = "teacher-student"\nn_samples = 6\n'
+                   'dim = 2\n[loss]\nname = "square"\n')
+    out_json = tmp_path / "proof.json"
+    rc = main(["prove", str(cfg), "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert rc == 0 and text.startswith("proven:") and "Lip_J" in text
+    assert json.loads(out_json.read_text())["status"] == "holds"
+    rc = main(["prove", str(cfg), "--target", "0"])
+    text = capsys.readouterr().out
+    assert rc == 3 and text.startswith("no proof")
