@@ -16,7 +16,7 @@ import numpy as np
 
 from ..problem import Model, Problem
 from ..prove import prove_details
-from ..prove.falsify import falsify
+from ..prove.falsify import falsify_proof
 from ..prove.runcheck import BallTracker, check_run, envelope, proven_bound
 from ..theorems.two_layer import TwoLayer
 from .common import cert_dicts, finite_or_none
@@ -39,12 +39,12 @@ def _figures(regimes: dict[str, Any]) -> list[dict]:
         if r is not None and r["proof"]["status"] == "holds":
             p = r["proof"]
             series.append({"kind": "line", "x": f"traj:{regime}:t", "y": f"arr:{regime}_bound",
-                           "label": f"proven bound max(L₀e^(−2ρt), {p['target']:.3g}), "
-                                    f"ρ = {p['rho']:.3g}", "style": "--", "color": "C1",
+                           "label": f"proven bound (to L ≤ {p['target']:.3g} by t = "
+                                    f"{p['time']:.3g})", "style": "--", "color": "C1",
                            "role": "reference"})
             dist += [
                 {"kind": "line", "x": f"arr:{regime}_env_loss", "y": f"arr:{regime}_env",
-                 "label": "proven path-length envelope (√(2L₀) − √(2L))/√ρ", "style": "--",
+                 "label": "proven bound on ‖θ − θ₀‖ (path-length envelope)", "style": "--",
                  "color": "C1", "role": "reference"},
                 {"kind": "line", "x": f"arr:{regime}_env_loss", "y": f"arr:{regime}_radius",
                  "label": f"ball radius r = {p['radius']:.3g}", "style": ":", "color": "C3",
@@ -83,26 +83,19 @@ def _run_width(ctx: RunContext, regime: str, width: int, data) -> tuple[dict, li
     if proof.certificate.holds:
         check = check_run(proof, traj, tracker, rtol=p["check_rtol"])
         out["run_check"] = check.to_dict()
-        c, a = proof.constants, proof.chosen
-        fals = falsify(problem, radius=a.r, lip_j=c.lip_j, lip_f=a.lip_f, rho=a.rho,
-                       loss0=c.loss0, rho_everywhere=a.route == "definite",
-                       samples=p["samples"], points=tracker.kept,
-                       generator=ctx.generator(7))
-        wrong = falsify(problem, radius=a.r, lip_j=c.lip_j / 100, lip_f=a.lip_f, rho=a.rho,
-                        loss0=c.loss0, rho_everywhere=a.route == "definite",
-                        samples=p["samples"], generator=ctx.generator(8))
-        out["falsification"] = {
-            "samples": fals.samples, "max_lip_j_ratio": fals.max_lip_j_ratio,
-            "lip_j": c.lip_j, "max_lip_f_ratio": fals.max_lip_f_ratio, "lip_f": a.lip_f,
-            "min_rayleigh": finite_or_none(fals.min_rayleigh), "rho": a.rho,
-            "rayleigh_points": fals.rayleigh_points, "counterexamples": fals.counterexamples,
-            "run_points": len(tracker.kept),
-            "wrong_lip_j": c.lip_j / 100, "wrong_constant_caught": wrong.falsified,
-            "wrong_constant_first": wrong.counterexamples[:1]}
-        grid = np.geomspace(max(proof.target, c.loss0 * 1e-6), c.loss0, 100)
+        c = proof.constants
+        fals = falsify_proof(problem, proof, samples=p["samples"], points=tracker.kept,
+                             generator=ctx.generator(7))
+        wrong = falsify_proof(problem, proof, samples=p["samples"], lip_j_factor=0.01,
+                              generator=ctx.generator(8))
+        out["falsification"] = {**fals.to_dict(), "run_points": len(tracker.kept),
+                                "wrong_lip_j": c.lip_j / 100,
+                                "wrong_constant_caught": wrong.falsified,
+                                "wrong_constant_first": wrong.counterexamples[:1]}
+        grid = np.geomspace(max(proof.target, c.loss0 * 1e-6), c.loss0, 200)
         arrays.update({f"{regime}_bound": proven_bound(proof, traj["t"]),
                        f"{regime}_env_loss": grid, f"{regime}_env": envelope(proof, grid),
-                       f"{regime}_radius": np.full(grid.shape, a.r)})
+                       f"{regime}_radius": np.full(grid.shape, proof.radius)})
     ctx.save_arrays(**arrays)
     out["loss_initial"] = finite_or_none(traj["loss"][0])
     out["loss_final"] = finite_or_none(traj["loss"][-1])
@@ -157,13 +150,14 @@ def _note(regime: str, r: dict[str, Any]) -> str:
                  f"over the bound {max(rc['max_record_excess'], rc['max_eval_excess']):.2g}, "
                  f"tolerance {rc['rtol']:.0e})")
         f = r["falsification"]
-        head += (f"; sampled falsification over {f['samples']} points: max "
-                 f"‖J_θ − J₀‖/‖θ − θ₀‖ = {f['max_lip_j_ratio']:.3g} ≤ Lip_J = {f['lip_j']:.3g}, "
-                 f"max ‖f_θ − f₀‖_D/‖θ − θ₀‖ = {f['max_lip_f_ratio']:.3g} ≤ Lip_F = "
-                 f"{f['lip_f']:.3g}, min R = "
-                 + ("—" if f["min_rayleigh"] is None else f"{f['min_rayleigh']:.3g}")
-                 + f" ≥ ρ = {f['rho']:.3g}: {len(f['counterexamples'])} counterexample(s); "
-                 f"with Lip_J/100 the sampler "
+        rmin = f["min_rayleigh_margin"]
+        head += (f"; sampled falsification over {f['samples']} points in {f['phases_checked']} "
+                 f"phase ball(s) and {f['run_points']} points of the run: max "
+                 f"‖J_θ − J₀‖/‖θ − θ₀‖ = {f['max_lip_j_ratio']:.3g} vs Lip_J = {f['lip_j']:.3g}, "
+                 f"max (‖f_θ − f₀‖_D/‖θ − θ₀‖)/Lip_F = {f['max_lip_f_margin']:.3g}, min R/ρ = "
+                 + ("—" if rmin is None else f"{rmin:.3g}")
+                 + f": {len(f['counterexamples'])} counterexample(s); with Lip_J/100 the "
+                 f"sampler "
                  + ("finds a counterexample" if f["wrong_constant_caught"] else
                     "finds NONE (the check has no teeth here)"))
     return head + "."

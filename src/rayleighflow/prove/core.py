@@ -125,24 +125,26 @@ class RhoAt:
     path_zero: float        # √(2L₀/ρ) (inf when ρ = 0)
 
 
-def rho_at(c: Constants, r: float) -> RhoAt:
-    """ρ(r) and the smallest provable target at radius r, all in ball arithmetic."""
+def rho_at(c: Constants, r: float, s_top: float | None = None) -> RhoAt:
+    """ρ(r) on B(θ₀, r) ∩ {‖∇ℓ‖_D ≤ s_top} (default s_top = s₀, i.e. L ≤ L₀) and the
+    smallest target provable from s_top with this one ball, all in ball arithmetic."""
     R = arb(r)
+    top = arb(c.s0 if s_top is None else s_top)
     lipj = arb(c.lip_j)
     lip_f = c.lip_f(r)
-    dist = min(up(arb(lip_f) * R), up(2 * arb(c.s0)))
+    dist = min(up(arb(lip_f) * R), up(arb(c.s0) + top))
     num = arb(c.a0) - arb(c.norm_j0) * arb(dist)
-    sqrt_dir = down(num / arb(c.s0) - lipj * R)
+    sqrt_dir = down(num / top - lipj * R)
     sqrt_def = down(arb(c.smin_j0) - lipj * R) if c.P >= c.nk else -math.inf
     best = max(sqrt_dir, sqrt_def)
-    pert = up(arb(c.norm_j0) * arb(dist) + lipj * R * arb(c.s0))
+    pert = up(arb(c.norm_j0) * arb(dist) + lipj * R * top)
     if not best > 0:
         return RhoAt(r, 0.0, sqrt_def, sqrt_dir, None, lip_f, pert, math.inf, math.inf)
     route = "definite" if sqrt_def >= sqrt_dir else "directional"
     sq = arb(best)
     rho = down(sq * sq)
-    path_zero = up(arb(c.s0) / sq)
-    gap = arb(c.s0) - R * sq        # √(2L_t) must exceed this
+    path_zero = up(top / sq)
+    gap = top - R * sq        # √(2L_t) must exceed this
     if gap < 0:
         target_min = 0.0
     else:
@@ -150,42 +152,100 @@ def rho_at(c: Constants, r: float) -> RhoAt:
     return RhoAt(r, rho, sqrt_def, sqrt_dir, route, lip_f, pert, target_min, path_zero)
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One step of a proof: while ‖∇ℓ‖_D ∈ (s_bottom, s_top], θ_t ∈ B(θ₀, r) and
+    R(K_θ; ∇ℓ) ≥ ρ there; it starts by t_start with path ≤ path_start and ends (‖∇ℓ‖_D ≤
+    s_bottom) by t_end with path ≤ path_end < r. s_bottom = 0 and t_end = ∞: the last phase of a
+    convergence-to-zero proof."""
+
+    s_top: float
+    s_bottom: float
+    r: float
+    rho: float
+    route: str
+    lip_f: float
+    t_start: float
+    t_end: float
+    path_start: float
+    path_end: float
+
+    @property
+    def loss_top(self) -> float:
+        return up(arb(self.s_top) ** 2 / 2)
+
+    @property
+    def loss_bottom(self) -> float:
+        return up(arb(self.s_bottom) ** 2 / 2)
+
+
 @dataclass
 class Proof:
-    """A proof attempt: the certificate and everything behind it."""
+    """A proof attempt: the certificate and everything behind it.
+
+    A proof is a list of phases (one ball for the single-ball argument; nested balls for the
+    chained one). ``target`` is the proven loss level (0: convergence to zero), ``time`` the
+    time by which it is reached (for a zero proof: the time to 1e-8·L₀).
+    """
 
     certificate: Certificate
     constants: Constants | None
-    chosen: RhoAt | None
-    target: float | None            # the proven L_target (0: convergence to zero)
-    time: float | None              # T: L ≤ target by T (None for UNAVAILABLE)
-    path_bound: float | None        # path length bound to the target
+    phases: list[Phase]
+    target: float | None
+    time: float | None
+    path_bound: float | None
     searched: list[RhoAt]
     seconds: float
     statement: str
+    method: str = ""
 
     @property
     def radius(self) -> float | None:
-        return None if self.chosen is None else self.chosen.r
+        """The largest ball used (θ_t stays inside it until the target is reached)."""
+        return max((p.r for p in self.phases), default=None)
 
     @property
     def rho(self) -> float:
-        return 0.0 if self.chosen is None else self.chosen.rho
+        """min ρ over the phases: L_t ≤ L₀e^{−2ρt} holds until the target (weaker than the
+        piecewise bound :meth:`bound`)."""
+        return min((p.rho for p in self.phases), default=0.0)
+
+    def bound(self, t: np.ndarray) -> np.ndarray:
+        """The proven piecewise-exponential bound on L_t, valid at every t ≥ 0 (NaN without a
+        proof): L ≤ L_top·e^{−2ρ_k(t − t_start)} in phase k, ≤ the target afterwards."""
+        t = np.asarray(t, dtype=np.float64)
+        if self.target is None or not self.phases:
+            return np.full(t.shape, np.nan)
+        out = np.full(t.shape, self.target)
+        for k, ph in enumerate(self.phases):
+            top = self.constants.loss0 if k == 0 else ph.loss_top
+            inside = (t >= ph.t_start) & (t <= ph.t_end) if k else (t <= ph.t_end)
+            out[inside] = np.maximum(top * np.exp(-2 * ph.rho * (t[inside] - ph.t_start)),
+                                     self.target)
+        return out
+
+    def envelope(self, loss: np.ndarray) -> np.ndarray:
+        """The proven bound on ‖θ_t − θ₀‖ when L_t = loss ≥ target (NaN below the target)."""
+        s = np.sqrt(2 * np.maximum(np.asarray(loss, dtype=np.float64), 0))
+        out = np.full(s.shape, np.nan)
+        for ph in self.phases:
+            band = (s > ph.s_bottom) & (s <= ph.s_top) if ph is not self.phases[0] else \
+                (s > ph.s_bottom)
+            out[band] = ph.path_start + (ph.s_top - s[band]) / math.sqrt(ph.rho)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         c = self.constants
         return {
             "statement": self.statement, "status": self.certificate.status.value,
-            "scope": self.certificate.scope.value,
-            "radius": self.radius, "rho": self.rho, "route": getattr(self.chosen, "route", None),
-            "target": self.target, "time": self.time, "path_bound": self.path_bound,
-            "seconds": self.seconds,
+            "scope": self.certificate.scope.value, "method": self.method,
+            "radius": self.radius, "rho": self.rho, "target": self.target, "time": self.time,
+            "path_bound": self.path_bound, "seconds": self.seconds,
+            "phases": [p.__dict__ for p in self.phases],
             "constants": None if c is None else {
                 "norm_J0": c.norm_j0, "sigma_min_J0": c.smin_j0, "J0_star_grad": c.a0,
                 "grad_norm0": c.s0, "loss0_upper": c.loss0, "loss0_lower": c.loss0_lo,
-                "Lip_J": c.lip_j,
-                "Lip_F": None if self.chosen is None else self.chosen.lip_f,
-                "P": c.P, "nk": c.nk, "how": c.how,
+                "Lip_J": c.lip_j, "P": c.P, "nk": c.nk, "how": c.how,
                 "activation": {n: v for n, v, _ in c.extra}},
             "search": {"radii": len(self.searched),
                        "r": [a.r for a in self.searched],
@@ -204,14 +264,16 @@ def prove(problem: Problem, radius: float | None = None, target: float | None = 
     """A PROVEN certificate for the exact gradient flow from the problem's θ₀, or UNAVAILABLE
     with the reason in numbers (see :func:`prove_details` for everything behind it).
 
-    ``radius``: the ball B(θ₀, r) (default: searched over 1e-6…1e4). ``target``: the loss to
-    reach (0 asks for convergence to zero; default: the strongest statement the bounds allow).
+    ``radius``: one ball B(θ₀, r) (default: searched over 1e-6…1e4, and the chained argument
+    over nested balls). ``target``: the loss to reach (0 asks for convergence to zero; default:
+    the strongest statement the bounds allow).
     """
     return prove_details(problem, radius=radius, target=target, data=data).certificate
 
 
 def prove_details(problem: Problem, radius: float | None = None, target: float | None = None,
-                  *, data: Dataset | None = None, radii: np.ndarray | None = None) -> Proof:
+                  *, data: Dataset | None = None, radii: np.ndarray | None = None,
+                  chain: bool = True) -> Proof:
     t0 = time.perf_counter()
     if target is not None and not (target >= 0 and math.isfinite(target)):
         raise ValueError(f"target must be a finite loss ≥ 0 (got {target!r})")
@@ -237,11 +299,112 @@ def prove_details(problem: Problem, radius: float | None = None, target: float |
         ok = [a for a in ok if a.target_min <= best_t]
     else:
         ok = [a for a in positive if a.target_min <= target]
-    if not ok:
+    candidates: list[tuple[float, float, list[Phase], str]] = []
+    if ok:
+        a = max(ok, key=lambda a: (a.rho, -a.r))
+        goal = a.target_min if target is None else target
+        ph = _single_phase(c, a, goal)
+        candidates.append((goal, ph[-1].t_end if goal > 0 else 0.0, ph,
+                           f"one ball (radius searched over {len(searched)} values)"))
+    if chain and radius is None and positive:
+        phases = _chain(c, target)
+        if phases:
+            goal = phases[-1].loss_bottom if phases[-1].s_bottom > 0 else 0.0
+            if target is None or goal <= target:
+                candidates.append((target if target is not None else goal,
+                                   phases[-1].t_end if goal > 0 else 0.0, phases,
+                                   f"{len(phases)} nested balls (chained argument)"))
+    if not candidates:
         return _failed(problem, c, searched, target, t0)
-    chosen = max(ok, key=lambda a: (a.rho, -a.r))
-    proven_target = chosen.target_min if target is None else target
-    return _holds(problem, c, chosen, proven_target, searched, t0, convention)
+    goal, _, phases, method = min(candidates, key=lambda x: (x[0], x[1]))
+    return _holds(problem, c, phases, goal, searched, t0, convention, method)
+
+
+def _single_phase(c: Constants, a: RhoAt, goal: float) -> list[Phase]:
+    s_bot = down((2 * arb(goal)).sqrt()) if goal > 0 else 0.0
+    if goal > 0:
+        path = up((arb(c.s0) - arb(s_bot)) / arb(a.rho).sqrt())
+        t_end = up((arb(c.loss0) / arb(goal)).log() / (2 * arb(a.rho)))
+    else:
+        path, t_end = a.path_zero, math.inf
+    return [Phase(c.s0, s_bot, a.r, a.rho, a.route, a.lip_f, 0.0, t_end, 0.0, path)]
+
+
+def _chain(c: Constants, target: float | None, h0: float = 0.05, h_min: float = 1e-3,
+           max_phases: int = 2000) -> list[Phase]:
+    """Nested balls: from level s_top, find the smallest ball B(θ₀, r) with
+    path_start + (s_top − s_next)/√ρ(r, s_top) < r (a fixed point, verified in arb), step down,
+    and repeat; the step shrinks when no ball works. Stops at the target (or, for convergence to
+    zero, as soon as a definite-route ball can carry the flow from the current level to 0)."""
+    s_goal = down((2 * arb(target)).sqrt()) if target else 0.0
+    phases: list[Phase] = []
+    s_top, path, t_now, h = c.s0, 0.0, 0.0, h0
+    while len(phases) < max_phases and s_top > s_goal:
+        if target is None or target == 0:
+            z = _zero_phase(c, s_top, path, t_now)
+            if z is not None:
+                phases.append(z)
+                return phases
+        s_next = max(s_top * (1 - h), s_goal)
+        ph = _phase(c, s_top, s_next, path, t_now)
+        if ph is None:
+            if h <= h_min:
+                break
+            h = max(h / 2, h_min)
+            continue
+        phases.append(ph)
+        s_top, path, t_now = ph.s_bottom, ph.path_end, ph.t_end
+        h = min(h * 1.5, h0)
+    if target is not None and (not phases or phases[-1].s_bottom > s_goal):
+        return [] if target > 0 or not phases or phases[-1].s_bottom > 0 else phases
+    if target == 0 and (not phases or phases[-1].s_bottom > 0):
+        return []
+    return phases
+
+
+def _phase(c: Constants, s_top: float, s_next: float, path: float, t_now: float) -> Phase | None:
+    ds = arb(s_top) - arb(s_next)
+    r = max(path, 1e-12)
+    for _ in range(60):
+        a = rho_at(c, r, s_top)
+        if a.rho <= 0:
+            return None
+        new = up(arb(path) + ds / arb(a.rho).sqrt())
+        if new <= r:
+            break
+        if new > 1e6:
+            return None
+        r = new * (1 + 1e-6)
+    r = up(arb(r) * (1 + arb(1e-9)))
+    a = rho_at(c, r, s_top)
+    if a.rho <= 0:
+        return None
+    end = arb(path) + ds / arb(a.rho).sqrt()
+    if not end < arb(r):
+        return None
+    dt = up((arb(s_top) / arb(s_next)).log() / arb(a.rho))
+    return Phase(s_top, s_next, r, a.rho, a.route, a.lip_f, t_now, up(arb(t_now) + arb(dt)),
+                 path, up(end))
+
+
+def _zero_phase(c: Constants, s_top: float, path: float, t_now: float) -> Phase | None:
+    """A last phase to zero loss: the definite route on B(θ₀, r) with path + s_top/√ρ < r."""
+    if c.P < c.nk or c.smin_j0 <= 0:
+        return None
+    hi = c.smin_j0 / c.lip_j if c.lip_j > 0 else max(1e3, 10 * path + 10)
+    for r in np.geomspace(max(path, 1e-9) * (1 + 1e-9), max(hi, path * 2), 80):
+        a = rho_at(c, float(r), s_top)
+        if a.rho <= 0 or a.route != "definite" and a.sqrt_def <= 0:
+            continue
+        sq = arb(max(a.sqrt_def, 0.0))
+        if not sq > 0:
+            continue
+        end = arb(path) + arb(s_top) / sq
+        if end < arb(float(r)):
+            rho = down(sq * sq)
+            return Phase(s_top, 0.0, float(r), rho, "definite", a.lip_f, t_now, math.inf,
+                         path, up(end))
+    return None
 
 
 def _assumptions(c: Constants, a: RhoAt | None) -> list[Assumption]:
@@ -261,49 +424,73 @@ def _assumptions(c: Constants, a: RhoAt | None) -> list[Assumption]:
     return out
 
 
-def _holds(problem, c: Constants, a: RhoAt, target: float, searched, t0, convention) -> Proof:
-    rho = a.rho
+def _holds(problem, c: Constants, phases: list[Phase], target: float, searched, t0,
+           convention, method) -> Proof:
+    rho = min(p.rho for p in phases)
+    r_max = max(p.r for p in phases)
+    last = phases[-1]
+    path = last.path_end
     if target > 0:
-        path = up((arb(c.s0) - (2 * arb(target)).sqrt()) / arb(rho).sqrt())
-        horizon_target = target
+        T = last.t_end
     else:
-        path = a.path_zero
-        horizon_target = c.loss0 * 1e-8
-    T = up((arb(c.loss0) / arb(horizon_target)).log() / (2 * arb(rho)))
-    tgrid = np.linspace(0.0, T, 201)
-    bound = np.maximum(c.loss0 * np.exp(-2 * rho * tgrid), target)
+        low = c.loss0 * 1e-8
+        top = c.loss0 if len(phases) == 1 else last.loss_top
+        T = last.t_start + max(0.0, up((arb(top) / arb(low)).log() / (2 * arb(last.rho))))
+    proof = Proof(None, c, phases, target, T, path, searched, 0.0, "", method)  # type: ignore
+    tgrid = np.union1d(np.linspace(0.0, T, 401),
+                       [p.t_start for p in phases if p.t_start <= T])
+    bound = proof.bound(tgrid)
     loss = np.full(tgrid.shape, np.nan)
     loss[0] = c.loss0
-    route_formula = ("(σ_min(J₀) − Lip_J·r)²" if a.route == "definite" else
-                     "((‖J₀*∇ℓ₀‖ − ‖J₀‖·min(Lip_F·r, 2s₀))/s₀ − Lip_J·r)²")
-    assumptions = _assumptions(c, a) + [
-        Assumption(f"R(K_θ; ∇ℓ) ≥ ρ = {rho:.6g} on B(θ₀, {a.r:.4g}) ∩ {{L ≤ L₀}}", True,
-                   f"{a.route} route: ρ = {route_formula}; " + _other_route(a)),
-        Assumption(f"path length ≤ {path:.6g} < r = {a.r:.4g}", True,
-                   "(√(2L₀) − √(2L_target))/√ρ" if target > 0 else "√(2L₀/ρ)"),
-    ]
+    assumptions = _assumptions(c, None) + [
+        Assumption(f"Lip_F ≤ {max(p.lip_f for p in phases):.6g} on B(θ₀, {r_max:.4g})", True,
+                   "sup_B ‖J_θ‖ ≤ ‖J₀‖ + Lip_J·r")]
+    shown = phases if len(phases) <= 6 else [*phases[:3], *phases[-2:]]
+    for k, ph in enumerate(shown):
+        idx = phases.index(ph) + 1
+        formula = ("(σ_min(J₀) − Lip_J·r)²" if ph.route == "definite" else
+                   "((‖J₀*∇ℓ₀‖ − ‖J₀‖·min(Lip_F·r, s₀ + s_top))/s_top − Lip_J·r)²")
+        lo = "0" if ph.s_bottom == 0 else f"{ph.loss_bottom:.4g}"
+        ends = ("forever" if ph.t_end == math.inf else f"by t = {ph.t_end:.4g}")
+        assumptions.append(Assumption(
+            f"phase {idx}/{len(phases)}: R(K_θ; ∇ℓ) ≥ ρ = {ph.rho:.6g} on B(θ₀, {ph.r:.4g}) "
+            f"while L ∈ ({lo}, {ph.loss_top:.4g}]", True,
+            f"{ph.route} route: ρ = {formula}; path {ph.path_start:.4g} → {ph.path_end:.4g} "
+            f"< r; {ends}"))
+        del k
+    if len(phases) > len(shown):
+        assumptions.append(Assumption(
+            f"phases 4…{len(phases) - 2} of {len(phases)}", True,
+            f"each verified in arb like the ones listed: ρ from {min(p.rho for p in phases):.4g}"
+            f" to {max(p.rho for p in phases):.4g}, r from {min(p.r for p in phases):.4g} to "
+            f"{r_max:.4g}"))
     if target > 0:
         statement = (f"proven: from θ₀ the gradient flow reaches L ≤ {target:.4g} by t = {T:.4g} "
-                     f"(L ≤ L₀e^(−2ρt) until then, ρ = {rho:.4g}) without leaving "
-                     f"B(θ₀, {a.r:.4g}); loss stays ≤ {target:.4g} afterwards")
+                     f"without leaving B(θ₀, {r_max:.4g}) (path length ≤ {path:.4g}; "
+                     f"{method}); until then L_t ≤ L₀e^(−2ρt) with ρ = {rho:.4g}"
+                     + (", the smallest phase rate (the piecewise bound is tighter)"
+                        if len(phases) > 1 else "")
+                     + f"; L stays ≤ {target:.4g} afterwards")
     else:
-        statement = (f"proven: from θ₀ the gradient flow stays in B(θ₀, {a.r:.4g}) forever and "
-                     f"L_t ≤ {c.loss0:.4g}·e^(−2·{rho:.4g}·t) for every t ≥ 0 (convergence to "
-                     f"zero loss; ≤ 1e-8·L₀ by t = {T:.4g})")
+        statement = (f"proven: from θ₀ the gradient flow stays in B(θ₀, {r_max:.4g}) forever "
+                     f"(path length ≤ {path:.4g}) and L_t ≤ {c.loss0:.4g}·e^(−2·{rho:.4g}·t) "
+                     f"for every t ≥ 0: convergence to zero loss ({method}; ≤ 1e-8·L₀ by "
+                     f"t = {T:.4g})")
     seconds = time.perf_counter() - t0
     notes = (statement, f"model: {c.kind}; P = {c.P}, nk = {c.nk}; convention {convention}",
              *c.notes,
-             f"radius searched over {len(searched)} value(s); proof computed in {seconds:.2f} s",
-             "the bound curve is drawn in float64 from the proven ρ and the upper bound on L₀; "
-             "the statement's numbers are outward-rounded")
+             f"method: {method}; proof computed in {seconds:.2f} s",
+             "the bound curve is drawn in float64 from the proven ρ's and the upper bound on L₀;"
+             " the statement's numbers are outward-rounded")
     cert = Certificate(
-        desingularizer=Log(), mu=2 * rho, mu_source=f"proven: 2ρ, ρ = {rho:.6g} bounds "
-        f"R(K_θ; ∇ℓ) on B(θ₀, {a.r:.4g}) ({a.route} route)",
+        desingularizer=Log(), mu=2 * rho, mu_source=f"proven: 2ρ, ρ = {rho:.6g} = min over "
+        f"{len(phases)} phase(s) of a lower bound of R(K_θ; ∇ℓ) on B(θ₀, r ≤ {r_max:.4g})",
         status=CertificateStatus.HOLDS, scope=Scope.PROVEN, convention=convention, t=tgrid,
         loss=loss, bound=bound, kl_ratio=np.full(tgrid.shape, np.nan), mu_star=math.nan,
         t_at_mu_star=math.nan, max_bound_violation=math.nan, rtol=0.0, atol=0.0,
         assumptions=tuple(assumptions), notes=notes)
-    return Proof(cert, c, a, target, T, path, searched, seconds, statement)
+    proof.certificate, proof.seconds, proof.statement = cert, seconds, statement
+    return proof
 
 
 def _other_route(a: RhoAt) -> str:
@@ -337,8 +524,13 @@ def _failed(problem, c: Constants, searched: list[RhoAt], target, t0) -> Proof:
         path = (a.path_zero if target == 0 else
                 up((arb(c.s0) - (2 * arb(target)).sqrt()) / arb(a.rho).sqrt()))
         text = (f"no proof of {want}: length bound {path:.4g} ≥ r = {a.r:.4g} (ρ = {a.rho:.4g},"
-                f" L₀ ≤ {c.loss0:.4g}); the smallest provable target is {a.target_min:.4g} "
+                f" L₀ ≤ {c.loss0:.4g}); with one ball the smallest provable target is "
+                f"{a.target_min:.4g} "
                 f"(at r = {a.r:.4g})")
+        best = _chain(c, None)
+        if best and best[-1].s_bottom > 0 and best[-1].loss_bottom < a.target_min:
+            text += (f"; chaining {len(best)} nested balls proves L ≤ "
+                     f"{best[-1].loss_bottom:.4g} by t = {best[-1].t_end:.4g}")
         if c.P < c.nk and target == 0:
             text += f"; σ_min(J₀) = 0 since P = {c.P} < nk = {c.nk}"
         elif target == 0:
@@ -363,5 +555,5 @@ def _unavailable(problem, reason: Reason, t0, text: str, c: Constants | None = N
         mu_star=math.nan, t_at_mu_star=math.nan, max_bound_violation=math.nan, rtol=0.0,
         atol=0.0, assumptions=tuple(assumptions), reason=reason,
         notes=(text, f"proof attempt took {seconds:.2f} s"))
-    return Proof(cert, c, a, None, None, None, list(searched), seconds, text)
+    return Proof(cert, c, [], None, None, None, list(searched), seconds, text)
 

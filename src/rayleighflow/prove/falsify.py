@@ -25,7 +25,7 @@ from torch.func import jacrev
 from ..data import Dataset
 from ..problem import Problem
 
-__all__ = ["Falsification", "falsify", "ModelProbe"]
+__all__ = ["Falsification", "ProofFalsification", "falsify", "falsify_proof", "ModelProbe"]
 
 
 class ModelProbe:
@@ -163,4 +163,60 @@ def falsify(problem: Problem, *, radius: float, lip_j: float, lip_f: float, rho:
             if r_val < rho * (1 - rtol):
                 out.counterexamples.append(f"R(K_θ; ∇ℓ) = {r_val:.6g} < ρ = {rho:.6g} at "
                                            f"‖θ − θ₀‖ = {d:.4g}, L = {loss:.4g}")
+    return out
+
+
+@dataclass
+class ProofFalsification:
+    """:func:`falsify` over a proof's phases (first, middle, last): each phase claims
+    R ≥ ρ_k on B(θ₀, r_k) ∩ {L ≤ L_top,k} (everywhere in its ball for the definite route)."""
+
+    phases_checked: int
+    samples: int
+    max_lip_j_ratio: float
+    lip_j: float
+    max_lip_f_margin: float        # max over points of (measured ratio)/(that phase's Lip_F)
+    min_rayleigh_margin: float     # min over points of R/ρ_k (≥ 1 passes)
+    rayleigh_points: int
+    counterexamples: list[str]
+
+    @property
+    def falsified(self) -> bool:
+        return bool(self.counterexamples)
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "min_rayleigh_margin": _fin(self.min_rayleigh_margin)}
+
+
+def _fin(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def falsify_proof(problem: Problem, proof, *, samples: int = 24,
+                  points: Iterable[torch.Tensor] = (), generator: torch.Generator | None = None,
+                  lip_j_factor: float = 1.0, rho_factor: float = 1.0,
+                  data: Dataset | None = None) -> ProofFalsification:
+    """Sample every constant a proof relies on; ``lip_j_factor`` / ``rho_factor`` ≠ 1 make a
+    deliberately wrong constant (the check must then fail)."""
+    c = proof.constants
+    phases = proof.phases
+    picks = sorted({0, len(phases) // 2, len(phases) - 1})
+    points = list(points)
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    out = ProofFalsification(len(picks), 0, 0.0, c.lip_j * lip_j_factor, 0.0, math.inf, 0, [])
+    per = max(1, samples // len(picks))
+    for k in picks:
+        ph = phases[k]
+        top = c.loss0 if k == 0 else ph.loss_top
+        f = falsify(problem, radius=ph.r, lip_j=c.lip_j * lip_j_factor, lip_f=ph.lip_f,
+                    rho=ph.rho * rho_factor, loss0=top, rho_everywhere=ph.route == "definite",
+                    samples=per, points=points, generator=g, data=data)
+        out.samples += f.samples
+        out.max_lip_j_ratio = max(out.max_lip_j_ratio, f.max_lip_j_ratio)
+        out.max_lip_f_margin = max(out.max_lip_f_margin, f.max_lip_f_ratio / ph.lip_f)
+        if f.rayleigh_points:
+            out.min_rayleigh_margin = min(out.min_rayleigh_margin,
+                                          f.min_rayleigh / (ph.rho * rho_factor))
+        out.rayleigh_points += f.rayleigh_points
+        out.counterexamples += [f"phase {k + 1}: {x}" for x in f.counterexamples]
     return out

@@ -1,9 +1,9 @@
 """Does a run obey its proof? Track ‖θ − θ₀‖ and L at every model evaluation of a flow (records
 and every solver stage) and compare the run with the proven statement.
 
-The proof says, for the exact flow: L_t ≤ max(L₀e^{−2ρt}, L_target) for every t, θ_t ∈ B(θ₀, r)
-while L_t > L_target (forever when L_target = 0), and ‖θ_t − θ₀‖ ≤ (√(2L₀) − √(2L_t))/√ρ while
-L_t ≥ L_target (the path-length envelope). A computed flow approximates the exact one, so the
+The proof says, for the exact flow: L_t ≤ its (piecewise exponential) bound at every t,
+θ_t ∈ B(θ₀, r) while L_t > L_target (forever when L_target = 0), and ‖θ_t − θ₀‖ ≤ the
+path-length envelope at the current loss. A computed flow approximates the exact one, so the
 comparison carries a stated relative tolerance.
 """
 
@@ -69,18 +69,14 @@ class BallTracker:
 
 
 def proven_bound(proof: Proof, t: np.ndarray) -> np.ndarray:
-    """max(L₀e^{−2ρt}, L_target): the proven bound, valid at every t ≥ 0 (NaN if no proof)."""
-    t = np.asarray(t, dtype=np.float64)
-    if proof.target is None or proof.constants is None:
-        return np.full(t.shape, np.nan)
-    return np.maximum(proof.constants.loss0 * np.exp(-2 * proof.rho * t), proof.target)
+    """The proven bound on L_t (piecewise exponential, then the target), valid at every t ≥ 0
+    (NaN if no proof)."""
+    return proof.bound(t)
 
 
 def envelope(proof: Proof, loss: np.ndarray) -> np.ndarray:
-    """(√(2L₀) − √(2L))/√ρ: the proven bound on ‖θ_t − θ₀‖ when L_t = L ≥ L_target."""
-    c = proof.constants
-    loss = np.asarray(loss, dtype=np.float64)
-    return (c.s0 - np.sqrt(2 * np.maximum(loss, 0))) / math.sqrt(proof.rho)
+    """The proven bound on ‖θ_t − θ₀‖ when L_t = loss > L_target."""
+    return proof.envelope(loss)
 
 
 @dataclass
