@@ -304,8 +304,10 @@ def prove_details(problem: Problem, radius: float | None = None, target: float |
         a = max(ok, key=lambda a: (a.rho, -a.r))
         goal = a.target_min if target is None else target
         ph = _single_phase(c, a, goal)
-        candidates.append((goal, ph[-1].t_end if goal > 0 else 0.0, ph,
-                           f"one ball (radius searched over {len(searched)} values)"))
+        if ph[-1].path_end < a.r:   # re-verified after rounding the level √(2·goal) down
+            what = (f"one ball, radius searched over {len(searched)} values"
+                    if len(searched) > 1 else "one ball")
+            candidates.append((goal, ph[-1].t_end if goal > 0 else 0.0, ph, what))
     if chain and radius is None and positive:
         phases = _chain(c, target)
         if phases:
