@@ -54,8 +54,8 @@ def _figures(regimes: dict[str, Any]) -> list[dict]:
                          {"title": "loss and the proven bound", "xlabel": "flow time t",
                           "ylabel": "loss", "xscale": "symlog", "yscale": "log",
                           "series": series},
-                         {"title": "distance from θ₀ against the loss (proven region: below "
-                                   "the envelope, inside the ball, while L > L_target)",
+                         {"title": "‖θ − θ₀‖ against L (proven: below the envelope "
+                                   "while L > target)",
                           "xlabel": "loss L", "ylabel": "‖θ − θ₀‖", "xscale": "log",
                           "yscale": "linear", "series": dist}]})
     return figs
