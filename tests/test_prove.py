@@ -161,7 +161,7 @@ def test_wide_case_zero_loss_is_refused_with_numbers(wide):
     assert zero.certificate.status is CertificateStatus.UNAVAILABLE
     assert zero.certificate.reason is Reason.PROOF_PATH_TOO_LONG
     c = zero.constants
-    assert f"{c.smin_j0 ** 2:.4g}" in zero.statement and "4·Lip_J" in zero.statement
+    assert f"{c.smin_j0 ** 2:.4g}" in zero.statement and "4·Lip_J·s" in zero.statement
 
 
 def test_wide_flow_obeys_the_proof_at_every_record_and_evaluation(wide):
@@ -202,6 +202,44 @@ def test_narrow_target_is_above_the_plateau(narrow):
     assert proof.certificate.holds
     res = rf.gradient_flow(problem, t_max=200.0, n_records=10)
     assert float(res.trajectory["loss"][-1]) < proof.target
+
+
+def _zero_case(width: int, scale: float):
+    """Three inputs in one dimension, targets a small step from f₀: the kernel is definite."""
+    x = torch.tensor([[-1.0], [0.0], [1.0]], dtype=torch.float64)
+    net = TwoLayer(1, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = net(x) + scale * torch.tensor([[1.0], [-1.0], [0.5]], dtype=torch.float64)
+    return rf.Problem(rf.Model(net), rf.Dataset.from_arrays(x, y), "square")
+
+
+def test_two_layer_convergence_to_zero_is_proven_and_the_run_obeys():
+    problem = _zero_case(4096, 0.1)
+    proof = prove_details(problem, target=0.0)
+    assert proof.certificate.holds and proof.target == 0.0
+    last = proof.phases[-1]
+    assert last.route == "definite" and last.t_end == math.inf and last.path_end < last.r
+    assert "convergence to zero loss" in proof.statement
+    tracker = BallTracker(problem)
+    res = rf.gradient_flow(rf.Problem(tracker.model(), problem.data, "square"), t_max=300.0,
+                           n_records=12)
+    check = check_run(proof, res.trajectory, tracker)
+    assert check.passed, check.failures
+    assert max(tracker.dist) <= proof.radius         # forever: every evaluation, any loss
+    f = falsify_proof(problem, proof, samples=9, generator=torch.Generator().manual_seed(1))
+    assert not f.falsified, f.counterexamples
+    assert falsify_proof(problem, proof, samples=9, lip_j_factor=0.01).falsified
+
+
+@pytest.mark.slow
+def test_chained_balls_prove_zero_where_one_ball_cannot():
+    problem = _zero_case(16384, 0.3)
+    c = proof_constants(problem)
+    assert c.smin_j0 ** 2 < 4 * c.lip_j * c.s0          # one definite ball from θ₀ is impossible
+    proof = prove_details(problem, target=0.0)
+    assert proof.certificate.holds and len(proof.phases) > 1
+    assert proof.phases[-1].route == "definite" and proof.phases[-1].t_end == math.inf
+    assert not prove_details(problem, target=0.0, chain=False).certificate.holds
 
 
 # -- falsification with teeth --------------------------------------------------------------

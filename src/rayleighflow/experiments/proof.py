@@ -143,12 +143,15 @@ def _note(regime: str, r: dict[str, Any]) -> str:
         head += f" ({zero['statement']})"
     rc = r.get("run_check")
     if rc is not None:
+        after = (f" (+{rc['n_evaluations_after']} past the last record, not checked)"
+                 if rc["n_evaluations_after"] else "")
         head += (f". The run {'obeys' if rc['passed'] else 'DOES NOT obey'} the proof at "
-                 f"{rc['n_records']} records, {rc['n_evaluations']} gradient evaluations and "
-                 f"{rc['n_points']} model evaluations (max ‖θ − θ₀‖ above the target "
+                 f"{rc['n_records']} records (bound, ball and path-length envelope) and "
+                 f"{rc['n_evaluations']} gradient evaluations{after} and {rc['n_points']} model "
+                 f"evaluations (bound and ball): max ‖θ − θ₀‖ above the target "
                  f"{rc['max_distance']:.3g} vs r = {rc['radius']:.3g}; max relative excess "
                  f"over the bound {max(rc['max_record_excess'], rc['max_eval_excess']):.2g}, "
-                 f"tolerance {rc['rtol']:.0e})")
+                 f"tolerance {rc['rtol']:.0e}")
         f = r["falsification"]
         rmin = f["min_rayleigh_margin"]
         head += (f"; sampled falsification over {f['samples']} points in {f['phases_checked']} "

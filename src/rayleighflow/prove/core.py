@@ -536,9 +536,12 @@ def _failed(problem, c: Constants, searched: list[RhoAt], target, t0) -> Proof:
         if c.P < c.nk and target == 0:
             text += f"; σ_min(J₀) = 0 since P = {c.P} < nk = {c.nk}"
         elif target == 0:
-            need = up(4 * arb(c.lip_j) * arb(c.s0))
-            text += (f"; convergence to zero needs the definite route, possible at some r only "
-                     f"if σ_min(J₀)² > 4·Lip_J·‖∇ℓ₀‖_D: {c.smin_j0 ** 2:.4g} vs {need:.4g}")
+            s_low = best[-1].s_bottom if best else c.s0
+            need = up(4 * arb(c.lip_j) * arb(s_low))
+            text += (f"; convergence to zero needs a last ball on the definite route, which "
+                     f"from a level ‖∇ℓ‖_D = s needs at least σ_min(J₀)² > 4·Lip_J·s: "
+                     f"{c.smin_j0 ** 2:.4g} vs {need:.4g} at the lowest level reached, "
+                     f"s = {s_low:.4g}")
     return _unavailable(problem, reason, t0, text, c, searched, a)
 
 
