@@ -116,8 +116,25 @@ def _directions(probe: ModelProbe, radius: float, n: int, g: torch.Generator):
                 idx += [offs["out.weight"] + c * m + u for c in range(k)]
             units.append(torch.tensor(idx))
     rows = probe.j0                                   # (nk, P): its row space is where f moves
+    top_unit = None
+    if units is not None and "out.weight" in sizes:
+        a = probe.problem.params["out.weight"].detach().reshape(-1, m)
+        top_unit = int(a.norm(dim=0).argmax())
+    x = probe.data.x.to(dtype)
     for s in range(n):
         v = torch.randn(P, generator=g, dtype=dtype)
+        if s % 8 == 7 and top_unit is not None:
+            # near the worst case of the Lip_J bound: the unit with the largest output weight,
+            # its input weights along one sample's x̃, a small step (the slope, not the chord)
+            j = int(torch.randint(x.shape[0], (1,), generator=g))
+            v = torch.zeros(P, dtype=dtype)
+            w0 = offs["hidden.weight"] + top_unit * d
+            v[w0:w0 + d] = x[j]
+            if "hidden.bias" in offs:
+                v[offs["hidden.bias"] + top_unit] = 1.0
+            v = v / v.norm()
+            yield v * radius * 10 ** float(-3 * torch.rand(1, generator=g, dtype=dtype))
+            continue
         if s % 4 == 2:
             v = rows.T @ torch.randn(rows.shape[0], generator=g, dtype=dtype)
         elif units is not None and s % 2 == 1:
