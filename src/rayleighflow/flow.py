@@ -138,8 +138,14 @@ class _Recorder:
         self.start = time.perf_counter()
         self.count = len(traj)
 
-    def record(self, t: float, params: Params, n_evals: int) -> float:
-        loss, grad, _, g = loss_and_grad(self.problem, params, self.eval_data)
+    def record(self, t: float, params: Params, n_evals: int,
+               evaluated: tuple[Tensor, Params, Tensor] | None = None) -> float:
+        """Append the row at θ; ``evaluated`` = (L, ∇L, ∇ℓ) already computed at θ on the
+        evaluation data (gradient descent reuses its step's evaluation: no extra backward)."""
+        if evaluated is None:
+            loss, grad, _, g = loss_and_grad(self.problem, params, self.eval_data)
+        else:
+            loss, grad, g = evaluated
         if not torch.isfinite(loss):
             raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss {float(loss)} at t = {t:.6g}")
         m = _measurement(self.problem, self.eval_data, loss, grad, g)
@@ -228,13 +234,18 @@ def gradient_flow(
     state = {"t": t_start, "evals": grad_evals_start, "theta": theta}
     begin = time.perf_counter()
     try:
-        resumed_here = append and len(traj) and traj.rows[-1].get("t") == t_start
-        if not resumed_here:
-            _check_target(rec.record(t_start, theta, 0), loss_target, t_start)
-        if method is Integrator.EULER:
+        resumed_here = bool(append and len(traj) and traj.rows[-1].get("t") == t_start)
+        if method is Integrator.EULER and log is not None:
+            _run_gd(problem, state, times, step, train_data, rec, loss_target, max_steps, log,
+                    record_start=not resumed_here)
+        elif method is Integrator.EULER:
+            if not resumed_here:
+                _check_target(rec.record(t_start, theta, 0), loss_target, t_start)
             _run_euler(problem, state, times, step, train_data, generator, batch_size, rec,
                        loss_target, max_steps, log)
         else:
+            if not resumed_here:
+                _check_target(rec.record(t_start, theta, 0), loss_target, t_start)
             scale = float(times[0]) - t_start  # the first record interval
             _run_adaptive(problem, state, times, train_data, rtol, atol, rec, loss_target,
                           max_steps, log, (stall_window, stall_rtol, t_start, scale))
@@ -306,34 +317,59 @@ def _check_target(loss: float, target: float | None, t: float) -> None:
         raise _Stop(FlowStatus.LOSS_TARGET, f"loss {loss:.6g} ≤ target {target:g} at t = {t:.6g}")
 
 
-def _grad(problem: Problem, theta: Params, data: Dataset, t: float,
-          log: Trajectory | None) -> Params:
-    """∇L at θ: one forward, one backward.
+def _evaluate(problem: Problem, theta: Params, data: Dataset, t: float,
+              log: Trajectory | None) -> tuple[Tensor, Params, Tensor]:
+    """L, ∇L and the functional gradient at θ (one forward, one backward through the model).
 
     Logs (t, L, ‖∇L‖², ‖∇ℓ‖²_D) in ``log``: one reduction over the gradient and one O(nk)
     functional gradient at the detached outputs, so that R(K; ∇ℓ) is known at every evaluation.
     """
-    leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-    with torch.enable_grad():
-        f = problem.model(leaves, data.x)
-        loss = problem.loss.value(f, problem.targets(data, f), problem.omega(data))
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    grad = {k: (g if g is not None else torch.zeros_like(leaves[k]))
-            for k, g in zip(leaves, grads, strict=True)}
+    loss, grad, _, fg = loss_and_grad(problem, theta, data)
     grad_sq = float(sum((g * g).sum() for g in grad.values()))
-    value = float(loss.detach())
+    value = float(loss)
     if not (math.isfinite(value) and math.isfinite(grad_sq)):
         raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss or gradient near t = {t:.6g}")
     if log is not None:
-        fd = f.detach()
-        fg = problem.loss.functional_grad(fd, problem.targets(data, fd))
         fgrad_sq = float((problem.omega(data) * (fg * fg).sum(-1)).sum())
         log.add_evaluation(t, value, grad_sq, fgrad_sq)
-    return grad
+    return loss, grad, fg
+
+
+def _grad(problem: Problem, theta: Params, data: Dataset, t: float,
+          log: Trajectory | None) -> Params:
+    return _evaluate(problem, theta, data, t, log)[1]
+
+
+def _run_gd(problem, state, times, step, data, rec, target, max_steps, log, *,
+            record_start: bool) -> None:
+    """Full-batch gradient descent: each record reuses the evaluation of its iterate."""
+    t0, k, next_idx = state["t"], 0, 0
+    while True:
+        t = t0 + k * step  # t = t_start + kη, also for an off-grid resume time
+        if max_steps is not None and state["evals"] >= max_steps:
+            raise _Stop(FlowStatus.STEP_BUDGET, f"step budget {max_steps} spent at t = {t:.6g}")
+        # Records snap to the step grid: the first iterate at or after each requested time.
+        due = k == 0 and record_start
+        if t >= times[next_idx] - 1e-12 * max(1.0, times[next_idx]):
+            due = True
+            while next_idx < len(times) and times[next_idx] <= t * (1 + 1e-12):
+                next_idx += 1
+        loss, grad, fg = _evaluate(problem, state["theta"], data, t, log)
+        state["evals"] += 1
+        if due:
+            _check_target(rec.record(t, state["theta"], state["evals"], (loss, grad, fg)),
+                          target, t)
+        if next_idx >= len(times):
+            return
+        state["theta"] = {n: p - step * grad[n] for n, p in state["theta"].items()}
+        k += 1
+        state["t"] = t0 + k * step
 
 
 def _run_euler(problem, state, times, step, data, generator, batch_size, rec, target,
                max_steps, log) -> None:
+    """Gradient descent on fresh batches (or a separate evaluation set): records evaluate on
+    the evaluation data after the step."""
     t0, k, next_idx = state["t"], 0, 0
     while next_idx < len(times):
         if max_steps is not None and state["evals"] >= max_steps:

@@ -54,19 +54,28 @@ class Measurement:
 def loss_and_grad(
     problem: Problem, params: Params, data: Dataset
 ) -> tuple[Tensor, Params, Tensor, Tensor]:
-    """One forward and one backward: (L, ∇L by name, outputs f (n, k), functional gradient g)."""
+    """One forward and one backward: (L, ∇L by name, outputs f (n, k), functional gradient g).
+
+    The backward runs through the model only, seeded with ∂L/∂f_i = ω_i g_i (the chain rule
+    ∇L = J*∇ℓ): the loss itself is evaluated without a graph, in its precise form, and the
+    functional gradient the diagnostics need is the one that drives the backward.
+    """
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     with torch.enable_grad():
         f = problem.model(leaves, data.x)
-        y = problem.targets(data, f)
-        loss = problem.loss.value(f, y, problem.omega(data))
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    grad = {
-        k: (g if g is not None else torch.zeros_like(leaves[k]))
-        for k, g in zip(leaves, grads, strict=True)
-    }
     fd = f.detach()
-    return loss.detach(), grad, fd, problem.loss.functional_grad(fd, y)
+    y = problem.targets(data, fd)
+    omega = problem.omega(data)
+    with torch.no_grad():
+        loss = problem.loss.value(fd, y, omega)
+        g = problem.loss.functional_grad(fd, y)
+    seed = (omega.to(g.dtype).unsqueeze(-1) * g).to(f.dtype)
+    grads = torch.autograd.grad(f, list(leaves.values()), grad_outputs=seed, allow_unused=True)
+    grad = {
+        k: (gr if gr is not None else torch.zeros_like(leaves[k]))
+        for k, gr in zip(leaves, grads, strict=True)
+    }
+    return loss, grad, fd, g
 
 
 def _sq(t: Tensor) -> Tensor:
