@@ -173,7 +173,8 @@ def test_wide_flow_obeys_the_proof_at_every_record_and_evaluation(wide):
     ev = traj.evaluations
     assert ev is not None and ev["t"].size > 20
     check = check_run(proof, traj, tracker, rtol=1e-6)
-    assert check.passed, check.failures
+    assert check.passed and check.stages_ok, (check.failures, check.stage_failures)
+    assert check.eval_above_bound == 0 and check.points_outside_ball == 0
     assert check.n_points >= ev["t"].size
     assert check.max_distance <= proof.radius
     # beyond T the loss is below the proven target
@@ -368,3 +369,43 @@ def test_cli_prove(tmp_path, capsys):
     rc = main(["prove", str(cfg), "--target", "0"])
     text = capsys.readouterr().out
     assert rc == 3 and text.startswith("no proof")
+
+
+# -- soundness sweep: random small instances, every proof checked against its run ------------
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_instances_never_contradict_their_proofs(seed):
+    g = torch.Generator().manual_seed(1000 + seed)
+    act = ("tanh", "softplus", "sigmoid", "gelu")[seed % 4]
+    n, d, m = (3, 6)[seed % 2], (1, 2)[(seed // 2) % 2], (16, 256)[(seed // 4) % 2]
+    noise = 0.2
+    if seed >= 6:   # wide, few points, small residual: convergence to zero is provable
+        n, d, m, noise = 3, 1, 4096, 0.05
+    x = torch.rand(n, d, generator=g, dtype=torch.float64) * 2 - 1
+    if seed >= 6:
+        x = torch.linspace(-1, 1, n, dtype=torch.float64)[:, None]
+    net = TwoLayer(d, m, activation=act, generator=g)
+    if seed % 3 == 2:
+        net.out.weight.requires_grad_(False)
+    with torch.no_grad():
+        y = net(x) + noise * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    problem = rf.Problem(rf.Model(net), rf.Dataset.from_arrays(x, y), "square")
+    proven = []
+    for target in (None, 0.0):
+        proof = prove_details(problem, target=target)
+        if not proof.certificate.holds:
+            assert proof.certificate.reason is not None
+            continue
+        horizon = proof.time if math.isfinite(proof.time) else 50.0
+        tracker = BallTracker(problem)
+        res = rf.gradient_flow(rf.Problem(tracker.model(), problem.data, "square"),
+                               t_max=min(2 * horizon, 100.0), n_records=8)
+        check = check_run(proof, res.trajectory, tracker)
+        assert check.passed, (act, target, check.failures)   # records: points of the flow
+        assert check.record_points >= 2
+        f = falsify_proof(problem, proof, samples=6, generator=torch.Generator().manual_seed(seed))
+        assert not f.falsified, (act, target, f.counterexamples)
+        proven.append(proof.target)
+    assert proven, "every instance of the sweep proves at least a target"
+    if seed >= 6:
+        assert 0.0 in proven, "the wide instances prove convergence to zero"

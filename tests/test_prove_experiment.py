@@ -22,8 +22,10 @@ def _check(out, s):
     wide, narrow = s["regimes"]["wide"], s["regimes"]["narrow"]
     assert wide["width"] == 512 and wide["P"] > wide["nk"]
     assert wide["proof"]["status"] == "holds" and wide["proof"]["scope"] == "proven"
-    assert wide["run_check"]["passed"] and wide["run_check"]["n_evaluations"] > 0
-    assert wide["run_check"]["max_distance"] <= wide["proof"]["radius"]
+    rc = wide["run_check"]
+    assert rc["passed"] and rc["stages_ok"] and rc["n_evaluations"] > 0
+    assert rc["eval_above_bound"] == 0 and rc["points_outside_ball"] == 0
+    assert rc["max_distance"] <= wide["proof"]["radius"]
     for r in (wide, narrow):
         assert r["zero_loss_proof"]["status"] == "unavailable" or r["P"] >= r["nk"]
         if r["proof"]["status"] == "holds":

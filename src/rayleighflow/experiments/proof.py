@@ -145,13 +145,16 @@ def _note(regime: str, r: dict[str, Any]) -> str:
     if rc is not None:
         after = (f" (+{rc['n_evaluations_after']} past the last record, not checked)"
                  if rc["n_evaluations_after"] else "")
-        head += (f". The run {'obeys' if rc['passed'] else 'DOES NOT obey'} the proof at "
-                 f"{rc['n_records']} records (bound, ball and path-length envelope) and "
-                 f"{rc['n_evaluations']} gradient evaluations{after} and {rc['n_points']} model "
-                 f"evaluations (bound and ball): max ‖θ − θ₀‖ above the target "
-                 f"{rc['max_distance']:.3g} vs r = {rc['radius']:.3g}; max relative excess "
-                 f"over the bound {max(rc['max_record_excess'], rc['max_eval_excess']):.2g}, "
-                 f"tolerance {rc['rtol']:.0e}")
+        head += (f". At {rc['n_records']} records the run "
+                 f"{'obeys' if rc['passed'] else 'DOES NOT obey'} the proof (bound; ball and "
+                 f"path-length envelope at the {rc['record_points']} records above the target: "
+                 f"max ‖θ_t − θ₀‖ = {rc['max_record_distance']:.3g} vs r = {rc['radius']:.3g})"
+                 f"; at {rc['n_evaluations']} gradient evaluations{after} and "
+                 f"{rc['n_points']} model evaluations (Runge–Kutta stages, not points of the "
+                 f"flow): {rc['eval_above_bound']} above the bound, {rc['points_outside_ball']} "
+                 f"outside the ball above the target (max relative excess over the bound "
+                 f"{max(rc['max_record_excess'], rc['max_eval_excess']):.2g}, tolerance "
+                 f"{rc['rtol']:.0e}; max ‖θ − θ₀‖ {rc['max_distance']:.3g})")
         f = r["falsification"]
         rmin = f["min_rayleigh_margin"]
         head += (f"; sampled falsification over {f['samples']} points in {f['phases_checked']} "

@@ -81,26 +81,35 @@ def envelope(proof: Proof, loss: np.ndarray) -> np.ndarray:
 
 @dataclass
 class RunCheck:
-    """The run against its proof. Records are points of the computed flow; solver evaluations
-    include Runge–Kutta stages, which are not points of the flow (a stage of a large step can sit
-    off the trajectory): the bound and the ball are checked at both, the path-length envelope
-    (a statement about the flow itself) at the records, and evaluations past the last record
-    (stages of the step that overshoots t_max before interpolation) are counted, not checked."""
+    """The run against its proof.
+
+    Records are points of the computed flow: there the bound, the ball and the path-length
+    envelope must hold (``passed``; a failure contradicts the proof up to the solver's error).
+    Solver evaluations (every Runge–Kutta stage, rejected trial steps included) and every model
+    evaluation are checked against the bound and the ball too, but a stage is not a point of the
+    flow (a rejected trial step can sit far off it), so what they show is reported separately
+    (``stages_ok``, ``stage_failures``). Evaluations past the last record (stages of the step
+    that overshoots t_max before interpolation) are counted, not checked.
+    """
 
     passed: bool
+    stages_ok: bool
     n_records: int
-    n_evaluations: int                 # checked (t ≤ last record)
-    n_evaluations_after: int           # past the last record: not checked
-    n_points: int                      # tracked model evaluations (distance known)
+    record_points: int                 # records found among the tracked points (distance known)
     max_record_excess: float           # max (L − B)/B over records (≤ rtol passes)
-    max_eval_excess: float             # the same over the checked gradient evaluations
-    max_distance: float                # over tracked points with L > L_target
-    radius: float
-    record_points: int                 # records found among the tracked points
+    max_record_distance: float         # max ‖θ − θ₀‖ at records with L > L_target
     max_envelope_excess: float         # max ‖θ − θ₀‖ − envelope(L) at those records
-    max_envelope_excess_stages: float  # the same over every tracked point (not a check)
+    n_evaluations: int                 # gradient evaluations checked (t ≤ last record)
+    n_evaluations_after: int           # past the last record: not checked
+    n_points: int                      # tracked model evaluations
+    max_eval_excess: float             # max (L − B)/B over the checked gradient evaluations
+    max_distance: float                # max ‖θ − θ₀‖ over tracked points with L > L_target
+    eval_above_bound: int
+    points_outside_ball: int
+    radius: float
     rtol: float
     failures: list[str] = field(default_factory=list)
+    stage_failures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
@@ -114,6 +123,7 @@ def check_run(proof: Proof, traj: Trajectory, tracker: BallTracker | None,
     if proof.target is None:
         raise ValueError("no proof to check the run against")
     fails: list[str] = []
+    stage: list[str] = []
     t, loss = traj["t"], traj["loss"]
     b = proven_bound(proof, t)
     rec = float(np.max((loss - b) / b)) if t.size else -math.inf
@@ -121,7 +131,7 @@ def check_run(proof: Proof, traj: Trajectory, tracker: BallTracker | None,
         i = int(np.argmax((loss - b) / b))
         fails.append(f"record t = {t[i]:.4g}: L = {loss[i]:.6g} > proven bound {b[i]:.6g}")
     ev = traj.evaluations
-    n_ev, n_after, ev_ex = 0, 0, -math.inf
+    n_ev, n_after, ev_ex, n_above = 0, 0, -math.inf, 0
     if ev is not None and ev["t"].size:
         inside = ev["t"] <= (t[-1] if t.size else math.inf)
         n_after = int((~inside).sum())
@@ -130,18 +140,22 @@ def check_run(proof: Proof, traj: Trajectory, tracker: BallTracker | None,
             be = proven_bound(proof, te)
             ex = (le - be) / be
             n_ev, ev_ex = int(te.size), float(np.max(ex))
-            if ev_ex > rtol:
+            n_above = int((ex > rtol).sum())
+            if n_above:
                 i = int(np.argmax(ex))
-                fails.append(f"evaluation t = {te[i]:.4g}: L = {le[i]:.6g} > proven bound "
-                             f"{be[i]:.6g}")
-    max_d, env_ex, env_all, n_pts, n_rec_pts = 0.0, -math.inf, -math.inf, 0, 0
+                stage.append(f"{n_above} evaluation(s) above the bound, worst t = {te[i]:.4g}: "
+                             f"L = {le[i]:.6g} > {be[i]:.6g}")
+    max_d, rec_d, env_ex, n_pts, n_rec_pts, n_out = 0.0, 0.0, -math.inf, 0, 0, 0
     if tracker is not None and tracker.dist:
         d, lo = np.array(tracker.dist), np.array(tracker.loss)
         n_pts = int(d.size)
         live = lo > proof.target * (1 + rtol)
         if live.any():
             max_d = float(d[live].max())
-            env_all = float(np.max(d[live] - envelope(proof, lo[live])))
+            n_out = int((d[live] > proof.radius).sum())
+        if n_out:
+            stage.append(f"{n_out} model evaluation(s) outside B(θ₀, {proof.radius:.4g}) above "
+                         f"the target, farthest at {max_d:.4g}")
         # records among the tracked points: the record's loss was computed at the record's θ
         is_rec = np.zeros(d.shape, dtype=bool)
         for lr in loss:
@@ -149,11 +163,14 @@ def check_run(proof: Proof, traj: Trajectory, tracker: BallTracker | None,
         pick = is_rec & live
         n_rec_pts = int(pick.sum())
         if pick.any():
+            rec_d = float(d[pick].max())
             env_ex = float(np.max(d[pick] - envelope(proof, lo[pick]) * (1 + rtol)))
-        if max_d > proof.radius:
-            fails.append(f"‖θ − θ₀‖ = {max_d:.6g} > r = {proof.radius:.6g} above the target")
+        if rec_d > proof.radius:
+            fails.append(f"‖θ_t − θ₀‖ = {rec_d:.6g} > r = {proof.radius:.6g} at a record above "
+                         "the target")
         if env_ex > 1e-12:
             fails.append(f"‖θ_t − θ₀‖ at a record exceeds the path-length envelope by "
                          f"{env_ex:.3g}")
-    return RunCheck(not fails, int(t.size), n_ev, n_after, n_pts, rec, ev_ex, max_d,
-                    proof.radius, n_rec_pts, env_ex, env_all, rtol, fails)
+    return RunCheck(not fails, not stage, int(t.size), n_rec_pts, rec, rec_d, env_ex, n_ev,
+                    n_after, n_pts, ev_ex, max_d, n_above, n_out, proof.radius, rtol, fails,
+                    stage)
