@@ -72,9 +72,10 @@ def proof_constants(problem: Problem, data: Dataset | None = None) -> Constants:
     data = _finite_data(problem, data)
     mb: ModelBounds = model_bounds(problem, data)
     gb = gram_bounds(mb.jhat, mb.jerr)
-    g_hat = np.array([float(b.mid()) for b in mb.resid])
-    g_err = np.array([up(abs(b - arb(float(b.mid())))) for b in mb.resid])
-    s0 = sum((b * b for b in mb.resid), arb(0)).sqrt()
+    resid, loss0, how_s0 = _residual(problem, data, mb)
+    g_hat = np.array([float(b.mid()) for b in resid])
+    g_err = np.array([up(abs(b - arb(float(b.mid())))) for b in resid])
+    s0 = sum((b * b for b in resid), arb(0)).sqrt()
     # ‖Jᵀg‖ ≥ ‖fl(Ĵᵀĝ)‖ − γ_nk‖|Ĵ|ᵀ|ĝ|‖ − ‖Ĵ‖‖g − ĝ‖ − ‖J − Ĵ‖‖g‖
     nk, P = mb.jhat.shape
     v = mb.jhat.T @ g_hat
@@ -85,7 +86,6 @@ def proof_constants(problem: Problem, data: Dataset | None = None) -> Constants:
     jhat_norm = up(arb(gb["norm_up"]) + arb(gb["e_j"]))
     a0 = down(arb(v_norm_lo) - arb(e_prod) - arb(jhat_norm) * arb(norm_up(g_err))
               - arb(gb["e_j"]) * s0)
-    loss0 = s0 * s0 / 2
     how = {
         "norm_j0": f"√λ_max of fl(ĴĴᵀ) proven by LDLᵀ in arb, + Higham's γ_p bound on the "
                    f"Gram rounding (‖Δ‖_F ≤ {gb['gram_err']:.3g}) and ‖J − Ĵ‖_F ≤ "
@@ -95,13 +95,40 @@ def proof_constants(problem: Problem, data: Dataset | None = None) -> Constants:
                     "minus the same rounding bounds (Weyl)"),
         "a0": f"‖fl(Ĵᵀĝ)‖ minus γ_(nk+1)‖|Ĵ|ᵀ|ĝ|‖ ({e_prod:.3g}), ‖Ĵ‖·‖g − ĝ‖ and "
               "‖J − Ĵ‖·‖g‖",
-        "s0": "√(Σ ω_j ‖f₀(x_j) − y_j‖²) with f₀ summed over the hidden units in arb",
+        "s0": how_s0,
         "lip_j": mb.lip_j_how,
     }
     return Constants(
         norm_j0=gb["norm_up"], smin_j0=gb["smin_lo"] if P >= nk else 0.0, a0=max(a0, 0.0),
         s0=up(s0), s0_lo=down(s0), loss0=up(loss0), loss0_lo=down(loss0), lip_j=up(mb.lip_j),
         P=P, nk=nk, how=how, extra=list(mb.constants), kind=mb.kind, notes=tuple(mb.notes))
+
+
+def _residual(problem: Problem, data: Dataset, mb: ModelBounds):
+    """√ω_j ∇ℓ_j(f₀(x_j)) as balls (row order of J), L₀ as a ball, and how."""
+    omega = [arb(float(w)) for w in problem.omega(data).detach().cpu().double().numpy()]
+    f = mb.outputs
+    n = len(omega)
+    k = len(f) // n
+    y = problem.targets(data, problem.model(problem.params, data.x)).detach().cpu()
+    if problem.loss.name == "square":
+        yv = y.double().numpy().reshape(n, k)
+        r = [omega[j].sqrt() * (f[j * k + c] - arb(float(yv[j, c])))
+             for j in range(n) for c in range(k)]
+        loss0 = sum((b * b for b in r), arb(0)) / 2
+        return r, loss0, "√(Σ ω_j ‖f₀(x_j) − y_j‖²), f₀ summed in arb"
+    # softmax cross-entropy: ∇ℓ_j = softmax(f_j) − e_{y_j}, ℓ_j = logsumexp(f_j) − f_{j,y_j}
+    labels = y.long().numpy().reshape(n)
+    r, loss0 = [], arb(0)
+    for j in range(n):
+        fj = f[j * k:(j + 1) * k]
+        top = max(fj, key=lambda b: float(b.mid()))
+        ex = [(b - top).exp() for b in fj]
+        z = sum(ex, arb(0))
+        p = [e / z for e in ex]
+        loss0 += omega[j] * (z.log() + top - fj[int(labels[j])])
+        r += [omega[j].sqrt() * (p[c] - (1 if c == labels[j] else 0)) for c in range(k)]
+    return r, loss0, "√(Σ ω_j ‖softmax(f₀(x_j)) − e_(y_j)‖²), softmax in arb"
 
 
 def _finite_data(problem: Problem, data: Dataset | None) -> Dataset:
@@ -416,7 +443,7 @@ def _assumptions(c: Constants, a: RhoAt | None) -> list[Assumption]:
         Assumption(f"σ_min(J₀) ≥ {c.smin_j0:.6g}", True, c.how["smin_j0"]),
         Assumption(f"‖J₀*∇ℓ(f₀)‖ ≥ {c.a0:.6g}", True, c.how["a0"]),
         Assumption(f"‖∇ℓ(f₀)‖_D ∈ [{c.s0_lo:.6g}, {c.s0:.6g}]", True, c.how["s0"]),
-        Assumption(f"L₀ ∈ [{c.loss0_lo:.6g}, {c.loss0:.6g}]", True, "s₀²/2 in arb"),
+        Assumption(f"L₀ ∈ [{c.loss0_lo:.6g}, {c.loss0:.6g}]", True, "in arb from f₀"),
         Assumption(f"Lip_J ≤ {c.lip_j:.6g}", True, c.how["lip_j"]),
     ]
     out += [Assumption(f"{name} ≤ {value:.6g}", True, how) for name, value, how in c.extra]

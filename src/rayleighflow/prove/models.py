@@ -1,5 +1,5 @@
 """The model-specific part of a proof: the Jacobian J₀ at θ₀ as a float64 matrix with a
-rigorous entrywise error bound, the residual f_{θ₀} − y as balls, and a Lipschitz constant of
+rigorous entrywise error bound, the outputs f_{θ₀}(x_j) as balls, and a Lipschitz constant of
 θ ↦ J_θ around θ₀, for the model classes whose constants are known in closed form.
 
 Everything is in the L²(D) geometry of the problem's convention: row (j, c) of J is
@@ -51,7 +51,7 @@ class ModelBounds:
     kind: str
     jhat: np.ndarray             # (nk, P) float64, rows weighted by √ω_j
     jerr: np.ndarray             # (nk, P) entrywise |J − Ĵ| upper bounds
-    resid: list[arb]             # √ω_j (f_θ₀(x_j) − y_j)_c, row order of jhat
+    outputs: list[arb]           # f_θ₀(x_j)_c as balls, row order (j, c) of jhat
     lip_j: arb                   # ‖J_θ − J_θ₀‖ ≤ lip_j ‖θ − θ₀‖ on all of R^P
     lip_j_how: str
     activation: str | None = None
@@ -160,7 +160,7 @@ def _two_layer(problem: Problem, data: Dataset, spec: _Spec) -> ModelBounds:
         beta, train_beta = _param(problem, spec.a_bias)
     else:
         beta, train_beta = np.zeros(A.shape[0]), False
-    X, Y = _np(data.x), _np(problem.targets(data, problem.model(problem.params, data.x)))
+    X = _np(data.x)
     n, d = X.shape
     k, m = A.shape
     omega = _weights(problem, data)
@@ -189,8 +189,7 @@ def _two_layer(problem: Problem, data: Dataset, spec: _Spec) -> ModelBounds:
             for c in range(k):
                 f[c] += arb(float(A[c, i])) * s
         for c in range(k):
-            resid.append(omega[j].sqrt() * (f[c] * inv_sqrt_m + arb(float(beta[c]))
-                                            - arb(float(Y[j, c]))))
+            resid.append(f[c] * inv_sqrt_m + arb(float(beta[c])))
     xt = np.concatenate([X, np.ones((n, 1))], axis=1) if train_b else X
     blocks, errs = [], []
     g2 = gamma(2) / (1 - gamma(2)) * (1 + 4 * U)
@@ -243,7 +242,7 @@ def _two_layer(problem: Problem, data: Dataset, spec: _Spec) -> ModelBounds:
     mb = ModelBounds(
         kind=f"two-layer {act.name} network, m = {m}"
              + ("" if spec.ntk_scale else " (no m^(-1/2) scaling)"),
-        jhat=jhat, jerr=jerr, resid=resid, lip_j=lip, lip_j_how=how, activation=act.name, width=m)
+        jhat=jhat, jerr=jerr, outputs=resid, lip_j=lip, lip_j_how=how, activation=act.name, width=m)
     mb.constants += [
         ("sup|σ′|", up(act.d1), act.how_d1),
         ("sup|σ″|", up(act.d2), act.how_d2),
@@ -266,7 +265,6 @@ def _linear(problem: Problem, data: Dataset, lin: nn.Linear, prefix: str = "") -
     else:
         b, train_b = np.zeros(W.shape[0]), False
     X = _np(data.x)
-    Y = _np(problem.targets(data, problem.model(problem.params, data.x)))
     n, d = X.shape
     k = W.shape[0]
     omega = _weights(problem, data)
@@ -295,10 +293,10 @@ def _linear(problem: Problem, data: Dataset, lin: nn.Linear, prefix: str = "") -
         for c in range(k):
             f = sum((arb(float(W[c, t])) * arb(float(X[j, t])) for t in range(d)), arb(0)) \
                 + arb(float(b[c]))
-            resid.append(sq[j] * (f - arb(float(Y[j, c]))))
+            resid.append(f)
     mb = ModelBounds(kind=f"linear model, {k} output(s), {d} input(s)",
                      jhat=jhat.reshape(n * k, k * q), jerr=jerr.reshape(n * k, k * q),
-                     resid=resid, lip_j=arb(0),
+                     outputs=resid, lip_j=arb(0),
                      lip_j_how="0 exactly: f is linear in θ, so J does not depend on θ")
     mb.notes.append("linear model: J_θ = J₀ for every θ, so the only approximations are the "
                     "rounding errors bounded below")
