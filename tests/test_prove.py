@@ -308,12 +308,38 @@ def test_unsupported_models_and_losses_are_refused():
     p = prove_details(rf.Problem(rf.Model(deep), data, "square"))
     assert p.certificate.reason is Reason.PROOF_UNSUPPORTED and "deeper" in p.statement
     x = torch.randn(8, 3, dtype=torch.float64)
-    ce = rf.Problem(rf.Model(nn.Linear(3, 2).double()),
-                    rf.Dataset.from_arrays(x, torch.arange(8) % 2), "cross-entropy")
-    p = prove_details(ce)
-    assert p.certificate.reason is Reason.PROOF_UNSUPPORTED and "cross-entropy" in p.statement
+    logistic = rf.Problem(rf.Model(nn.Linear(3, 1).double()),
+                          rf.Dataset.from_arrays(x, torch.arange(8) % 2), "logistic")
+    p = prove_details(logistic)
+    assert p.certificate.reason is Reason.PROOF_UNSUPPORTED and "logistic" in p.statement
     with pytest.raises(ValueError, match="target"):
-        prove_details(ce, target=-1.0)
+        prove_details(logistic, target=-1.0)
+
+
+# -- softmax cross-entropy: the functional KL constant and the CE desingularizer -------------
+
+def test_cross_entropy_proves_a_target_never_zero_and_the_run_obeys():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 2, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.randint(0, 3, (12,), generator=g)
+    net = TwoLayer(2, 64, outputs=3, generator=torch.Generator().manual_seed(1))
+    problem = rf.Problem(rf.Model(net), rf.Dataset.from_arrays(x, y), "cross-entropy")
+    proof = prove_details(problem)
+    cert = proof.certificate
+    assert cert.holds and cert.scope is Scope.PROVEN and cert.desingularizer.name == "cross-entropy"
+    assert 0 < proof.target < proof.constants.loss0_lo
+    assert cert.mu == pytest.approx(proof.rho * 0.125, rel=1e-9)     # c = κ·k/(k−1) = 1/8
+    assert cert.time_to(proof.target) == pytest.approx(proof.time, rel=1e-6)
+    zero = prove_details(problem, target=0.0)
+    assert not zero.certificate.holds and "only targets are provable" in zero.statement
+    tracker = BallTracker(problem)
+    res = rf.gradient_flow(rf.Problem(tracker.model(), problem.data, "cross-entropy"),
+                           t_max=3 * proof.time, n_records=15)
+    check = check_run(proof, res.trajectory, tracker)
+    assert check.passed and check.stages_ok, (check.failures, check.stage_failures)
+    f = falsify_proof(problem, proof, samples=12, generator=torch.Generator().manual_seed(2))
+    assert not f.falsified and f.rayleigh_points > 0, f.counterexamples
+    assert falsify_proof(problem, proof, samples=12, rho_factor=100).falsified
 
 
 # -- linear models: Lip_J = 0 exactly --------------------------------------------------------

@@ -225,6 +225,8 @@ class Proof:
     seconds: float
     statement: str
     method: str = ""
+    kind: str = "square"       # or "cross-entropy" (one phase; bound with the CE φ)
+    kl_c: float = 2.0          # the functional KL constant c (square: ‖∇ℓ‖² = 2ℓ)
 
     @property
     def radius(self) -> float | None:
@@ -243,6 +245,11 @@ class Proof:
         t = np.asarray(t, dtype=np.float64)
         if self.target is None or not self.phases:
             return np.full(t.shape, np.nan)
+        if self.kind == "cross-entropy":
+            from ..desingularizers import CrossEntropy
+            mu = self.phases[0].rho * self.kl_c * (1 - 1e-12)
+            b = CrossEntropy().bound(self.constants.loss0, mu, np.maximum(t, 0.0))
+            return np.maximum(np.asarray(b, dtype=np.float64), self.target)
         out = np.full(t.shape, self.target)
         for k, ph in enumerate(self.phases):
             top = self.constants.loss0 if k == 0 else ph.loss_top
@@ -253,7 +260,13 @@ class Proof:
 
     def envelope(self, loss: np.ndarray) -> np.ndarray:
         """The proven bound on ‖θ_t − θ₀‖ when L_t = loss ≥ target (NaN below the target)."""
-        s = np.sqrt(2 * np.maximum(np.asarray(loss, dtype=np.float64), 0))
+        loss = np.asarray(loss, dtype=np.float64)
+        if self.kind == "cross-entropy":
+            mu = self.phases[0].rho * self.kl_c
+            lam0 = math.log(math.expm1(self.constants.loss0))
+            with np.errstate(divide="ignore"):
+                return (lam0 - np.log(np.expm1(np.maximum(loss, 0)))) / math.sqrt(mu)
+        s = np.sqrt(2 * np.maximum(loss, 0))
         out = np.full(s.shape, np.nan)
         for ph in self.phases:
             band = (s > ph.s_bottom) & (s <= ph.s_top) if ph is not self.phases[0] else \
@@ -307,17 +320,19 @@ def prove_details(problem: Problem, radius: float | None = None, target: float |
     if radius is not None and not (radius > 0 and math.isfinite(radius)):
         raise ValueError(f"radius must be a finite positive number (got {radius!r})")
     convention = problem.convention.value
-    if problem.loss.name != "square":
+    if problem.loss.name not in ("square", "cross-entropy"):
         return _unavailable(problem, Reason.PROOF_UNSUPPORTED, t0,
                             f"no proof: loss {problem.loss.name!r}; rf.prove covers the square "
-                            "loss (cross-entropy through its functional KL constant is not "
-                            "implemented yet)")
+                            "loss and softmax cross-entropy")
     try:
         c = proof_constants(problem, data)
     except UnsupportedModel as exc:
         return _unavailable(problem, Reason.PROOF_UNSUPPORTED, t0, f"no proof: {exc}")
     grid = np.array([radius]) if radius is not None else (DEFAULT_RADII if radii is None
                                                            else np.asarray(radii))
+    if problem.loss.name == "cross-entropy":
+        from .ce import prove_ce
+        return prove_ce(problem, c, grid, target, t0, convention)
     searched = [rho_at(c, float(r)) for r in grid]
     positive = [a for a in searched if a.rho > 0]
     if target is None:
@@ -438,7 +453,7 @@ def _zero_phase(c: Constants, s_top: float, path: float, t_now: float) -> Phase 
 
 def _assumptions(c: Constants, a: RhoAt | None) -> list[Assumption]:
     out = [
-        Assumption("square loss", True, "‖∇ℓ‖²_D = Σ ω_j‖f_j − y_j‖² = 2ℓ exactly"),
+        Assumption(*_loss_assumption(c)),
         Assumption(f"‖J₀‖ ≤ {c.norm_j0:.6g}", True, c.how["norm_j0"]),
         Assumption(f"σ_min(J₀) ≥ {c.smin_j0:.6g}", True, c.how["smin_j0"]),
         Assumption(f"‖J₀*∇ℓ(f₀)‖ ≥ {c.a0:.6g}", True, c.how["a0"]),
@@ -451,6 +466,12 @@ def _assumptions(c: Constants, a: RhoAt | None) -> list[Assumption]:
         out.append(Assumption(f"Lip_F ≤ {a.lip_f:.6g} on B(θ₀, {a.r:.4g})", True,
                               "sup_B ‖J_θ‖ ≤ ‖J₀‖ + Lip_J·r"))
     return out
+
+
+def _loss_assumption(c: Constants) -> tuple[str, bool, str]:
+    if "softmax" in c.how["s0"]:
+        return ("softmax cross-entropy", True, "∇ℓ_j = softmax(f_j) − e_(y_j)")
+    return ("square loss", True, "‖∇ℓ‖²_D = Σ ω_j‖f_j − y_j‖² = 2ℓ exactly")
 
 
 def _holds(problem, c: Constants, phases: list[Phase], target: float, searched, t0,
@@ -466,7 +487,7 @@ def _holds(problem, c: Constants, phases: list[Phase], target: float, searched, 
         top = c.loss0 if len(phases) == 1 else last.loss_top
         T = last.t_start + max(0.0, up((arb(top) / arb(low)).log() / (2 * arb(last.rho))))
     proof = Proof(None, c, phases, target, T, path, searched, 0.0, "", method)  # type: ignore
-    tgrid = np.union1d(np.linspace(0.0, T, 401),
+    tgrid = np.union1d(np.linspace(0.0, T * (1 + 1e-9), 401),   # horizon just past T
                        [p.t_start for p in phases if p.t_start <= T])
     bound = proof.bound(tgrid)
     loss = np.full(tgrid.shape, np.nan)

@@ -69,15 +69,17 @@ class ModelProbe:
         return float(((u * self.sqrt_w[:, None]) ** 2).sum().sqrt())
 
     def loss(self, theta: torch.Tensor) -> float:
-        g = self.f(theta) - self.y
-        return 0.5 * self.norm_d(g) ** 2
+        f = self.f(theta)
+        return float(self.problem.loss.value(f, self.y, self.sqrt_w ** 2))
 
     def rayleigh(self, theta: torch.Tensor) -> tuple[float, float]:
-        """(R(K_θ; ∇ℓ), L(θ)) for the square loss."""
-        g = self.f(theta) - self.y
+        """(R(K_θ; ∇ℓ), L(θ)) with the problem's loss."""
+        f = self.f(theta)
+        g = self.problem.loss.functional_grad(f, self.y)
         gt = (g * self.sqrt_w[:, None]).reshape(-1)
         jg = self.jac(theta).T @ gt
-        return float(jg @ jg / (gt @ gt)), 0.5 * float(gt @ gt)
+        loss = float(self.problem.loss.value(f, self.y, self.sqrt_w ** 2))
+        return float(jg @ jg / (gt @ gt)), loss
 
 
 @dataclass

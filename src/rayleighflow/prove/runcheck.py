@@ -39,6 +39,7 @@ class BallTracker:
         self.n = data.x.shape[0]
         self.y = problem.targets(data, problem.model(problem.params, data.x))
         self.w = problem.omega(data)
+        self.loss_fn = problem.loss
         self.dist: list[float] = []
         self.loss: list[float] = []
         self.kept: list[torch.Tensor] = []
@@ -56,7 +57,7 @@ class BallTracker:
                 d = float(d2) ** 0.5
                 if x.shape[0] == self.n:
                     f = out.detach().reshape(self.n, -1)
-                    loss = 0.5 * float((self.w * ((f - self.y) ** 2).sum(-1)).sum())
+                    loss = float(self.loss_fn.value(f, self.y, self.w))
                     self.dist.append(d)
                     self.loss.append(loss)
                     self._calls += 1
