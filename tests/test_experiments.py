@@ -97,6 +97,15 @@ def test_logistic_bounds_and_adversarial(logistic):
         assert d["local_decrease_holds"] and d["max_bound_violation"] <= 0
     traj = Trajectory.load(out / "trajectories" / "adversarial.jsonl")
     assert np.all(np.isfinite(traj["loss"])) and np.all(np.isfinite(traj["grad_sq"]))
+    # Records at exactly zero loss say nothing about KL: they are counted, not minimized over.
+    zero = int(np.sum(traj["loss"] == 0))
+    assert adv["records_at_zero_loss"] == zero
+    assert adv["min_local_decrease_ratio"] is not None
+    assert adv["min_local_decrease_ratio"] >= 1 - 1e-9
+    # Gradient descent with step 0.1 on inputs ×1e6 is far too large a step: said, not hidden.
+    gd = [c for c in s["certificates"] if c["label"].startswith("adversarial GD")]
+    assert gd and all(c["status"] == "violated" and c["scope"] == "path" for c in gd)
+    assert all(c["reason"]["code"] == "no_sufficient_decrease" for c in gd)
 
 
 def test_logistic_slide_form_fails_where_derived_holds(logistic):

@@ -240,12 +240,21 @@ class Certificate:
         rate = self.mu * (self.alpha_min if self.discrete and self.alpha_min else 1.0)
         return self.horizon + self.desingularizer.time_to_reach(b_end, rate, target)
 
+    def _step_index(self, t: float | None) -> int | None:
+        """k with t = t₀ + kη for a gradient-descent certificate."""
+        if not self.discrete or t is None or not self.step or not math.isfinite(t):
+            return None
+        return int(round((t - float(self.t[0])) / self.step))
+
     def describe(self) -> str:
         """One line built from the numbers: status, scope, μ and what was checked."""
         where = (f"{self.n_records} records" + (f", {self.n_grad_evals} gradient evaluations"
                                                 if self.n_grad_evals else ""))
         head = (f"{self.status.value} (scope {self.scope.value}): φ = {self.desingularizer.name}"
                 f", μ = {self.mu:.4g} ({self.mu_source}), checked at {where}")
+        if self.discrete and self.alpha_min is not None and math.isfinite(self.alpha_min):
+            head += (f"; α_min = {self.alpha_min:.3g} at step "
+                     f"{self._step_index(self.t_at_alpha_min)}")
         if self.reason is not None:
             head += f"; {self.reason.cause}"
         if self.first_violation is not None:
@@ -271,6 +280,7 @@ class Certificate:
             "delayed_check": None if self.delayed_check is None else self.delayed_check.to_dict(),
             "discrete": self.discrete, "step": self.step,
             "alpha_min": _num(self.alpha_min), "t_at_alpha_min": _num(self.t_at_alpha_min),
+            "step_index_at_alpha_min": self._step_index(self.t_at_alpha_min),
             "assumptions": [a.__dict__ for a in self.assumptions],
             "what_was_checked": self.describe(),
             "notes": list(self.notes),
