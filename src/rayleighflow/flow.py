@@ -265,8 +265,8 @@ def gradient_flow(
 def _check_stall(recent: deque[float], t_max: float, budget_left: int, floor: float) -> None:
     """Stop when the recent evaluations advanced the flow by less than ``floor`` and, at their
     rate, t_max is out of the budget's reach."""
-    advance = max(recent) - recent[0]
-    t_now = recent[-1]
+    t_now = max(recent)  # stage times of rejected steps may run ahead of the last one
+    advance = t_now - recent[0]
     needed = math.inf if advance <= 0 else (t_max - t_now) / advance * len(recent)
     if advance < floor and needed > budget_left:
         raise _Stop(FlowStatus.STALLED, (
