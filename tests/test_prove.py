@@ -364,6 +364,33 @@ def test_linear_overparameterized_converges_to_zero_and_the_run_obeys():
     assert math.isclose(check.radius, proof.radius)
 
 
+def test_linear_least_squares_is_proven_globally_with_the_exact_minimum():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64) \
+        + 0.3 * torch.randn(40, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    problem = rf.Problem(rf.Model(nn.Linear(3, 1).double()), rf.Dataset.from_arrays(x, y),
+                         "square")
+    xt = torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], 1).numpy()
+    sol = np.linalg.lstsq(xt, y.numpy(), rcond=None)[0]
+    lstar = 0.5 * float(np.mean((xt @ sol - y.numpy()) ** 2))
+    proof = prove_details(problem)
+    cert = proof.certificate
+    assert cert.holds and cert.desingularizer.name.startswith("plateau")
+    assert proof.eta >= lstar and proof.eta <= lstar * (1 + 1e-9)      # exact up to rounding
+    sig2 = float(np.linalg.eigvalsh(xt.T @ xt / 40)[0])
+    assert cert.mu <= 2 * sig2 and cert.mu >= 2 * sig2 * (1 - 1e-8)
+    below = prove_details(problem, target=0.5 * lstar)
+    assert not below.certificate.holds and "provably never reaches it" in below.statement
+    assert prove_details(problem, target=2 * lstar).certificate.holds
+    tracker = BallTracker(problem)
+    res = rf.gradient_flow(rf.Problem(tracker.model(), problem.data, "square"), t_max=30.0,
+                           n_records=15)
+    check = check_run(proof, res.trajectory, tracker)
+    assert check.passed, check.failures
+
+
 def test_two_layer_variants_prove_and_obey_the_sampler():
     g = torch.Generator().manual_seed(4)
     x = torch.rand(8, 3, generator=g, dtype=torch.float64) * 2 - 1

@@ -227,6 +227,7 @@ class Proof:
     method: str = ""
     kind: str = "square"       # or "cross-entropy" (one phase; bound with the CE φ)
     kl_c: float = 2.0          # the functional KL constant c (square: ‖∇ℓ‖² = 2ℓ)
+    eta: float = 0.0           # linear least squares: the proven upper bound η ≥ L*
 
     @property
     def radius(self) -> float | None:
@@ -245,6 +246,9 @@ class Proof:
         t = np.asarray(t, dtype=np.float64)
         if self.target is None or not self.phases:
             return np.full(t.shape, np.nan)
+        if self.kind == "linear-plateau":
+            return self.eta + (self.constants.loss0 - self.eta) * np.exp(
+                -2 * self.phases[0].rho * np.maximum(t, 0.0))
         if self.kind == "cross-entropy":
             from ..desingularizers import CrossEntropy
             mu = self.phases[0].rho * self.kl_c * (1 - 1e-12)
@@ -261,6 +265,8 @@ class Proof:
     def envelope(self, loss: np.ndarray) -> np.ndarray:
         """The proven bound on ‖θ_t − θ₀‖ when L_t = loss ≥ target (NaN below the target)."""
         loss = np.asarray(loss, dtype=np.float64)
+        if self.kind == "linear-plateau":       # global: no bound on the distance is claimed
+            return np.full(loss.shape, np.inf)
         if self.kind == "cross-entropy":
             mu = self.phases[0].rho * self.kl_c
             lam0 = math.log(math.expm1(self.constants.loss0))
@@ -333,6 +339,14 @@ def prove_details(problem: Problem, radius: float | None = None, target: float |
     if problem.loss.name == "cross-entropy":
         from .ce import prove_ce
         return prove_ce(problem, c, grid, target, t0, convention)
+    if c.lip_j == 0.0 and c.kind.startswith("linear") and c.P < c.nk and radius is None:
+        from .linear import prove_linear_plateau
+        d = _finite_data(problem, data)
+        mb = model_bounds(problem, d)
+        resid, _, _ = _residual(problem, d, mb)
+        lin = prove_linear_plateau(problem, c, mb, resid, target, t0, convention)
+        if lin is not None:
+            return lin
     searched = [rho_at(c, float(r)) for r in grid]
     positive = [a for a in searched if a.rho > 0]
     if target is None:
