@@ -13,6 +13,8 @@ Writes JSON with the environment. Examples::
     python benchmarks/ntk.py                          # CPU, all cases
     python benchmarks/ntk.py --device cuda            # GPU, all cases + FLOP rates
     python benchmarks/ntk.py --quick --cases mlp784   # a smoke run
+    OMP_NUM_THREADS=1 python benchmarks/ntk.py --cases planning \
+        --out benchmarks/results/ntk-planning-cpu.json  # plan cache: before/after, side by side
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from rayleighflow.ntk import NTKOperator, empirical_ntk, kernel_matrix, plan_ntk  # noqa: E402
+from rayleighflow.ntk.plan import clear_plan_cache  # noqa: E402
 from rayleighflow.ntk.spectrum import extreme_eigenpairs  # noqa: E402
 from rayleighflow.problem import Model  # noqa: E402
 
@@ -376,6 +379,46 @@ def run_lanczos(args) -> dict:
             "time_s": elapsed, "products": op.n_products, "tol": 1e-6, "convention": "mean"}
 
 
+def run_planning(args, case: str = "mlp3072") -> dict:
+    """Planning cost, before/after the plan cache, interleaved in one run on the same weights.
+
+    "before" reproduces the old call: the probe runs on every call (cache cleared first) and
+    the caller's ``Model(net)`` copies the weights; "after" is ``empirical_ntk(net, x)`` with
+    the probe cached. ``plan_s`` is ``plan_ntk`` alone (everything but the tiles).
+    """
+    net, x = setup(case, args.device, args.quick)
+    reps = max(args.repeats, 7)
+    empirical_ntk(net, x, convention="sum")  # warm-up (allocator, first-call costs)
+    t: dict[str, list[float]] = {"before_call_s": [], "after_call_s": [], "before_plan_s": [],
+                                 "after_plan_s": []}
+
+    def clock(fn) -> float:
+        sync(args.device)
+        t0 = time.perf_counter()
+        fn()
+        sync(args.device)
+        return time.perf_counter() - t0
+
+    for _ in range(reps):  # interleaved: load drifts hit both sides alike
+        clear_plan_cache()
+        t["before_call_s"].append(clock(lambda: empirical_ntk(Model(net), x, convention="sum")))
+        t["after_call_s"].append(clock(lambda: empirical_ntk(net, x, convention="sum")))
+        clear_plan_cache()
+        t["before_plan_s"].append(clock(lambda: plan_ntk(Model(net), x)))
+        t["after_plan_s"].append(clock(lambda: plan_ntk(net, x)))
+    med = {key: min(v) for key, v in t.items()}
+    rec = {"case": case, "description": CASES[case]["desc"], "n": x.shape[0],
+           "statistic": "min over interleaved warm calls", "repeats": reps, **med,
+           "times": t, "speedup_call": med["before_call_s"] / med["after_call_s"],
+           "plan_fraction_before": med["before_plan_s"] / med["before_call_s"],
+           "plan_fraction_after": med["after_plan_s"] / med["after_call_s"],
+           "plan": str(plan_ntk(net, x))}
+    print(f"[planning] call {med['before_call_s']:.4g} s -> {med['after_call_s']:.4g} s; plan "
+          f"{med['before_plan_s']:.4g} s -> {med['after_plan_s']:.4g} s "
+          f"({100 * rec['plan_fraction_after']:.1f}% of the call)", flush=True)
+    return rec
+
+
 def matmul_rate(device: str) -> dict:
     size = 8192 if device == "cuda" else 2048
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
@@ -420,6 +463,8 @@ def main() -> None:
     for case in args.cases.split(","):
         if case == "lanczos":
             report["lanczos"] = run_lanczos(args)
+        elif case == "planning":
+            report["planning"] = run_planning(args)
         else:
             report["cases"].append(run_case(case, args))
             if args.device == "cuda":

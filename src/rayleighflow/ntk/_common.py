@@ -69,6 +69,10 @@ def as_model(model: Model | nn.Module) -> Model:
     if isinstance(model, Model):
         return model
     if isinstance(model, nn.Module):
+        named = dict(model.named_parameters())
+        if named and all(v.requires_grad for v in named.values()):
+            # no copy of the weights (Model() would clone them): kernels only read θ
+            return Model(model, {k: v.detach() for k, v in named.items()})
         return Model(model)
     raise TypeError(
         f"expected a rayleighflow Model or an nn.Module, got {type(model).__name__}; wrap a "

@@ -19,13 +19,12 @@ from ._common import (
     as_model,
     check_pair,
     float32_policy,
-    output_width,
     prepare_x,
     resolve_params,
     scaling,
 )
 from ._terms import Engine, tile_shape
-from .plan import NTKMethod, NTKPlan, build_plan
+from .plan import NTKMethod, NTKPlan, build_plan, cached_output_width
 
 __all__ = ["NTKMethod", "NTKPlan", "empirical_ntk", "group_ntk", "plan_ntk"]
 
@@ -124,7 +123,7 @@ def _request(model, x1, x2, params, kind, convention, weights1, weights2) -> Ker
     w2 = weights2 if weights2 is not None else w2
     if x2 is None and w2 is not None:
         raise ValueError("weights2 given without x2")
-    k = output_width(model, params, x1)
+    k = cached_output_width(model, params, x1)
     like = next(v for v in params.values() if v.is_floating_point())
     s1 = scaling(x1.shape[0], w1, conv, like)
     s2 = None if x2 is None else scaling(x2.shape[0], w2, conv, like)

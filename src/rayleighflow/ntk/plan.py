@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import final
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._types import Params, parse_enum
 from ..problem import Model
@@ -19,13 +21,14 @@ from ._common import (
     KernelTooLargeError,
     available_bytes,
     fmt_bytes,
+    output_width,
     working_budget,
 )
 from ._terms import Engine, outer_pair_cost, tile_shape
 from .jacobian import JacobianEngine, KVPEngine
 from .structured import StructuredEngine, find_layers, probe_layers
 
-__all__ = ["NTKMethod", "NTKPlan"]
+__all__ = ["NTKMethod", "NTKPlan", "clear_plan_cache", "plan_cache_info"]
 
 
 class NTKMethod(StrEnum):
@@ -76,6 +79,96 @@ class NTKPlan:
     structured_layers: tuple[str, ...]
     fallback_params: tuple[str, ...]
     rejected_layers: tuple[str, ...]
+    probe: str = "probed"  # "probed" (this call ran the model probe) or "cached" (reused)
+    probe_key: tuple = field(default=(), compare=False, repr=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the probe cache: what the probe measures depends only on the model's structure, the
+# parameters' names/shapes/dtype/device and the shape of one input, never on the values.
+
+
+@dataclass(frozen=True)
+class _ProbeResult:
+    layers: tuple[tuple[str, int, int, int], ...]  # (path, positions, d_in, d_out), verified
+    rejected: tuple[str, ...]
+    act: int
+    structured: bool  # whether the layers were probed (AUTO/STRUCTURED) or only act measured
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _ProbeResult]] = \
+    weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+_STATS = {"hits": 0, "misses": 0}
+
+
+def _probe_key(module: nn.Module, params: Params, x: Tensor, structured: bool) -> tuple:
+    structure = tuple((name, type(m).__module__, type(m).__qualname__, m.training)
+                      for name, m in module.named_modules())
+    # ties between parameters are structure: the same tensor under two names
+    ties = tuple(id(p) for _, p in module.named_parameters(remove_duplicate=False))
+    shapes = tuple((n, tuple(v.shape), str(v.dtype), str(v.device)) for n, v in params.items())
+    return (structure, ties, shapes, tuple(x.shape), str(x.dtype), str(x.device),
+            structured)
+
+
+def cached_output_width(model: Model, params: Params, x: Tensor) -> int:
+    """Output width k, from a one-sample forward once per (structure, shapes, input shape)."""
+    module = model.module
+    if module is None:
+        return output_width(model, params, x)
+    key = ("k", *_probe_key(module, params, x[:1], False))
+    with _LOCK:
+        k = _CACHE.get(module, {}).get(key)
+    if k is None:
+        k = output_width(model, params, x)
+        with _LOCK:
+            _CACHE.setdefault(module, {})[key] = k
+    return k
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached probe (e.g. after changing a module's forward in place)."""
+    with _LOCK:
+        _CACHE.clear()
+        _STATS.update(hits=0, misses=0)
+
+
+def plan_cache_info() -> dict[str, int]:
+    """Cache statistics: ``hits``, ``misses`` and ``entries`` (probes held, all modules)."""
+    with _LOCK:
+        return {**_STATS, "entries": sum(1 for v in _CACHE.values() for key in v
+                                         if key[0] != "k")}
+
+
+def _cached_probe(model: Model, params: Params, probe: Tensor, structured: bool
+                  ) -> tuple[list, list[str], int, str, tuple]:
+    """(verified layers, rejected, act bytes, "probed"/"cached", key): probes once per key."""
+    module = model.module
+    if module is None:
+        return [], [], act_bytes(model, params, probe), "probed", ()
+    key = _probe_key(module, params, probe, structured)
+    candidates = find_layers(model, params) if structured else []
+    with _LOCK:
+        hit = _CACHE.get(module, {}).get(key)
+        _STATS["hits" if hit is not None else "misses"] += 1
+    if hit is None:
+        if structured:
+            layers, rejected, act = probe_layers(model, params, candidates, probe)
+        else:
+            layers, rejected, act = [], [], act_bytes(model, params, probe)
+        hit = _ProbeResult(tuple((ly.path, ly.positions, ly.d_in, ly.d_out) for ly in layers),
+                           tuple(rejected), int(act), structured)
+        with _LOCK:
+            _CACHE.setdefault(module, {})[key] = hit
+        return layers, list(rejected), act, "probed", key
+    by_path = {ly.path: ly for ly in candidates}
+    layers = []
+    for path, t, din, dout in hit.layers:
+        ly = by_path[path]
+        ly.positions, ly.d_in, ly.d_out = t, din, dout
+        layers.append(ly)
+    return layers, list(hit.rejected), hit.act, "cached", key
 
 
 def act_bytes(model: Model, params: Params, x: Tensor) -> int:
@@ -119,11 +212,8 @@ def build_plan(req: KernelRequest, groups: dict[str, list[str]], method: NTKMeth
     n_f = req.n1 + (0 if symmetric else req.n2)
     pairs = req.n1 * req.n2 / (2.0 if symmetric else 1.0)
     group_of = {n: g for g, names in groups.items() for n in names}
-    layers, rejected = [], []
-    if method in (NTKMethod.AUTO, NTKMethod.STRUCTURED) and model.module is not None:
-        layers, rejected, act = probe_layers(model, params, find_layers(model, params), probe)
-    else:
-        act = act_bytes(model, params, probe)
+    structured = method in (NTKMethod.AUTO, NTKMethod.STRUCTURED)
+    layers, rejected, act, probed, key = _cached_probe(model, params, probe, structured)
     covered = {n for ly in layers for n in (ly.weight, ly.bias) if n}
     lin_macs = sum(ly.positions * ly.d_in * ly.d_out for ly in layers)
     p_req = sum(params[n].numel() for n in group_of)
@@ -199,7 +289,7 @@ def build_plan(req: KernelRequest, groups: dict[str, list[str]], method: NTKMeth
                    tuple(ly.path for ly in layers) if method is NTKMethod.STRUCTURED else (),
                    tuple(n for g in rest.values() for n in g)
                    if method is NTKMethod.STRUCTURED else (),
-                   tuple(rejected))
+                   tuple(rejected), probed, key)
     return plan, engine
 
 
