@@ -20,6 +20,12 @@ def test_full_experiment_bounds_hold(tmp_path, name):
         for d in s["datasets"].values():
             assert d["local_decrease_holds"] and d["all_finite"]
         assert s["datasets"]["adversarial"]["loss_initial"] >= 1e9
+        ts = s["datasets"]["teacher_student"]  # the sharp bound ≥ 10× tighter at the end
+        assert ts["flow_sharp_tightening_at_end"] >= 10
+        assert ts["gd_warm"]["status"] == "holds"
+        assert ts["gd_warm"]["sharp_tightening_at_end"] >= 10
+        gd = [c for c in s["certificates"] if " GD " in c["label"]]
+        assert gd and all(c["scope"] == "path" and c["discrete"] for c in gd)
     if name == "two-layer":
         for w in s["per_width"].values():
             lo, hi = w["success_ci95"]
