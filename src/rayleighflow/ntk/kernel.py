@@ -5,6 +5,8 @@ K(x_i, x_j) = J_i J_jᵀ (k × k), J_i = ∂f_θ(x_i)/∂θ, returned as blocks 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,90 +25,34 @@ from ._common import (
     resolve_params,
     scaling,
 )
-from ._terms import Engine, tile_shape
+from ._terms import Engine
+from .executor import DistributedExecutor, KernelShard, LocalExecutor
 from .plan import NTKMethod, NTKPlan, build_plan, cached_output_width
 
-__all__ = ["NTKMethod", "NTKPlan", "empirical_ntk", "group_ntk", "plan_ntk"]
+__all__ = ["DistributedExecutor", "KernelShard", "LocalExecutor", "NTKMethod", "NTKPlan",
+           "empirical_ntk", "group_ntk", "plan_ntk"]
 
 
-def _assemble(req: KernelRequest, engine: Engine, plan: NTKPlan, groups: Sequence[str]) -> dict:
-    b, out_dev = plan.block_size, torch.device(plan.out_device)
-    storage = tile_shape(req.kind, req.n1, req.n2, req.k)
-    res = {g: torch.zeros(storage, dtype=req.dtype, device=out_dev) for g in groups}
-    sym = req.x2 is None
-    x2 = req.x1 if sym else req.x2
-    c1 = [(s, min(s + b, req.n1)) for s in range(0, req.n1, b)]
-    c2 = c1 if sym else [(s, min(s + b, req.n2)) for s in range(0, req.n2, b)]
-    direct = plan.n_tiles == 1 and out_dev == req.device and engine.n_passes == 1
-    for p in range(engine.n_passes):
-        _pass(req, engine, p, plan, res, c1, c2, x2, direct)
-    return res
+def _assemble(req: KernelRequest, engine: Engine, plan: NTKPlan, groups: Sequence[str],
+              executor=None, out_file=None) -> dict:
+    executor = LocalExecutor() if executor is None else executor
+    if not hasattr(executor, "assemble"):
+        raise TypeError(f"executor must be a LocalExecutor or a DistributedExecutor, got "
+                        f"{type(executor).__name__}")
+    return executor.assemble(req, engine, plan, list(groups), out_file)
 
 
-def _pass(req: KernelRequest, engine: Engine, p: int, plan: NTKPlan, res: dict, c1, c2, x2,
-          direct: bool) -> None:
-    """One pass over all tiles (one parameter chunk for a chunked Jacobian contraction)."""
-    k, kind, dev, dtype, sym = req.k, req.kind, req.device, req.dtype, req.x2 is None
-    groups = list(res)
-    feats1 = [engine.features(req.x1[s:e], p) for s, e in c1] if plan.cache_features else None
-    feats2 = feats1 if sym else (
-        [engine.features(x2[s:e], p) for s, e in c2] if plan.cache_features else None)
-    for i, (s1, e1) in enumerate(c1):
-        f1 = feats1[i] if feats1 is not None else engine.features(req.x1[s1:e1], p)
-        for j in range(i if sym else 0, len(c2)):
-            s2, e2 = c2[j]
-            if feats2 is not None:
-                f2 = feats2[j]
-            else:
-                f2 = f1 if (sym and i == j) else engine.features(x2[s2:e2], p)
-            shape = tile_shape(kind, e1 - s1, e2 - s2, k)
-            acc = res if direct else {g: torch.zeros(shape, dtype=dtype, device=dev)
-                                      for g in groups}
-            engine.contract(f1, f2, kind, acc)
-            for g in groups:
-                _scale(acc[g], req, (s1, e1), (s2, e2))
-                if not direct:
-                    _write(res[g], acc[g], kind, k, (s1, e1), (s2, e2), mirror=sym and i != j)
+def _finish(t, req: KernelRequest):
+    if t is None:
+        return None
+    if isinstance(t, KernelShard):
+        return dataclasses.replace(t, blocks=_blocks(t.blocks, req, t.stop - t.start))
+    return _blocks(t, req, req.n1)
 
 
-def _scale(t: Tensor, req: KernelRequest, r1: tuple[int, int], r2: tuple[int, int]) -> None:
-    s1 = None if req.s1 is None else req.s1[r1[0]:r1[1]]
-    s2 = req.s1 if req.x2 is None else req.s2
-    s2 = None if s2 is None else s2[r2[0]:r2[1]]
-    b1, b2 = r1[1] - r1[0], r2[1] - r2[0]
+def _blocks(t: Tensor, req: KernelRequest, n1: int) -> Tensor:
     if req.kind is KernelKind.FULL:
-        v = t.view(b1, req.k, b2, req.k)
-        shapes = ((b1, 1, 1, 1), (1, 1, b2, 1))
-    elif req.kind is KernelKind.TRACE:
-        v, shapes = t, ((b1, 1), (1, b2))
-    else:
-        v, shapes = t, ((1, b1, 1), (1, 1, b2))
-    for s, shp in ((s1, shapes[0]), (s2, shapes[1])):
-        if s is not None:
-            v.mul_(s.view(shp))
-
-
-def _write(res: Tensor, acc: Tensor, kind: KernelKind, k: int, r1, r2, mirror: bool) -> None:
-    """Add a finished tile (and its mirror) into the result, possibly on another device."""
-    acc = acc.to(res.device, non_blocking=False)
-    if kind is KernelKind.FULL:
-        (a0, a1), (b0, b1) = (r1[0] * k, r1[1] * k), (r2[0] * k, r2[1] * k)
-        res[a0:a1, b0:b1].add_(acc)
-        if mirror:
-            res[b0:b1, a0:a1].add_(acc.T)
-    elif kind is KernelKind.TRACE:
-        res[r1[0]:r1[1], r2[0]:r2[1]].add_(acc)
-        if mirror:
-            res[r2[0]:r2[1], r1[0]:r1[1]].add_(acc.T)
-    else:
-        res[:, r1[0]:r1[1], r2[0]:r2[1]].add_(acc)
-        if mirror:
-            res[:, r2[0]:r2[1], r1[0]:r1[1]].add_(acc.transpose(1, 2))
-
-
-def _finish(t: Tensor, req: KernelRequest) -> Tensor:
-    if req.kind is KernelKind.FULL:
-        return t.view(req.n1, req.k, req.n2, req.k).permute(0, 2, 1, 3)
+        return t.view(n1, req.k, req.n2, req.k).permute(0, 2, 1, 3)
     if req.kind is KernelKind.DIAGONAL:
         return t.permute(1, 2, 0)
     return t
@@ -142,13 +88,24 @@ def _groups_of(req: KernelRequest, groups) -> dict[str, list[str]]:
 
 
 
+def _share(executor, out_file) -> float:
+    """Fraction of the kernel this process holds in memory (for the plan's memory check)."""
+    if out_file is not None:
+        return 0.0
+    if isinstance(executor, DistributedExecutor) and executor.gather == "rows":
+        from ..distributed import rank_and_size
+        return 1.0 / rank_and_size(executor.group)[1]
+    return 1.0
+
+
 def empirical_ntk(
     model: Model | nn.Module, x1: Tensor | Dataset, x2: Tensor | Dataset | None = None, *,
     params: Params | None = None, kind: KernelKind | str = "full",
     convention: Convention | str = "mean", weights1: Tensor | None = None,
     weights2: Tensor | None = None, method: NTKMethod | str = "auto",
     max_memory: int | str | None = None, block_size: int | None = None, out_device=None,
-    allow_tf32: bool = False,
+    allow_tf32: bool = False, executor: LocalExecutor | DistributedExecutor | None = None,
+    out_file: str | os.PathLike | None = None,
 ) -> Tensor:
     """The empirical tangent kernel K(x_i, x_j) = √(ω_i ω'_j) J_i J_jᵀ, exact by default.
 
@@ -181,6 +138,13 @@ def empirical_ntk(
             when the kernel would not fit on the GPU).
         allow_tf32: let float32 matmuls/convolutions use TF32 on a GPU (default off: TF32
             keeps 10 mantissa bits and spoils λ_min and rank).
+        executor: who runs the tile tasks: :class:`LocalExecutor` (default) or
+            :class:`DistributedExecutor` (tiles sharded over torch.distributed ranks; rank 0
+            gets the kernel and the others None, or every rank with ``gather="all"``, or a
+            :class:`KernelShard` of rows each with ``gather="rows"``).
+        out_file: a ``.npy`` path: the kernel is assembled in a memory-mapped file (host)
+            instead of memory, and the returned tensor is backed by that file. For kernels
+            larger than memory; spectra from it by :func:`kernel_file_operator`.
 
     Example::
 
@@ -193,8 +157,9 @@ def empirical_ntk(
     groups = {"all": list(req.params)}
     with torch.enable_grad(), float32_policy(req.device, allow_tf32):
         plan, engine = build_plan(req, groups, NTKMethod.parse(method), max_memory, block_size,
-                              out_device)
-        return _finish(_assemble(req, engine, plan, ["all"])["all"], req)
+                                  out_device, result_share=_share(executor, out_file))
+        res = _assemble(req, engine, plan, ["all"], executor, out_file)
+        return _finish(res["all"], req)
 
 
 def group_ntk(
@@ -204,12 +169,13 @@ def group_ntk(
     weights1: Tensor | None = None, weights2: Tensor | None = None,
     method: NTKMethod | str = "auto", max_memory: int | str | None = None,
     block_size: int | None = None, out_device=None, allow_tf32: bool = False,
+    executor: LocalExecutor | DistributedExecutor | None = None,
 ) -> dict[str, Tensor]:
     """Per-group kernels K_b = J_b J_bᵀ (THEORY.md T2), with K = Σ_b K_b exactly.
 
     ``groups`` maps a group name to parameter names (default ``model.groups``: one group per
-    module). Same shapes, conventions and other arguments as :func:`empirical_ntk`; one
-    pass computes every group.
+    module). Same shapes, conventions and other arguments as :func:`empirical_ntk`
+    (``executor`` included); one pass computes every group.
 
     Example::
 
@@ -220,8 +186,8 @@ def group_ntk(
     gmap = _groups_of(req, groups)
     with torch.enable_grad(), float32_policy(req.device, allow_tf32):
         plan, engine = build_plan(req, gmap, NTKMethod.parse(method), max_memory, block_size,
-                              out_device)
-        res = _assemble(req, engine, plan, list(gmap))
+                                  out_device, result_share=_share(executor, None))
+        res = _assemble(req, engine, plan, list(gmap), executor)
     return {g: _finish(t, req) for g, t in res.items()}
 
 

@@ -203,7 +203,8 @@ def _solve_block(quad: float, lin: float, cap: float) -> int:
 
 
 def build_plan(req: KernelRequest, groups: dict[str, list[str]], method: NTKMethod,
-               max_memory, block_size: int | None, out_device) -> tuple[NTKPlan, Engine]:
+               max_memory, block_size: int | None, out_device, result_share: float = 1.0
+               ) -> tuple[NTKPlan, Engine]:
     """Probe the model, price each method, pick one, and size tiles to the memory budget."""
     model, params, k, kind = req.model, req.params, req.k, req.kind
     device, item = req.device, req.params[next(iter(req.params))].element_size()
@@ -281,7 +282,10 @@ def build_plan(req: KernelRequest, groups: dict[str, list[str]], method: NTKMeth
             f"memory (at least {fmt_bytes(need1)} for one sample pair) but max_memory allows "
             f"{fmt_bytes(budget)}: raise max_memory, lower block_size, or use kind='trace'"
         )
-    out_dev = _out_device(out_device, device, result_bytes, need)
+    if result_share == 0.0:  # the kernel goes to a file: only the tiles live in memory
+        out_dev = torch.device("cpu")
+    else:
+        out_dev = _out_device(out_device, device, int(result_bytes * result_share), need)
     n1t, n2t = -(-req.n1 // b), -(-req.n2 // b)
     n_tiles = n1t * (n1t + 1) // 2 if symmetric else n1t * n2t
     plan = NTKPlan(method, b, n_tiles, engine.n_passes, cache, int(result_bytes), int(need),
@@ -311,6 +315,7 @@ def _out_device(out_device, device: torch.device, result_bytes: int, need: int):
         raise KernelTooLargeError(
             f"the kernel itself needs {fmt_bytes(result_bytes)} on {dev} but only "
             f"{fmt_bytes(free)} is free there (with {fmt_bytes(extra)} kept for work): use "
-            "kind='trace' (k² times smaller), fewer samples, or out_device='cpu' on a GPU"
+            "out_file='K.npy' (out of core), kind='trace' (k² times smaller), fewer samples, "
+            "or out_device='cpu' on a GPU"
         )
     return dev

@@ -234,7 +234,7 @@ def extreme_eigenpairs(
     ``"lobpcg"`` uses SciPy's LOBPCG with a seeded random start block (better for clusters of
     small eigenvalues). No kernel is formed: each iteration costs one VJP and one JVP.
     """
-    op = operator.as_linear_operator() if isinstance(operator, NTKOperator) else operator
+    op = operator.as_linear_operator() if hasattr(operator, "as_linear_operator") else operator
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     size = op.shape[0]

@@ -1,0 +1,111 @@
+"""Worker bodies for the multi-process NTK tests (spawned by torch.multiprocessing)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from cases import CASES, inputs
+from rayleighflow.distributed import DistributedError, init_distributed
+from rayleighflow.ntk import (
+    DistributedExecutor,
+    NTKOperator,
+    ShardedNTKOperator,
+    empirical_ntk,
+    extreme_eigenpairs,
+    kernel_matrix,
+)
+from rayleighflow.reference import dense_gram
+
+DIST_CASES = ("mlp_tanh", "cnn", "tokens_layernorm")  # MLP, CNN, a model with fallback layers
+
+
+def _close(a, b, tol, what):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    err = float((a - b).abs().max() / max(float(b.abs().max()), 1e-300))
+    assert err <= tol, f"{what}: relative difference {err:.3g} > {tol:g}"
+
+
+def kernels(rank: int, world: int, init: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    init_distributed("gloo", init_method=init, rank=rank, world_size=world, timeout_s=60)
+    for name in DIST_CASES:
+        case = CASES[name]
+        model, x = case.build(), inputs(case, 7)
+        for kind in ("full", "trace", "diagonal"):
+            ref = empirical_ntk(model, x, kind=kind, block_size=2)
+            k_all = empirical_ntk(model, x, kind=kind, block_size=2,
+                                  executor=DistributedExecutor("all"))
+            _close(k_all, ref, 1e-12, f"{name}/{kind} all vs 1 process")
+            k0 = empirical_ntk(model, x, kind=kind, block_size=2,
+                               executor=DistributedExecutor("rank0"))
+            if rank == 0:
+                _close(k0, ref, 1e-12, f"{name}/{kind} rank0")
+            else:
+                assert k0 is None
+            shard = empirical_ntk(model, x, kind=kind, block_size=2,
+                                  executor=DistributedExecutor("rows"))
+            _close(shard.blocks, ref[shard.start:shard.stop], 1e-12, f"{name}/{kind} rows")
+        # against the independent dense jacrev reference, in the "sum" convention
+        ks = empirical_ntk(model, x, convention="sum", block_size=3,
+                           executor=DistributedExecutor("all"))
+        _close(kernel_matrix(ks), dense_gram(model, model.params, x), 1e-10, f"{name} dense")
+        # cross kernel, out of core on rank 0
+        x2 = inputs(case, 5, seed=3)
+        path = os.path.join(out_dir, f"{name}.npy")
+        kc = empirical_ntk(model, x, x2, block_size=2, out_file=path if rank == 0 else None,
+                           executor=DistributedExecutor("rank0"))
+        if rank == 0:
+            _close(kc, empirical_ntk(model, x, x2), 1e-12, f"{name} cross out_file")
+        # sharded operator: K v and Lanczos λ_max
+        op1 = NTKOperator(model, x)
+        ops = ShardedNTKOperator(model, x)
+        v = torch.randn(op1.shape[0], generator=torch.Generator().manual_seed(5),
+                        dtype=torch.float64)
+        _close(ops.matvec(v), op1.matvec(v), 1e-10, f"{name} sharded K v")
+        lam1 = extreme_eigenpairs(op1, 2, tol=1e-12)[0]
+        lams = extreme_eigenpairs(ops, 2, tol=1e-12)[0]
+        _close(lams, lam1, 1e-10, f"{name} sharded Lanczos")
+        lo1 = extreme_eigenpairs(op1, 1, which="smallest", method="lobpcg", tol=1e-9)[0]
+        los = extreme_eigenpairs(ops, 1, which="smallest", method="lobpcg", tol=1e-9)[0]
+        _close(los, lo1, 1e-6, f"{name} sharded LOBPCG λ_min")
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def dies(rank: int, world: int, init: str, out_dir: str) -> None:
+    """Rank 1 never joins: rank 0 must fail within the timeout with a clear error."""
+    torch.set_num_threads(1)
+    if rank == 1:
+        return
+    t0 = time.perf_counter()
+    try:
+        init_distributed("gloo", init_method=init, rank=rank, world_size=world, timeout_s=3)
+    except DistributedError as err:
+        np.save(os.path.join(out_dir, "error.npy"), np.array([time.perf_counter() - t0]))
+        with open(os.path.join(out_dir, "error.txt"), "w") as fh:
+            fh.write(str(err))
+        return
+    raise AssertionError("init_distributed returned without the peer")
+
+
+def dies_later(rank: int, world: int, init: str, out_dir: str) -> None:
+    """Rank 1 joins then exits before the assembly: rank 0 gets a DistributedError."""
+    torch.set_num_threads(1)
+    init_distributed("gloo", init_method=init, rank=rank, world_size=world, timeout_s=5)
+    if rank == 1:
+        os._exit(0)
+    case = CASES["mlp_tanh"]
+    model, x = case.build(), inputs(case, 7)
+    t0 = time.perf_counter()
+    try:
+        empirical_ntk(model, x, block_size=2, executor=DistributedExecutor("all"))
+    except DistributedError as err:
+        with open(os.path.join(out_dir, "error.txt"), "w") as fh:
+            fh.write(f"{time.perf_counter() - t0}\n{err}")
+        return
+    raise AssertionError("the assembly finished without its peer")
