@@ -1,6 +1,9 @@
 """Scale-out: tile executors, 2 gloo processes against 1, out-of-core kernels, dead ranks."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch.multiprocessing as mp
 
 import ntk_dist_worker
 from cases import CASES, assert_close, inputs
-from rayleighflow.distributed import DistributedError, init_distributed
+from rayleighflow.distributed import DistributedError, init_distributed, torchrun_session
 from rayleighflow.ntk import (
     DistributedExecutor,
     KernelTooLargeError,
@@ -20,6 +23,7 @@ from rayleighflow.ntk import (
     kernel_matrix,
     plan_ntk,
 )
+from rayleighflow.ntk.executor import current_executor, use_executor
 from rayleighflow.reference import dense_gram
 
 
@@ -105,3 +109,26 @@ def test_bad_scale_out_inputs_say_the_fix(tmp_path):
     with pytest.raises(KernelTooLargeError, match="out_file"):
         big = torch.randn(40_000, 4, dtype=torch.float64)
         empirical_ntk(model, big, max_memory="10GB")
+
+
+def test_torchrun_session_is_a_no_op_in_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with torchrun_session() as main:
+        assert main
+        assert isinstance(current_executor(), LocalExecutor)
+    with pytest.raises(ValueError, match="gather='all'"), use_executor(DistributedExecutor()):
+        pass
+
+
+@pytest.mark.slow  # two torchrun processes: ~15 s
+def test_cli_ntk_under_torchrun_prints_the_same_once(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    exe = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(exe / "rayleighflow"), "ntk", str(root / "examples" / "my_experiment.toml")]
+    one = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run([str(exe / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                          "--no-python", *cmd], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert one.stdout == two.stdout and "λ_max" in one.stdout

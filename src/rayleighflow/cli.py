@@ -274,9 +274,13 @@ def _cmd_list(_args) -> int:
 
 
 def _cmd_ntk(args) -> int:
+    from .distributed import torchrun_session
     from .experiments.user import ntk_summary
 
-    print(ntk_summary(Path(args.experiment), max_samples=args.max_samples))
+    with torchrun_session() as main:  # under torchrun: kernel tiles over the ranks
+        text = ntk_summary(Path(args.experiment), max_samples=args.max_samples)
+    if main:
+        print(text)
     return 0
 
 

@@ -15,7 +15,10 @@ to it as they are finished and nothing of the size of the kernel is held in memo
 
 from __future__ import annotations
 
+import contextvars
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import final
 
@@ -26,7 +29,8 @@ from torch import Tensor
 from ._common import KernelKind, KernelRequest
 from ._terms import Engine, tile_shape
 
-__all__ = ["DistributedExecutor", "KernelShard", "LocalExecutor"]
+__all__ = ["DistributedExecutor", "KernelShard", "LocalExecutor", "current_executor",
+           "use_executor"]
 
 _NP = {torch.float64: np.float64, torch.float32: np.float32}
 
@@ -284,3 +288,31 @@ def _put_rows(res: Tensor, buf: Tensor, kind: KernelKind, k: int, s: int, e: int
         res[s:e].copy_(buf)
     else:
         res[:, s:e].copy_(buf)
+
+
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("rayleighflow_ntk_executor",
+                                                         default=None)
+
+
+def current_executor() -> LocalExecutor | DistributedExecutor:
+    """The executor kernels use when none is passed (LocalExecutor unless set)."""
+    ex = _CURRENT.get()
+    return LocalExecutor() if ex is None else ex
+
+
+@contextmanager
+def use_executor(executor: LocalExecutor | DistributedExecutor) -> Iterator[None]:
+    """Within the block, kernels (also those that spectra and reports build) use
+    ``executor`` when called without one. A DistributedExecutor here must gather "all"
+    (callers inside expect the whole kernel)."""
+    if not hasattr(executor, "assemble"):
+        raise TypeError(f"executor must be a LocalExecutor or a DistributedExecutor, got "
+                        f"{type(executor).__name__}")
+    if isinstance(executor, DistributedExecutor) and executor.gather != "all":
+        raise ValueError("use_executor needs DistributedExecutor(gather='all'): code inside "
+                         "the block expects the whole kernel on every rank")
+    token = _CURRENT.set(executor)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)

@@ -26,7 +26,7 @@ from ._common import (
     scaling,
 )
 from ._terms import Engine
-from .executor import DistributedExecutor, KernelShard, LocalExecutor
+from .executor import DistributedExecutor, KernelShard, LocalExecutor, current_executor
 from .plan import NTKMethod, NTKPlan, build_plan, cached_output_width
 
 __all__ = ["DistributedExecutor", "KernelShard", "LocalExecutor", "NTKMethod", "NTKPlan",
@@ -35,7 +35,6 @@ __all__ = ["DistributedExecutor", "KernelShard", "LocalExecutor", "NTKMethod", "
 
 def _assemble(req: KernelRequest, engine: Engine, plan: NTKPlan, groups: Sequence[str],
               executor=None, out_file=None) -> dict:
-    executor = LocalExecutor() if executor is None else executor
     if not hasattr(executor, "assemble"):
         raise TypeError(f"executor must be a LocalExecutor or a DistributedExecutor, got "
                         f"{type(executor).__name__}")
@@ -154,6 +153,7 @@ def empirical_ntk(
         (torch.Size([5, 5, 2, 2]), torch.Size([10, 10]))
     """
     req = _request(model, x1, x2, params, kind, convention, weights1, weights2)
+    executor = current_executor() if executor is None else executor
     groups = {"all": list(req.params)}
     with torch.enable_grad(), float32_policy(req.device, allow_tf32):
         plan, engine = build_plan(req, groups, NTKMethod.parse(method), max_memory, block_size,
@@ -183,6 +183,7 @@ def group_ntk(
         >>> sum(Ks.values())  # equals empirical_ntk(net, x)  # doctest: +SKIP
     """
     req = _request(model, x1, x2, params, kind, convention, weights1, weights2)
+    executor = current_executor() if executor is None else executor
     gmap = _groups_of(req, groups)
     with torch.enable_grad(), float32_policy(req.device, allow_tf32):
         plan, engine = build_plan(req, gmap, NTKMethod.parse(method), max_memory, block_size,
