@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,6 +202,7 @@ class DistributedExecutor:
         if gather not in ("rank0", "all", "rows"):
             raise ValueError(f"gather must be 'rank0', 'all' or 'rows', got {gather!r}")
         self.gather, self.group = gather, group
+        self.timing: dict[str, float] = {}  # seconds of the last call on this rank
 
     def assemble(self, req: KernelRequest, engine: Engine, plan, groups: list[str],
                  out_file=None) -> dict[str, Tensor | KernelShard | None]:
@@ -215,6 +217,7 @@ class DistributedExecutor:
         comm_dev = req.device if nccl else torch.device("cpu")
         tiles = _Tiles(req, engine, plan, groups)
         mine = tiles.tasks()[rank::world]
+        t0 = time.perf_counter()
         done: dict[tuple[int, int], dict[str, Tensor]] = {}
         for p in range(engine.n_passes):
             tiles.new_pass()
@@ -225,6 +228,9 @@ class DistributedExecutor:
                         done[(i, j)][g].add_(acc[g])
                 else:
                     done[(i, j)] = acc
+        if req.device.type == "cuda":
+            torch.cuda.synchronize(req.device)
+        t1 = time.perf_counter()
         kind, k, n1, n2 = req.kind, req.k, req.n1, req.n2
         nblocks = len(tiles.c1)
         owner = _owners(nblocks, world)
@@ -261,6 +267,8 @@ class DistributedExecutor:
                     if rank == dst:
                         off = 0 if self.gather == "rank0" else start
                         _put_rows(res[g], buf, kind, k, s - off, e - off)
+        self.timing = {"tiles_s": t1 - t0, "gather_s": time.perf_counter() - t1,
+                       "my_tiles": len(mine)}
         if self.gather == "rank0" and rank != 0:
             return {g: None for g in groups}
         if self.gather == "rows":
