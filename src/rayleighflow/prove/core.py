@@ -256,10 +256,13 @@ class Proof:
             return np.maximum(np.asarray(b, dtype=np.float64), self.target)
         out = np.full(t.shape, self.target)
         for k, ph in enumerate(self.phases):
-            top = self.constants.loss0 if k == 0 else ph.loss_top
+            # the phase starts at most at its top level (phase 1: L₀ ≤ both bounds) and, once
+            # the flow has reached the phase's bottom level, it stays below it
+            top = max(self.constants.loss0, ph.loss_top) if k == 0 else ph.loss_top
+            floor = max(ph.loss_bottom if ph.s_bottom > 0 else 0.0, self.target)
             inside = (t >= ph.t_start) & (t <= ph.t_end) if k else (t <= ph.t_end)
             out[inside] = np.maximum(top * np.exp(-2 * ph.rho * (t[inside] - ph.t_start)),
-                                     self.target)
+                                     floor)
         return out
 
     def envelope(self, loss: np.ndarray) -> np.ndarray:
