@@ -147,8 +147,8 @@ def _note(regime: str, r: dict[str, Any]) -> str:
                  if rc["n_evaluations_after"] else "")
         head += (f". At {rc['n_records']} records the run "
                  f"{'obeys' if rc['passed'] else 'DOES NOT obey'} the proof (bound; ball and "
-                 f"path-length envelope at the {rc['record_points']} model evaluations at records' θ "
-                 "above the target: "
+                 f"path-length envelope at the {rc['record_points']} model evaluations at "
+                 "records' θ above the target: "
                  f"max ‖θ_t − θ₀‖ = {rc['max_record_distance']:.3g} vs r = {rc['radius']:.3g})"
                  f"; at {rc['n_evaluations']} gradient evaluations{after} and "
                  f"{rc['n_points']} model evaluations (Runge–Kutta stages, not points of the "
