@@ -1,0 +1,219 @@
+"""Side by side: rayleighflow's empirical NTK against neural-tangents, same weights, one thread.
+
+neural-tangents 0.6.5 (the last PyPI release) does not import on current JAX; it runs in a
+virtual environment of its own (docs/PRIOR_ART.md)::
+
+    python3 -m venv /tmp/ntvenv
+    /tmp/ntvenv/bin/pip install "jax==0.4.23" "jaxlib==0.4.23" "numpy<2" "scipy<1.13" \\
+        frozendict typing-extensions
+    /tmp/ntvenv/bin/pip install --no-deps "neural-tangents==0.6.5"   # skips tensorflow
+
+and this script (run with the project's environment) starts that interpreter as a worker
+(``--nt-python``), hands it the torch weights and inputs (.npz), and times the two sides in
+alternation: one warm call of rayleighflow, one warm call of each neural-tangents
+implementation (jitted, compiled before timing), repeated; the statistic is the minimum per
+side. Threads: ``OMP_NUM_THREADS=1`` for torch, ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=1`` for JAX. Dense layers are written for neural-tangents as one
+``lax.dot_general`` contracting W's input axis (written as ``h @ W.T`` they hide their
+structure from STRUCTURED_DERIVATIVES). Both sides compute the exact (n, n, k, k) kernel in
+the Euclidean ("sum") convention, float32; the JSON keeps their max relative difference::
+
+    OMP_NUM_THREADS=1 python benchmarks/ntk_vs_neural_tangents.py --nt-python /tmp/ntvenv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ("mlp784", "mlp3072", "cnn")
+NT_IMPLS = ("STRUCTURED_DERIVATIVES", "JACOBIAN_CONTRACTION", "NTK_VECTOR_PRODUCTS")
+
+
+# ----------------------------------------------------------------------------------------------
+# neural-tangents side (runs in the other interpreter: no torch here)
+
+
+def nt_worker(data_dir: str, impls: tuple[str, ...] = NT_IMPLS) -> None:
+    import sys as _sys
+    import types
+
+    _sys.modules["neural_tangents.experimental"] = types.ModuleType(
+        "neural_tangents.experimental")
+    import jax
+    import jax.numpy as jnp
+    import neural_tangents as nt
+    import numpy as np
+    from jax import lax
+
+    def dense(h, w, b):  # W (out, in): contract its input axis, no transpose
+        return lax.dot_general(h, w, (((1,), (1,)), ((), ()))) + b
+
+    def mlp_fn(names):
+        def f(p, x):
+            h = x
+            for i, n in enumerate(names):
+                h = dense(h, p[f"{n}.weight"], p[f"{n}.bias"])
+                if i < len(names) - 1:
+                    h = jax.nn.relu(h)
+            return h
+        return f
+
+    def conv(h, w, b):
+        out = lax.conv_general_dilated(h, w, (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return out + b[None, :, None, None]
+
+    def pool(h):
+        return lax.reduce_window(h, -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+
+    def cnn_fn(p, x):
+        h = pool(jax.nn.relu(conv(x, p["c1.weight"], p["c1.bias"])))
+        h = pool(jax.nn.relu(conv(h, p["c2.weight"], p["c2.bias"])))
+        h = jax.nn.relu(dense(h.reshape(h.shape[0], -1), p["f1.weight"], p["f1.bias"]))
+        return dense(h, p["f2.weight"], p["f2.bias"])
+
+    fns, results = {}, {}
+    for case in CASES:
+        path = Path(data_dir) / f"{case}.npz"
+        if not path.exists():
+            continue
+        z = np.load(path)
+        params = {k[2:]: jnp.asarray(z[k]) for k in z.files if k.startswith("p:")}
+        x = jnp.asarray(z["x"])
+        if case == "cnn":
+            f = cnn_fn
+        else:
+            names = sorted({k.rsplit(".", 1)[0] for k in params}, key=int)
+            f = mlp_fn(names)
+        for impl in impls:
+            if case == "cnn" and impl == "NTK_VECTOR_PRODUCTS":
+                continue  # about 15 GB here (docs/PRIOR_ART.md)
+            fn = jax.jit(nt.empirical_ntk_fn(f, trace_axes=(), diagonal_axes=(), vmap_axes=0,
+                                             implementation=getattr(nt.NtkImplementation,
+                                                                    impl)))
+            try:
+                k = np.asarray(fn(x, None, params).block_until_ready())  # compile
+            except Exception as err:  # noqa: BLE001 - e.g. out of memory: record, go on
+                results[f"{case}:{impl}"] = {"status": "failed", "error": str(err)[:300]}
+                continue
+            np.save(Path(data_dir) / f"{case}-{impl}.npy", k)
+            fns[f"{case}:{impl}"] = (fn, x, params)
+    print(json.dumps({"ready": sorted(fns), "failed": results,
+                      "jax": jax.__version__, "neural_tangents": nt.__version__}), flush=True)
+    for line in sys.stdin:
+        key = line.strip()
+        if not key:
+            break
+        fn, x, params = fns[key]
+        t0 = time.perf_counter()
+        fn(x, None, params).block_until_ready()
+        print(json.dumps({"time_s": time.perf_counter() - t0}), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch side
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nt-python", required=False, default=None,
+                    help="python of the neural-tangents environment")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
+                                         "ntk_vs_neural_tangents-cpu.json"))
+    ap.add_argument("--nt-impls", default=",".join(NT_IMPLS),
+                    help="neural-tangents implementations to time (default: all three)")
+    ap.add_argument("--nt-worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.nt_worker:
+        nt_worker(args.nt_worker, tuple(args.nt_impls.split(",")))
+        return
+    if not args.nt_python:
+        raise SystemExit("give --nt-python PATH (the interpreter of a neural-tangents "
+                         "environment; see this script's docstring for how to make one)")
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "src"))
+    import ntk as bench
+
+    from rayleighflow.ntk import empirical_ntk
+
+    cases = [c for c in args.cases.split(",") if c]
+    report: dict = {"environment": {
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
+        "statistic": f"min of {args.repeats} alternating warm calls per side",
+        "nt_impls": args.nt_impls, "dtype": "float32",
+        "convention": "sum (Euclidean, exact (n, n, k, k))"},
+        "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        nets = {}
+        for case in cases:
+            net, x = bench.setup(case, "cpu", False)
+            nets[case] = (net, x)
+            arrays = {f"p:{k}": v.detach().numpy() for k, v in net.state_dict().items()}
+            np.savez(Path(tmp) / f"{case}.npz", x=x.numpy(), **arrays)
+        env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
+               "intra_op_parallelism_threads=1", "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.Popen([args.nt_python, __file__, "--nt-worker", tmp,
+                                 "--nt-impls", args.nt_impls], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        head = json.loads(proc.stdout.readline())
+        report["environment"].update(jax=head["jax"], neural_tangents=head["neural_tangents"],
+                                     xla_flags=env["XLA_FLAGS"])
+        for case in cases:
+            net, x = nets[case]
+            rec: dict = {"description": bench.CASES[case]["desc"], "n": int(x.shape[0]),
+                         "rayleighflow_s": [], "neural_tangents_s": {}}
+            ours = empirical_ntk(net, x, convention="sum")  # warm-up (plan probe)
+            impls = [k.split(":")[1] for k in head["ready"] if k.startswith(case + ":")]
+            for impl in impls:
+                rec["neural_tangents_s"][impl] = []
+            for key, val in head["failed"].items():
+                if key.startswith(case + ":"):
+                    rec.setdefault("neural_tangents_failed", {})[key.split(":")[1]] = val
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                ours = empirical_ntk(net, x, convention="sum")
+                rec["rayleighflow_s"].append(time.perf_counter() - t0)
+                for impl in impls:
+                    proc.stdin.write(f"{case}:{impl}\n")
+                    proc.stdin.flush()
+                    rec["neural_tangents_s"][impl].append(
+                        json.loads(proc.stdout.readline())["time_s"])
+            best_ours = min(rec["rayleighflow_s"])
+            bests = {i: min(t) for i, t in rec["neural_tangents_s"].items()}
+            best_impl = min(bests, key=bests.get)
+            ref = torch.from_numpy(np.load(Path(tmp) / f"{case}-{best_impl}.npy")).double()
+            diff = float((ours.double() - ref).abs().max() / ref.abs().max())
+            rec.update(rayleighflow_min_s=best_ours, neural_tangents_min_s=bests,
+                       neural_tangents_best=best_impl,
+                       speedup_vs_best=bests[best_impl] / best_ours,
+                       max_rel_diff_vs_best=diff)
+            report["cases"][case] = rec
+            print(f"[{case}] rayleighflow {best_ours:.4g} s, neural-tangents {best_impl} "
+                  f"{bests[best_impl]:.4g} s: {rec['speedup_vs_best']:.2f}x, "
+                  f"diff {diff:.2g}", flush=True)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=60)
+    report["environment"]["loadavg_end"] = os.getloadavg()
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
