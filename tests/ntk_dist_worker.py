@@ -109,3 +109,18 @@ def dies_later(rank: int, world: int, init: str, out_dir: str) -> None:
             fh.write(f"{time.perf_counter() - t0}\n{err}")
         return
     raise AssertionError("the assembly finished without its peer")
+
+
+def smoke(rank: int, world: int, init: str, out_dir: str) -> None:
+    """The quick 2-process check of the default suite: one kernel, one K v."""
+    torch.set_num_threads(1)
+    init_distributed("gloo", init_method=init, rank=rank, world_size=world, timeout_s=60)
+    case = CASES["mlp_tanh"]
+    model, x = case.build(), inputs(case, 5)
+    k = empirical_ntk(model, x, block_size=2, executor=DistributedExecutor("all"))
+    _close(k, empirical_ntk(model, x, block_size=2), 1e-12, "smoke kernel")
+    v = torch.randn(5 * 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    _close(ShardedNTKOperator(model, x).matvec(v), NTKOperator(model, x).matvec(v), 1e-10,
+           "smoke K v")
+    import torch.distributed as dist
+    dist.destroy_process_group()

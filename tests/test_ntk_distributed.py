@@ -33,6 +33,11 @@ def _spawn(fn, tmp_path, world=2):
                        start_method="spawn")
 
 
+def test_two_gloo_processes_smoke(tmp_path):
+    """Default suite: 2 gloo processes, one kernel and one sharded K v against 1 process."""
+    _spawn(ntk_dist_worker.smoke, tmp_path)
+
+
 @pytest.mark.slow  # spawns 2 processes: 10-45 s on 2 busy cores
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """MLP, CNN and a model with fallback layers: kernels (all/rank0/rows, cross, out of core)
