@@ -135,37 +135,47 @@ def run_user_experiment(path: Path, out: Path, *, seed=None, device=None, dtype=
     return execute(exp, ctx, config_to_toml(cfg))
 
 
-def ntk_summary(path: Path, *, max_samples: int | None = None) -> str:
-    """The paper's contrast at initialization for a TOML experiment's model and data.
-
-    ``path`` is a user experiment file or a run folder of one (its config.toml)."""
+def user_experiment_file(path: str | Path, command: str, builtin_hint: str) -> Path:
+    """The user TOML experiment that ``command`` acts on: the file, or a run folder's
+    config.toml. Anything else (a built-in experiment's name or configuration, a folder, a
+    missing or non-TOML file) is refused with one line; ``builtin_hint`` says what to do for a
+    built-in experiment instead ("{name}" in it becomes that experiment's name)."""
     from .registry import EXPERIMENTS, is_toml
 
     path = Path(path)
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"--max-samples must be at least 1 (got {max_samples})")
     if path.is_dir() and (path / "config.toml").is_file():
         path = path / "config.toml"
     elif str(path) in EXPERIMENTS and not path.exists():
-        raise ValueError(f"ntk takes a TOML experiment file; {str(path)!r} is a built-in "
-                         f"experiment, whose report shows its spectrum: rayleighflow run {path}")
+        raise ValueError(f"{command} takes a TOML experiment file; {str(path)!r} is a built-in "
+                         f"experiment: {builtin_hint.format(name=path)}")
     elif path.is_dir():
         raise ValueError(f"{str(path)!r} is a folder, not a TOML experiment file or a run "
                          "folder")
     elif not is_toml(path):
-        raise ValueError(f"ntk takes a .toml experiment file (got {str(path)!r})")
+        raise ValueError(f"{command} takes a .toml experiment file (got {str(path)!r})")
     if not path.exists():
         raise FileNotFoundError(f"no experiment file {str(path)!r}")
     try:
         import tomllib
 
-        builtin = "experiment" in tomllib.loads(path.read_text(encoding="utf-8"))
+        builtin = tomllib.loads(path.read_text(encoding="utf-8")).get("experiment")
     except (OSError, UnicodeDecodeError, ValueError):
-        builtin = False
+        builtin = None
     if builtin:
-        raise ValueError(f"{str(path)!r} is the configuration of a built-in experiment: ntk "
-                         "takes a user experiment file (model, data, loss); the built-in "
-                         "experiment's report shows its spectrum")
+        raise ValueError(f"{str(path)!r} is the configuration of a built-in experiment: "
+                         f"{command} takes a user experiment file (model, data, loss); "
+                         f"{builtin_hint.format(name=builtin)}")
+    return path
+
+
+def ntk_summary(path: Path, *, max_samples: int | None = None) -> str:
+    """The paper's contrast at initialization for a TOML experiment's model and data.
+
+    ``path`` is a user experiment file or a run folder of one (its config.toml)."""
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"--max-samples must be at least 1 (got {max_samples})")
+    path = user_experiment_file(path, "ntk", "its report shows its spectrum: rayleighflow run "
+                                             "{name}")
     cfg = load_config(path)
     problem, info = build_problem(cfg)
     data = problem.data

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 from .core import Proof, prove_details
@@ -18,24 +17,10 @@ def prove_file(path: str | Path, *, radius: float | None = None, target: float |
     from ..data import Dataset
     from ..experiments.builders import build_problem
     from ..experiments.config import load_config
+    from ..experiments.user import user_experiment_file
 
-    path = Path(path)
-    if path.is_dir() and (path / "config.toml").is_file():
-        path = path / "config.toml"
-    elif path.is_dir():
-        raise ValueError(f"{str(path)!r} is a folder, not a TOML experiment file or a run folder")
-    if path.suffix.lower() != ".toml":
-        raise ValueError(f"prove takes a .toml experiment file (got {str(path)!r})")
-    if not path.exists():
-        raise FileNotFoundError(f"no experiment file {str(path)!r}")
-    try:
-        builtin = "experiment" in tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        builtin = False
-    if builtin:
-        raise ValueError(f"{str(path)!r} is the configuration of a built-in experiment: prove "
-                         "takes a user experiment file; `rayleighflow run proof` proves the "
-                         "definite-NTK networks")
+    path = user_experiment_file(path, "prove", "`rayleighflow run proof` proves the "
+                                               "definite-NTK networks")
     cfg = load_config(path)
     problem, _info = build_problem(cfg)
     if not isinstance(problem.data, Dataset):
