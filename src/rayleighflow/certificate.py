@@ -126,9 +126,10 @@ class DelayedCheck:
     intervals: int
     min_slack: float
     first_failure: tuple[float, float] | None = None  # (t_a, t_{a+1})
+    failures: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "intervals": self.intervals,
+        return {"passed": self.passed, "intervals": self.intervals, "failures": self.failures,
                 "min_relative_slack": _num(self.min_slack),
                 "first_failure": list(self.first_failure) if self.first_failure else None}
 

@@ -219,8 +219,13 @@ def _scope_note(have_evals: bool, delayed: DelayedCheck, method: str | None) -> 
         parts.append("KL ratio checked at every gradient evaluation of the integrator")
     else:
         parts.append("KL ratio checked at the records only")
-    parts.append(f"delayed check L(t_a) ≤ B(t_(a+1)) {'passed' if delayed.passed else 'failed'}"
-                 f" on the {delayed.intervals} record intervals after the first")
+    if delayed.passed:
+        parts.append(f"delayed check L(t_a) ≤ B(t_(a+1)) passed on all {delayed.intervals} "
+                     "record intervals after the first")
+    else:
+        parts.append(f"delayed check L(t_a) ≤ B(t_(a+1)) failed on {delayed.failures} of the "
+                     f"{delayed.intervals} record intervals after the first (first on "
+                     f"[{delayed.first_failure[0]:.4g}, {delayed.first_failure[1]:.4g}])")
     return "; ".join(parts)
 
 
@@ -242,7 +247,8 @@ def delayed_check(t: np.ndarray, loss: np.ndarray, bound: np.ndarray, rtol: floa
     slack = (nxt - start)[use] / start[use]
     fails = np.flatnonzero(use & ~(nxt >= start))
     first = (float(t[fails[0]]), float(t[fails[0] + 1])) if fails.size else None
-    return DelayedCheck(fails.size == 0, int(use.sum()), float(np.min(slack)), first)
+    return DelayedCheck(fails.size == 0, int(use.sum()), float(np.min(slack)), first,
+                        int(fails.size))
 
 
 def compose(
