@@ -168,7 +168,8 @@ def test_adaptive_flow_logs_every_stage_and_checks_them(stuck_two_layer):
     assert np.allclose(ev["fgrad_sq"], 2 * ev["loss"], rtol=1e-12)
     cert = certify(res.trajectory, "log")
     rec_only = certify(res.trajectory, "log", use_evaluations=False)
-    assert cert.n_grad_evals == res.n_grad_evals and rec_only.n_grad_evals == 0
+    inside = int((ev["t"] <= res.trajectory.t[-1]).sum())  # stages past t_max are not checked
+    assert cert.n_grad_evals == inside > 0 and rec_only.n_grad_evals == 0
     assert cert.mu_star <= rec_only.mu_star
     # The log survives a round trip through the file.
     path_traj = Trajectory.load(_saved(res.trajectory))

@@ -124,7 +124,7 @@ def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Cer
     ck_t, ck_loss, ck_g = ck["t"], ck["loss"], ck["grad_sq"]
     ck_ratios = _ratios(phi, ck_loss, ck_g)
     mu_star, t_star = _min_at(ck_ratios, ck_t)
-    n_evals = 0 if evals is None else int(evals["t"].size)
+    n_evals = int(ck["t"].size) - len(traj)
     base = dict(desingularizer=phi, convention=traj.meta.get("convention", "mean"), t=t,
                 loss=loss, kl_ratio=ratios, mu_star=mu_star, t_at_mu_star=t_star, rtol=rtol,
                 atol=atol, n_records=len(traj), n_grad_evals=n_evals)
@@ -207,7 +207,9 @@ def _checked_points(traj: Trajectory, evals: dict[str, np.ndarray] | None
         rec["fgrad_sq"] = np.full(len(traj), np.nan)
     if evals is None:
         return rec
-    return {k: np.concatenate([rec[k], evals[k]]) for k in rec}
+    # Stages of the last step past the last record lie beyond the checked horizon.
+    inside = evals["t"] <= rec["t"][-1] * (1 + 1e-12) + 1e-300
+    return {k: np.concatenate([rec[k], evals[k][inside]]) for k in rec}
 
 
 def _scope_note(have_evals: bool, delayed: DelayedCheck, method: str | None) -> str:
