@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _env import environment
 from torch import nn
 
 from rayleighflow.monitor import Monitor, full_data_estimate
@@ -170,19 +170,6 @@ def run_case(name: str, device: str, steps: int, warmup: int, full_batches: int)
                         "estimate_s": min(est_t),
                         "gradient_equivalents": min(est_t) / min(grads_t)}
     return rec
-
-
-def environment(device: str) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "threads": torch.get_num_threads(), "dtype": "float32", "device": device,
-           "loadavg_start": os.getloadavg(),
-           "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_"))}}
-    if device == "cuda":
-        env.update(device_name=torch.cuda.get_device_name(), cuda=torch.version.cuda)
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-    return env
 
 
 def main() -> None:

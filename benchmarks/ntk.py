@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from _env import environment  # noqa: E402
 
 from rayleighflow.ntk import NTKOperator, empirical_ntk, kernel_matrix, plan_ntk  # noqa: E402
 from rayleighflow.ntk.plan import clear_plan_cache  # noqa: E402
@@ -424,21 +425,6 @@ def matmul_rate(device: str) -> dict:
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     med = timed(lambda: a @ b, device, 10)[0]
     return {"size": size, "tflops_per_s": 2 * size**3 / med / 1e12}
-
-
-def environment(device: str) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "threads": torch.get_num_threads(), "dtype": "float32", "device": device,
-           "loadavg_start": os.getloadavg(),
-           "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_"))}}
-    if device == "cuda":
-        env.update(device_name=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                   tf32_cudnn=torch.backends.cudnn.allow_tf32)
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-    return env
 
 
 def main() -> None:
