@@ -19,6 +19,18 @@ class Convention(str, Enum):
     ``MEAN``: L²(D), ⟨u, v⟩ = Σ_i w_i u_i·v_i and ℓ = Σ_i w_i ℓ_i (the default; survives n → ∞).
     ``SUM``: Euclidean, ⟨u, v⟩ = Σ_i n w_i u_i·v_i and ℓ = Σ_i n w_i ℓ_i (= Σ_i ℓ_i for uniform
     weights). With uniform weights R_sum = n · R_mean.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> rf.Convention.parse("sum") is rf.Convention.SUM
+        True
+        >>> data = rf.Dataset.from_arrays(torch.randn(4, 2), torch.randn(4, 1))
+        >>> net = torch.nn.Linear(2, 1).double()
+        >>> mean = rf.measure(rf.Problem(rf.Model(net), data, "square", "mean"))
+        >>> total = rf.measure(rf.Problem(rf.Model(net), data, "square", "sum"))
+        >>> abs(total.rayleigh - data.n * mean.rayleigh) < 1e-9 * total.rayleigh  # R_sum = n·R_mean
+        True
     """
 
     MEAN = "mean"

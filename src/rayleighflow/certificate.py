@@ -30,19 +30,56 @@ __all__ = ["Scope", "CertificateStatus", "Reason", "Assumption", "DelayedCheck",
 
 
 class Scope(StrEnum):
+    """Where a certificate was checked (CERTIFICATES.md §1).
+
+    ``RECORDS``: the KL ratio φ′(L)‖∇L‖² ≥ μ and L ≤ B at the recorded points only; ``PATH``:
+    at every gradient-descent iterate, or at every solver evaluation plus the delayed check
+    L(t_a) ≤ B(t_{a+1}); ``PROVEN``: an a-priori argument for the exact flow (:func:`prove`).
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> [scope.value for scope in rf.Scope]
+        ['records', 'path', 'proven']
+        >>> rf.Scope("path") is rf.Scope.PATH
+        True
+    """
+
     RECORDS = "records"  # held at the recorded points
     PATH = "path"        # held along the computed path (every iterate / every evaluation)
     PROVEN = "proven"    # a-priori, for the exact flow
 
 
 class CertificateStatus(StrEnum):
+    """What a certificate concluded: ``HOLDS`` (every assumption checked at every checked point
+    and L ≤ B·(1 + rtol) + atol there), ``VIOLATED`` (a check failed: ``reason`` and
+    ``first_violation`` say which and where) or ``UNAVAILABLE`` (it cannot be formed: ``reason``).
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> rf.CertificateStatus("holds") is rf.CertificateStatus.HOLDS
+        True
+        >>> rf.CertificateStatus.VIOLATED == "violated"    # a str enum: equal to its value
+        True
+    """
+
     HOLDS = "holds"              # every assumption checked at every checked point, bound holds
     VIOLATED = "violated"        # a check failed: see ``reason`` and ``first_violation``
     UNAVAILABLE = "unavailable"  # the certificate cannot be formed here: see ``reason``
 
 
 class Reason(Enum):
-    """Why a certificate is VIOLATED or UNAVAILABLE: ``cause`` and ``remedy`` in words."""
+    """Why a certificate is VIOLATED or UNAVAILABLE: ``cause`` and ``remedy`` in words.
+
+    Each member carries a stable ``code`` (the JSON form's ``reason.code``).
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> reason = rf.Reason.KERNEL_NOT_DEFINITE
+        >>> reason.code
+        'kernel_not_definite'
+        >>> "only along ∇ℓ" in reason.remedy     # the composed certificate needs no λ_min > 0
+        True
+    """
 
     def __init__(self, code: str, cause: str, remedy: str) -> None:
         self.code, self.cause, self.remedy = code, cause, remedy
@@ -108,6 +145,20 @@ class Reason(Enum):
 @final
 @dataclass(frozen=True)
 class Assumption:
+    """One checked assumption of a certificate: its ``name``, whether it ``holds`` and the
+    numbers behind that verdict (``detail``), e.g. "μ* = min φ′(L)‖∇L‖² = … at t = …".
+
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> traj = rf.Trajectory()
+        >>> for t in np.linspace(0.0, 2.0, 5):  # L = e^(−2t), ‖∇L‖² = 2L: PL with μ = 2
+        ...     traj.append({"t": t, "loss": np.exp(-2 * t), "grad_sq": 2 * np.exp(-2 * t)})
+        >>> cert = rf.certify(traj, "log")
+        >>> [(a.name, a.holds) for a in cert.assumptions]
+        [('KL with φ = log', True), ('bound ≥ recorded loss', True)]
+    """
+
     name: str
     holds: bool
     detail: str
@@ -139,9 +190,33 @@ class DelayedCheck:
 class Certificate:
     """A KL certificate and its evidence; ``to_dict`` gives the JSON form.
 
+    It states L(θ_t) ≤ B(t) = φ⁻¹(φ(L₀) − μ(t − t₀)) for a flow, checked with the KL ratio
+    φ′(L)‖∇L‖² ≥ μ, and L_K ≤ φ⁻¹(φ(L₀) − μ Σ_k α_k η) for gradient descent (``discrete``,
+    α_k the observed sufficient decrease). Losses and gradient norms are in the run's
+    convention (``convention``: "mean" = L²(D), "sum" = Euclidean).
+
     ``t``, ``loss``, ``bound``, ``kl_ratio`` are at the checked points the bound was compared
     at: records (continuous certificates) or every iterate (gradient descent). ``mu_star`` is
     the smallest KL ratio over every checked point, evaluations included.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> _ = torch.manual_seed(0)
+        >>> data = rf.Dataset.from_arrays(torch.randn(8, 2), torch.randn(8, 1))
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(16, 1)).double()
+        >>> problem = rf.Problem(rf.Model(net), data, "square")
+        >>> run = rf.gradient_flow(problem, t_max=2.0, method="euler", step=0.1)
+        >>> cert = rf.certify(run.trajectory, "log")  # the exact discrete certificate, μ = μ*
+        >>> cert.status.value, cert.scope.value, cert.discrete
+        ('holds', 'path', True)
+        >>> bool((cert.loss <= cert.bound * (1 + cert.rtol)).all())
+        True
+        >>> cert.time_to(cert.bound_final) == cert.horizon    # certified inside the horizon
+        True
+        >>> cert.forecast_time_to(1e-3) > cert.horizon        # beyond it: a forecast
+        True
     """
 
     desingularizer: Desingularizer

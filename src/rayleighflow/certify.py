@@ -45,7 +45,19 @@ def kl_ratios(traj: Trajectory, desingularizer: str | Desingularizer) -> np.ndar
     """φ′(L_t)‖∇L_t‖² at every record (NaN where L_t is at or below φ's floor: KL is silent).
 
     A zero (or underflowed) gradient at a positive loss gives 0, not ∞·0 = NaN; an infinite
-    ratio stays infinite (a failure, never a pass).
+    ratio stays infinite (a failure, never a pass). Losses and gradient norms are in the
+    trajectory's convention.
+
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> traj = rf.Trajectory()
+        >>> for t in np.linspace(0.0, 2.0, 5):  # L = e^(−2t), ‖∇L‖² = 2L: PL with μ = 2
+        ...     traj.append({"t": t, "loss": np.exp(-2 * t), "grad_sq": 2 * np.exp(-2 * t)})
+        >>> rf.kl_ratios(traj, "log")            # ‖∇L‖²/L
+        array([2., 2., 2., 2., 2.])
+        >>> rf.kl_ratios(traj, "reciprocal")     # ‖∇L‖²/L² = 2e^(2t) grows
+        array([ 2.        ,  5.43656366, 14.7781122 , 40.17107385, 109.19630007])
     """
     return _ratios(get_desingularizer(desingularizer), traj["loss"], traj["grad_sq"])
 
@@ -91,6 +103,23 @@ def certify(
 
     The bound check is one-sided, L ≤ bound·(1 + rtol) + atol; atol defaults to 0 so that the
     check keeps its meaning at tiny losses.
+
+    The KL inequality φ′(L)‖∇L‖² ≥ μ on the checked points gives the bound
+    L(θ_t) ≤ B(t) = φ⁻¹(φ(L₀) − μ(t − t₀)); μ* = min φ′(L)‖∇L‖² when ``mu`` is None.
+    Losses are in the trajectory's convention (``traj.meta["convention"]``).
+
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> traj = rf.Trajectory()
+        >>> for t in np.linspace(0.0, 2.0, 5):  # L = e^(−2t), ‖∇L‖² = 2L: PL with μ = 2
+        ...     traj.append({"t": t, "loss": np.exp(-2 * t), "grad_sq": 2 * np.exp(-2 * t)})
+        >>> cert = rf.certify(traj, "log")       # observed μ* = min ‖∇L‖²/L
+        >>> cert.status.value, cert.scope.value, cert.mu   # no solver evaluations: records
+        ('holds', 'records', 2.0)
+        >>> bad = rf.certify(traj, "log", mu=3.0)          # a stated μ the run does not have
+        >>> bad.status.value, bad.reason.code
+        ('violated', 'kl_below_mu')
     """
     phi = get_desingularizer(desingularizer)
     if mu is not None and not (isinstance(mu, int | float) and math.isfinite(mu) and mu > 0):
@@ -266,6 +295,28 @@ def compose(
     Both assumptions are checked at every record that carries them (φ'(ℓ)‖∇ℓ‖² ≥ c and
     R ≥ R_low); a check with no record to look at fails (UNAVAILABLE), it never passes empty.
     The resulting μ is then checked like a stated μ, at every gradient evaluation too.
+
+    R(K; ∇ℓ) = ‖∇L‖²/‖∇ℓ‖²_D is read off the records and evaluations (``grad_sq`` and
+    ``fgrad_sq``, in the run's convention); ``rayleigh_lower`` defaults to its observed minimum.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> _ = torch.manual_seed(0)
+        >>> data = rf.Dataset.from_arrays(torch.randn(8, 2), torch.randn(8, 1))
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(16, 1)).double()
+        >>> problem = rf.Problem(rf.Model(net), data, "square")
+        >>> run = rf.gradient_flow(problem, t_max=2.0, method="euler", step=0.1)
+        >>> fkl = problem.loss.functional_kl(data.weights, problem.convention)
+        >>> fkl.desingularizer, fkl.c                # square loss: ‖∇ℓ‖² = 2ℓ
+        ('log', 2.0)
+        >>> cert = rf.compose(run.trajectory, fkl)
+        >>> cert.mu_source, cert.status.value
+        ('composed', 'holds')
+        >>> ev = run.trajectory.evaluations           # every gradient-descent iterate
+        >>> bool(cert.mu == fkl.c * (ev["grad_sq"] / ev["fgrad_sq"]).min())  # μ = c·min R
+        True
     """
     if isinstance(functional_kl, str):
         raise TypeError("compose needs a FunctionalKL (e.g. "
@@ -344,6 +395,20 @@ def spectral(
     ``spectrum_samples``; experiments.common.spectrum_diagnostic). UNAVAILABLE when a spectrum
     was computed on a subset of the evaluation data (a subset never certifies the full kernel)
     or when λ_min is zero — structurally (rank ≤ P < nk) or numerically (≤ τ) — at a record.
+
+    Example:
+        >>> import numpy as np
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> fkl = rf.SquareLoss().functional_kl(torch.full((4,), 0.25), rf.Convention.MEAN)
+        >>> traj = rf.Trajectory(meta={"eval_size": 4})
+        >>> for t in np.linspace(0.0, 2.0, 5):  # λ_min = 0.5 > τ on all 4 samples, L = e^(−2t)
+        ...     L = np.exp(-2 * t)
+        ...     traj.append({"t": t, "loss": L, "grad_sq": 2 * L, "fgrad_sq": 2 * L,
+        ...                  "lambda_min": 0.5, "rank_threshold": 1e-12, "spectrum_samples": 4})
+        >>> cert = rf.spectral(traj, fkl)
+        >>> cert.mu_source, cert.mu, cert.status.value      # μ = c·min λ_min = 2 · 0.5
+        ('spectral', 1.0, 'holds')
     """
     lam, thr = traj.get("lambda_min"), traj.get("rank_threshold")
     phi = get_desingularizer(functional_kl.desingularizer)
@@ -381,6 +446,16 @@ def rank_desingularizers(
     Each candidate gets its observed-μ* certificate. Only those that HOLD at every checked
     point are ranked, by the mean of log(bound/L) over the checked points (0 is exact); the
     others follow, unranked, with their status and reason.
+
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> traj = rf.Trajectory()
+        >>> for t in np.linspace(0.0, 2.0, 5):  # L = e^(−2t), ‖∇L‖² = 2L: PL with μ = 2
+        ...     traj.append({"t": t, "loss": np.exp(-2 * t), "grad_sq": 2 * np.exp(-2 * t)})
+        >>> best = rf.rank_desingularizers(traj)[0]   # log (PL) is exact on this run
+        >>> best["name"], best["rank"], best["tightness"]
+        ('log', 1, 0.0)
     """
     rows = []
     for spec in candidates if candidates is not None else _DEFAULT_CANDIDATES:

@@ -43,7 +43,22 @@ def _check_finite(name: str, t: Tensor) -> None:
 @final
 @dataclass(frozen=True, eq=False)  # identity semantics: tensors have no boolean equality
 class Dataset:
-    """A finite weighted dataset. ``y`` is (n,) integer labels or (n, k) / (n,) real targets."""
+    """A finite weighted dataset D = Σ_i w_i δ_(x_i): inputs ``x`` (n, ...), targets ``y``
+    ((n,) integer labels or (n, k) / (n,) real targets) and probability weights ``weights``
+    (n,), w_i > 0, Σ_i w_i = 1 (uniform by default). The weights define the L²(D) inner
+    product ⟨u, v⟩_D = Σ_i w_i u_i·v_i of the "mean" convention.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> data = rf.Dataset.from_arrays(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+        >>> data.n, data.x.dtype, data.y.dtype, data.is_uniform
+        (4, torch.float64, torch.int64, True)
+        >>> float(data.weights.sum())
+        1.0
+        >>> data.subset(torch.tensor([0, 1])).weights     # renormalized to sum 1
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
 
     x: Tensor
     y: Tensor
@@ -132,7 +147,21 @@ Target = Callable[[Tensor], Tensor]
 class Sampler(abc.ABC):
     """A distribution over (x, y) with possibly infinite support.
 
-    ``sample(n, generator)`` returns a uniformly weighted :class:`Dataset` of n fresh draws.
+    ``sample(n, generator)`` returns a uniformly weighted :class:`Dataset` of n fresh draws;
+    randomness comes only from that explicit ``torch.Generator``. Subclasses implement
+    ``sample`` and ``description``.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> class Line(rf.Sampler):               # x ~ N(0, 1), y = 2x
+        ...     def sample(self, n, generator):
+        ...         x = torch.randn(n, 1, generator=generator, dtype=torch.float64)
+        ...         return rf.Dataset.from_arrays(x, 2 * x)
+        ...     description = "x ~ N(0, 1), y = 2x"
+        >>> d = Line().sample(5, torch.Generator().manual_seed(0))
+        >>> d.n, bool(torch.equal(d.y, 2 * d.x))
+        (5, True)
     """
 
     @abc.abstractmethod
@@ -150,7 +179,16 @@ def _uniform_dataset(x: Tensor, y: Tensor) -> Dataset:
 
 @final
 class UniformBox(Sampler):
-    """x ~ Uniform[-R, R]^d, y = target(x)."""
+    """x ~ Uniform[-R, R]^d, y = target(x): a distribution with infinite support.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> box = rf.UniformBox(2, 2.0, lambda x: x.sum(-1, keepdim=True))
+        >>> d = box.sample(100, torch.Generator().manual_seed(0))
+        >>> d.x.shape, bool(d.x.abs().max() <= 2.0), box.description
+        (torch.Size([100, 2]), True, 'x ~ Uniform[-2.0, 2.0]^2')
+    """
 
     def __init__(self, dim: int, radius: float, target: Target, *, dtype=torch.float64) -> None:
         if dim < 1 or not radius > 0:
@@ -169,7 +207,16 @@ class UniformBox(Sampler):
 
 @final
 class Gaussian(Sampler):
-    """x ~ N(0, σ² I_d), y = target(x)."""
+    """x ~ N(0, σ² I_d), y = target(x).
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> gauss = rf.Gaussian(3, torch.sin, std=0.5)
+        >>> d = gauss.sample(4, torch.Generator().manual_seed(0))
+        >>> d.x.shape, bool(torch.equal(d.y, torch.sin(d.x))), gauss.description
+        (torch.Size([4, 3]), True, 'x ~ N(0, 0.5^2 I_3)')
+    """
 
     def __init__(self, dim: int, target: Target, *, std: float = 1.0, dtype=torch.float64) -> None:
         if dim < 1 or not std > 0:
@@ -187,7 +234,18 @@ class Gaussian(Sampler):
 
 @final
 class TeacherStudent(Sampler):
-    """Gaussian inputs labelled by a fixed teacher: y = teacher(x), or its argmax (classes)."""
+    """Gaussian inputs labelled by a fixed teacher: x ~ N(0, I_d), y = teacher(x), or
+    argmax_c teacher(x)_c with ``classify=True`` (labels 0..k−1).
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> _ = torch.manual_seed(0)
+        >>> teacher = torch.nn.Linear(2, 3).double()
+        >>> d = rf.TeacherStudent(teacher, 2, classify=True).sample(6, torch.Generator())
+        >>> d.y.dtype, bool(torch.equal(d.y, teacher(d.x).argmax(-1)))
+        (torch.int64, True)
+    """
 
     def __init__(
         self, teacher: Callable[[Tensor], Tensor], dim: int, *, classify: bool = False,
@@ -231,7 +289,18 @@ def load_sklearn(
 ) -> Dataset:
     """A real dataset bundled with scikit-learn (no download), labels relabelled 0..k-1.
 
-    ``classes`` keeps only those original classes; ``n_samples`` keeps a seeded random subset.
+    ``classes`` keeps only those original classes; ``n_samples`` keeps a seeded random subset;
+    ``standardize`` centres each feature and divides by its standard deviation. The weights
+    are uniform, w_i = 1/n. Names: ``"iris"``, ``"wine"``, ``"breast_cancer"``, ``"digits"``.
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> wine = rf.load_sklearn("wine")
+        >>> wine.n, tuple(wine.x.shape), sorted(set(wine.y.tolist()))
+        (178, (178, 13), [0, 1, 2])
+        >>> iris2 = rf.load_sklearn("iris", classes=(1, 2), n_samples=20)
+        >>> iris2.n, sorted(set(iris2.y.tolist()))             # relabelled 0..k−1
+        (20, [0, 1])
     """
     from sklearn import datasets as skd
 

@@ -84,6 +84,24 @@ class Desingularizer(abc.ABC):
     Required: ``phi``, ``dphi``, ``phi_inv`` (vectorized). ``phi_inv`` maps values below the
     range of phi to 0 and values above it to inf. ``phi_lower`` is lim_{u->0+} phi(u)
     (-inf when unbounded). Derived: ``kl_ratio``, ``bound``, ``time_to_reach``.
+
+    The KL inequality phi'(L) |grad L|^2 >= mu integrates along the flow to
+    L(t) <= phi^{-1}(phi(L0) - mu t) (``bound``). Everything is numpy float64; L and
+    |grad L|^2 are in whatever convention the caller measured them.
+
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> class Cube(rf.Desingularizer):     # phi(u) = -1/(2u^2): KL |grad L|^2 >= mu L^3
+        ...     name = "cube"
+        ...     def phi(self, u): return -0.5 / np.asarray(u, float) ** 2
+        ...     def dphi(self, u): return np.asarray(u, float) ** -3.0
+        ...     def phi_inv(self, v): return np.sqrt(-0.5 / np.asarray(v, float))
+        >>> t = np.array([0.0, 1.0, 10.0])
+        >>> bool(np.allclose(Cube().bound(1.0, 1.0, t), (1 + 2 * t) ** -0.5))  # same as Power(3)
+        True
+        >>> round(Cube().time_to_reach(1.0, 1.0, 0.1), 9)   # (phi(1) - phi(0.1)) / mu
+        49.5
     """
 
     name: str
@@ -160,6 +178,15 @@ class Log(Desingularizer):
     """phi(u) = log u, phi'(u) = 1/u, phi^{-1}(v) = e^v.
 
     KL reads |grad L|^2 >= mu L (Polyak-Lojasiewicz); bound L0 e^{-mu t}.
+
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> t = np.array([0.0, 1.0, 5.0])
+        >>> bool(np.allclose(rf.Log().bound(2.0, 0.5, t), 2.0 * np.exp(-0.5 * t)))
+        True
+        >>> float(rf.Log().kl_ratio(0.5, 0.2))          # |grad L|^2 / L
+        0.4
     """
 
     name = "log"
@@ -227,6 +254,11 @@ class Reciprocal(_PowerLaw):
     """phi(u) = -1/u, phi'(u) = 1/u^2, phi^{-1}(v) = -1/v on v < 0.
 
     KL reads |grad L|^2 >= mu L^2; bound L0 / (1 + mu L0 t). Same as Power(2).
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> rf.Reciprocal().bound(1.0, 1.0, [0.0, 1.0, 3.0])    # 1/(1 + t)
+        array([1.  , 0.5 , 0.25])
     """
 
     name = "reciprocal"
@@ -239,6 +271,14 @@ class Power(_PowerLaw):
 
     KL reads |grad L|^2 >= mu L^a; bound (L0^{1-a} - (1-a) mu t)_+^{1/(1-a)}. For a < 1 phi is
     bounded below by phi(0+) = 0 and the bound reaches 0 at T = phi(L0)/mu.
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> half = rf.Power(0.5)                          # (1 - t/2)^2: zero at T = 2
+        >>> half.bound(1.0, 1.0, [0.0, 1.0, 2.0, 3.0])
+        array([1.  , 0.25, 0.  , 0.  ])
+        >>> half.time_to_reach(1.0, 1.0, 0.0), half.name
+        (2.0, 'power(alpha=0.5)')
     """
 
     def __init__(self, alpha: float):
@@ -262,6 +302,17 @@ class CrossEntropy(Desingularizer):
     phi^{-1}(v) = log(1 + 1/W0(e^{-v})) (W0: principal Lambert branch). KL reads
     |grad L|^2 >= mu (1 - e^{-L})^2 (linear softmax regression, THEORY.md R2); the bound decreases
     linearly (~ L0 - mu t) while large and like 1/(mu t) as t -> inf.
+
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> ce = rf.CrossEntropy()
+        >>> u = np.array([1e-3, 0.5, 20.0])
+        >>> bool(np.allclose(ce.phi_inv(ce.phi(u)), u))   # the Lambert-W inverse
+        True
+        >>> b = float(ce.bound(2.0, 1.0, 1e3))
+        >>> 0.9 < b * 1e3 < 1.1                           # ~ 1/(mu t) at large t
+        True
     """
 
     name = "cross-entropy"
@@ -301,6 +352,15 @@ class ScaledCrossEntropy(Desingularizer):
     KL reads |grad L|^2 >= mu (1 - e^{-L/k})^2: the sharp isolation form of the logistic
     theorem (CERTIFICATES.md §5) with k = min_i w_i. Bound
     L_t <= k phi_CE^{-1}(phi_CE(L0/k) - (mu/k) t); scale 1 is ``CrossEntropy``.
+
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> k, t = 0.1, np.array([0.0, 1.0, 100.0])
+        >>> scaled = rf.ScaledCrossEntropy(k)
+        >>> ce_bound = k * rf.CrossEntropy().bound(2.0 / k, 1.0 / k, t)
+        >>> bool(np.allclose(scaled.bound(2.0, 1.0, t), ce_bound)), scaled.name
+        (True, 'cross-entropy(scale=0.1)')
     """
 
     def __init__(self, scale: float):
@@ -338,6 +398,15 @@ class Plateau(Desingularizer):
 
     KL reads |grad L|^2 >= mu (L - eta); bound eta + (L0 - eta) e^{-mu t}: convergence to the
     plateau level eta, not to zero. Records with L <= eta are outside its scope.
+
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> plateau, t = rf.Plateau(0.5), np.array([0.0, 1.0, 50.0])
+        >>> bool(np.allclose(plateau.bound(2.0, 1.0, t), 0.5 + 1.5 * np.exp(-t)))
+        True
+        >>> bool(np.isnan(plateau.kl_ratio(0.4, 1.0)))     # below the plateau: KL is silent
+        True
     """
 
     def __init__(self, eta: float):
@@ -398,8 +467,12 @@ class Custom(Desingularizer):
     Checked at construction on a probe grid u in [1e-6, 1e6]:
     phi finite and increasing, dphi finite, > 0 and matching finite differences of phi.
 
-    >>> Custom(np.log, lambda u: 1 / u, label="log").bound(2.0, 1.0, 1.0)  # 2/e
-    np.float64(0.7357588823428847)
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> pl = rf.Custom(np.log, lambda u: 1 / u, label="log")   # PL through root finding
+        >>> bool(np.isclose(pl.bound(2.0, 1.0, 1.0), 2 / np.e)), pl.name
+        (True, 'custom:log')
     """
 
     def __init__(self, phi: Callable, dphi: Callable, label: str = "user", lower=None,
@@ -478,6 +551,13 @@ def get_desingularizer(spec) -> Desingularizer:
     """A Desingularizer (returned as is) or a name: 'log' | 'pl' | 'reciprocal' |
     'power:<alpha>' (also 'power(alpha=<alpha>)', the ``name`` form) | 'cross-entropy' | 'ce' |
     'cross-entropy:<scale>' | 'plateau:<eta>' (and their ``name`` forms).
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> rf.get_desingularizer("pl"), rf.get_desingularizer("power:0.5")
+        (<Log log>, <Power power(alpha=0.5)>)
+        >>> rf.get_desingularizer(rf.Plateau(0.05).name)      # a name rebuilds the object
+        <Plateau plateau(eta=0.05)>
     """
     if isinstance(spec, Desingularizer):
         return spec

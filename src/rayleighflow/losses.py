@@ -33,7 +33,17 @@ __all__ = [
 @final
 @dataclass(frozen=True)
 class FunctionalKL:
-    """φ'(ℓ(f)) ‖∇ℓ(f)‖² ≥ c for all f, in the named convention."""
+    """The functional KL fact φ'(ℓ(f)) ‖∇ℓ(f)‖² ≥ c for all f, in the named convention
+    (‖·‖ the convention's norm on function space), with the ``reason`` it holds.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> w = torch.full((10,), 0.1, dtype=torch.float64)
+        >>> fkl = rf.SoftmaxCrossEntropy().functional_kl(w, rf.Convention.MEAN, n_classes=3)
+        >>> fkl.desingularizer, round(fkl.c, 12)    # c = κ·k/(k−1), κ = min w_i = 0.1
+        ('cross-entropy', 0.15)
+    """
 
     desingularizer: str
     c: float
@@ -71,7 +81,20 @@ class Loss(abc.ABC):
 
 @final
 class SquareLoss(Loss):
-    """ℓ_i = ½‖f_i − y_i‖², g_i = f_i − y_i; ‖∇ℓ‖² = 2ℓ so φ = log, c = 2 (either convention)."""
+    """ℓ_i = ½‖f_i − y_i‖², g_i = f_i − y_i; ‖∇ℓ‖² = 2ℓ so φ = log, c = 2 (either convention).
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> loss = rf.SquareLoss()
+        >>> f, y = torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [1.0]])
+        >>> w = torch.tensor([0.5, 0.5])
+        >>> loss.per_sample(f, y), loss.value(f, y, w)   # ½(f − y)², Σ w_i ℓ_i
+        (tensor([0.5000, 2.0000]), tensor(1.2500))
+        >>> g = loss.functional_grad(f, y)
+        >>> float((w * (g ** 2).sum(-1)).sum()) == 2 * float(loss.value(f, y, w))  # ‖∇ℓ‖² = 2ℓ
+        True
+    """
 
     name = "square"
 
@@ -123,6 +146,17 @@ class SoftmaxCrossEntropy(Loss):
     CERTIFICATES.md §4): cross-entropy φ with c = κ·k/(k−1), κ = min_i w_i (mean convention);
     c = k/((k−1)n) for uniform weights in the sum convention, k κ_ω²/((k−1)n) with κ_ω = n·min w
     for non-uniform ones.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> loss = rf.SoftmaxCrossEntropy()
+        >>> f, y = torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.float64), torch.tensor([0])
+        >>> g = loss.functional_grad(f, y)                 # softmax(f) − e_y
+        >>> bool(torch.allclose(g, torch.softmax(f, -1) - torch.tensor([1.0, 0, 0])))
+        True
+        >>> bool(torch.allclose(loss.per_sample(f, y), torch.nn.functional.cross_entropy(f, y)))
+        True
     """
 
     name = "cross-entropy"
@@ -184,6 +218,17 @@ class BinaryLogistic(Loss):
 
     g_i = −s_i σ(−s_i f_i), so |g_i| = 1 − p_i = 1 − e^{−ℓ_i}: the cross-entropy KL fact with
     no k/(k−1) factor, c = κ (mean) and κ_ω²/n (sum).
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> loss = rf.BinaryLogistic()
+        >>> f, y = torch.tensor([[0.3], [-1.2]], dtype=torch.float64), torch.tensor([1, 0])
+        >>> ell, g = loss.per_sample(f, y), loss.functional_grad(f, y)
+        >>> bool(torch.allclose(g.abs().squeeze(-1), 1 - torch.exp(-ell)))   # |g_i| = 1 − e^(−ℓ_i)
+        True
+        >>> loss.functional_kl(torch.tensor([0.25, 0.75]), rf.Convention.MEAN).c   # κ = min w_i
+        0.25
     """
 
     name = "logistic"
@@ -213,7 +258,14 @@ LOSS_NAMES = ("square", "cross-entropy", "logistic")
 
 
 def get_loss(spec: str | Loss) -> Loss:
-    """A loss by name: 'square', 'cross-entropy' (alias 'ce'), 'logistic'."""
+    """A loss by name: 'square' (alias 'mse'), 'cross-entropy' (alias 'ce'), 'logistic'; a
+    :class:`Loss` instance is returned as it is.
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> type(rf.get_loss("ce")).__name__, rf.get_loss("square").name
+        ('SoftmaxCrossEntropy', 'square')
+    """
     if isinstance(spec, Loss):
         return spec
     table = {

@@ -28,7 +28,23 @@ _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm,)
 
 
 class NondeterministicModelError(ValueError):
-    """The model's output is not a deterministic function of (θ, x): nothing can be certified."""
+    """The model's output is not a deterministic function of (θ, x): nothing can be certified.
+
+    A ``ValueError``: raised for dropout or batch-norm layers in training mode, and when two
+    calls on the same θ and x differ.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Dropout(0.5))
+        >>> try:
+        ...     rf.Model(net)
+        ... except rf.NondeterministicModelError as err:
+        ...     print(str(err).split(",")[0])
+        layer 1 (Dropout) is dropout in training mode
+        >>> rf.Model(net.eval()).n_params              # eval mode: deterministic
+        12
+    """
 
 
 @final
@@ -46,6 +62,20 @@ class Model:
     Parameters of a module with ``requires_grad=False`` are frozen: held fixed (passed with the
     buffers), excluded from θ and P, and listed in ``frozen`` and ``notes``. Half-precision
     (float16/bfloat16) and meta-device parameters are refused with the fix.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(5, 2)).double()
+        >>> model = rf.Model(net)
+        >>> model.n_params, list(model.groups)        # P = 3·5 + 5 + 5·2 + 2; one group per layer
+        (32, ['0', '2'])
+        >>> model(model.params, torch.zeros(4, 3, dtype=torch.float64)).shape   # (n, k)
+        torch.Size([4, 2])
+        >>> linear = rf.Model(lambda p, x: x @ p["w"], {"w": torch.ones(3, 1)})   # f(params, x)
+        >>> linear.n_params
+        3
     """
 
     def __init__(
@@ -182,7 +212,23 @@ class Problem:
     """L(θ) = ℓ(f_θ) = Σ_i ω_i ℓ_i(f_θ(x_i)), ω the convention's effective weights.
 
     ``data`` is a finite :class:`Dataset` or a :class:`Sampler` (infinite support); for a sampler
-    the flow draws data itself (see :func:`rayleighflow.gradient_flow`).
+    the flow draws data itself (see :func:`rayleighflow.gradient_flow`). ``convention`` is
+    "mean" (L²(D), ω_i = w_i, the default) or "sum" (Euclidean, ω_i = n·w_i).
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> _ = torch.manual_seed(0)
+        >>> data = rf.Dataset.from_arrays(torch.randn(8, 2), torch.randn(8, 1))
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(16, 1)).double()
+        >>> problem = rf.Problem(rf.Model(net), data, "square")
+        >>> f = net(data.x)
+        >>> manual = 0.5 * ((f - data.y) ** 2).sum(-1).mean()     # Σ w_i ½‖f_i − y_i‖², w = 1/n
+        >>> bool(torch.isclose(problem.loss_value(problem.params, data), manual))
+        True
+        >>> problem.convention.value, problem.loss.name
+        ('mean', 'square')
     """
 
     model: Model

@@ -53,6 +53,21 @@ class Trajectory:
 
     ``traj["loss"]`` is a float64 array (NaN where a row lacks the column); ``traj.t`` the flow
     times. ``status``/``detail`` say why the run stopped (None while running).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import rayleighflow as rf
+        >>> path = Path(tempfile.mkdtemp()) / "trajectory.jsonl"
+        >>> traj = rf.Trajectory({"convention": "mean"}, path)     # streamed as JSON lines
+        >>> traj.append({"t": 0.0, "loss": 1.0, "grad_sq": 2.0})
+        >>> traj.append({"t": 1.0, "loss": 0.5, "grad_sq": float("nan")})
+        >>> traj.close("t_max")
+        >>> back = rf.Trajectory.load(path)
+        >>> len(back), back.columns, back["loss"], back.status
+        (2, ['t', 'loss', 'grad_sq'], array([1. , 0.5]), 't_max')
+        >>> back["grad_sq"]                                         # NaN written as null
+        array([ 2., nan])
     """
 
     def __init__(self, meta: Mapping[str, Any] | None = None, path: str | Path | None = None,

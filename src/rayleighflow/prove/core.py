@@ -316,6 +316,20 @@ def prove(problem: Problem, radius: float | None = None, target: float | None = 
     ``radius``: one ball B(θ₀, r) (default: searched over 1e-6…1e4, and the chained argument
     over nested balls). ``target``: the loss to reach (0 asks for convergence to zero; default:
     the strongest statement the bounds allow).
+
+    The argument (square loss; cross-entropy for targets): R(K_θ; ∇ℓ) ≥ ρ on B(θ₀, r) ∩
+    {L ≤ L₀} gives ‖∇L‖² ≥ 2ρL there (the L²(D) or Euclidean convention of the problem),
+    L_t ≤ L₀e^(−2ρt), and a path-length bound below r keeps the flow in the ball.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> _ = torch.manual_seed(0)
+        >>> data = rf.Dataset.from_arrays(torch.randn(3, 4), torch.randn(3, 1))
+        >>> net = torch.nn.Linear(4, 1).double()              # P = 5 ≥ nk = 3: definite kernel
+        >>> cert = rf.prove(rf.Problem(rf.Model(net), data, "square"))
+        >>> cert.status.value, cert.scope.value, cert.desingularizer.name
+        ('holds', 'proven', 'log')
     """
     return prove_details(problem, radius=radius, target=target, data=data).certificate
 
