@@ -24,7 +24,21 @@ from ..problem import Model
 
 
 class KernelTooLargeError(ValueError):
-    """A kernel (or one of its tiles) cannot fit in the memory it is allowed; nothing allocated."""
+    """A kernel (or one of its tiles) cannot fit in the memory it is allowed; nothing allocated.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import KernelTooLargeError, empirical_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> try:
+        ...     empirical_ntk(net, x, max_memory=100)          # 100 bytes of working memory
+        ... except KernelTooLargeError as err:
+        ...     print(str(err).split(":")[-1].strip())
+        raise max_memory, lower block_size, or use kind='trace'
+    """
 
 
 class KernelKind(StrEnum):
@@ -35,6 +49,18 @@ class KernelKind(StrEnum):
     Σ_c J_ic·J_jc and drops every cross-output entry (for k = 1 it is exact).
     ``DIAGONAL``: the diagonal of each block, shape (n1, n2, k). Also an approximation: the
     off-diagonal entries c ≠ c' are dropped.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import empirical_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> K = empirical_ntk(net, x)
+        >>> trace = empirical_ntk(net, x, kind="trace")
+        >>> trace.shape, bool(torch.allclose(trace, K.diagonal(dim1=-2, dim2=-1).sum(-1)))
+        (torch.Size([5, 5]), True)
     """
 
     FULL = "full"
@@ -51,6 +77,18 @@ def kernel_matrix(blocks: Tensor) -> Tensor:
 
     For blocks returned by :func:`empirical_ntk` this is free (no copy): their storage already
     is the matrix. Trace kernels (n1, n2) are returned unchanged.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import empirical_ntk, kernel_matrix
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> K = empirical_ntk(net, x)
+        >>> M = kernel_matrix(K)
+        >>> M.shape, M.data_ptr() == K.data_ptr(), bool(M[1 * 2 + 0, 3 * 2 + 1] == K[1, 3, 0, 1])
+        (torch.Size([10, 10]), True, True)
     """
     if blocks.dim() == 2:
         return blocks

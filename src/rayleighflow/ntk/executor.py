@@ -41,7 +41,24 @@ _NP = {torch.float64: np.float64, torch.float32: np.float32}
 class KernelShard:
     """Rows [start, stop) of a kernel kept on this rank: ``blocks`` (stop-start, n2, k, k)
     for "full" (a view of the (rows·k, n2·k) matrix), (rows, n2) for "trace", (rows, n2, k)
-    for "diagonal"."""
+    for "diagonal".
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import DistributedExecutor, KernelShard, empirical_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> import tempfile
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg",
+        ...                         rank=0, world_size=1)       # here one rank; torchrun: many
+        >>> shard = empirical_ntk(net, x, executor=DistributedExecutor("rows"))
+        >>> isinstance(shard, KernelShard), shard.start, shard.stop, shard.blocks.shape
+        (True, 0, 5, torch.Size([5, 5, 2, 2]))
+        >>> dist.destroy_process_group()
+    """
 
     start: int
     stop: int
@@ -159,7 +176,19 @@ class _Tiles:
 
 @final
 class LocalExecutor:
-    """Every tile task in this process (the default executor)."""
+    """Every tile task in this process (the default executor).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import LocalExecutor, empirical_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> K = empirical_ntk(net, x, executor=LocalExecutor())
+        >>> bool(torch.equal(K, empirical_ntk(net, x)))
+        True
+    """
 
     def assemble(self, req: KernelRequest, engine: Engine, plan, groups: list[str],
                  out_file=None) -> dict[str, Tensor]:
@@ -196,6 +225,22 @@ class DistributedExecutor:
 
     Every rank must call with the same model, parameters, inputs and arguments. Memory per
     rank: its own tiles (about 1/N of the upper triangle) plus one row block in flight.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import DistributedExecutor, empirical_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> import tempfile
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg",
+        ...                         rank=0, world_size=1)       # here one rank; torchrun: many
+        >>> K = empirical_ntk(net, x, executor=DistributedExecutor("rank0"))
+        >>> bool(torch.equal(K, empirical_ntk(net, x)))   # tiles reduced exactly, one per rank
+        True
+        >>> dist.destroy_process_group()
     """
 
     def __init__(self, gather: str = "rank0", group=None) -> None:

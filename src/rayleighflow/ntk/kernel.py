@@ -145,12 +145,18 @@ def empirical_ntk(
             instead of memory, and the returned tensor is backed by that file. For kernels
             larger than memory; spectra from it by :func:`kernel_file_operator`.
 
-    Example::
-
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import empirical_ntk, kernel_matrix
+        >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
-        >>> K = empirical_ntk(net, torch.randn(5, 3, dtype=torch.float64))
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> K = empirical_ntk(net, x)                           # L²(D): G/n for uniform weights
         >>> K.shape, kernel_matrix(K).shape
         (torch.Size([5, 5, 2, 2]), torch.Size([10, 10]))
+        >>> bool(torch.allclose(empirical_ntk(net, x, convention="sum"), 5 * K))   # G = n·K
+        True
     """
     req = _request(model, x1, x2, params, kind, convention, weights1, weights2)
     executor = current_executor() if executor is None else executor
@@ -177,10 +183,16 @@ def group_ntk(
     module). Same shapes, conventions and other arguments as :func:`empirical_ntk`
     (``executor`` included); one pass computes every group.
 
-    Example::
-
-        >>> Ks = group_ntk(net, x)                       # doctest: +SKIP
-        >>> sum(Ks.values())  # equals empirical_ntk(net, x)  # doctest: +SKIP
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import empirical_ntk, group_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> Ks = group_ntk(net, x)                  # one kernel per layer: K = Σ_b K_b
+        >>> list(Ks), bool(torch.allclose(sum(Ks.values()), empirical_ntk(net, x)))
+        (['0', '2'], True)
     """
     req = _request(model, x1, x2, params, kind, convention, weights1, weights2)
     executor = current_executor() if executor is None else executor
@@ -198,7 +210,23 @@ def plan_ntk(
     method: NTKMethod | str = "auto", max_memory: int | str | None = None,
     block_size: int | None = None, out_device=None,
 ) -> NTKPlan:
-    """The :class:`NTKPlan` that :func:`empirical_ntk` would follow (method, tiles, memory)."""
+    """The :class:`NTKPlan` that :func:`empirical_ntk` would follow (method, tiles, memory).
+
+    Same arguments as :func:`empirical_ntk`; nothing is computed beyond the (cached) probe.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import plan_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> plan = plan_ntk(net, x)
+        >>> plan.method.value, plan.structured_layers, plan.n_tiles  # AUTO picked the cheapest
+        ('structured', ('0', '2'), 1)
+        >>> plan.costs["structured"] == min(plan.costs.values())
+        True
+    """
     req = _request(model, x1, x2, params, kind, "sum", None, None)
     return build_plan(req, {"all": list(req.params)}, NTKMethod.parse(method), max_memory,
                   block_size, out_device)[0]

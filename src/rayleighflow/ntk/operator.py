@@ -50,11 +50,22 @@ class NTKOperator:
         batch_size: samples per VJP/JVP batch (default: all that fit ``max_memory``).
         allow_tf32: allow TF32 float32 matmuls on a GPU (default off).
 
-    Example::
-
-        >>> op = NTKOperator(net, x)                                  # doctest: +SKIP
-        >>> lam_max = eigsh(op.as_linear_operator(), k=1)[0]          # doctest: +SKIP
-        >>> op.rayleigh(g)   # ⟨g, K g⟩_D / ‖g‖²_D, one VJP              # doctest: +SKIP
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import NTKOperator, empirical_ntk, kernel_matrix
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> op = NTKOperator(net, x)
+        >>> M = kernel_matrix(empirical_ntk(net, x))
+        >>> v = torch.randn(10, dtype=torch.float64)
+        >>> bool(torch.allclose(op.matvec(v), M @ v))          # K v without K
+        True
+        >>> g = torch.randn(5, 2, dtype=torch.float64)
+        >>> R = float(g.reshape(-1) @ M @ g.reshape(-1) / g.square().sum())
+        >>> abs(op.rayleigh(g) - R) <= 1e-10 * R               # ⟨g, K g⟩_D / ‖g‖²_D, one VJP
+        True
     """
 
     def __init__(

@@ -27,10 +27,24 @@ def kernel_file_operator(path: str | os.PathLike, *, max_memory: int | str | Non
 
     Each product reads the file once in row blocks of at most ``max_memory`` bytes (default
     256 MiB, as float64) and accumulates in float64. The operator counts its products in
-    ``op.n_products``. Example::
+    ``op.n_products``.
 
-        >>> K = empirical_ntk(net, x, out_file="K.npy")          # doctest: +SKIP
-        >>> vals, _ = extreme_eigenpairs(kernel_file_operator("K.npy"), 3)  # doctest: +SKIP
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import (empirical_ntk, extreme_eigenpairs,
+        ...                               kernel_file_operator, kernel_matrix)
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "K.npy"
+        >>> K = empirical_ntk(net, x, out_file=path)          # a memory-mapped kernel
+        >>> lam, _ = extreme_eigenpairs(kernel_file_operator(path), 3)
+        >>> top = torch.linalg.eigvalsh(kernel_matrix(empirical_ntk(net, x)))[-3:]
+        >>> bool(torch.allclose(torch.as_tensor(lam), top))
+        True
     """
     mm = np.load(os.fspath(path), mmap_mode="r")
     if mm.ndim == 3:

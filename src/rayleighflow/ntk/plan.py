@@ -49,6 +49,19 @@ class NTKMethod(StrEnum):
     * ``AUTO``: evaluates these estimates (structured only when some layer passes its checks;
       KVP counted twice for its lower arithmetic efficiency) and takes the cheapest whose tiles
       fit ``max_memory``. Trace and diagonal kinds replace k² by k in the pair costs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import NTKMethod, empirical_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> kernels = [empirical_ntk(net, x, method=m) for m in ("jacobian", "kvp", "structured")]
+        >>> all(bool(torch.allclose(K, kernels[0])) for K in kernels)   # every method is exact
+        True
+        >>> NTKMethod("auto") is NTKMethod.AUTO
+        True
     """
 
     AUTO = "auto"
@@ -64,7 +77,24 @@ class NTKMethod(StrEnum):
 @final
 @dataclass(frozen=True)
 class NTKPlan:
-    """What :func:`empirical_ntk` will do: method, tiles, memory, and the cost estimates."""
+    """What :func:`empirical_ntk` will do: method, tiles, memory, and the cost estimates.
+
+    ``costs`` holds each method's multiply-add estimate (see :class:`NTKMethod`);
+    ``probe`` says whether the model was probed for this call or the plan came from the cache.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import plan_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> plan = plan_ntk(net, x, method="jacobian")
+        >>> plan.method.value, plan.result_bytes            # 10 × 10 float64 entries
+        ('jacobian', 800)
+        >>> plan.costs["jacobian"] > 0                     # its multiply-add estimate
+        True
+    """
 
     method: NTKMethod
     block_size: int
@@ -128,14 +158,41 @@ def cached_output_width(model: Model, params: Params, x: Tensor) -> int:
 
 
 def clear_plan_cache() -> None:
-    """Forget every cached probe (e.g. after changing a module's forward in place)."""
+    """Forget every cached probe (e.g. after changing a module's forward in place).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import clear_plan_cache, plan_cache_info, plan_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> _ = plan_ntk(net, x)
+        >>> clear_plan_cache()
+        >>> plan_cache_info()
+        {'hits': 0, 'misses': 0, 'entries': 0}
+    """
     with _LOCK:
         _CACHE.clear()
         _STATS.update(hits=0, misses=0)
 
 
 def plan_cache_info() -> dict[str, int]:
-    """Cache statistics: ``hits``, ``misses`` and ``entries`` (probes held, all modules)."""
+    """Cache statistics: ``hits``, ``misses`` and ``entries`` (probes held, all modules).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import clear_plan_cache, plan_cache_info, plan_ntk
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> clear_plan_cache()
+        >>> plan_ntk(net, x).probe, plan_ntk(net, x).probe   # probed once, then reused
+        ('probed', 'cached')
+        >>> plan_cache_info()
+        {'hits': 1, 'misses': 1, 'entries': 1}
+    """
     with _LOCK:
         return {**_STATS, "entries": sum(1 for v in _CACHE.values() for key in v
                                          if key[0] != "k")}

@@ -38,6 +38,23 @@ class ShardedNTKOperator:
     :meth:`matvec` takes and returns the full vector on every rank, so SciPy's eigsh/LOBPCG
     (:func:`extreme_eigenpairs`) run identically on all ranks. Without a process group
     (or with one rank) it is a plain NTKOperator.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import NTKOperator, ShardedNTKOperator
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> import tempfile
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg",
+        ...                         rank=0, world_size=1)       # here one rank; torchrun: many
+        >>> v = torch.randn(10, dtype=torch.float64)
+        >>> Kv = ShardedNTKOperator(net, x).matvec(v)          # all-reduce of the ranks' parts
+        >>> bool(torch.allclose(Kv, NTKOperator(net, x).matvec(v)))
+        True
+        >>> dist.destroy_process_group()
     """
 
     def __init__(

@@ -60,7 +60,20 @@ VALUE = "value"
 
 
 class SpectrumRoute(StrEnum):
-    """AUTO: DUAL when P < nk and P × P fits, else DENSE when nk × nk fits, else LANCZOS."""
+    """AUTO: DUAL when P < nk and P × P fits, else DENSE when nk × nk fits, else LANCZOS.
+
+    DENSE: eigenvalues of the nk × nk kernel; DUAL: of Φ = JᵀΩJ (P × P, the same nonzero
+    eigenvalues, the other nk − P are structural zeros); LANCZOS: the extreme ones only, from
+    kernel-vector products.
+
+    Example:
+        >>> import torch
+        >>> from rayleighflow.ntk import ntk_spectrum
+        >>> x = torch.randn(5, 2, dtype=torch.float64)
+        >>> lin = torch.nn.Linear(2, 1).double()               # P = 3 < nk = 5
+        >>> ntk_spectrum(lin, x).method, ntk_spectrum(lin, x, route="dense").method
+        ('dual', 'dense')
+    """
 
     AUTO = "auto"
     DENSE = "dense"
@@ -80,6 +93,16 @@ class Spectrum:
     otherwise. ``samples`` is the number of data points, ``computed_dtype`` the dtype of the
     kernel's arithmetic, ``dtype_note`` non-empty when the float32 threshold would have given
     another answer.
+
+    Example:
+        >>> import torch
+        >>> from rayleighflow.ntk import ntk_spectrum
+        >>> x = torch.randn(5, 2, dtype=torch.float64)
+        >>> s = ntk_spectrum(torch.nn.Linear(2, 1).double(), x)  # P = 3 < nk = 5
+        >>> s.rank, s.n_params, s.size, s.lambda_min, s.lambda_min_label
+        (3, 3, 5, 0.0, 'structural zero (rank ≤ P < nk)')
+        >>> bool(s.lambda_max == s.eigenvalues[-1] and s.lambda_min_nonzero > s.threshold)
+        True
     """
 
     eigenvalues: np.ndarray
@@ -116,7 +139,22 @@ def kernel_spectrum(
     """Full float64 eigendecomposition of a symmetric kernel matrix (nk × nk, or blocks).
 
     ``computed_in`` is the dtype the kernel was computed in (default: the matrix's), used for
-    the default rtol = max(nk, P)·eps. Example: ``kernel_spectrum(kernel_matrix(K)).rank``.
+    the default rtol = max(nk, P)·eps. An eigenvalue counts as zero when it is at most the
+    threshold τ = rtol·λ_max.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import empirical_ntk, kernel_matrix, kernel_spectrum
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> M = kernel_matrix(empirical_ntk(net, x))
+        >>> s = kernel_spectrum(M)
+        >>> s.size, s.rank, bool(abs(s.threshold - s.rtol * s.lambda_max) <= 1e-30)
+        (10, 10, True)
+        >>> bool(torch.allclose(torch.as_tensor(s.eigenvalues), torch.linalg.eigvalsh(M)))
+        True
     """
     m = torch.as_tensor(matrix)
     if m.dim() == 4:
@@ -192,7 +230,22 @@ def dual_gram(
     weights: Tensor | None = None, convention: Convention | str = "mean",
     max_memory: int | str | None = None,
 ) -> Tensor:
-    """Φ = Jᵀ Ω J = Σ_i ω_i J_iᵀ J_i (P × P, float64): same nonzero eigenvalues as K."""
+    """Φ = Jᵀ Ω J = Σ_i ω_i J_iᵀ J_i (P × P, float64): same nonzero eigenvalues as K.
+
+    Ω holds the convention's effective weights (w_i for "mean", n·w_i for "sum").
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import dual_gram, empirical_ntk, kernel_matrix
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> G = dual_gram(net, x)                              # P × P = 50 × 50
+        >>> top = torch.linalg.eigvalsh(G)[-10:]                 # rank ≤ nk = 10
+        >>> bool(torch.allclose(top, torch.linalg.eigvalsh(kernel_matrix(empirical_ntk(net, x)))))
+        True
+    """
     model = as_model(model)
     params = resolve_params(model, params)
     x, w = prepare_x(x, params, "x")
@@ -233,6 +286,21 @@ def extreme_eigenpairs(
     ``method="lanczos"`` uses ARPACK's ``eigsh`` (implicitly restarted Lanczos);
     ``"lobpcg"`` uses SciPy's LOBPCG with a seeded random start block (better for clusters of
     small eigenvalues). No kernel is formed: each iteration costs one VJP and one JVP.
+    Also takes a SciPy ``LinearOperator`` (e.g. :func:`kernel_file_operator`). Returns
+    (eigenvalues, eigenvectors), the eigenvectors as columns.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import (NTKOperator, empirical_ntk,
+        ...                               extreme_eigenpairs, kernel_matrix)
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> lam, vec = extreme_eigenpairs(NTKOperator(net, x), 2)      # the two largest
+        >>> dense = torch.linalg.eigvalsh(kernel_matrix(empirical_ntk(net, x)))[-2:]
+        >>> bool(torch.allclose(torch.as_tensor(lam), dense)), vec.shape
+        (True, (10, 2))
     """
     op = operator.as_linear_operator() if hasattr(operator, "as_linear_operator") else operator
     if which not in ("largest", "smallest"):
@@ -269,7 +337,20 @@ def ntk_spectrum(
 
     K is the operator on L²(D) ("mean", default) or the Euclidean Gram ("sum"); see
     :func:`empirical_ntk`. A model in a dtype below float64 is evaluated in float64 unless
-    ``accumulate_float64=False``. Example: ``s = ntk_spectrum(net, x); s.rank, s.threshold``.
+    ``accumulate_float64=False``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import ntk_spectrum
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> s = ntk_spectrum(net, x)           # P = 50 ≥ nk = 10: the dense route
+        >>> s.method, s.size, s.rank, s.lambda_min_label
+        ('dense', 10, 10, 'value')
+        >>> bool(s.lambda_min == s.eigenvalues[0] > s.threshold)
+        True
     """
     model = as_model(model)
     params = resolve_params(model, params)
