@@ -25,6 +25,17 @@ from .desingularizers import (
     get_desingularizer,
 )
 from .flow import FlowResult, FlowStatus, Integrator, gradient_flow
+from .integrators import (
+    Dopri5,
+    Every,
+    GradientDescent,
+    LogSpaced,
+    LossBelow,
+    MaxEvals,
+    Stall,
+    StochasticGD,
+    Times,
+)
 from .losses import BinaryLogistic, FunctionalKL, SoftmaxCrossEntropy, SquareLoss, get_loss
 from .monitor import Monitor
 from .problem import Model, NondeterministicModelError, Problem
@@ -36,11 +47,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Assumption", "BinaryLogistic", "Certificate", "CertificateStatus", "Convention",
-    "CrossEntropy", "Custom", "Dataset", "Desingularizer", "FlowResult", "FlowStatus",
-    "FunctionalKL", "Gaussian", "Integrator", "Log", "Measurement", "Model", "Monitor",
+    "CrossEntropy", "Custom", "Dataset", "Desingularizer", "Dopri5", "Every", "FlowResult",
+    "FlowStatus", "FunctionalKL", "Gaussian", "GradientDescent", "Integrator", "Log",
+    "LogSpaced", "LossBelow", "MaxEvals", "Measurement", "Model", "Monitor",
     "NondeterministicModelError", "Params", "Plateau", "Power", "Problem", "Reason",
     "Reciprocal", "Sampler", "ScaledCrossEntropy", "Scope", "SoftmaxCrossEntropy", "SquareLoss",
-    "TeacherStudent", "Trajectory", "UniformBox", "__version__", "certify", "compose",
+    "Stall", "StochasticGD", "TeacherStudent", "Times", "Trajectory", "UniformBox",
+    "__version__", "certify", "compose",
     "get_desingularizer", "get_loss", "gradient_flow", "kl_ratios", "load_sklearn", "measure",
     "prove", "rank_desingularizers", "spectral", "witness_bound",
 ]

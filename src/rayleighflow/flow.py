@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,8 +43,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _lean_gd
 from ._types import Params
 from .data import Dataset, Sampler
+from .integrators import (
+    DEFAULT_MAX_EVALS,
+    Dopri5,
+    Every,
+    GradientDescent,
+    LogSpaced,
+    LossBelow,
+    MaxEvals,
+    Stall,
+    StochasticGD,
+    Times,
+    log_record_times,
+)
 from .problem import Problem
 from .rayleigh import _measurement, loss_and_grad
 from .trajectory import Trajectory
@@ -51,14 +66,15 @@ from .trajectory import Trajectory
 __all__ = ["Integrator", "FlowStatus", "FlowResult", "gradient_flow", "log_record_times",
            "Diagnostic", "DEFAULT_MAX_EVALS"]
 
-#: Gradient-evaluation budget of the adaptive integrator when ``max_steps`` is not given.
-DEFAULT_MAX_EVALS = 1_000_000
-
 Diagnostic = Callable[[Problem, Params, Dataset, int], Mapping[str, float]]
 """Extra per-record columns: called as fn(problem, params, eval_data, record_index)."""
 
 
 class Integrator(str, Enum):
+    """The integrator families by name, as stored in trajectory headers (``method``):
+    ``euler`` (:class:`GradientDescent`, :class:`StochasticGD`) and ``adaptive``
+    (:class:`Dopri5`)."""
+
     EULER = "euler"
     ADAPTIVE = "adaptive"
 
@@ -99,14 +115,6 @@ class FlowResult:
             for name, value in self.params.items():
                 named[name].copy_(value)
         return module
-
-
-def log_record_times(t_max: float, n: int = 60, t_min: float | None = None) -> np.ndarray:
-    """0 followed by n−1 log-spaced times from t_min (default t_max·1e-4) to t_max."""
-    if not t_max > 0 or n < 2:
-        raise ValueError(f"need t_max > 0 and at least 2 records (got {t_max}, {n})")
-    t_min = t_max * 1e-4 if t_min is None else t_min
-    return np.concatenate([[0.0], np.geomspace(t_min, t_max, n - 1)])
 
 
 class _Stop(Exception):
@@ -162,24 +170,23 @@ class _Recorder:
         return m.loss
 
 
+_LEGACY = ("method", "step", "rtol", "atol", "batch_size", "record_times", "n_records",
+           "loss_target", "max_steps", "stall_window", "stall_rtol")
+
+
 def gradient_flow(
     problem: Problem,
+    integrator: GradientDescent | StochasticGD | Dopri5 | None = None,
     *,
     t_max: float,
-    method: Integrator | str = Integrator.ADAPTIVE,
-    step: float | None = None,
-    rtol: float = 1e-7,
-    atol: float = 1e-9,
-    record_times: Sequence[float] | np.ndarray | None = None,
-    n_records: int = 60,
-    loss_target: float | None = None,
-    max_steps: int | None = None,
-    batch_size: int | None = None,
+    records: LogSpaced | Times | Every | None = None,
+    stops: Sequence[LossBelow | MaxEvals | Stall] = (),
     eval_data: Dataset | None = None,
     eval_size: int = 4096,
     generator: torch.Generator | None = None,
     params: Params | None = None,
     t_start: float = 0.0,
+    grad_evals_start: int = 0,
     path: str | Path | None = None,
     append: bool = False,
     meta: Mapping[str, Any] | None = None,
@@ -187,41 +194,64 @@ def gradient_flow(
     on_record: Callable[[dict, Params], None] | None = None,
     progress: Callable[[float, float], None] | None = None,
     group_quotients: bool = True,
-    grad_evals_start: int = 0,
-    stall_window: int = 200,
-    stall_rtol: float = 1e-3,
     update_model: bool = False,
+    **legacy: Any,
 ) -> FlowResult:
-    """Integrate θ̇ = −∇L(θ) from ``params`` (default the model's) at ``t_start`` to ``t_max``.
+    """Integrate θ̇ = −∇L(θ) from ``params`` (default the model's) at ``t_start`` to ``t_max``
+    with ``integrator`` (default :class:`Dopri5`), recording at ``records`` (default
+    :class:`LogSpaced`) and stopping at t_max or at the first of ``stops``.
 
-    Records (at ``record_times``, default :func:`log_record_times`) L, ‖∇L‖², ‖∇ℓ‖²_D,
-    R(K; ∇ℓ) and per-group quotients, plus the columns of each ``diagnostics`` callable.
-    ``path`` streams the trajectory to a JSONL file as it grows (``append`` continues one);
-    ``on_record(row, params)`` sees every record (checkpoints); ``progress(t, loss)`` too.
-    A resumed run passes ``grad_evals_start`` so the count (and ``max_steps``) carry over.
-    ``update_model`` copies the final θ into the wrapped ``nn.Module`` (see
-    :meth:`FlowResult.load_into`).
+    Each record holds L, ‖∇L‖², ‖∇ℓ‖²_D, R(K; ∇ℓ) = ‖∇L‖²/‖∇ℓ‖²_D and per-group quotients, plus
+    the columns of each ``diagnostics`` callable. ``eval_data``/``eval_size``: the fixed sample
+    records evaluate for sampler data (default ``eval_size`` fresh samples). ``path`` streams
+    the trajectory to JSONL as it grows (``append`` continues one); ``on_record(row, params)``
+    and ``progress(t, loss)`` see every record. A resumed run passes ``params``, ``t_start``
+    and ``grad_evals_start`` so that times and evaluation counts carry over. ``update_model``
+    copies the final θ into the wrapped ``nn.Module`` (see :meth:`FlowResult.load_into`).
+
+    The flat keywords of earlier versions (``method``, ``step``, ``rtol``, ``atol``,
+    ``batch_size``, ``record_times``, ``n_records``, ``loss_target``, ``max_steps``,
+    ``stall_window``, ``stall_rtol``) still work, with a DeprecationWarning naming the objects
+    that replace them.
+
+    Example:
+        >>> import torch, rayleighflow as rf
+        >>> x = torch.linspace(-1, 1, 8, dtype=torch.float64).unsqueeze(1)
+        >>> problem = rf.Problem(rf.Model(torch.nn.Linear(1, 1).double()),
+        ...                      rf.Dataset.from_arrays(x, 2 * x), "square")
+        >>> run = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=50.0,
+        ...                        records=rf.Every(10))
+        >>> run.status.value, run.n_grad_evals, bool(run.trajectory["loss"][-1] < 1e-8)
+        ('t_max', 101, True)
     """
-    method = _parse_method(method)
+    if legacy:
+        integrator, records, stops = _from_legacy(legacy, integrator, records, stops)
     if not isinstance(problem, Problem):
         raise TypeError(f"gradient_flow needs a rayleighflow.Problem (got {type(problem).__name__})"
                         ": wrap the model, e.g. Problem(Model(net), data, 'square')")
+    integrator = Dopri5() if integrator is None else integrator
+    if not isinstance(integrator, GradientDescent | StochasticGD | Dopri5):
+        raise TypeError(f"integrator must be GradientDescent(step), StochasticGD(step, "
+                        f"batch_size) or Dopri5(rtol, atol) (got {integrator!r})")
     if not (isinstance(t_max, int | float) and math.isfinite(t_max)):
         raise ValueError(f"t_max must be a finite number (got {t_max!r})")
     if not t_max > t_start:
         raise ValueError(f"t_max ({t_max}) must exceed the start time ({t_start})")
-    if max_steps is None and method is Integrator.ADAPTIVE:
-        max_steps = grad_evals_start + DEFAULT_MAX_EVALS
-    if method is Integrator.EULER and not (step is not None and step > 0):
-        raise ValueError("the Euler integrator needs a step > 0 (it is gradient descent, t = kη)")
-    if loss_target is not None and not loss_target > 0:
-        raise ValueError(f"loss_target must be > 0 (got {loss_target})")
+    target, max_steps, stall = _read_stops(stops, integrator, grad_evals_start)
+    step = getattr(integrator, "step", None)
+    batch_size = getattr(integrator, "batch_size", None)
+    method = Integrator(integrator.name)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     train_data, eval_data = _resolve_data(problem, batch_size, eval_data, eval_size, generator,
                                           method)
-    times = _record_times(record_times, n_records, t_start, t_max)
+    records = LogSpaced() if records is None else records
+    if not isinstance(records, LogSpaced | Times | Every):
+        raise TypeError(f"records must be LogSpaced(n), Times(values) or Every(steps) (got "
+                        f"{records!r})")
+    times = records.times(t_start, t_max, step)
     header = {"convention": problem.convention.value, "loss": problem.loss.name,
-              "method": method.value, "step": step, "rtol": rtol, "atol": atol,
+              "method": method.value, "integrator": integrator.describe(), "step": step,
+              "rtol": getattr(integrator, "rtol", None), "atol": getattr(integrator, "atol", None),
               "n_params": problem.model.n_params, "groups": list(problem.model.groups),
               "batch_size": batch_size, "eval_size": eval_data.n,
               **(meta or {})}
@@ -236,19 +266,19 @@ def gradient_flow(
     try:
         resumed_here = bool(append and len(traj) and traj.rows[-1].get("t") == t_start)
         if method is Integrator.EULER and log is not None:
-            _run_gd(problem, state, times, step, train_data, rec, loss_target, max_steps, log,
+            _run_gd(problem, state, times, step, train_data, rec, target, max_steps, log,
                     record_start=not resumed_here)
         elif method is Integrator.EULER:
             if not resumed_here:
-                _check_target(rec.record(t_start, theta, 0), loss_target, t_start)
+                _check_target(rec.record(t_start, theta, 0), target, t_start)
             _run_euler(problem, state, times, step, train_data, generator, batch_size, rec,
-                       loss_target, max_steps, log)
+                       target, max_steps, log)
         else:
             if not resumed_here:
-                _check_target(rec.record(t_start, theta, 0), loss_target, t_start)
+                _check_target(rec.record(t_start, theta, 0), target, t_start)
             scale = float(times[0]) - t_start  # the first record interval
-            _run_adaptive(problem, state, times, train_data, rtol, atol, rec, loss_target,
-                          max_steps, log, (stall_window, stall_rtol, t_start, scale))
+            _run_adaptive(problem, state, times, train_data, integrator.rtol, integrator.atol,
+                          rec, target, max_steps, log, (stall, t_start, scale))
         status, message = FlowStatus.T_MAX, f"reached t_max = {t_max:g}"
     except _Stop as stop:
         status, message = stop.status, stop.message
@@ -260,6 +290,86 @@ def gradient_flow(
     if update_model and problem.model.module is not None:
         result.load_into(problem.model.module)
     return result
+
+
+def _from_legacy(legacy: dict[str, Any], integrator, records, stops):
+    """Map the flat keywords of earlier versions onto integrator, record and stop objects."""
+    unknown = sorted(set(legacy) - set(_LEGACY))
+    if unknown:
+        raise TypeError(f"gradient_flow() got unexpected keyword argument(s) {unknown}")
+    solver = {k: legacy[k] for k in ("method", "step", "rtol", "atol", "batch_size")
+              if k in legacy}
+    timing = {k: legacy[k] for k in ("record_times", "n_records") if k in legacy}
+    stop = {k: legacy[k] for k in ("loss_target", "max_steps", "stall_window", "stall_rtol")
+            if k in legacy}
+    for given, old, what in ((integrator, solver, "integrator"), (records, timing, "records"),
+                             (stops, stop, "stops")):
+        if given and old:
+            raise TypeError(f"pass either {what}= or the flat keywords {sorted(old)}, not both")
+    if solver:
+        method = _parse_method(solver.get("method", Integrator.ADAPTIVE))
+        step = solver.get("step")
+        if method is Integrator.EULER:
+            if not (isinstance(step, int | float) and step > 0):
+                raise ValueError("the Euler integrator needs a step > 0 (it is gradient "
+                                 "descent, t = kη)")
+            size = solver.get("batch_size")
+            integrator = GradientDescent(step) if size is None else StochasticGD(step, size)
+        else:
+            if solver.get("batch_size") is not None:
+                raise ValueError("fresh samples per step need the Euler integrator "
+                                 "(method='euler')")
+            integrator = Dopri5(solver.get("rtol", 1e-7), solver.get("atol", 1e-9))
+    if timing:
+        given_times = timing.get("record_times")
+        records = (LogSpaced(timing.get("n_records", 60)) if given_times is None
+                   else _legacy_times(given_times))
+    if stop:
+        stops = []
+        if stop.get("loss_target") is not None:
+            target = stop["loss_target"]
+            if not (isinstance(target, int | float) and target > 0):
+                raise ValueError(f"loss_target must be > 0 (got {target})")
+            stops.append(LossBelow(target))
+        if stop.get("max_steps") is not None:
+            stops.append(MaxEvals(stop["max_steps"]))
+        if "stall_window" in stop or "stall_rtol" in stop:
+            stops.append(Stall(stop.get("stall_window", 200), stop.get("stall_rtol", 1e-3)))
+    replaced = ", ".join(sorted(legacy))
+    warnings.warn(f"gradient_flow's flat keywords ({replaced}) are deprecated: pass integrator="
+                  "GradientDescent(step) | StochasticGD(step, batch_size) | Dopri5(rtol, atol), "
+                  "records=LogSpaced(n) | Times(values) | Every(steps), stops=[LossBelow(target),"
+                  " MaxEvals(n), Stall(window, rtol)]", DeprecationWarning, stacklevel=3)
+    return integrator, records, stops
+
+
+def _legacy_times(values) -> Times:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or np.any(np.diff(arr) <= 0):
+        raise ValueError("record_times must be a strictly increasing 1-D sequence")
+    return Times(arr)
+
+
+def _read_stops(stops, integrator, grad_evals_start: int):
+    """(loss target, evaluation budget, stall rule) from the stop objects."""
+    target = budget = stall = None
+    for rule in stops:
+        if isinstance(rule, LossBelow):
+            target = rule.target if target is None else max(target, rule.target)
+        elif isinstance(rule, MaxEvals):
+            budget = rule.n if budget is None else min(budget, rule.n)
+        elif isinstance(rule, Stall):
+            if not isinstance(integrator, Dopri5):
+                raise ValueError("Stall applies to the adaptive integrator (Dopri5): a fixed "
+                                 "step cannot collapse; use MaxEvals to bound the run")
+            stall = rule
+        else:
+            raise TypeError(f"stops take LossBelow(target), MaxEvals(n) and Stall(window, "
+                            f"rtol) (got {rule!r})")
+    if isinstance(integrator, Dopri5):
+        budget = grad_evals_start + DEFAULT_MAX_EVALS if budget is None else budget
+        stall = Stall() if stall is None else stall
+    return target, budget, stall
 
 
 def _check_stall(recent: deque[float], t_max: float, budget_left: int, floor: float) -> None:
@@ -299,19 +409,6 @@ def _resolve_data(problem, batch_size, eval_data, eval_size, generator, method):
     return problem.data, eval_data
 
 
-def _record_times(record_times, n_records, t_start, t_max) -> np.ndarray:
-    if record_times is None:
-        times = t_start + log_record_times(t_max - t_start, n_records)
-    else:
-        times = np.asarray(record_times, dtype=np.float64)
-        if times.ndim != 1 or np.any(np.diff(times) <= 0):
-            raise ValueError("record_times must be a strictly increasing 1-D sequence")
-    times = times[(times > t_start) & (times <= t_max)]
-    if times.size == 0 or times[-1] < t_max:
-        times = np.append(times, t_max)
-    return times
-
-
 def _check_target(loss: float, target: float | None, t: float) -> None:
     if target is not None and loss <= target:
         raise _Stop(FlowStatus.LOSS_TARGET, f"loss {loss:.6g} ≤ target {target:g} at t = {t:.6g}")
@@ -342,6 +439,100 @@ def _grad(problem: Problem, theta: Params, data: Dataset, t: float,
 
 def _run_gd(problem, state, times, step, data, rec, target, max_steps, log, *,
             record_start: bool) -> None:
+    """Full-batch gradient descent on the lean path (:mod:`rayleighflow._lean_gd`), or the
+    generic one for a model the lean path cannot run."""
+    try:
+        lean = _lean_gd.LeanGD(problem, state["theta"], data)
+    except _lean_gd.LeanUnavailable:
+        _run_gd_generic(problem, state, times, step, data, rec, target, max_steps, log,
+                        record_start=record_start)
+        return
+    state["theta"] = lean.views
+    try:
+        _run_gd_lean(lean, state, times, step, rec, target, max_steps, log, record_start)
+    finally:
+        state["theta"] = lean.params()
+
+
+def _run_gd_lean(lean, state, times, step, rec, target, max_steps, log, record_start) -> None:
+    t0, k, next_idx = state["t"], 0, 0
+    ts: list[float] = []
+    losses: list[float] = []
+    gnorms: list[Tensor] = []
+    fstored: list[Tensor] = []
+    # the engine call behind Tensor.backward, without its per-call argument checks
+    run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+    def flush() -> None:
+        if not ts:
+            return
+        g = torch.stack(gnorms)
+        bad = _lean_gd.log_evaluations(log, ts, losses, (g * g).tolist(),
+                                       lean.fgrad_sq(fstored))
+        at = t0 + (k - len(ts) + (bad or 0)) * step
+        for pending in (ts, losses, gnorms, fstored):
+            pending.clear()
+        if bad is not None:
+            raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss or gradient near t = {at:.6g}")
+
+    def due_time(i: int) -> float:
+        return float(times[i] - 1e-12 * max(1.0, times[i])) if i < len(times) else math.inf
+
+    next_due = due_time(0)
+    while True:
+        t = t0 + k * step  # t = t_start + kη, also for an off-grid resume time
+        if max_steps is not None and state["evals"] >= max_steps:
+            flush()
+            raise _Stop(FlowStatus.STEP_BUDGET, f"step budget {max_steps} spent at t = {t:.6g}")
+        # Records snap to the step grid: the first iterate at or after each requested time.
+        due = k == 0 and record_start
+        if t >= next_due:
+            due = True
+            while next_idx < len(times) and times[next_idx] <= t * (1 + 1e-12):
+                next_idx += 1
+            next_due = due_time(next_idx)
+        f = lean.outputs()
+        fd = f.detach()
+        if k == 0:
+            lean.set_floor(fd)
+        if due or not lean.fast:
+            loss, g, seed = lean.precise_terms(fd)
+            value, stored = float(loss), lean.precise_stored(g, seed)
+        else:
+            value, seed, stored = lean.fast_terms(fd)
+            if value < lean.floor:  # tiny cross-entropy: the precise forms from now on
+                lean.fast = False
+                loss, g, seed = lean.precise_terms(fd)
+                value, stored = float(loss), lean.precise_stored(g, seed)
+        if not math.isfinite(value):
+            flush()
+            raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss or gradient near t = {t:.6g}")
+        lean.grad.zero_()
+        if run_backward is not None:
+            run_backward((f,), (seed,), False, False, (), allow_unreachable=True,
+                         accumulate_grad=True)
+        else:
+            f.backward(seed)
+        state["evals"] += 1
+        ts.append(t)
+        losses.append(value)
+        gnorms.append(torch.linalg.vector_norm(lean.grad))
+        fstored.append(stored)
+        if due:
+            flush()
+            _check_target(rec.record(t, lean.views, state["evals"], (loss, lean.grads, g)),
+                          target, t)
+            lean.set_floor(fd)
+        if next_idx >= len(times):
+            flush()
+            return
+        lean.flat.add_(lean.grad, alpha=-step)
+        k += 1
+        state["t"] = t0 + k * step
+
+
+def _run_gd_generic(problem, state, times, step, data, rec, target, max_steps, log, *,
+                    record_start: bool) -> None:
     """Full-batch gradient descent: each record reuses the evaluation of its iterate."""
     t0, k, next_idx = state["t"], 0, 0
     while True:
@@ -391,11 +582,12 @@ def _run_euler(problem, state, times, step, data, generator, batch_size, rec, ta
 
 
 def _run_adaptive(problem, state, times, data, rtol, atol, rec, target, max_steps, log,
-                  stall: tuple[int, float, float, float]) -> None:
+                  stall: tuple[Stall, float, float]) -> None:
     from torchdiffeq import odeint
 
     like = state["theta"]
-    window, stall_rtol, t_start, scale = stall
+    rule, t_start, scale = stall
+    window, stall_rtol = rule.window, rule.rtol
     recent: deque[float] = deque(maxlen=window)  # flow times of the last `window` evaluations
     t_max = float(times[-1])
 
