@@ -413,3 +413,34 @@ def test_fused_cross_entropy_matches_the_loss_reference(scale):
     ref_g = ce.functional_grad(f, y)
     assert ell.tolist() == pytest.approx(ce.per_sample(f, y).tolist(), rel=1e-12, abs=0)
     assert gsq.tolist() == pytest.approx((ref_g * ref_g).sum(-1).tolist(), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e3])
+def test_cross_entropy_sums_no_grad_path_equals_the_autograd_path(scale):
+    """The monitor's in-place, one-exponential path (detached outputs) and the out-of-place
+    path used under autograd (full-data estimates) give the same sums, and the autograd one
+    differentiates to the functional gradient."""
+    from rayleighflow.losses import get_loss
+    from rayleighflow.monitor._batch import batch_sums
+
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(40, 9, dtype=torch.float64, generator=g) * scale
+    y = torch.randint(0, 9, (40,), generator=g)
+    ce = get_loss("cross-entropy")
+    ell0, gsq0 = batch_sums(ce, f, y)
+    fa = f.clone().requires_grad_(True)
+    ell1, gsq1 = batch_sums(ce, fa, y)
+    assert ell1.requires_grad
+    assert ell0.tolist() == pytest.approx(ell1.detach().tolist(), rel=1e-13, abs=0)
+    assert gsq0.tolist() == pytest.approx(gsq1.detach().tolist(), rel=1e-13, abs=0)
+    (grad,) = torch.autograd.grad(ell1.sum(), fa)
+    assert torch.allclose(grad, ce.functional_grad(f, y), rtol=1e-12, atol=1e-300)
+    assert torch.equal(f, fa.detach())                      # the inputs are not modified
+
+
+def test_distributed_options_without_a_process_group():
+    net = _net()
+    assert Monitor(net, echo=None).ranks is None            # one process: no collective
+    assert Monitor(net, echo=None, distributed=False).ranks is None
+    with pytest.raises(ValueError, match="initialized process group"):
+        Monitor(net, echo=None, distributed=True)

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from .._types import Convention
 from ..losses import Loss, SoftmaxCrossEntropy, SquareLoss
+from ._ranks import RankGroup
 
-__all__ = ["flatten_batch", "PendingStep", "evaluate_steps"]
+__all__ = ["flatten_batch", "PendingStep", "evaluate_steps", "grad_norms"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -68,13 +69,25 @@ class PendingStep:
     """One optimizer step not yet read back: gradient norms and the stored batch pieces."""
 
     index: int
-    grad_norms: list[Tensor]                # one 0-d tensor per monitored parameter
+    grad_norms: list[Tensor]                # ‖p.grad‖ per monitored parameter (0-d)
     outputs: list[Tensor] = field(default_factory=list)   # (n_b, k) per micro-batch
     targets: list[Tensor] = field(default_factory=list)
     losses: list[Tensor] = field(default_factory=list)    # losses the user passed (0-d)
     lrs: tuple[float, ...] = ()             # learning rate per monitored parameter
     missing_grads: tuple[str, ...] = ()     # parameters without .grad at this step
     computed: tuple[Tensor, Tensor, Tensor] | None = None  # (Σℓ_i, Σ‖g_i‖², n) if eager
+
+
+def grad_norms(grads: list[Tensor | None]) -> list[Tensor]:
+    """‖g‖ per tensor (0-d, on the device; 0 for None) in one multi-tensor norm
+    (``torch._foreach_norm``: one kernel launch on a GPU); stacked and squared at read-back."""
+    present = [g for g in grads if g is not None]
+    norms = list(torch._foreach_norm(present))
+    if len(present) < len(grads):
+        zero = torch.zeros((), dtype=norms[0].dtype, device=norms[0].device)
+        it = iter(norms)
+        norms = [zero if g is None else next(it) for g in grads]
+    return norms
 
 
 def batch_sums(loss: Loss, f: Tensor, y: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
@@ -96,28 +109,47 @@ def batch_sums(loss: Loss, f: Tensor, y: Tensor, check: bool = True) -> tuple[Te
 
 
 def _cross_entropy_sums(f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax cross-entropy in one log-softmax pass: with q = p off the true class and
-    s = Σ_j q_j = 1 − p_y (no cancellation), ‖g_i‖² = ‖q_i‖² + s_i² and ℓ_i = −log1p(−s_i)
-    while s_i < ½ (full relative precision for tiny losses), −log p_y otherwise."""
-    logp = torch.log_softmax(f, dim=-1)
+    """Softmax cross-entropy sums with q = p off the true class and s = Σ_j q_j = 1 − p_y
+    summed directly (no cancellation): ‖g_i‖² = ‖q_i‖² + s_i², and ℓ_i = −log1p(−s_i) while
+    s_i < ½ (full relative precision for tiny losses), ℓ_i = logsumexp(f_i) − f_iy otherwise.
+
+    Without autograd (the monitor's per-step path: detached outputs) the (n, k) work is one
+    buffer and one exponential: e = exp(f − max f) in place, z = Σ_j e_j, the true class
+    zeroed, then s = Σ_{j≠y} e_j / z and ‖q‖² = Σ_{j≠y} e_j² / z² (the training step's own
+    cross-entropy costs about as much)."""
     idx = y.unsqueeze(-1)
-    q = logp.exp().scatter(-1, idx, 0.0)   # out of place: also used under autograd
-    s = q.sum(-1)
-    gsq = torch.linalg.vector_norm(q, dim=-1).square() + s * s
+    if f.requires_grad and torch.is_grad_enabled():
+        logp = torch.log_softmax(f, dim=-1)
+        q = logp.exp().scatter(-1, idx, 0.0)   # out of place: autograd needs logp
+        s = q.sum(-1)
+        gsq = torch.linalg.vector_norm(q, dim=-1).square() + s * s
+        wrong = -logp.gather(-1, idx).squeeze(-1)
+    else:
+        m = f.amax(-1, keepdim=True)
+        e = torch.sub(f, m).exp_()              # the only (n, k) allocation
+        z = e.sum(-1)
+        e.scatter_(-1, idx, 0.0)
+        s = e.sum(-1) / z
+        gsq = torch.linalg.vector_norm(e, dim=-1).square() / (z * z) + s * s
+        wrong = m.squeeze(-1) + z.log() - f.gather(-1, idx).squeeze(-1)
     small = s < 0.5   # the other branch is fed 0, so autograd never sees log1p(-1) = -inf
-    ell = torch.where(small, -torch.log1p(-torch.where(small, s, 0.0)),
-                      -logp.gather(-1, idx).squeeze(-1))
+    ell = torch.where(small, -torch.log1p(-torch.where(small, s, 0.0)), wrong)
     return ell, gsq
 
 
-def evaluate_steps(loss: Loss, steps: list[PendingStep],
-                   convention: Convention) -> dict[str, list[float]]:
+def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,
+                   ranks: RankGroup | None = None) -> dict[str, list[float]]:
     """Read back a list of pending steps: per step L_B, ‖∇ℓ‖²_D, n, the passed loss and the
     per-parameter squared gradient norms. A fixed number of operations for any number of
-    steps, and one host synchronization."""
+    steps, and one host synchronization. With ``ranks`` (DDP, see ``_ranks``) the per-rank sums
+    are combined by one all-gather into those of the union batch; ``unequal`` flags steps whose
+    ranks had different batch sizes and ``spread`` is the largest difference of a squared
+    gradient norm between ranks, relative to ‖.grad‖² (0 when DDP synchronized the gradients).
+    """
     n = len(steps)
     norms = torch.stack([g for s in steps for g in s.grad_norms]).double()
-    device = norms.device
+    param_sq = (norms * norms).reshape(n, -1).T                      # (m, n)
+    device = param_sq.device
     sums = torch.zeros(3, n, dtype=torch.float64, device=device)   # Σℓ_i, Σ‖g_i‖², count
     lazy = [(i, s) for i, s in enumerate(steps) if s.computed is None]
     if lazy:
@@ -132,8 +164,6 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep],
     for i, s in enumerate(steps):
         if s.computed is not None:
             sums[:, i] = torch.stack(s.computed).to(device)
-    if convention is Convention.MEAN:
-        sums[:2] /= sums[2]
     passed = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
     with_loss = [(i, s) for i, s in enumerate(steps) if s.losses]
     if with_loss:
@@ -141,12 +171,33 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep],
         owner = torch.tensor([i for i, s in with_loss for _ in s.losses], device=device)
         passed.index_fill_(0, torch.tensor([i for i, _ in with_loss], device=device), 0.0)
         passed.index_add_(0, owner, flat)
-    packed = torch.cat([sums.T, passed[:, None], (norms * norms).reshape(n, -1)], dim=1)
-    rows = packed.cpu().tolist()
+    if ranks is None:
+        if convention is Convention.MEAN:
+            sums[:2] /= sums[2]
+        packed = torch.cat([sums, passed[None], param_sq, torch.zeros(2, n, dtype=sums.dtype,
+                                                                      device=device)])
+    else:
+        g = ranks.gather(torch.cat([sums, passed[None], param_sq]))   # (W, 4 + m, n)
+        count, w = g[:, 2], ranks.world
+        if convention is Convention.MEAN:   # DDP's weights: 1/(W n_r) on rank r's samples
+            both = (g[:, :2] / count[:, None]).sum(0) / w
+            passed = g[:, 3].sum(0) / w
+            psq = g[0, 4:]
+        else:                               # ∇(Σ_i ℓ_i) = W·.grad
+            both = g[:, :2].sum(0)
+            passed = g[:, 3].sum(0)
+            psq = g[0, 4:] * float(w * w)
+        total = g[0, 4:].sum(0)
+        spread = (g[:, 4:] - g[0:1, 4:]).abs().amax(dim=(0, 1)) / total.clamp_min(1e-300)
+        unequal = (count.amax(0) != count.amin(0)).to(sums.dtype)
+        packed = torch.cat([both, count.sum(0)[None], passed[None], psq, unequal[None],
+                            spread[None]])
+    rows = packed.T.cpu().tolist()
     return {
         "loss": [r[0] for r in rows], "fgrad_sq": [r[1] for r in rows],
         "n": [r[2] for r in rows], "loss_passed": [r[3] for r in rows],
-        "param_sq": [r[4:] for r in rows],
+        "param_sq": [r[4:-2] for r in rows], "unequal": [r[-2] for r in rows],
+        "spread": [r[-1] for r in rows],
     }
 
 

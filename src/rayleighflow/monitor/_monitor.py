@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from .._types import Convention
 from ..desingularizers import get_desingularizer
 from ..losses import Loss, get_loss
-from ._batch import PendingStep, eager_sums, evaluate_steps, flatten_batch
+from ._batch import PendingStep, eager_sums, evaluate_steps, flatten_batch, grad_norms
 from ._params import ParamLayout
+from ._ranks import RankGroup, unwrap
 from .diagnose import Diagnoser, Diagnosis, Forecast, forecast, stability
 from .fulldata import full_data_estimate
 from .probe import ProbeSet
@@ -31,6 +32,8 @@ _PRIMARY = {"square": "log", "cross-entropy": "cross-entropy", "logistic": "cros
 # Relative tolerance of the loss-consistency check, by the outputs' dtype.
 _LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
               torch.bfloat16: 1e-2}
+# Largest relative difference of ‖.grad‖² pieces between ranks still read as synchronized.
+_RANK_SPREAD = 1e-6
 _SCOPE_NOTE = ("These are diagnostics, not certificates: a certificate in the sense of "
                "CERTIFICATES.md needs full-batch gradient descent or flow, and the monitor "
                "watches mini-batch or adaptive updates. A forecast assumes the KL ratio stays "
@@ -60,6 +63,36 @@ class Monitor:
     on these outputs: pass the loss you backpropagated and the monitor compares it with the
     declared loss recomputed from the outputs; a penalty, label smoothing or another reduction
     shows up as a mismatch, and those steps get no quotient (NaN) and a diagnosis.
+
+    Under DistributedDataParallel (``torch.distributed`` initialized with more than one rank,
+    or ``distributed=True``) a step's batch is the union of the ranks' batches. DDP already
+    averaged ``.grad``, the gradient of (1/W)·Σ_r L_r; the per-rank sums Σℓ_i, Σ‖g_i‖² and n_r
+    are combined at each read-back by one all-gather, with the weights that averaging gives:
+    for "mean", 1/(W·n_r) on rank r's samples, i.e. the global-batch mean when the ranks'
+    batches are equal (unequal ones are recorded with DDP's weights and said); for "sum",
+    ∇(Σ_i ℓ_i) = W·``.grad``. So the quotient equals the single-process one on the concatenated
+    batch. The gathered gradient norms check that DDP did synchronize ``.grad`` (steps where
+    ranks differ get no quotient). Every rank calls :meth:`step`, :meth:`flush` and
+    :meth:`close`; only rank 0 writes sinks and echoes (``all_ranks_write=True``: all ranks);
+    every rank keeps :attr:`rows`. Assumes DDP's default averaging (no communication hook
+    that rescales) and unsharded parameters (not FSDP).
+
+    >>> import torch, torch.nn.functional as F
+    >>> from rayleighflow.monitor import Monitor
+    >>> net = torch.nn.Linear(3, 2, dtype=torch.float64)
+    >>> x = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(8, 3)
+    >>> y = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    >>> monitor = Monitor(net, "cross-entropy", echo=None)
+    >>> out = net(x)
+    >>> loss = F.cross_entropy(out, y)
+    >>> loss.backward()
+    >>> monitor.step(out, y, loss)      # the first step is read back at once
+    >>> row = monitor.rows[-1]
+    >>> g2 = sum(float((p.grad ** 2).sum()) for p in net.parameters())     # ‖∇L_B‖²
+    >>> abs(row["grad_sq"] - g2) <= 1e-12 * g2 and abs(row["loss"] - loss.item()) <= 1e-12
+    True
+    >>> abs(row["rayleigh[weight]"] + row["rayleigh[bias]"] - row["rayleigh"]) <= 1e-12
+    True
 
     Example::
 
@@ -91,6 +124,12 @@ class Monitor:
         window: records per diagnosis window.
         echo: called with each diagnosis message (default ``print``; None for silence).
         keep: how many per-step rows :attr:`rows` keeps in memory.
+        distributed: None (default) combines the ranks' batches when torch.distributed is
+            initialized with more than one rank; True requires it; False monitors each
+            process alone (no collective).
+        process_group: the group DDP averages over (default: the DDP module's, else the
+            default group).
+        all_ranks_write: under DDP, let every rank write its sinks and echo (default rank 0).
     """
 
     def __init__(
@@ -107,9 +146,15 @@ class Monitor:
         target_loss: float | None = None, window: int = 50,
         echo: Callable[[str], None] | None = print, keep: int = 100_000,
         name: str = "monitor", max_stored_elements: int = 1 << 22,
+        distributed: bool | None = None, process_group: Any = None,
+        all_ranks_write: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor watches an nn.Module, got {type(model).__name__}")
+        self.ranks = RankGroup.resolve(model, distributed, process_group)
+        model = unwrap(model)
+        if self.ranks is not None and self.ranks.rank != 0 and not all_ranks_write:
+            log, sinks, echo = None, (), None   # rank 0 writes; every rank keeps the rows
         for what, v in (("sync_every", sync_every), ("full_every", full_every),
                         ("probe_every", probe_every)):
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -153,6 +198,8 @@ class Monitor:
         self._batch_n: float | None = None
         self._rtol: float | None = None
         self._mismatches = 0
+        self._unsynced = 0
+        self._unequal_said = False
         self._gd_since_full = 0.0
         self._targets_checked = False
         self._unstable = False
@@ -160,7 +207,7 @@ class Monitor:
         self._begin = time.perf_counter()
         self._group_of_param = self._optimizer_groups()
         self._opened = False
-        self._say_setup()
+        self._say_setup(all_ranks_write)
 
     # -- setup ------------------------------------------------------------------------------
     def _optimizer_groups(self) -> list[int] | None:
@@ -191,7 +238,7 @@ class Monitor:
                        "ratios are diagnostics of the gradient, not of the step taken; "
                        "η‖∇L_B‖² is the decrease a plain gradient step would certify")
 
-    def _say_setup(self) -> None:
+    def _say_setup(self, all_ranks_write: bool = False) -> None:
         lay = self.layout
         if lay.frozen:
             self._emit(Diagnosis(0, "frozen", (
@@ -201,6 +248,18 @@ class Monitor:
                 f"the {lay.n_params} trainable values"), {"frozen": list(lay.frozen)}), echo=True)
         _, sentence = self.update_rule()
         self._emit(Diagnosis(0, "update-rule", sentence), echo=False)
+        if self.ranks is not None:
+            w = self.ranks.world
+            self._emit(Diagnosis(0, "distributed", (
+                f"distributed: {w} ranks; a step's batch is the union of the ranks' batches "
+                f"and .grad is DDP's average (1/{w})·Σ_r ∇L_r. "
+                + ("With equal per-rank batches that is the gradient of the global-batch mean; "
+                   "unequal ones are weighted 1/(W·n_r), as DDP does (said when seen). "
+                   if self.convention is Convention.MEAN else
+                   f"For the sum convention ∇(Σ_i ℓ_i) = {w}·.grad is recorded. ")
+                + "Every rank calls step, flush and close (one all-gather per read-back); "
+                + ("every rank writes its sinks." if all_ranks_write else
+                   "only rank 0 writes the sinks.")), {"world_size": w}), echo=False)
 
     def _meta(self) -> dict[str, Any]:
         from ..report import versions
@@ -222,6 +281,7 @@ class Monitor:
                 "time_axis": "t is the optimizer step index, not flow time",
                 "update_rule": self.update_rule()[1],
                 "frozen": list(self.layout.frozen), "full_every": self.full_every,
+                "world_size": 1 if self.ranks is None else self.ranks.world,
                 "probe_every": self.probe_every, "versions": versions(),
                 "columns": {"main": main, "full": full, "probe": probe}}
 
@@ -281,12 +341,8 @@ class Monitor:
             raise MonitorError(
                 "no parameter has a gradient (.grad is None everywhere): call monitor.step after "
                 "loss.backward() and before optimizer.zero_grad() (which sets .grad to None)")
-        present = [g for g in grads if g is not None]
-        norms = list(torch._foreach_norm(present))
+        norms = grad_norms(grads)
         if missing:
-            zero = torch.zeros((), dtype=norms[0].dtype, device=norms[0].device)
-            it = iter(norms)
-            norms = [zero if g is None else next(it) for g in grads]
             self._note_missing(missing)
         lrs: tuple[float, ...] = ()
         if self._group_of_param is not None:
@@ -343,7 +399,7 @@ class Monitor:
         pending, self._pending = self._pending, []
         if not self._targets_checked and any(p.computed is None for p in pending):
             self._targets_checked = True  # evaluate_steps checks the labels it concatenates
-        vals = evaluate_steps(self.loss, pending, self.convention)
+        vals = evaluate_steps(self.loss, pending, self.convention, self.ranks)
         rows = [self._row(p, vals, i) for i, p in enumerate(pending)]
         self._kl_columns(rows)
         self.rows.extend(rows)
@@ -364,7 +420,9 @@ class Monitor:
                                "fgrad_sq": fg}
         passed = vals["loss_passed"][i]
         ok = True
-        if p.losses and math.isfinite(passed) and math.isfinite(loss):
+        if self.ranks is not None:
+            ok = self._rank_checks(p.index, vals["spread"][i], bool(vals["unequal"][i]))
+        if ok and p.losses and math.isfinite(passed) and math.isfinite(loss):
             eps = 10 * torch.finfo(torch.float32 if self._rtol > 1e-9 else torch.float64).eps
             ok = abs(passed - loss) <= self._rtol * abs(loss) + eps
             if not ok:
@@ -397,6 +455,29 @@ class Monitor:
                 "(monitor.step after zero_grad(set_to_none=False)?)")))
         return row
 
+    def _rank_checks(self, step: int, spread: float, unequal: bool) -> bool:
+        """Under DDP: False (no quotient) when the ranks' gradients differ; the weights of
+        unequal per-rank batches said once."""
+        if unequal and self.convention is Convention.MEAN and not self._unequal_said:
+            self._unequal_said = True
+            self._emit(Diagnosis(step, "unequal-rank-batches", (
+                f"step {step}: the ranks' batches differ in size: DDP averages the ranks' "
+                "mean-loss gradients, so .grad is the gradient of (1/W)·Σ_r L_r, which weighs a "
+                "sample of rank r by 1/(W·n_r), not the global-batch mean; L_B, ‖∇ℓ‖²_D and "
+                "R(K; ∇ℓ) are recorded with those weights (the quotient of the kernel in that "
+                "weighted L²)")))
+        if spread > _RANK_SPREAD:
+            self._unsynced += 1
+            if self._unsynced == 1:
+                self._emit(Diagnosis(step, "unsynchronized-gradients", (
+                    f"step {step}: the ranks hold different gradients (relative difference "
+                    f"{spread:.3g} of ‖.grad‖²): .grad is not DDP's all-reduced average (model "
+                    "not wrapped in DistributedDataParallel, or no_sync() on the last "
+                    "micro-batch), so ‖∇L‖² = R·‖∇ℓ‖²_D does not hold on the union batch; such "
+                    "steps get no quotient (distributed=False monitors each rank alone)")))
+            return False
+        return True
+
     def _kl_columns(self, rows: list[dict[str, Any]]) -> None:
         """kl[φ] = φ'(L_B)‖∇L_B‖² for the family, one vectorized call per φ; NaN where the
         quotient is void (loss mismatch) or L_B ≤ 0."""
@@ -428,7 +509,7 @@ class Monitor:
     def _full(self, step: int) -> None:
         est = full_data_estimate(self.model, self.full_data, self.loss,
                                  convention=self.convention, layout=self.layout,
-                                 split=self.split)
+                                 split=self.split, ranks=self.ranks)
         row: dict[str, Any] = {"t": step, "step": step, **est.as_row()}
         for d in self.family:
             row[f"kl[{d.name}]"] = float(d.kl_ratio(est.loss, est.grad_sq))
@@ -452,7 +533,7 @@ class Monitor:
             raise ValueError("no full_data loader was given to the Monitor")
         return full_data_estimate(self.model, self.full_data, self.loss,
                                   convention=self.convention, layout=self.layout,
-                                  split=self.split)
+                                  split=self.split, ranks=self.ranks)
 
     def _probe(self, step: int) -> None:
         spec = self.probe.spectrum()
@@ -519,7 +600,8 @@ class Monitor:
         nk = int(full["n_samples"] * k) if full else int((self._batch_n or 0) * k)
         fc = self.last_forecast if self.target_loss is not None else None
         kinds = ("collapse", "plateau", "edge-of-stability", "non-finite", "loss-mismatch",
-                 "missing-gradients", "zero-gradient", "frozen", "update-rule")
+                 "missing-gradients", "zero-gradient", "frozen", "update-rule", "distributed",
+                 "unequal-rank-batches", "unsynchronized-gradients")
         notes = [_SCOPE_NOTE]
         notes += [d.message for d in self.diagnoses if d.kind in kinds]
         notes.append("t is the optimizer step; loss_final is the last "

@@ -24,6 +24,7 @@ from .._types import Convention
 from ..losses import Loss
 from ._batch import batch_sums, flatten_batch
 from ._params import ParamLayout, eval_mode
+from ._ranks import RankGroup
 
 __all__ = ["FullDataEstimate", "full_data_estimate"]
 
@@ -63,6 +64,7 @@ def full_data_estimate(
     convention: Convention | str = Convention.MEAN, layout: ParamLayout | None = None,
     split: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
     forward: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    ranks: RankGroup | None = None,
 ) -> FullDataEstimate:
     """Stream ``data`` (a DataLoader or any iterable of batches) once and return the exact
     full-data quotient at the model's current parameters.
@@ -71,6 +73,10 @@ def full_data_estimate(
 
         est = full_data_estimate(net, loader, get_loss("cross-entropy"))
         est.rayleigh, est.group_rayleigh
+
+    With ``ranks`` (the monitor under DDP) every rank streams its own shard of the data (a
+    DistributedSampler) and the sums are all-reduced: the estimate is that of the union of the
+    shards, the same on every rank. A rank whose shard is empty still takes part.
     """
     convention = Convention.parse(convention)
     layout = ParamLayout.of(model) if layout is None else layout
@@ -98,6 +104,15 @@ def full_data_estimate(
             s_fg += gsq.detach().double().sum()
             n += int(ell.shape[0])
             batches += 1
+    if ranks is not None:   # one all-reduce of [Σℓ, Σ‖g‖², N, batches, Σ∇ℓ_i (P values)]
+        flat = torch.cat([torch.stack([s_loss, s_fg]),
+                          torch.tensor([float(n), float(batches)], dtype=torch.float64,
+                                       device=device), *(a.reshape(-1) for a in acc)])
+        ranks.all_reduce(flat)
+        s_loss, s_fg = flat[0], flat[1]
+        n, batches = int(flat[2].item()), int(flat[3].item())
+        acc = [piece.view_as(a) for piece, a in
+               zip(flat[4:].split([a.numel() for a in acc]), acc, strict=True)]
     if n == 0:
         raise ValueError("the full-data loader yielded no sample: nothing to estimate")
     scale = 1.0 / n if convention is Convention.MEAN else 1.0
