@@ -14,7 +14,7 @@ Writes JSON with the environment. Examples::
     python benchmarks/ntk.py --device cuda            # GPU, all cases + FLOP rates
     python benchmarks/ntk.py --quick --cases mlp784   # a smoke run
     OMP_NUM_THREADS=1 python benchmarks/ntk.py --cases planning \
-        --out benchmarks/results/ntk-planning-cpu.json  # plan cache: before/after, side by side
+        --out benchmarks/results/ntk-planning-cpu.json  # cold probe vs one forward; plans
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from _env import environment  # noqa: E402
 
 from rayleighflow.ntk import NTKOperator, empirical_ntk, kernel_matrix, plan_ntk  # noqa: E402
-from rayleighflow.ntk.plan import clear_plan_cache  # noqa: E402
+from rayleighflow.ntk.plan import cached_probe, clear_plan_cache  # noqa: E402
+from rayleighflow.ntk.probe import PROBE_COUNTS  # noqa: E402
 from rayleighflow.ntk.spectrum import extreme_eigenpairs  # noqa: E402
 from rayleighflow.problem import Model  # noqa: E402
 
@@ -341,7 +342,7 @@ def run_case(case: str, args) -> dict:
                                 "max_rel_diff_vs_device":
                                 rel_diff(kernel_matrix(host), results["library_auto"])}
         del host
-    if device == "cuda" and "widths" in spec:
+    if "widths" in spec:  # the rate, as a fraction of the measured matmul rate (main())
         frac = (plan.n_tiles / ((-(-x.shape[0] // plan.block_size)) ** 2)) \
             if plan.n_tiles > 1 else 1.0
         flops = structured_flops(spec["widths"], x.shape[0], k, frac)
@@ -380,43 +381,73 @@ def run_lanczos(args) -> dict:
             "time_s": elapsed, "products": op.n_products, "tol": 1e-6, "convention": "mean"}
 
 
-def run_planning(args, case: str = "mlp3072") -> dict:
-    """Planning cost, before/after the plan cache, interleaved in one run on the same weights.
+def run_planning(args, cases: tuple[str, ...] = ("mlp3072", "cnn")) -> dict:
+    """Planning cost: the cold probe against one forward pass, and plans against calls.
 
-    "before" reproduces the old call: the probe runs on every call (cache cleared first) and
-    the caller's ``Model(net)`` copies the weights; "after" is ``empirical_ntk(net, x)`` with
-    the probe cached. ``plan_s`` is ``plan_ntk`` alone (everything but the tiles).
+    Per case, interleaved repeats on the same weights (load drifts hit every side alike):
+    ``forward_s``, one no-grad forward of the model on the whole input batch;
+    ``cold_probe_s``, the probe alone with the plan cache cleared (``cached_probe``);
+    ``cold_plan_s`` / ``warm_plan_s``, ``plan_ntk`` with the cache cleared / holding the probe;
+    ``cold_call_s`` / ``warm_call_s``, ``empirical_ntk`` likewise. ``probe_passes`` are the
+    (forwards, backwards) the probe ran, on at most 3 samples; ``probe_counted`` the same
+    counted by a forward pre-hook on the model and by torch.autograd.grad calls.
     """
-    net, x = setup(case, args.device, args.quick)
-    reps = max(args.repeats, 7)
-    empirical_ntk(net, x, convention="sum")  # warm-up (allocator, first-call costs)
-    t: dict[str, list[float]] = {"before_call_s": [], "after_call_s": [], "before_plan_s": [],
-                                 "after_plan_s": []}
+    return {"statistic": "min over interleaved repeats",
+            "cases": [_planning_case(case, args) for case in cases]}
 
-    def clock(fn) -> float:
+
+def _planning_case(case: str, args) -> dict:
+    net, x = setup(case, args.device, args.quick)
+    model = Model(net, {k: v.detach() for k, v in net.named_parameters()})
+    reps = max(args.repeats, 7)
+    empirical_ntk(model, x, convention="sum")  # warm-up (allocator, first-call costs)
+    t: dict[str, list[float]] = {k: [] for k in (
+        "forward_s", "cold_probe_s", "cold_plan_s", "warm_plan_s", "cold_call_s",
+        "warm_call_s")}
+
+    def clock(fn, cold: bool) -> float:
+        if cold:
+            clear_plan_cache()
         sync(args.device)
         t0 = time.perf_counter()
         fn()
         sync(args.device)
         return time.perf_counter() - t0
 
-    for _ in range(reps):  # interleaved: load drifts hit both sides alike
-        clear_plan_cache()
-        t["before_call_s"].append(clock(lambda: empirical_ntk(Model(net), x, convention="sum")))
-        t["after_call_s"].append(clock(lambda: empirical_ntk(net, x, convention="sum")))
-        clear_plan_cache()
-        t["before_plan_s"].append(clock(lambda: plan_ntk(Model(net), x)))
-        t["after_plan_s"].append(clock(lambda: plan_ntk(net, x)))
-    med = {key: min(v) for key, v in t.items()}
+    def forward() -> None:
+        with torch.no_grad():
+            net(x)
+
+    for _ in range(reps):
+        t["forward_s"].append(clock(forward, False))
+        t["cold_probe_s"].append(clock(lambda: cached_probe(model, model.params, x), True))
+        t["cold_plan_s"].append(clock(lambda: plan_ntk(model, x), True))
+        t["warm_plan_s"].append(clock(lambda: plan_ntk(model, x), False))
+        t["cold_call_s"].append(clock(lambda: empirical_ntk(model, x, convention="sum"),
+                                      True))
+        t["warm_call_s"].append(clock(lambda: empirical_ntk(model, x, convention="sum"),
+                                      False))
+    best = {key: min(v) for key, v in t.items()}
+    counted = {"forwards": 0, "backwards": 0}
+    hook = net.register_forward_pre_hook(
+        lambda *_: counted.__setitem__("forwards", counted["forwards"] + 1))
+    before = dict(PROBE_COUNTS)
+    clear_plan_cache()
+    plan = plan_ntk(model, x)
+    hook.remove()
+    counted["backwards"] = PROBE_COUNTS["backwards"] - before["backwards"]
     rec = {"case": case, "description": CASES[case]["desc"], "n": x.shape[0],
-           "statistic": "min over interleaved warm calls", "repeats": reps, **med,
-           "times": t, "speedup_call": med["before_call_s"] / med["after_call_s"],
-           "plan_fraction_before": med["before_plan_s"] / med["before_call_s"],
-           "plan_fraction_after": med["after_plan_s"] / med["after_call_s"],
-           "plan": str(plan_ntk(net, x))}
-    print(f"[planning] call {med['before_call_s']:.4g} s -> {med['after_call_s']:.4g} s; plan "
-          f"{med['before_plan_s']:.4g} s -> {med['after_plan_s']:.4g} s "
-          f"({100 * rec['plan_fraction_after']:.1f}% of the call)", flush=True)
+           "repeats": reps, **best, "times": t,
+           "cold_probe_over_forward": best["cold_probe_s"] / best["forward_s"],
+           "cold_plan_over_forward": best["cold_plan_s"] / best["forward_s"],
+           "plan_fraction_cold": best["cold_plan_s"] / best["cold_call_s"],
+           "plan_fraction_warm": best["warm_plan_s"] / best["warm_call_s"],
+           "probe_passes": list(plan.probe_passes), "probe_counted": counted,
+           "plan": str(plan)}
+    print(f"[planning] {case}: forward {best['forward_s']:.4g} s, cold probe "
+          f"{best['cold_probe_s']:.4g} s ({rec['cold_probe_over_forward']:.2f}x), plan "
+          f"{100 * rec['plan_fraction_cold']:.1f}% of a cold call, "
+          f"{100 * rec['plan_fraction_warm']:.2f}% of a warm one", flush=True)
     return rec
 
 

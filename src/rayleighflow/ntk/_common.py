@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import final
 
@@ -245,6 +245,7 @@ class KernelRequest:
     s2: Tensor | None
     kind: KernelKind
     k: int
+    probe: tuple | None = field(default=None, compare=False, repr=False)  # cached_probe's
 
     @property
     def n1(self) -> int:

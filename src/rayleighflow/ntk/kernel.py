@@ -27,7 +27,7 @@ from ._common import (
 )
 from ._terms import Engine
 from .executor import DistributedExecutor, KernelShard, LocalExecutor, current_executor
-from .plan import NTKMethod, NTKPlan, build_plan, cached_output_width
+from .plan import NTKMethod, NTKPlan, build_plan, cached_probe
 
 __all__ = ["DistributedExecutor", "KernelShard", "LocalExecutor", "NTKMethod", "NTKPlan",
            "empirical_ntk", "group_ntk", "plan_ntk"]
@@ -68,11 +68,12 @@ def _request(model, x1, x2, params, kind, convention, weights1, weights2) -> Ker
     w2 = weights2 if weights2 is not None else w2
     if x2 is None and w2 is not None:
         raise ValueError("weights2 given without x2")
-    k = cached_output_width(model, params, x1)
+    probe = cached_probe(model, params, x1)  # the planning probe, once per structure
     like = next(v for v in params.values() if v.is_floating_point())
     s1 = scaling(x1.shape[0], w1, conv, like)
     s2 = None if x2 is None else scaling(x2.shape[0], w2, conv, like)
-    return KernelRequest(model, params, x1, x2, s1, s2, KernelKind.parse(kind), k)
+    return KernelRequest(model, params, x1, x2, s1, s2, KernelKind.parse(kind), probe[0].k,
+                         probe)
 
 
 def _groups_of(req: KernelRequest, groups) -> dict[str, list[str]]:
@@ -122,11 +123,13 @@ def empirical_ntk(
     Args:
         model: a :class:`rayleighflow.problem.Model`, or an ``nn.Module`` (wrapped; refused when
             dropout or batch-norm is in training mode).
-        x1, x2: inputs (n1, ...) and optionally (n2, ...) (or Datasets, whose weights are used).
+        x1: inputs (n1, ...), or a Dataset (whose weights are used).
+        x2: optional second inputs (n2, ...) or Dataset, for a cross kernel (default x1).
         params: parameters θ (default ``model.params``).
         kind: ``"full"`` (exact, default), ``"trace"`` or ``"diagonal"`` (approximations).
         convention: ``"mean"`` (L²(D), default) or ``"sum"`` (Euclidean), see below.
-        weights1, weights2: data weights w (positive, summing to 1; default uniform).
+        weights1: data weights w of x1 (positive, summing to 1; default uniform).
+        weights2: data weights of x2 (same rules).
         method: an :class:`NTKMethod` (default AUTO, see its cost model).
         max_memory: working memory allowed on the compute device beyond the kernel itself
             (bytes or ``"8GB"``; default: 60% of free GPU memory, or min(8 GiB, half the free

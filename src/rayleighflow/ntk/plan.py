@@ -21,12 +21,12 @@ from ._common import (
     KernelTooLargeError,
     available_bytes,
     fmt_bytes,
-    output_width,
     working_budget,
 )
 from ._terms import Engine, outer_pair_cost, tile_shape
 from .jacobian import JacobianEngine, KVPEngine
-from .structured import StructuredEngine, find_layers, probe_layers
+from .probe import ProbeResult, run_probe
+from .structured import StructuredEngine, find_layers
 
 __all__ = ["NTKMethod", "NTKPlan", "clear_plan_cache", "plan_cache_info"]
 
@@ -80,7 +80,10 @@ class NTKPlan:
     """What :func:`empirical_ntk` will do: method, tiles, memory, and the cost estimates.
 
     ``costs`` holds each method's multiply-add estimate (see :class:`NTKMethod`);
-    ``probe`` says whether the model was probed for this call or the plan came from the cache.
+    ``probe`` says whether the model was probed for this call or the plan came from the cache;
+    ``probe_passes`` = (forwards, backwards) that probe ran on at most three samples: (1, 0), or
+    (1, 1) when the model calls functions outside the probe's traced row-wise vocabulary
+    (:mod:`rayleighflow.ntk.probe`).
 
     Example:
         >>> import torch
@@ -111,50 +114,45 @@ class NTKPlan:
     rejected_layers: tuple[str, ...]
     probe: str = "probed"  # "probed" (this call ran the model probe) or "cached" (reused)
     probe_key: tuple = field(default=(), compare=False, repr=False)
+    probe_passes: tuple[int, int] = (1, 0)  # (forwards, backwards) the probe ran, on ≤ 3 samples
 
 
 # ----------------------------------------------------------------------------------------------
 # the probe cache: what the probe measures depends only on the model's structure, the
-# parameters' names/shapes/dtype/device and the shape of one input, never on the values.
+# parameters' names/shapes/dtype/device and the shape of the probe batch, never on the values.
 
-
-@dataclass(frozen=True)
-class _ProbeResult:
-    layers: tuple[tuple[str, int, int, int], ...]  # (path, positions, d_in, d_out), verified
-    rejected: tuple[str, ...]
-    act: int
-    structured: bool  # whether the layers were probed (AUTO/STRUCTURED) or only act measured
-
-
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _ProbeResult]] = \
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ProbeResult]] = \
     weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 _STATS = {"hits": 0, "misses": 0}
 
 
-def _probe_key(module: nn.Module, params: Params, x: Tensor, structured: bool) -> tuple:
+def _probe_key(module: nn.Module, params: Params, x: Tensor) -> tuple:
     structure = tuple((name, type(m).__module__, type(m).__qualname__, m.training)
                       for name, m in module.named_modules())
     # ties between parameters are structure: the same tensor under two names
     ties = tuple(id(p) for _, p in module.named_parameters(remove_duplicate=False))
     shapes = tuple((n, tuple(v.shape), str(v.dtype), str(v.device)) for n, v in params.items())
-    return (structure, ties, shapes, tuple(x.shape), str(x.dtype), str(x.device),
-            structured)
+    return (structure, ties, shapes, tuple(x.shape), str(x.dtype), str(x.device))
 
 
-def cached_output_width(model: Model, params: Params, x: Tensor) -> int:
-    """Output width k, from a one-sample forward once per (structure, shapes, input shape)."""
+def cached_probe(model: Model, params: Params, x: Tensor) -> tuple[ProbeResult, str, tuple]:
+    """(probe result, "probed"/"cached", key): one traced forward on ``x[:3]`` per key (see
+    :mod:`rayleighflow.ntk.probe`); a model that is a plain function is probed every time."""
+    probe = x[: min(x.shape[0], 3)]
     module = model.module
     if module is None:
-        return output_width(model, params, x)
-    key = ("k", *_probe_key(module, params, x[:1], False))
+        return run_probe(model, params, [], probe)[0], "probed", ()
+    key = _probe_key(module, params, probe)
     with _LOCK:
-        k = _CACHE.get(module, {}).get(key)
-    if k is None:
-        k = output_width(model, params, x)
-        with _LOCK:
-            _CACHE.setdefault(module, {})[key] = k
-    return k
+        hit = _CACHE.get(module, {}).get(key)
+        _STATS["hits" if hit is not None else "misses"] += 1
+    if hit is not None:
+        return hit, "cached", key
+    result, _ = run_probe(model, params, find_layers(model, params), probe)
+    with _LOCK:
+        _CACHE.setdefault(module, {})[key] = result
+    return result, "probed", key
 
 
 def clear_plan_cache() -> None:
@@ -194,60 +192,18 @@ def plan_cache_info() -> dict[str, int]:
         {'hits': 1, 'misses': 1, 'entries': 1}
     """
     with _LOCK:
-        return {**_STATS, "entries": sum(1 for v in _CACHE.values() for key in v
-                                         if key[0] != "k")}
+        return {**_STATS, "entries": sum(len(v) for v in _CACHE.values())}
 
 
-def _cached_probe(model: Model, params: Params, probe: Tensor, structured: bool
-                  ) -> tuple[list, list[str], int, str, tuple]:
-    """(verified layers, rejected, act bytes, "probed"/"cached", key): probes once per key."""
-    module = model.module
-    if module is None:
-        return [], [], act_bytes(model, params, probe), "probed", ()
-    key = _probe_key(module, params, probe, structured)
-    candidates = find_layers(model, params) if structured else []
-    with _LOCK:
-        hit = _CACHE.get(module, {}).get(key)
-        _STATS["hits" if hit is not None else "misses"] += 1
-    if hit is None:
-        if structured:
-            layers, rejected, act = probe_layers(model, params, candidates, probe)
-        else:
-            layers, rejected, act = [], [], act_bytes(model, params, probe)
-        hit = _ProbeResult(tuple((ly.path, ly.positions, ly.d_in, ly.d_out) for ly in layers),
-                           tuple(rejected), int(act), structured)
-        with _LOCK:
-            _CACHE.setdefault(module, {})[key] = hit
-        return layers, list(rejected), act, "probed", key
-    by_path = {ly.path: ly for ly in candidates}
+def _layers_of(model: Model, params: Params, result: ProbeResult) -> list:
+    """The probe's verified layers, as fresh Layer records (the planner annotates them)."""
+    by_path = {ly.path: ly for ly in find_layers(model, params)}
     layers = []
-    for path, t, din, dout in hit.layers:
+    for path, t, din, dout in result.layers:
         ly = by_path[path]
         ly.positions, ly.d_in, ly.d_out = t, din, dout
         layers.append(ly)
-    return layers, list(hit.rejected), hit.act, "cached", key
-
-
-def act_bytes(model: Model, params: Params, x: Tensor) -> int:
-    """Bytes of intermediate outputs per sample, from one no-grad forward on ``x``."""
-    item = next(iter(params.values())).element_size()
-    if model.module is None:
-        return 16 * item * (x[0].numel() + 16)
-    total = [0]
-
-    def hook(_m, _a, out):
-        if isinstance(out, Tensor):
-            total[0] += out.numel()
-
-    leaves = [m for m in model.module.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with torch.no_grad():
-            model(params, x)
-    finally:
-        for h in handles:
-            h.remove()
-    return max(1, total[0] // x.shape[0]) * item + x[0].numel() * item
+    return layers
 
 
 def _solve_block(quad: float, lin: float, cap: float) -> int:
@@ -265,13 +221,16 @@ def build_plan(req: KernelRequest, groups: dict[str, list[str]], method: NTKMeth
     """Probe the model, price each method, pick one, and size tiles to the memory budget."""
     model, params, k, kind = req.model, req.params, req.k, req.kind
     device, item = req.device, req.params[next(iter(req.params))].element_size()
-    probe = req.x1[: min(req.n1, 3)]
     symmetric = req.x2 is None
     n_f = req.n1 + (0 if symmetric else req.n2)
     pairs = req.n1 * req.n2 / (2.0 if symmetric else 1.0)
     group_of = {n: g for g, names in groups.items() for n in names}
     structured = method in (NTKMethod.AUTO, NTKMethod.STRUCTURED)
-    layers, rejected, act, probed, key = _cached_probe(model, params, probe, structured)
+    result, probed, key = req.probe if req.probe is not None else \
+        cached_probe(model, params, req.x1)
+    layers = _layers_of(model, params, result) if structured else []
+    rejected = list(result.rejected) if structured else []
+    act = result.act
     covered = {n for ly in layers for n in (ly.weight, ly.bias) if n}
     lin_macs = sum(ly.positions * ly.d_in * ly.d_out for ly in layers)
     p_req = sum(params[n].numel() for n in group_of)
@@ -350,7 +309,7 @@ def build_plan(req: KernelRequest, groups: dict[str, list[str]], method: NTKMeth
                    tuple(ly.path for ly in layers) if method is NTKMethod.STRUCTURED else (),
                    tuple(n for g in rest.values() for n in g)
                    if method is NTKMethod.STRUCTURED else (),
-                   tuple(rejected), probed, key)
+                   tuple(rejected), probed, key, (result.forwards, result.backwards))
     return plan, engine
 
 

@@ -49,7 +49,7 @@ from ._common import (
 from .jacobian import JacobianEngine
 from .kernel import empirical_ntk
 from .operator import NTKOperator
-from .plan import act_bytes
+from .plan import cached_probe
 
 __all__ = ["Spectrum", "SpectrumRoute", "dual_gram", "extreme_eigenpairs", "kernel_spectrum",
            "ntk_spectrum", "STRUCTURAL_ZERO", "NUMERICAL_ZERO", "VALUE"]
@@ -259,9 +259,8 @@ def dual_gram(
     if 8 * p * p > budget:
         raise KernelTooLargeError(f"Φ = JᵀΩJ needs {fmt_bytes(8 * p * p)} (P = {p}) but "
                                   f"max_memory allows {fmt_bytes(budget)}: raise max_memory")
-    with torch.no_grad():
-        k = int(model(params, x[:1]).shape[1])
-    act = act_bytes(model, params, x[: min(n, 3)])
+    probe = cached_probe(model, params, x)[0]
+    k, act = probe.k, probe.act
     eng = JacobianEngine(model, params, {"all": names}, k, act)
     room = budget - 8 * p * p
     per = 2 * eng.feat_bytes + eng.work_bytes + 8 * k * p

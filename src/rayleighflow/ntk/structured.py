@@ -13,11 +13,11 @@ G_ic = Σ_t δ_ict ⊗ a_it is formed instead and Gram'd, whichever the cost mod
 
 Every other parameter (LayerNorm, Embedding, custom layers, and any candidate layer that fails
 the checks below) falls back to Jacobian contraction for that parameter only, so any module
-works. Checks, on a probe batch of up to three samples: the hook fires with the batch in
-dimension 0; Σ_t g_t ⊗ a_t reproduces autograd's weight gradient for a random output
-cotangent (catches weights also used outside the layer's own forward: tying,
-``F.linear(x, layer.weight)``, ``nn.MultiheadAttention.out_proj``); and a cotangent on sample
-0 alone leaves the probes of other samples at zero (catches cross-sample mixing).
+works. Which layers pass is decided by the planning probe (:mod:`rayleighflow.ntk.probe`: one
+traced forward on up to three samples): the hook fires with the batch in dimension 0; the
+layer's parameters are used by no torch function outside its own forward (tying,
+``F.linear(x, layer.weight)``, ``nn.MultiheadAttention.out_proj``); and samples of a batch do
+not interact downstream of it.
 """
 
 from __future__ import annotations
@@ -246,96 +246,3 @@ class StructuredEngine:
     def pair_temp(self, kind: KernelKind) -> float:
         return max((outer_pair_temp(ly.positions, self.k, kind) for ly in self.layers
                     if not ly.use_grad), default=0.0)
-
-
-def probe_layers(model: Model, params: Params, layers: list[Layer], x: Tensor,
-                 generator: torch.Generator | None = None) -> tuple[list[Layer], list[str], int]:
-    """Measure positions/widths and verify each candidate layer on the probe batch ``x``.
-
-    Returns (verified layers, rejected layer paths with reasons, bytes of intermediate
-    outputs per sample, counted on every leaf module during the probe's forward).
-    """
-    with torch.enable_grad():
-        return _probe(model, params, layers, x, generator)
-
-
-def _probe(model: Model, params: Params, layers: list[Layer], x: Tensor,
-           generator: torch.Generator | None) -> tuple[list[Layer], list[str], int]:
-    b = x.shape[0]
-    leaves = {n: (v.detach().requires_grad_(True) if v.is_floating_point() else v)
-              for n, v in params.items()}
-    count = [0]
-
-    def counter(_m, _a, o) -> None:
-        if isinstance(o, Tensor):
-            count[0] += o.numel()
-
-    mods = [] if model.module is None else \
-        [m for m in model.module.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(counter) for m in mods]
-    try:
-        with _Capture(layers, b) as cap:
-            out = model(leaves, x)
-    finally:
-        for h in handles:
-            h.remove()
-    item = out.element_size()
-    act = (max(1, count[0] // b) + x[0].numel()) * item if mods else \
-        16 * item * (x[0].numel() + 16)
-    ok = [i for i in range(len(layers)) if i not in cap.bad and cap.probes[i]]
-    rejected = [f"{layers[i].path} (its forward was not called with the batch in dimension 0)"
-                for i in range(len(layers)) if i not in ok]
-    if not ok:
-        return [], rejected, act
-    gen = generator or torch.Generator(device="cpu").manual_seed(1234)
-    v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
-    flat = [p for i in ok for p in cap.probes[i]]
-    wb = [leaves[n] for i in ok for n in (layers[i].weight, layers[i].bias) if n is not None]
-    grads = torch.autograd.grad((out * v).sum(), flat + wb, allow_unused=True, retain_graph=True)
-    pg = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, flat, strict=False)]
-    tg = [g if g is not None else torch.zeros_like(w)
-          for g, w in zip(grads[len(flat):], wb, strict=True)]
-    # 1) Σ_t g_t ⊗ a_t must reproduce autograd's weight (and bias) gradient
-    errs, shapes, pos, wpos = [], [], 0, 0
-    for i in ok:
-        ly, ncall = layers[i], len(cap.probes[i])
-        g = torch.cat([_to_positions(ly.module, pg[pos + c], batched=False)
-                       for c in range(ncall)], dim=1)  # (b, T, d_out)
-        a = torch.cat(cap.inputs[i], dim=1)  # (b, T, d_in)
-        pos += ncall
-        rec = [torch.einsum("btm,btn->mn", g, a).reshape(-1)]
-        true = [tg[wpos].reshape(-1)]
-        if ly.bias is not None:
-            rec.append(g.sum((0, 1)))
-            true.append(tg[wpos + 1].reshape(-1))
-        wpos += len(rec)
-        r, t = torch.cat(rec), torch.cat(true)
-        errs.append(torch.stack([(r - t).abs().max(), r.abs().max() + t.abs().max()]))
-        shapes.append((a.shape[1], a.shape[2], g.shape[2]))
-    # 2) a cotangent on sample 0 alone must leave the other samples' probes at zero
-    if b > 1:
-        v0 = torch.zeros_like(v)
-        v0[0] = v[0]
-        g0 = torch.autograd.grad((out * v0).sum(), flat, allow_unused=True)
-        pos = 0
-        for j, i in enumerate(ok):
-            gs = [g for g in g0[pos:pos + len(cap.probes[i])] if g is not None]
-            pos += len(cap.probes[i])
-            leak = sum((g[1:].abs().sum() for g in gs), torch.zeros((), device=out.device,
-                                                                   dtype=out.dtype))
-            size = sum((g[:1].abs().sum() for g in gs), torch.zeros_like(leak))
-            errs[j] = torch.cat([errs[j], torch.stack([leak, size])])
-    table = torch.stack([e if e.numel() == 4 else torch.cat([e, e.new_zeros(2)])
-                         for e in errs]).double().cpu().tolist()  # one device sync
-    tol = 1e-9 if out.dtype == torch.float64 else 1e-4
-    verified = []
-    for i, (err, scale, leak, size), shape in zip(ok, table, shapes, strict=True):
-        ly = layers[i]
-        if err > tol * scale:
-            rejected.append(f"{ly.path} (its parameters are also used outside its forward)")
-        elif leak > tol * size and leak > 0:
-            rejected.append(f"{ly.path} (samples of a batch interact through it)")
-        else:
-            ly.positions, ly.d_in, ly.d_out = shape
-            verified.append(ly)
-    return verified, rejected, act
