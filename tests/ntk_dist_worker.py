@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import torch
 
 from cases import CASES, inputs
@@ -69,34 +68,23 @@ def kernels(rank: int, world: int, init: str, out_dir: str) -> None:
         lam1 = extreme_eigenpairs(op1, 2, tol=1e-12)[0]
         lams = extreme_eigenpairs(ops, 2, tol=1e-12)[0]
         _close(lams, lam1, 1e-10, f"{name} sharded Lanczos")
-        lo1 = extreme_eigenpairs(op1, 1, which="smallest", method="lobpcg", tol=1e-9)[0]
-        los = extreme_eigenpairs(ops, 1, which="smallest", method="lobpcg", tol=1e-9)[0]
+        # LOBPCG does not reach 1e-9 on these 21-dimensional kernels (it stops at maxiter):
+        # both sides run the same 30 iterations from the same start and must agree
+        lo1 = extreme_eigenpairs(op1, 1, which="smallest", method="lobpcg", tol=1e-9,
+                                 maxiter=30)[0]
+        los = extreme_eigenpairs(ops, 1, which="smallest", method="lobpcg", tol=1e-9,
+                                 maxiter=30)[0]
         _close(los, lo1, 1e-6, f"{name} sharded LOBPCG λ_min")
     import torch.distributed as dist
     dist.barrier()
     dist.destroy_process_group()
 
 
-def dies(rank: int, world: int, init: str, out_dir: str) -> None:
-    """Rank 1 never joins: rank 0 must fail within the timeout with a clear error."""
-    torch.set_num_threads(1)
-    if rank == 1:
-        return
-    t0 = time.perf_counter()
-    try:
-        init_distributed("gloo", init_method=init, rank=rank, world_size=world, timeout_s=3)
-    except DistributedError as err:
-        np.save(os.path.join(out_dir, "error.npy"), np.array([time.perf_counter() - t0]))
-        with open(os.path.join(out_dir, "error.txt"), "w") as fh:
-            fh.write(str(err))
-        return
-    raise AssertionError("init_distributed returned without the peer")
-
-
-def dies_later(rank: int, world: int, init: str, out_dir: str) -> None:
+def dies_later(rank: int, world: int, init: str, out_dir: str, timeout_s: float = 5,
+               name: str = "error") -> None:
     """Rank 1 joins then exits before the assembly: rank 0 gets a DistributedError."""
     torch.set_num_threads(1)
-    init_distributed("gloo", init_method=init, rank=rank, world_size=world, timeout_s=5)
+    init_distributed("gloo", init_method=init, rank=rank, world_size=world, timeout_s=timeout_s)
     if rank == 1:
         os._exit(0)
     case = CASES["mlp_tanh"]
@@ -105,10 +93,35 @@ def dies_later(rank: int, world: int, init: str, out_dir: str) -> None:
     try:
         empirical_ntk(model, x, block_size=2, executor=DistributedExecutor("all"))
     except DistributedError as err:
-        with open(os.path.join(out_dir, "error.txt"), "w") as fh:
+        with open(os.path.join(out_dir, f"{name}.txt"), "w") as fh:
             fh.write(f"{time.perf_counter() - t0}\n{err}")
         return
     raise AssertionError("the assembly finished without its peer")
+
+
+def never_joins(rank: int, world: int, init: str, out_dir: str) -> None:
+    """A group of world + 1 ranks whose last rank never starts: every rank that did start
+    must fail within the 3 s timeout; each writes its seconds and the error."""
+    t0 = time.perf_counter()
+    try:
+        init_distributed("gloo", init_method=init, rank=rank, world_size=world + 1,
+                         timeout_s=3)
+    except DistributedError as err:
+        with open(os.path.join(out_dir, f"never-{rank}.txt"), "w") as fh:
+            fh.write(f"{time.perf_counter() - t0}\n{err}")
+        return
+    raise AssertionError("init_distributed returned without the missing rank")
+
+
+def all_checks(rank: int, world: int, init: str, out_dir: str) -> None:
+    """The whole 2-process selection in one spawn (process start-up dominates): every kernel
+    and operator check, then a group whose third rank never joins, then one that rank 1
+    leaves early. (Every rank makes the failed attempt: torch numbers process groups per
+    process, and ranks must agree on the count to meet again.)"""
+    kernels(rank, world, init, out_dir)
+    never_joins(rank, world, f"file://{os.path.join(out_dir, 'never-rv')}", out_dir)
+    dies_later(rank, world, f"file://{os.path.join(out_dir, 'later-rv')}", out_dir,
+               timeout_s=10, name="died")
 
 
 def smoke(rank: int, world: int, init: str, out_dir: str) -> None:
