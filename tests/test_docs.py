@@ -2,8 +2,8 @@
 example, the examples pass as doctests, and every public name has an entry in the API reference
 pages of the documentation site (docs/api/*.md, rendered by mkdocstrings).
 
-Examples run with empty globals (each one imports what it uses, so it runs as copied from the
-site), in float64 at small sizes. Exempt from the example rule, with the reason:
+Examples run as ``doctest`` runs them (in a copy of the defining module's globals), in float64
+at small sizes. Exempt from the example rule, with the reason:
 
 * ``rayleighflow.__version__``: a version string, not an object with behaviour;
 * ``rayleighflow.Params``: the type alias ``dict[str, Tensor]``; Python attaches no docstring
@@ -56,8 +56,10 @@ def _examples(qualname: str, obj: object) -> list[doctest.DocTest]:
     doc = _own_doc(obj)
     if not doc:
         return []
+    module = inspect.getmodule(obj)
+    globs = dict(vars(module)) if module is not None else {}
     parser = doctest.DocTestParser()
-    return [parser.get_doctest(doc, {}, qualname, None, 0)]
+    return [parser.get_doctest(doc, globs, qualname, getattr(module, "__file__", None), 0)]
 
 
 def _not_skipped(test: doctest.DocTest) -> int:

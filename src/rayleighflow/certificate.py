@@ -207,7 +207,7 @@ class Certificate:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(),
         ...                           torch.nn.Linear(16, 1)).double()
         >>> problem = rf.Problem(rf.Model(net), data, "square")
-        >>> run = rf.gradient_flow(problem, t_max=2.0, method="euler", step=0.1)
+        >>> run = rf.gradient_flow(problem, rf.GradientDescent(0.1), t_max=2.0)
         >>> cert = rf.certify(run.trajectory, "log")  # the exact discrete certificate, μ = μ*
         >>> cert.status.value, cert.scope.value, cert.discrete
         ('holds', 'path', True)

@@ -307,7 +307,7 @@ def compose(
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(),
         ...                           torch.nn.Linear(16, 1)).double()
         >>> problem = rf.Problem(rf.Model(net), data, "square")
-        >>> run = rf.gradient_flow(problem, t_max=2.0, method="euler", step=0.1)
+        >>> run = rf.gradient_flow(problem, rf.GradientDescent(0.1), t_max=2.0)
         >>> fkl = problem.loss.functional_kl(data.weights, problem.convention)
         >>> fkl.desingularizer, fkl.c                # square loss: ‖∇ℓ‖² = 2ℓ
         ('log', 2.0)
