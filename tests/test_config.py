@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import rayleighflow as rf
 from rayleighflow.data import Dataset, Sampler
 from rayleighflow.experiments import builders, config
 from rayleighflow.experiments.builders import build_problem, flow_kwargs
@@ -20,6 +21,8 @@ from rayleighflow.experiments.config import (
     ConfigError,
     ExperimentConfig,
     FlowConfig,
+    LogRecordsConfig,
+    StochasticGDConfig,
     config_to_toml,
     load_config,
     parse_config,
@@ -146,7 +149,7 @@ def test_unknown_key_names_path_suggestion_allowed_keys_and_line(tmp_path):
     msg = str(err)
     assert str(path) in msg and "line 10:" in msg
     assert "unknown key `flow.t_mx`" in msg and "did you mean `t_max`?" in msg
-    assert "allowed keys in [flow]: method, t_max, step, rtol" in msg
+    assert "allowed keys in [flow]: t_max, eval_size, integrator, records, stop" in msg
 
 
 def test_unknown_keys_at_top_level_in_dotted_and_inline_tables(tmp_path):
@@ -169,7 +172,7 @@ def test_unknown_keys_at_top_level_in_dotted_and_inline_tables(tmp_path):
     found = {i.path: (i.line, i.message) for i in info.value.issues}
     assert found["sede"][0] == 1 and "did you mean `seed`?" in found["sede"][1]
     assert "the top level" in found["sede"][1]
-    assert found["flow.n_record"][0] == 2 and "`n_records`" in found["flow.n_record"][1]
+    assert found["flow.n_record"][0] == 2 and "`records`" in found["flow.n_record"][1]
     assert found["certify.mu.lgo"][0] == 12 and "did you mean `log`?" in found["certify.mu.lgo"][1]
 
 
@@ -224,7 +227,10 @@ def test_batch_size_needs_sampler_data_and_euler():
                                     flow={"batch_size": 8})))
     cfg = parse_config(_with(data=sampler, loss={"name": "square"},
                              flow={"method": "euler", "step": 0.1, "batch_size": 8}))
-    assert cfg.flow.batch_size == 8
+    assert cfg.flow.integrator == StochasticGDConfig(0.1, 8)  # the flat form, migrated
+    assert "'stochastic-gd' draws fresh samples each step: it needs sampler data" in str(
+        _errors(_with(flow={"integrator": {"kind": "stochastic-gd", "step": 0.1,
+                                           "batch_size": 8}})))
     assert "data.n_samples applies only to a fixed sample" in str(
         _errors(_with(data={**sampler, "n_samples": 5}, loss={"name": "square"})))
 
@@ -432,7 +438,8 @@ def test_example_experiment_loads_builds_and_flows():
     assert isinstance(cfg.flow, FlowConfig) and cfg.name == "wine-mlp"
     problem, info = build_problem(cfg)
     assert _output(problem).shape == (info["n"], info["k"])
-    short = dataclasses.replace(cfg, flow=dataclasses.replace(cfg.flow, t_max=0.5, n_records=3))
+    short = dataclasses.replace(cfg, flow=dataclasses.replace(cfg.flow, t_max=0.5,
+                                                              records=LogRecordsConfig(3)))
     result = gradient_flow(problem, **flow_kwargs(short))
     assert result.status is FlowStatus.T_MAX
     assert result.trajectory["loss"][-1] < result.trajectory["loss"][0]
@@ -447,3 +454,74 @@ def test_docstring_examples(monkeypatch):
 
 def test_cnn_config_defaults_are_documented():
     assert CNNConfig().channels == (8, 16) and CNNConfig().input_shape is None
+
+
+def test_flow_tables_read_check_and_round_trip(tmp_path):
+    raw = _with(flow={"t_max": 5.0, "integrator": {"kind": "gradient-descent", "step": 0.1},
+                      "records": {"kind": "every", "steps": 10},
+                      "stop": {"loss_below": 1e-4, "max_evals": 200}})
+    cfg = parse_config(raw)
+    kw = cfg.flow.kwargs()
+    assert kw["integrator"] == rf.GradientDescent(0.1) and kw["records"] == rf.Every(10)
+    assert kw["stops"] == [rf.LossBelow(1e-4), rf.MaxEvals(200)] and not cfg.notes
+    text = config_to_toml(cfg)
+    assert "[flow.integrator]" in text and 'kind = "every"' in text
+    assert parse_config(tomllib.loads(text)) == cfg
+    path = _write(tmp_path, """
+        [model]
+        kind = "mlp"
+        [data]
+        kind = "sklearn"
+        name = "iris"
+        [loss]
+        name = "cross-entropy"
+        [flow]
+        step = 0.1
+        [flow.integrator]
+        kind = "dopri5"
+        stepp = 0.1
+        [flow.records]
+        kind = "every"
+        steps = 3
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    found = {i.path: (i.line, i.message) for i in info.value.issues}
+    assert found["flow.step"][0] == 9 and "cannot be mixed" in found["flow.step"][1]
+    assert found["flow.integrator.stepp"][0] == 12
+    assert "allowed keys in [flow.integrator]: kind, rtol, atol" in found[
+        "flow.integrator.stepp"][1]
+    assert "with kind = 'dopri5' use records kind = 'log'" in found["flow.records.kind"][1]
+
+
+def test_flat_flow_keys_load_with_a_deprecation_and_migrate(tmp_path):
+    path = _write(tmp_path, """
+        [model]
+        kind = "mlp"
+        [data]
+        kind = "sklearn"
+        name = "iris"
+        [loss]
+        name = "cross-entropy"
+        [flow]
+        method = "euler"
+        step = 0.2
+        t_max = 4.0
+        n_records = 7
+        loss_target = 0.01
+        """)
+    with pytest.warns(FutureWarning, match="flat keys of earlier versions"):
+        old = load_config(path)
+    assert old.flow.integrator == config.GradientDescentConfig(0.2)
+    assert old.flow.records == LogRecordsConfig(7)
+    assert old.flow.stop == config.StopConfig(loss_below=0.01)
+    from rayleighflow.cli import main
+
+    assert main(["migrate", str(path), "--write"]) == 0
+    assert path.with_name("exp.toml.bak").exists()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        new = load_config(path)
+    assert new == old and not new.notes and "[flow.stop]" in path.read_text()

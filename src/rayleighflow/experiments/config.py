@@ -11,14 +11,14 @@ Example:
     >>> cfg = parse_config({"model": {"kind": "mlp", "widths": [16]},
     ...                     "data": {"kind": "sklearn", "name": "iris"},
     ...                     "loss": {"name": "cross-entropy"}})
-    >>> cfg.model.widths, cfg.flow.method.value, cfg.flow.t_max
-    ((16,), 'adaptive', 100.0)
+    >>> cfg.model.widths, cfg.flow.integrator.kind, cfg.flow.t_max
+    ((16,), 'dopri5', 100.0)
     >>> parse_config({"model": {"kind": "mlp"}, "data": {"kind": "sklearn", "name": "iris"},
     ...               "loss": {"name": "cross-entropy"}, "flow": {"t_mx": 1.0}})
     Traceback (most recent call last):
     ...
     rayleighflow.experiments.config.ConfigError: 1 error in the experiment configuration:
-      unknown key `flow.t_mx`: did you mean `t_max`? allowed keys in [flow]: method, ...
+      unknown key `flow.t_mx`: did you mean `t_max`? allowed keys in [flow]: t_max, ...
     >>> parse_config(tomllib.loads(config_to_toml(cfg))) == cfg   # round trip
     True
 """
@@ -29,6 +29,7 @@ import difflib
 import math
 import re
 import tomllib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,6 +39,15 @@ from .._types import Convention
 from ..data import SKLEARN_DATASETS
 from ..desingularizers import get_desingularizer
 from ..flow import Integrator
+from ..integrators import (
+    Dopri5,
+    Every,
+    GradientDescent,
+    LogSpaced,
+    LossBelow,
+    MaxEvals,
+    StochasticGD,
+)
 from ..losses import LOSS_NAMES
 from ._toml import _REQUIRED, ConfigError, Issue, _Issues, _spec, _Table, toml_value
 from ._toml import find_line as find_line  # re-exported: used by builders
@@ -46,7 +56,9 @@ from ._toml import key_lines as key_lines  # re-exported: used by builders
 __all__ = [
     "ConfigError", "Issue", "ExperimentConfig", "MLPConfig", "CNNConfig", "ImportConfig",
     "SklearnData", "UniformData", "GaussianData", "TeacherStudentData", "FileData",
-    "LossConfig", "FlowConfig", "DiagnosticsConfig", "CertifyConfig", "ACTIVATIONS",
+    "LossConfig", "FlowConfig", "GradientDescentConfig", "StochasticGDConfig", "Dopri5Config",
+    "LogRecordsConfig", "EveryRecordsConfig", "StopConfig", "DiagnosticsConfig",
+    "CertifyConfig", "ACTIVATIONS",
     "SKLEARN_SHAPES", "load_config", "parse_config", "config_to_toml",
 ]
 
@@ -189,8 +201,109 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class GradientDescentConfig:
+    """``kind = "gradient-descent"``: full-batch θ ← θ − η∇L(θ), recorded at t = kη."""
+
+    kind: ClassVar[str] = "gradient-descent"
+    step: float = _spec("number", gt=0)
+
+    def build(self) -> GradientDescent:
+        return GradientDescent(self.step)
+
+
+@dataclass(frozen=True)
+class StochasticGDConfig:
+    """``kind = "stochastic-gd"``: the same step on ``batch_size`` fresh samples of the
+    population per step (``data.population = true``)."""
+
+    kind: ClassVar[str] = "stochastic-gd"
+    step: float = _spec("number", gt=0)
+    batch_size: int = _spec("integer", ge=1)
+
+    def build(self) -> StochasticGD:
+        return StochasticGD(self.step, self.batch_size)
+
+
+@dataclass(frozen=True)
+class Dopri5Config:
+    """``kind = "dopri5"``: adaptive Dormand–Prince Runge–Kutta with ``rtol``/``atol``."""
+
+    kind: ClassVar[str] = "dopri5"
+    rtol: float = _spec("number", 1e-7, gt=0)
+    atol: float = _spec("number", 1e-9, ge=0)
+
+    def build(self) -> Dopri5:
+        return Dopri5(self.rtol, self.atol)
+
+
+@dataclass(frozen=True)
+class LogRecordsConfig:
+    """``kind = "log"``: records at t = 0 and ``n − 1`` log-spaced times up to t_max."""
+
+    kind: ClassVar[str] = "log"
+    n: int = _spec("integer", 60, ge=2)
+
+    def build(self) -> LogSpaced:
+        return LogSpaced(self.n)
+
+
+@dataclass(frozen=True)
+class EveryRecordsConfig:
+    """``kind = "every"``: a record every ``steps`` steps of a fixed-step integrator."""
+
+    kind: ClassVar[str] = "every"
+    steps: int = _spec("integer", ge=1)
+
+    def build(self) -> Every:
+        return Every(self.steps)
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    """Stop rules besides t_max: ``loss_below`` (checked at records), ``max_evals`` (gradient
+    evaluations; adaptive runs default to 1e6)."""
+
+    loss_below: float | None = _spec("number", None, gt=0, unset="run to t_max")
+    max_evals: int | None = _spec("integer", None, ge=1, unset="no limit (adaptive: 1e6)")
+
+    def build(self) -> list[LossBelow | MaxEvals]:
+        stops: list[LossBelow | MaxEvals] = []
+        if self.loss_below is not None:
+            stops.append(LossBelow(self.loss_below))
+        if self.max_evals is not None:
+            stops.append(MaxEvals(self.max_evals))
+        return stops
+
+
+IntegratorConfig = GradientDescentConfig | StochasticGDConfig | Dopri5Config
+RecordsConfig = LogRecordsConfig | EveryRecordsConfig
+_INTEGRATORS: dict[str, type] = {"gradient-descent": GradientDescentConfig,
+                                 "stochastic-gd": StochasticGDConfig, "dopri5": Dopri5Config}
+_RECORDS: dict[str, type] = {"log": LogRecordsConfig, "every": EveryRecordsConfig}
+_FLOW_TABLES = ("integrator", "records", "stop")
+
+
+@dataclass(frozen=True)
 class FlowConfig:
-    """Arguments of :func:`rayleighflow.flow.gradient_flow`; see :meth:`kwargs`."""
+    """``[flow]``: ``t_max``, ``eval_size`` (sampler data), and the tables
+    ``[flow.integrator]``, ``[flow.records]`` and ``[flow.stop]``; see :meth:`kwargs`."""
+
+    t_max: float = _spec("number", 100.0, gt=0)
+    eval_size: int = _spec("integer", 4096, ge=1)
+    integrator: IntegratorConfig = field(default_factory=Dopri5Config)
+    records: RecordsConfig = field(default_factory=LogRecordsConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+
+    def kwargs(self) -> dict[str, Any]:
+        """``gradient_flow(problem, generator=..., **flow.kwargs())``."""
+        return {"integrator": self.integrator.build(), "t_max": self.t_max,
+                "records": self.records.build(), "stops": self.stop.build(),
+                "eval_size": self.eval_size}
+
+
+@dataclass(frozen=True)
+class _FlatFlowConfig:
+    """The flat ``[flow]`` keys of earlier versions: still read, validated, then migrated."""
 
     method: Integrator = _spec("string", Integrator.ADAPTIVE, choices=("adaptive", "euler"),
                                enum=Integrator)
@@ -204,9 +317,19 @@ class FlowConfig:
     batch_size: int | None = _spec("integer", None, ge=1, unset="the fixed evaluation sample")
     eval_size: int = _spec("integer", 4096, ge=1)
 
-    def kwargs(self) -> dict[str, Any]:
-        """``gradient_flow(problem, generator=..., **flow.kwargs())``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def migrate(self) -> FlowConfig:
+        if self.method is Integrator.ADAPTIVE:
+            integ: IntegratorConfig = Dopri5Config(self.rtol, self.atol)
+        elif self.batch_size is not None:
+            integ = StochasticGDConfig(self.step, self.batch_size)
+        else:
+            integ = GradientDescentConfig(self.step)
+        return FlowConfig(self.t_max, self.eval_size, integ, LogRecordsConfig(self.n_records),
+                          StopConfig(self.loss_target, self.max_steps))
+
+
+_FLAT_ONLY = ("method", "step", "rtol", "atol", "n_records", "loss_target", "max_steps",
+              "batch_size")
 
 
 @dataclass(frozen=True)
@@ -256,6 +379,7 @@ class ExperimentConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
     source: Path | None = field(default=None, compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -290,6 +414,7 @@ def parse_config(raw: Mapping[str, Any], source: str | Path | None = None, *,
     if text is None and src is not None and src.is_file():
         text = src.read_text(encoding="utf-8")
     issues = _Issues(text)
+    notes: list[str] = []
     base = src.parent if src is not None else Path.cwd()
     top = _Table(issues, "", raw, base)
     own = [f.name for f in fields(ExperimentConfig) if "kind" in f.metadata]
@@ -304,8 +429,10 @@ def parse_config(raw: Mapping[str, Any], source: str | Path | None = None, *,
             parts[s] = None
         elif s in ("model", "data"):
             parts[s] = _read_kind(t, _MODELS if s == "model" else _DATA)
+        elif s == "flow":
+            parts[s] = _read_flow(t, issues, base, notes)
         else:
-            cls = {"loss": LossConfig, "flow": FlowConfig, "diagnostics": DiagnosticsConfig,
+            cls = {"loss": LossConfig, "diagnostics": DiagnosticsConfig,
                    "certify": CertifyConfig}[s]
             t.check_keys([f.name for f in fields(cls)])
             parts[s] = cls(**t.read(cls))
@@ -318,7 +445,36 @@ def parse_config(raw: Mapping[str, Any], source: str | Path | None = None, *,
     if issues.items:
         ordered = sorted(issues.items, key=lambda i: (i.line is None, i.line or 0))
         raise ConfigError(ordered, src)
-    return ExperimentConfig(**values, **parts, source=src)
+    if isinstance(parts["flow"], _FlatFlowConfig):
+        parts["flow"] = parts["flow"].migrate()
+    for note in notes:
+        warnings.warn(f"{src or 'configuration'}: {note}", FutureWarning, stacklevel=2)
+    return ExperimentConfig(**values, **parts, source=src, notes=tuple(notes))
+
+
+def _read_flow(t: _Table, issues: _Issues, base: Path, notes: list[str]) -> Any:
+    """[flow] with its integrator, records and stop tables, or the flat form of earlier
+    versions (read with its own rules, migrated after the cross-field checks)."""
+    flat = [k for k in t.raw if k in _FLAT_ONLY]
+    if flat and not any(k in t.raw for k in _FLOW_TABLES):
+        t.check_keys([f.name for f in fields(_FlatFlowConfig)])
+        notes.append(f"[flow] uses the flat keys of earlier versions ({', '.join(flat)}): they "
+                     "still load but are deprecated; `rayleighflow migrate FILE.toml` writes "
+                     "the [flow.integrator], [flow.records] and [flow.stop] form")
+        return _FlatFlowConfig(**t.read(_FlatFlowConfig))
+    why = ("is a flat key of earlier versions and cannot be mixed with [flow.integrator], "
+           "[flow.records] or [flow.stop]: move it into those tables")
+    t.check_keys(["t_max", "eval_size", *_FLOW_TABLES], {k: why for k in flat})
+    values: dict[str, Any] = t.read(FlowConfig)
+    for name, kinds, default in (("integrator", _INTEGRATORS, Dopri5Config),
+                                 ("records", _RECORDS, LogRecordsConfig)):
+        raw = t.get(name, "table", {})
+        values[name] = (default() if raw == {} else None if raw is None
+                        else _read_kind(_Table(issues, f"flow.{name}", raw, base), kinds))
+    stop = _Table(issues, "flow.stop", t.get("stop", "table", {}) or {}, base)
+    stop.check_keys([f.name for f in fields(StopConfig)])
+    values["stop"] = StopConfig(**stop.read(StopConfig))
+    return FlowConfig(**values)
 
 
 def _read_kind(t: _Table, classes: Mapping[str, type]) -> Any:
@@ -342,7 +498,11 @@ def _inapplicable(section: str, parts: Mapping[str, Any]) -> dict[str, str]:
     """Keys of ``section`` that this configuration makes meaningless, with the reason."""
     data, flow, loss = parts.get("data"), parts.get("flow"), parts.get("loss")
     out: dict[str, str] = {}
-    if section == "flow" and flow is not None:
+    if section == "flow" and isinstance(flow, FlowConfig):
+        if data is not None and not data.population:
+            out["eval_size"] = ("applies only to sampler data (data.population = true); a "
+                                "finite dataset is evaluated whole")
+    if section == "flow" and isinstance(flow, _FlatFlowConfig):
         if flow.method is Integrator.EULER:
             why = "applies only to method = 'adaptive' (the Euler integrator has a fixed step)"
             out["rtol"] = out["atol"] = why
@@ -389,8 +549,10 @@ def _cross_checks(iss: _Issues, tables: Mapping[str, Any], parts: Mapping[str, A
         for key, why in _inapplicable(section, parts).items():
             if key in (tables[section] or {}):
                 iss.add(f"{section}.{key}", f"{section}.{key} {why}")
-    if flow is not None and flow.method is Integrator.EULER and flow.step is None \
-            and iss.ok("flow.step"):
+    if isinstance(flow, FlowConfig):
+        _check_flow(iss, flow, data)
+    if isinstance(flow, _FlatFlowConfig) and flow.method is Integrator.EULER \
+            and flow.step is None and iss.ok("flow.step"):
         iss.add("flow.step", "flow.step is required with method = 'euler' (gradient descent "
                              "with step η, recorded at t = kη)", at="flow.method")
     if data is not None and not data.population and not isinstance(data, SklearnData | FileData) \
@@ -418,6 +580,18 @@ def _cross_checks(iss: _Issues, tables: Mapping[str, Any], parts: Mapping[str, A
     if cert is not None:
         mu = (tables["certify"] or {}).get("mu")
         _check_certify(iss, cert, list(mu) if isinstance(mu, dict) else [])
+
+
+def _check_flow(iss: _Issues, flow: FlowConfig, data: Any) -> None:
+    if isinstance(flow.integrator, StochasticGDConfig) and data is not None \
+            and not data.population:
+        iss.add("flow.integrator.kind", "flow.integrator.kind = 'stochastic-gd' draws fresh "
+                "samples each step: it needs sampler data (data.population = true); for a "
+                "fixed dataset use 'gradient-descent'")
+    if isinstance(flow.records, EveryRecordsConfig) and isinstance(flow.integrator,
+                                                                     Dopri5Config):
+        iss.add("flow.records.kind", "flow.records.kind = 'every' counts steps of a fixed-step "
+                "integrator; with kind = 'dopri5' use records kind = 'log'")
 
 
 def _check_loss_data(iss: _Issues, loss: LossConfig, data: Any) -> None:
@@ -504,13 +678,21 @@ def config_to_toml(cfg: ExperimentConfig) -> str:
     for s in _SECTIONS:
         obj = parts[s]
         skip = set(_inapplicable(s, parts)) | set(_NOT_FOR_KIND.get(getattr(obj, "kind", ""), ()))
-        lines += ["", f"[{s}]"]
-        if hasattr(obj, "kind"):
-            lines.append(f"kind = {toml_value(obj.kind)}")
-        for f in fields(obj):
-            if f.name == "kind" or f.name in skip:
-                continue
-            v = getattr(obj, f.name)
-            lines.append(f"# {f.name}: unset ({f.metadata.get('unset', 'none')})" if v is None
-                         else f"{f.name} = {toml_value(v)}")
+        lines += _table_lines(s, obj, skip)
+        if s == "flow":
+            for name in _FLOW_TABLES:
+                lines += _table_lines(f"flow.{name}", getattr(obj, name), set())
     return "\n".join(lines) + "\n"
+
+
+def _table_lines(path: str, obj: Any, skip: set[str]) -> list[str]:
+    lines = ["", f"[{path}]"]
+    if hasattr(obj, "kind"):
+        lines.append(f"kind = {toml_value(obj.kind)}")
+    for f in fields(obj):
+        if f.name == "kind" or f.name in skip or "kind" not in f.metadata:
+            continue
+        v = getattr(obj, f.name)
+        lines.append(f"# {f.name}: unset ({f.metadata.get('unset', 'none')})" if v is None
+                     else f"{f.name} = {toml_value(v)}")
+    return lines

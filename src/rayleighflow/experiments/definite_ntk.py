@@ -14,6 +14,7 @@ import torch
 
 from ..certify import spectral
 from ..data import Dataset
+from ..integrators import Dopri5, LogSpaced
 from ..problem import Model, Problem
 from ..theorems.two_layer import TwoLayer
 from .common import (
@@ -66,7 +67,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
         net = TwoLayer(p["dim"], width, generator=ctx.generator(3), dtype=ctx.dtype)
         problem = Problem(Model(net.to(ctx.device)), data, "square")
         result = ctx.flow(regime, problem, label=f"{regime} (m={width})", t_max=p["t_max"],
-                          n_records=p["n_records"], rtol=p["rtol"], atol=p["atol"],
+                          integrator=Dopri5(p["rtol"], p["atol"]),
+                          records=LogSpaced(p["n_records"]),
                           diagnostics=[spectrum_diagnostic(1)])
         certs = _certs(result.trajectory, problem, data)
         certs_by_regime[regime] = certs

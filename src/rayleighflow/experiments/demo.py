@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..data import load_sklearn
+from ..integrators import Dopri5, LogSpaced
 from ..ntk.spectrum import STRUCTURAL_ZERO, VALUE
 from ..problem import Model, Problem
 from .common import (
@@ -36,7 +37,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     ctx.save_figures([loss_figure("loss", "flow", n_certs),
                       kernel_figure("kernel", "flow", groups=list(problem.model.groups))])
     result = ctx.flow("flow", problem, label="gradient flow", t_max=p["t_max"],
-                      n_records=p["n_records"], rtol=p["rtol"], atol=p["atol"],
+                      integrator=Dopri5(p["rtol"], p["atol"]),
+                      records=LogSpaced(p["n_records"]),
                       diagnostics=[spectrum_diagnostic(p["spectrum_every"])])
     certs = certificates(result.trajectory, problem, data, DESINGULARIZERS)
     ctx.save_arrays(**certificate_arrays("", certs))

@@ -22,6 +22,7 @@ from ..certificate import Certificate
 from ..certify import certify
 from ..data import Dataset
 from ..flow import log_record_times
+from ..integrators import Dopri5, GradientDescent, LogSpaced, Times
 from ..ntk import ntk_spectrum
 from ..problem import Model, Problem
 from ..theorems.logistic import (
@@ -120,11 +121,11 @@ def _one(ctx: RunContext, name: str, p: dict) -> tuple[dict[str, Any], list]:
     # The adversarial flow crosses ~1e11-logit kinks: rtol 1e-4 keeps it to ~2k gradient
     # evaluations (1e-8 needs ~1e6); the bound's slack there is orders of magnitude larger.
     rtol = p["rtol_adversarial"] if name == "adversarial" else p["rtol"]
-    flow = ctx.flow(name, problem, label=f"{name} flow", t_max=t_max, record_times=times,
-                    rtol=rtol, atol=p["atol"])
+    flow = ctx.flow(name, problem, label=f"{name} flow", t_max=t_max, records=Times(times),
+                    integrator=Dopri5(rtol, p["atol"]))
     gd_t, step = min(t_max, p["gd_t_max"]), p["gd_step"]
-    gd = ctx.flow(f"{name}_gd", problem, label=f"{name} GD", t_max=gd_t, method="euler",
-                  step=step, record_times=log_record_times(gd_t, 40, step))
+    gd = ctx.flow(f"{name}_gd", problem, label=f"{name} GD", t_max=gd_t,
+                  integrator=GradientDescent(step), records=LogSpaced(40, step))
     traj = flow.trajectory
     t, loss, grad_sq = traj.t, traj["loss"], traj["grad_sq"]
     flow_certs = _theory_certs(traj, cert, p["slack_rtol"], p["slack_atol"])
@@ -195,8 +196,8 @@ def _warm_gd(ctx: RunContext, x, y, k: int, data: Dataset, p: dict):
     cert = margin_certificate(x, y, k, loss0)
     t_max, step = p["gd_warm_t_max"], p["gd_warm_step"]
     gd = ctx.flow("teacher_student_gd_warm", problem, label="teacher_student GD (warm)",
-                  t_max=t_max, method="euler", step=step,
-                  record_times=log_record_times(t_max, 30, step))
+                  t_max=t_max, integrator=GradientDescent(step),
+                  records=LogSpaced(30, step))
     certs = _theory_certs(gd.trajectory, cert, p["slack_rtol"], p["slack_atol"])
     return {"loss_initial": loss0, "scale_of_separator": hi, "t_final": float(gd.t_final),
             "loss_final": float(gd.trajectory["loss"][-1]),

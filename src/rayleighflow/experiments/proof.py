@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..integrators import Dopri5, LogSpaced
 from ..problem import Model, Problem
 from ..prove import prove_details
 from ..prove.falsify import falsify_proof
@@ -76,7 +77,7 @@ def _run_width(ctx: RunContext, regime: str, width: int, data) -> tuple[dict, li
     tracker = BallTracker(problem)
     flow_problem = Problem(tracker.model(), data, "square")
     result = ctx.flow(regime, flow_problem, label=f"{regime} (m={width})", t_max=p["t_max"],
-                      n_records=p["n_records"], rtol=p["rtol"], atol=p["atol"])
+                      integrator=Dopri5(p["rtol"], p["atol"]), records=LogSpaced(p["n_records"]))
     traj = result.trajectory
     arrays: dict[str, Any] = {f"{regime}_pt_loss": np.array(tracker.loss),
                               f"{regime}_pt_dist": np.array(tracker.dist)}

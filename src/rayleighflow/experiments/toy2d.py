@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..integrators import Dopri5, LogSpaced
 from ..problem import Problem
 from ..theorems.toy2d import lemniscate, toy_data, toy_model
 from .common import (
@@ -48,7 +49,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     figures = [_curve_figure(), kernel_figure("kernel", "flow", "Rank-one kernel")]
     ctx.save_figures([loss_figure("loss", "flow", 2), *figures])
     result = ctx.flow("flow", problem, label="toy flow", t_max=p["t_max"],
-                      n_records=p["n_records"], rtol=1e-10, atol=1e-14,
+                      integrator=Dopri5(1e-10, 1e-14), records=LogSpaced(p["n_records"]),
                       diagnostics=[spectrum_diagnostic(1), _outputs])
     certs = certificates(result.trajectory, problem, data, ["log"])
     ctx.save_arrays(**certificate_arrays("", certs))

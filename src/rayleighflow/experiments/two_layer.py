@@ -36,6 +36,7 @@ from ..certificate import Certificate
 from ..certify import certify, compose
 from ..data import Dataset, UniformBox, smooth_target
 from ..desingularizers import Plateau
+from ..integrators import GradientDescent, Times
 from ..ntk.spectrum import STRUCTURAL_ZERO, VALUE
 from ..problem import Model, Problem
 from ..theorems.two_layer import TwoLayer
@@ -284,8 +285,9 @@ def _run(ctx: RunContext) -> dict[str, Any]:
             if s == 0:  # spectra for seed 0: on the whole training sample (never a subset)
                 diags.append(spectrum_diagnostic(max(1, len(times) // 2)))
             res = ctx.flow(_run_name(m, s), problem, label=f"m={m} seed={s}",
-                           t_max=float(p["t_max"]), method="euler", step=float(p["step"]),
-                           record_times=times, diagnostics=diags)
+                           t_max=float(p["t_max"]),
+                           integrator=GradientDescent(float(p["step"])), records=Times(times),
+                           diagnostics=diags)
             row, certs = _read_run(res, problem, train, p)
             row["seed"] = s
             rows.append(row)

@@ -19,7 +19,7 @@ from .common import (
     loss_figure,
     spectrum_diagnostic,
 )
-from .config import ExperimentConfig, config_to_toml, load_config
+from .config import ExperimentConfig, LogRecordsConfig, config_to_toml, load_config
 from .runner import Experiment, RunContext, execute
 
 __all__ = ["run_user_experiment", "ntk_summary", "apply_overrides"]
@@ -27,7 +27,8 @@ __all__ = ["run_user_experiment", "ntk_summary", "apply_overrides"]
 
 def apply_overrides(cfg: ExperimentConfig, *, seed=None, device=None, dtype=None,
                     quick: bool = False) -> ExperimentConfig:
-    """Command-line options win over the file; ``quick`` divides t_max by 10 (≤ 20 records)."""
+    """Command-line options win over the file; ``quick`` divides t_max by 10 (≤ 20 log-spaced
+    records)."""
     changes: dict[str, Any] = {}
     if seed is not None:
         changes["seed"] = seed
@@ -36,8 +37,11 @@ def apply_overrides(cfg: ExperimentConfig, *, seed=None, device=None, dtype=None
     if dtype is not None:
         changes["dtype"] = dtype
     if quick:
-        changes["flow"] = dataclasses.replace(
-            cfg.flow, t_max=cfg.flow.t_max / 10, n_records=min(cfg.flow.n_records, 20))
+        records = cfg.flow.records
+        if isinstance(records, LogRecordsConfig):
+            records = LogRecordsConfig(min(records.n, 20))
+        changes["flow"] = dataclasses.replace(cfg.flow, t_max=cfg.flow.t_max / 10,
+                                              records=records)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
@@ -91,7 +95,7 @@ def _run(cfg: ExperimentConfig, built: tuple[Any, dict[str, Any]]):
         result = ctx.flow("flow", problem, label=cfg.name, meta={"experiment": info},
                           diagnostics=diagnostics, group_quotients=cfg.diagnostics.groups,
                           **kwargs)
-        notes = []
+        notes = list(cfg.notes)  # deprecations found while reading the file
         if len(result.trajectory) < 2:  # stopped at its first record: nothing to certify
             certs = []
             notes.append(f"no certificate: the flow stopped ({result.status.value}) after "
