@@ -526,7 +526,8 @@ def _run_gd_lean(lean, state, times, step, rec, target, max_steps, log, record_s
         if next_idx >= len(times):
             flush()
             return
-        lean.flat.add_(lean.grad, alpha=-step)
+        # θ − (η·∇L) in two roundings, as `p -= lr * p.grad` does (add_ with alpha fuses them)
+        lean.flat.sub_(lean.grad * step)
         k += 1
         state["t"] = t0 + k * step
 
