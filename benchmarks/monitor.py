@@ -5,6 +5,10 @@ with ``monitor.step(out, y, loss)`` called every step, as a user would. Each ste
 training step and the monitor call separately (the monitor's periodic read-back, every
 ``sync_every`` steps, falls inside the calls that do it); after warm-up, 200 steps give the
 median training step, the median and the mean monitor call, and the median per-step ratio.
+Side by side in the same loop, an identical twin model (same weights, same batches, its own
+optimizer) trains without a monitor, alternating which of the two goes first: the difference
+of the median full steps (with the call vs without a monitor) is the marginal overhead, which
+also counts cache effects the call has on the optimizer step.
 The full-data estimate is timed against one pass of forward + backward over the same batches
 (its cost in gradient-equivalents). Everything runs in one process. Writes JSON with the
 environment::
@@ -17,7 +21,9 @@ environment::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -106,16 +112,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(name: str, device: str, steps: int, warmup: int, full_batches: int) -> dict:
+def run_case(name: str, device: str, steps: int, warmup: int, full_batches: int,
+             twin_run: bool = True) -> dict:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model, batch, loss_fn = case(name, device, gen)
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    twin = copy.deepcopy(model) if twin_run else None
+    twin_opt = (torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9) if twin_run
+                else None)
     monitor = Monitor(model, "cross-entropy", optimizer=opt, echo=None)
-    train_t, mon_t = [], []
+    train_t, mon_t, twin_t = [], [], []
+
+    def plain_step(x, y):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = loss_fn(twin(x), y)
+        twin_opt.zero_grad()
+        loss.backward()
+        twin_opt.step()
+        _sync(device)
+        return time.perf_counter() - t0
+
     for i in range(warmup + steps):
         x, y = batch()
+        if twin_run and i % 2 == 0:
+            tw = plain_step(x, y)
         _sync(device)
         t0 = time.perf_counter()
         out = model(x)
@@ -130,9 +153,13 @@ def run_case(name: str, device: str, steps: int, warmup: int, full_batches: int)
         opt.step()
         _sync(device)
         t3 = time.perf_counter()
+        if twin_run and i % 2 == 1:
+            tw = plain_step(x, y)
         if i >= warmup:
             train_t.append((t1 - t0) + (t3 - t2))
             mon_t.append(t2 - t1)
+            if twin_run:
+                twin_t.append(tw)
     monitor.close()
     rows = list(monitor.rows)
     med_train = statistics.median(train_t)
@@ -146,6 +173,8 @@ def run_case(name: str, device: str, steps: int, warmup: int, full_batches: int)
         "overhead_median_fraction": statistics.median(mon_t) / med_train,
         "overhead_mean_fraction": statistics.fmean(mon_t) / med_train,
         "overhead_per_step_ratio_median": statistics.median(ratios),
+        "step_with_monitor_median_s": statistics.median(
+            [a + b for a, b in zip(train_t, mon_t, strict=True)]),
         "stored_outputs": monitor.max_stored >= out.numel() * monitor.sync_every,
         "last_rayleigh": rows[-1]["rayleigh"], "mismatches": monitor._mismatches,
     }
@@ -166,6 +195,14 @@ def run_case(name: str, device: str, steps: int, warmup: int, full_batches: int)
         t2 = time.perf_counter()
         grads_t.append(t1 - t0)
         est_t.append(t2 - t1)
+    if twin_run:
+        rec["step_without_monitor_median_s"] = statistics.median(twin_t)
+        rec["step_without_monitor_mean_s"] = statistics.fmean(twin_t)
+        rec["marginal_overhead_median_fraction"] = (
+            rec["step_with_monitor_median_s"] / rec["step_without_monitor_median_s"] - 1)
+        rec["marginal_overhead_mean_fraction"] = (
+            statistics.fmean([a + b for a, b in zip(train_t, mon_t, strict=True)])
+            / rec["step_without_monitor_mean_s"] - 1)
     rec["full_data"] = {"batches": full_batches, "gradient_pass_s": min(grads_t),
                         "estimate_s": min(est_t),
                         "gradient_equivalents": min(est_t) / min(grads_t)}
@@ -180,6 +217,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--full-batches", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-twin", action="store_true",
+                    help="skip the twin model trained without a monitor (marginal overhead)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -187,13 +226,17 @@ def main() -> None:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"monitor-{args.device}.json")
     report = {"environment": environment(args.device), "cases": []}
     for name in args.cases.split(","):
-        rec = run_case(name, args.device, args.steps, args.warmup, args.full_batches)
+        rec = run_case(name, args.device, args.steps, args.warmup, args.full_batches,
+                       not args.no_twin)
         report["cases"].append(rec)
         print(f"{name}: train step {rec['train_step_median_s'] * 1e3:.3g} ms, monitor "
               f"{rec['monitor_call_median_s'] * 1e3:.3g} ms median / "
               f"{rec['monitor_call_mean_s'] * 1e3:.3g} ms mean "
               f"({100 * rec['overhead_median_fraction']:.2g}% / "
-              f"{100 * rec['overhead_mean_fraction']:.2g}%); full-data estimate "
+              f"{100 * rec['overhead_mean_fraction']:.2g}%); marginal "
+              f"{100 * rec.get('marginal_overhead_median_fraction', math.nan):.2g}% / "
+              f"{100 * rec.get('marginal_overhead_mean_fraction', math.nan):.2g}%; "
+              "full-data estimate "
               f"{rec['full_data']['gradient_equivalents']:.2f} gradient-equivalents", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=str))

@@ -76,6 +76,7 @@ class PendingStep:
     lrs: tuple[float, ...] = ()             # learning rate per monitored parameter
     missing_grads: tuple[str, ...] = ()     # parameters without .grad at this step
     computed: tuple[Tensor, Tensor, Tensor] | None = None  # (Σℓ_i, Σ‖g_i‖², n) if eager
+    scale: Tensor | None = None             # backpropagated loss = scale · L_B (0-d)
 
 
 def grad_norms(grads: list[Tensor | None]) -> list[Tensor]:
@@ -171,6 +172,12 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,
         owner = torch.tensor([i for i, s in with_loss for _ in s.losses], device=device)
         passed.index_fill_(0, torch.tensor([i for i, _ in with_loss], device=device), 0.0)
         passed.index_add_(0, owner, flat)
+    scaled = [(i, s.scale) for i, s in enumerate(steps) if s.scale is not None]
+    if scaled:   # .grad = scale·∇L_B and the passed loss is scale·L_B
+        c = torch.ones(n, dtype=torch.float64, device=device)
+        c[[i for i, _ in scaled]] = torch.stack([v.to(device) for _, v in scaled]).double()
+        param_sq = param_sq / (c * c)
+        passed = passed / c
     if ranks is None:
         if convention is Convention.MEAN:
             sums[:2] /= sums[2]

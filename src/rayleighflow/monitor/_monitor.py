@@ -130,6 +130,9 @@ class Monitor:
         process_group: the group DDP averages over (default: the DDP module's, else the
             default group).
         all_ranks_write: under DDP, let every rank write its sinks and echo (default rank 0).
+        clip_norm: the max_norm of a gradient clipping that runs before :meth:`step` (better:
+            call step before clipping). A clipped ``.grad`` is not ∇L_B: steps whose ‖.grad‖
+            reached clip_norm·(1 − 1e-5) get no quotient, and that is said.
     """
 
     def __init__(
@@ -147,10 +150,14 @@ class Monitor:
         echo: Callable[[str], None] | None = print, keep: int = 100_000,
         name: str = "monitor", max_stored_elements: int = 1 << 22,
         distributed: bool | None = None, process_group: Any = None,
-        all_ranks_write: bool = False,
+        all_ranks_write: bool = False, clip_norm: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor watches an nn.Module, got {type(model).__name__}")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 (or None), got {clip_norm!r}")
+        self.clip_norm = clip_norm
+        self._clipped = 0
         self.ranks = RankGroup.resolve(model, distributed, process_group)
         model = unwrap(model)
         if self.ranks is not None and self.ranks.rank != 0 and not all_ranks_write:
@@ -313,6 +320,8 @@ class Monitor:
                 raise ValueError(f"pass the scalar loss that was backpropagated, got shape "
                                  f"{tuple(lt.shape)}")
             lt = lt.reshape(())
+            # a loss computed in lower precision than the outputs is checked to its precision
+            self._rtol = max(self._rtol, _LOSS_RTOL.get(lt.dtype, 1e-4))
         if f.numel() * self.sync_every > self.max_stored:
             sums = eager_sums(self.loss, f, yf, check=not self._targets_checked)
             self._targets_checked = True
@@ -323,10 +332,17 @@ class Monitor:
             self._micro.append((f, yf, lt))
 
     def step(self, out: Tensor | None = None, y: Tensor | None = None,
-             loss: Tensor | float | None = None) -> None:
+             loss: Tensor | float | None = None, *, scale: Tensor | float | None = None) -> None:
         """Record one optimizer step: the outputs, targets and loss of its (last) micro-batch,
-        and the gradients now in ``.grad``. Call it before ``optimizer.zero_grad()``."""
+        and the gradients now in ``.grad``. Call it before ``optimizer.zero_grad()``.
+
+        ``scale``: the loss that was backpropagated is ``scale`` × the declared loss L_B (e.g.
+        a sum divided by another count than the batch's): the passed loss is divided by it and
+        ‖∇L_B‖² = ‖.grad‖² / scale²."""
         self._check_open()
+        if scale is not None:
+            scale = (scale.detach().reshape(()) if isinstance(scale, Tensor)
+                     else torch.tensor(float(scale), dtype=torch.float64))
         if out is not None:
             if y is None:
                 raise ValueError("monitor.step(out, y): the targets y are needed with the outputs")
@@ -357,6 +373,7 @@ class Monitor:
                 raise ValueError("mixing very large and small micro-batches in one step is not "
                                  "supported: use equal micro-batch sizes")
             pending.computed = tuple(self._eager)
+        pending.scale = scale
         self._micro, self._eager = [], None
         self._pending.append(pending)
         first = self._step == 0
@@ -422,6 +439,16 @@ class Monitor:
         ok = True
         if self.ranks is not None:
             ok = self._rank_checks(p.index, vals["spread"][i], bool(vals["unequal"][i]))
+        if ok and self.clip_norm is not None and math.sqrt(grad_sq) >= self.clip_norm * (1 - 1e-5):
+            ok = False
+            self._clipped += 1
+            if self._clipped == 1 or self._clipped % 100 == 0:
+                self._emit(Diagnosis(p.index, "clipped", (
+                    f"step {p.index}: ‖.grad‖ = {math.sqrt(grad_sq):.6g} reached the clipping "
+                    f"norm {self.clip_norm:g}: .grad was (or may have been) rescaled, so it is "
+                    f"not ∇L_B and ‖∇L‖² = R·‖∇ℓ‖²_D does not hold; {self._clipped} such step(s) "
+                    "get no quotient (measure before clipping, or max_grad_norm=0)"),
+                    {"clip_norm": self.clip_norm}))
         if ok and p.losses and math.isfinite(passed) and math.isfinite(loss):
             eps = 10 * torch.finfo(torch.float32 if self._rtol > 1e-9 else torch.float64).eps
             ok = abs(passed - loss) <= self._rtol * abs(loss) + eps
@@ -601,7 +628,7 @@ class Monitor:
         fc = self.last_forecast if self.target_loss is not None else None
         kinds = ("collapse", "plateau", "edge-of-stability", "non-finite", "loss-mismatch",
                  "missing-gradients", "zero-gradient", "frozen", "update-rule", "distributed",
-                 "unequal-rank-batches", "unsynchronized-gradients")
+                 "unequal-rank-batches", "unsynchronized-gradients", "clipped")
         notes = [_SCOPE_NOTE]
         notes += [d.message for d in self.diagnoses if d.kind in kinds]
         notes.append("t is the optimizer step; loss_final is the last "
