@@ -6,6 +6,9 @@ diagnoses from the gradients a training step already computed (no second backwar
 * sinks: :class:`RunFolder` (``rayleighflow report``), :class:`TensorBoard`, :class:`CSV`,
   :class:`RichTable`.
 * :mod:`rayleighflow.monitor.lightning` — a Lightning callback (extra ``[lightning]``).
+* :mod:`rayleighflow.monitor.huggingface` — a Hugging Face ``TrainerCallback`` (extra
+  ``[huggingface]``).
+* Under DistributedDataParallel the ranks' batches are combined (one all-gather per read-back).
 
 Everything here is a diagnostic: certificates (CERTIFICATES.md) need full-batch gradient
 descent or flow; forecasts are named "forecast (if the ratio stays ≥ μ)".
