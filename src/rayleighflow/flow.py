@@ -60,7 +60,7 @@ from .integrators import (
     log_record_times,
 )
 from .problem import Problem
-from .rayleigh import _measurement, loss_and_grad
+from .rayleigh import Measurement, _measurement, loss_and_grad
 from .trajectory import Trajectory
 
 __all__ = ["Integrator", "FlowStatus", "FlowResult", "gradient_flow", "log_record_times",
@@ -72,14 +72,36 @@ Diagnostic = Callable[[Problem, Params, Dataset, int], Mapping[str, float]]
 
 class Integrator(str, Enum):
     """The integrator families by name, as stored in trajectory headers (``method``):
-    ``euler`` (:class:`GradientDescent`, :class:`StochasticGD`) and ``adaptive``
-    (:class:`Dopri5`)."""
+    ``euler`` (θ_{k+1} = θ_k − η∇L(θ_k) at t = kη: :class:`GradientDescent`,
+    :class:`StochasticGD`) and ``adaptive`` (:class:`Dopri5`). Certificates read it to pick
+    the exact discrete certificate for ``euler`` runs.
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> Integrator(rf.GradientDescent(0.1).name), Integrator(rf.Dopri5().name).value
+        (<Integrator.EULER: 'euler'>, 'adaptive')
+    """
 
     EULER = "euler"
     ADAPTIVE = "adaptive"
 
 
 class FlowStatus(str, Enum):
+    """Why a flow stopped: ``t_max`` reached; ``loss_target`` (a :class:`LossBelow` met at a
+    record); ``step_budget`` (:class:`MaxEvals` spent); ``non_finite`` (L or ∇L not finite);
+    ``solver_failed`` (the adaptive step underflowed); ``stalled`` (:class:`Stall`);
+    ``interrupted`` (Ctrl-C, records kept).
+
+    Example:
+        >>> import torch, rayleighflow as rf
+        >>> x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+        >>> problem = rf.Problem(rf.Model(torch.nn.Linear(1, 1).double()),
+        ...                      rf.Dataset.from_arrays(x, -x), "square")
+        >>> rf.gradient_flow(problem, rf.GradientDescent(0.1), t_max=1e3,
+        ...                  stops=[rf.MaxEvals(5)]).status
+        <FlowStatus.STEP_BUDGET: 'step_budget'>
+    """
+
     T_MAX = "t_max"
     LOSS_TARGET = "loss_target"
     STEP_BUDGET = "step_budget"
@@ -92,8 +114,22 @@ class FlowStatus(str, Enum):
 @final
 @dataclass
 class FlowResult:
-    """What a flow returns. ``params`` are θ at ``t_final``; the model itself is not changed
-    unless ``gradient_flow(..., update_model=True)`` or :meth:`load_into` is used."""
+    """What a flow returns: the recorded :class:`Trajectory`, θ at ``t_final`` (``params``),
+    the :class:`FlowStatus` and its ``message``, the gradient evaluations spent and the wall
+    time. The model itself is not changed unless ``gradient_flow(..., update_model=True)`` or
+    :meth:`load_into` is used.
+
+    Example:
+        >>> import torch, rayleighflow as rf
+        >>> x = torch.linspace(-1, 1, 6, dtype=torch.float64).unsqueeze(1)
+        >>> net = torch.nn.Linear(1, 1).double()
+        >>> run = rf.gradient_flow(rf.Problem(rf.Model(net), rf.Dataset.from_arrays(x, 3 * x),
+        ...                                   "square"), rf.GradientDescent(0.5), t_max=100.0)
+        >>> run.t_final, run.n_grad_evals, round(float(run.params["weight"]), 6)
+        (100.0, 201, 3.0)
+        >>> round(float(run.load_into(net).weight.detach()), 6)      # θ back in the module
+        3.0
+    """
 
     trajectory: Trajectory
     params: Params
@@ -147,16 +183,15 @@ class _Recorder:
         self.count = len(traj)
 
     def record(self, t: float, params: Params, n_evals: int,
-               evaluated: tuple[Tensor, Params, Tensor] | None = None) -> float:
+               evaluated: tuple[Tensor, Params, Tensor] | None = None,
+               measured: Measurement | None = None) -> float:
         """Append the row at θ; ``evaluated`` = (L, ∇L, ∇ℓ) already computed at θ on the
-        evaluation data (gradient descent reuses its step's evaluation: no extra backward)."""
-        if evaluated is None:
-            loss, grad, _, g = loss_and_grad(self.problem, params, self.eval_data)
+        evaluation data (gradient descent reuses its step's evaluation: no extra backward), or
+        ``measured``, the measurement made of it."""
+        if measured is not None:
+            m = measured
         else:
-            loss, grad, g = evaluated
-        if not torch.isfinite(loss):
-            raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss {float(loss)} at t = {t:.6g}")
-        m = _measurement(self.problem, self.eval_data, loss, grad, g)
+            m = self.measure(t, params, evaluated)
         row: dict[str, Any] = {"t": t, "grad_evals": n_evals, **m.as_row(self.groups)}
         for diag in self.diagnostics:
             row.update(diag(self.problem, params, self.eval_data, self.count))
@@ -168,6 +203,17 @@ class _Recorder:
         if self.progress is not None:
             self.progress(t, m.loss)
         return m.loss
+
+    def measure(self, t: float, params: Params,
+                evaluated: tuple[Tensor, Params, Tensor] | None = None) -> Measurement:
+        """The measurement at θ (``evaluated`` reused when given), refusing a non-finite L."""
+        if evaluated is None:
+            loss, grad, _, g = loss_and_grad(self.problem, params, self.eval_data)
+        else:
+            loss, grad, g = evaluated
+        if not torch.isfinite(loss):
+            raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss {float(loss)} at t = {t:.6g}")
+        return _measurement(self.problem, self.eval_data, loss, grad, g)
 
 
 _LEGACY = ("method", "step", "rtol", "atol", "batch_size", "record_times", "n_records",
@@ -514,15 +560,17 @@ def _run_gd_lean(lean, state, times, step, rec, target, max_steps, log, record_s
         else:
             f.backward(seed)
         state["evals"] += 1
-        ts.append(t)
-        losses.append(value)
-        gnorms.append(torch.linalg.vector_norm(lean.grad))
-        fstored.append(stored)
-        if due:
+        if due:  # the record's own measurement is this iterate's log entry: one value each
             flush()
-            _check_target(rec.record(t, lean.views, state["evals"], (loss, lean.grads, g)),
-                          target, t)
+            m = rec.measure(t, lean.views, (loss, lean.grads, g))
+            log.add_evaluation(t, m.loss, m.grad_sq, m.fgrad_sq)
+            _check_target(rec.record(t, lean.views, state["evals"], measured=m), target, t)
             lean.set_floor(fd)
+        else:
+            ts.append(t)
+            losses.append(value)
+            gnorms.append(torch.linalg.vector_norm(lean.grad))
+            fstored.append(stored)
         if next_idx >= len(times):
             flush()
             return
