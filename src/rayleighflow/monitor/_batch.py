@@ -37,7 +37,13 @@ def flatten_batch(loss: Loss, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         raise TypeError(f"outputs and targets must be tensors, got {type(out).__name__} and "
                         f"{type(y).__name__}")
     out = out.detach()
-    y = y.detach().to(out.device, non_blocking=True)
+    if y.requires_grad:
+        y = y.detach()
+    if y.device != out.device:
+        y = y.to(out.device, non_blocking=True)
+    if out.dim() == 2 and y.dim() == 1 and not isinstance(loss, SquareLoss) \
+            and y.shape[0] == out.shape[0]:
+        return out, y  # the common (n, k) outputs with (n,) labels: nothing to reshape
     if out.dim() == 0:
         raise ValueError("the outputs are a scalar: pass the model's batch outputs (n, k), not "
                          "the loss")
