@@ -189,9 +189,19 @@ def test_interrupt_then_report_then_resume(tmp_path, sig):
                             env=env)
     _wait_rows(out / "trajectories" / "over.jsonl", 4, proc)
     proc.send_signal(sig)
+    if sig == signal.SIGINT:
+        # CPython drops a KeyboardInterrupt raised inside a finalizer (__del__, weakref
+        # callbacks: "Exception ignored in ..."); a user presses Ctrl-C again, so does the test
+        for _ in range(20):
+            try:
+                proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if not (out / "summary.json").exists():  # not yet handled: it was dropped
+                    proc.send_signal(sig)
     code = proc.wait(timeout=60)
     if sig == signal.SIGINT:
-        assert code == 130
+        assert code == 130, proc.stderr.read()
         assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").exists()
