@@ -116,10 +116,12 @@ class Monitor:
             stability check. Never modified.
         desingularizers: the KL family recorded as ``kl[<name>]`` columns.
         sync_every: steps between read-backs (default 20).
-        full_data, full_every: an iterable of (x, y) batches (a DataLoader) streamed every
+        full_data: an iterable of (x, y) batches (a DataLoader) streamed every
             ``full_every`` steps for the exact full-data L, ‖∇L‖², ‖∇ℓ‖²_D and R.
-        probe, probe_every: a probe set (x or (x, y)) whose NTK spectrum is taken every
+        full_every: the steps between full-data estimates (with ``full_data``).
+        probe: a probe set (x or (x, y)) whose NTK spectrum is taken every
             ``probe_every`` steps.
+        probe_every: the steps between probe spectra (with ``probe``).
         target_loss: forecast the step at which the loss reaches it (if the ratio stays ≥ μ).
         window: records per diagnosis window.
         echo: called with each diagnosis message (default ``print``; None for silence).
