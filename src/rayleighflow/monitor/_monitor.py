@@ -204,6 +204,7 @@ class Monitor:
         self._first_loss: float | None = None
         self._rayleigh_min = math.inf
         self._k: int | None = None
+        self._loss_dtype: torch.dtype | None = None  # the passed losses' dtype, once seen
         self._batch_n: float | None = None
         self._rtol: float | None = None
         self._mismatches = 0
@@ -321,9 +322,12 @@ class Monitor:
             if lt.numel() != 1:
                 raise ValueError(f"pass the scalar loss that was backpropagated, got shape "
                                  f"{tuple(lt.shape)}")
-            lt = lt.reshape(())
-            # a loss computed in lower precision than the outputs is checked to its precision
-            self._rtol = max(self._rtol, _LOSS_RTOL.get(lt.dtype, 1e-4))
+            if lt.ndim:
+                lt = lt.reshape(())
+            if lt.dtype is not self._loss_dtype:
+                # a loss computed in lower precision than the outputs is checked to its precision
+                self._loss_dtype = lt.dtype
+                self._rtol = max(self._rtol, _LOSS_RTOL.get(lt.dtype, 1e-4))
         if f.numel() * self.sync_every > self.max_stored:
             sums = eager_sums(self.loss, f, yf, check=not self._targets_checked)
             self._targets_checked = True
@@ -353,7 +357,9 @@ class Monitor:
             raise ValueError("monitor.step() has no batch: pass step(out, y[, loss]) or call "
                              "accumulate(out, y) after each micro-batch")
         grads = [p.grad for p in self.layout.params]
-        missing = tuple(n for n, g in zip(self.layout.names, grads, strict=True) if g is None)
+        missing: tuple[str, ...] = ()
+        if not all(g is not None for g in grads):
+            missing = tuple(n for n, g in zip(self.layout.names, grads, strict=True) if g is None)
         if len(missing) == len(grads):
             self._micro, self._eager = [], None
             raise MonitorError(
