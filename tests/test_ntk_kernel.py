@@ -11,6 +11,7 @@ from rayleighflow.ntk import (
     KernelKind,
     NTKMethod,
     NTKOperator,
+    _terms,
     empirical_ntk,
     group_ntk,
     kernel_matrix,
@@ -125,6 +126,45 @@ def test_group_split_of_weight_and_bias_in_the_structured_path():
     got = group_ntk(model, x, groups=groups, method="structured", convention="sum")
     for g in groups:
         assert_close(got[g], ref[g], what=g)
+
+
+@pytest.mark.parametrize("kind", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("method", ["jacobian", "structured"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_block_symmetric_contraction_matches_dense_reference(name, method, kind, monkeypatch):
+    # Diagonal tiles are contracted by block rows (upper block triangle, then mirrored) once
+    # they have _SYM_ROWS rows per block; made tiny here so that small cases take that path.
+    monkeypatch.setattr(_terms, "_SYM_ROWS", 2)
+    case = CASES[name]
+    model, x = case.build(), inputs(case, 7)
+    got = empirical_ntk(model, x, convention="sum", method=method, kind=kind)
+    ref = _ref(model, x)
+    n = x.shape[0]
+    k = ref.shape[0] // n
+    if kind == "full":
+        m = kernel_matrix(got)
+        assert torch.equal(m, m.T)  # mirrored: exactly symmetric
+        assert_close(m, ref, what=f"{name}/{method}")
+        return
+    diag = ref.view(n, k, n, k).permute(0, 2, 1, 3).diagonal(dim1=2, dim2=3)
+    want = diag.sum(-1) if kind == "trace" else diag
+    assert torch.equal(got, got.transpose(0, 1))
+    assert_close(got, want, what=f"{name}/{method}/{kind}")
+
+
+def test_output_layer_takes_the_identity_shortcut():
+    from rayleighflow.ntk._common import as_model
+    from rayleighflow.ntk.kernel import _request
+    from rayleighflow.ntk.plan import build_plan
+
+    case = CASES["mlp_tanh"]
+    model, x = as_model(case.build()), inputs(case, 4)
+    req = _request(model, x, None, None, "full", "sum", None, None)
+    _, engine = build_plan(req, {"all": list(req.params)}, NTKMethod.STRUCTURED, None, None,
+                           None)
+    with torch.enable_grad():
+        terms = engine.features(x)
+    assert [t.eye for t in terms] == [False] * (len(terms) - 1) + [True]
 
 
 @pytest.mark.parametrize("name", ["mlp_gelu_single", "cnn", "attention"])

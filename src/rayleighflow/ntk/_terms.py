@@ -12,6 +12,11 @@ chunks is the sum over aligned terms of a contraction. Two kinds of term:
 
 Tile layouts on the compute device: full (b1·k, b2·k) sample-major, trace (b1, b2),
 diagonal (k, b1, b2).
+
+A diagonal tile of a symmetric kernel (the same features on both sides) is contracted by
+block rows of samples, each against itself and the blocks after it (about half the
+multiply-adds of the whole Gram), and its lower triangle is then the mirror of the upper
+one: exactly symmetric.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class OuterTerm:
     group_b: str | None  # group of the bias (None: no bias or not requested)
     a: Tensor  # (b, T, d_in)
     d: Tensor  # (b, k, T, d_out)
+    eye: bool = False  # T = 1 and δ_ic = e_c exactly (a layer that is the output): δ·δ' = I
 
 
 Term = GradTerm | OuterTerm
@@ -68,9 +74,72 @@ def tile_shape(kind: KernelKind, b1: int, b2: int, k: int) -> tuple[int, ...]:
 
 def contract_all(f1: list[Term], f2: list[Term], kind: KernelKind,
                  acc: dict[str, Tensor]) -> None:
-    """acc[group] += Σ over aligned terms of two chunks' features."""
+    """acc[group] += Σ over aligned terms of two chunks' features.
+
+    When f1 is f2 (a diagonal tile of a symmetric kernel) acc must hold a symmetric tile (or
+    zeros) on entry: only its upper block triangle is computed, then mirrored.
+    """
+    if f1 is f2 and f1:
+        b, k = _batch(f1[0])
+        blocks = _sym_blocks(b, k, kind)
+        if blocks is not None:
+            _contract_symmetric(f1, kind, acc, blocks, b, k)
+            return
     for t1, t2 in zip(f1, f2, strict=True):
         contract(t1, t2, kind, acc)
+
+
+_SYM_ROWS = 160  # rows of a block row in the symmetric contraction (GEMMs stay efficient)
+
+
+def _batch(t: Term) -> tuple[int, int]:
+    return (t.g.shape[0], t.g.shape[1]) if isinstance(t, GradTerm) else \
+        (t.d.shape[0], t.d.shape[1])
+
+
+def _sym_blocks(b: int, k: int, kind: KernelKind) -> list[tuple[int, int]] | None:
+    """Sample ranges of the block rows of a symmetric tile, or None (too small to gain)."""
+    per = k if kind is KernelKind.FULL else 1
+    nb = min(8, (b * per) // _SYM_ROWS)
+    if nb < 2:
+        return None
+    step = -(-b // nb)
+    return [(s, min(s + step, b)) for s in range(0, b, step)]
+
+
+def _sub(t: Tensor, kind: KernelKind, k: int, r: tuple[int, int], c: tuple[int, int]
+         ) -> Tensor:
+    """The (rows r, columns c) sample block of a tile, as a view."""
+    if kind is KernelKind.FULL:
+        return t[r[0] * k:r[1] * k, c[0] * k:c[1] * k]
+    if kind is KernelKind.TRACE:
+        return t[r[0]:r[1], c[0]:c[1]]
+    return t[:, r[0]:r[1], c[0]:c[1]]
+
+
+def _rows(t: Term, s: int, e: int) -> Term:
+    if isinstance(t, GradTerm):
+        return GradTerm(t.group, t.g[s:e])
+    return OuterTerm(t.group_w, t.group_b, t.a[s:e], t.d[s:e], t.eye)
+
+
+def _contract_symmetric(f: list[Term], kind: KernelKind, acc: dict[str, Tensor],
+                        blocks: list[tuple[int, int]], b: int, k: int) -> None:
+    for s, e in blocks:
+        sub = {g: _sub(t, kind, k, (s, e), (s, b)) for g, t in acc.items()}
+        for t in f:
+            contract(_rows(t, s, e), _rows(t, s, b), kind, sub)
+    touched = set()
+    for t in f:
+        touched |= {t.group} if isinstance(t, GradTerm) else {t.group_w, t.group_b}
+    for g in touched - {None}:
+        out = acc[g]
+        for s, e in blocks:
+            d = _sub(out, kind, k, (s, e), (s, e))
+            d.copy_(d.triu() + d.triu(1).transpose(-1, -2))  # exactly symmetric inside
+            if e < b:
+                _sub(out, kind, k, (e, b), (s, e)).copy_(
+                    _sub(out, kind, k, (s, e), (e, b)).transpose(-1, -2))
 
 
 def contract(t1: Term, t2: Term, kind: KernelKind, acc: dict[str, Tensor]) -> None:
@@ -97,6 +166,9 @@ def _gram(g1: Tensor, g2: Tensor, kind: KernelKind, out: Tensor) -> None:
 
 
 def _outer_single(t1: OuterTerm, t2: OuterTerm, kind: KernelKind, acc: dict[str, Tensor]) -> None:
+    if t1.eye and t2.eye:
+        _outer_eye(t1, t2, kind, acc)
+        return
     b1, k, _, m = t1.d.shape
     b2 = t2.d.shape[0]
     d1, d2 = t1.d.reshape(b1, k, m), t2.d.reshape(b2, k, m)
@@ -117,6 +189,30 @@ def _outer_single(t1: OuterTerm, t2: OuterTerm, kind: KernelKind, acc: dict[str,
         acc[t1.group_w].view(view).addcmul_(aa.view(a_shape), dd.view(view))
     if t1.group_b is not None and t1.group_b != t1.group_w:
         acc[t1.group_b].add_(dd.view(acc[t1.group_b].shape))
+
+
+def _outer_eye(t1: OuterTerm, t2: OuterTerm, kind: KernelKind, acc: dict[str, Tensor]) -> None:
+    # δ_ic · δ_jc' = [c = c']: the (a_i·a_j + 1) I_k blocks without a Gram of δ
+    k = t1.d.shape[1]
+    per = float(k) if kind is KernelKind.TRACE else 1.0
+
+    def put(out: Tensor, val: Tensor | float) -> None:
+        if kind is KernelKind.FULL:
+            b1, b2 = out.shape[0] // k, out.shape[1] // k
+            diag = out.view(b1, k, b2, k).diagonal(dim1=1, dim2=3)  # (b1, b2, k)
+            diag.add_(val.unsqueeze(-1) if isinstance(val, Tensor) else val)
+        elif isinstance(val, Tensor):
+            out.add_(val if per == 1.0 else val * per)
+        else:
+            out.add_(val * per)
+
+    if t1.group_w is not None:
+        aa = t1.a[:, 0] @ t2.a[:, 0].T
+        if t1.group_b == t1.group_w:
+            aa += 1.0
+        put(acc[t1.group_w], aa)
+    if t1.group_b is not None and t1.group_b != t1.group_w:
+        put(acc[t1.group_b], 1.0)
 
 
 def _outer_positions(t1: OuterTerm, t2: OuterTerm, kind: KernelKind,

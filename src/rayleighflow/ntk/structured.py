@@ -156,6 +156,15 @@ def _to_positions(mod: nn.Module, g: Tensor, batched: bool) -> Tensor:
     return g.reshape(*g.shape[:lead], -1, g.shape[-1])
 
 
+def _is_eye(d: Tensor) -> bool:
+    """δ (b, k, 1, k) is exactly e_c for every sample: the layer's output is the model's."""
+    b, k, t, m = d.shape
+    if t != 1 or m != k:
+        return False
+    eye = torch.eye(k, dtype=d.dtype, device=d.device)
+    return bool(torch.equal(d.view(b, k, k), eye.expand(b, k, k)))
+
+
 class StructuredEngine:
     """Features of a chunk: OuterTerms/GradTerms of verified layers + Jacobian fallback terms."""
 
@@ -182,7 +191,7 @@ class StructuredEngine:
             for ly, a, d in zip(self.layers, a_list, d_list, strict=True):
                 gw, gb = ly.groups
                 if not ly.use_grad:
-                    terms.append(OuterTerm(gw, gb, a, d))
+                    terms.append(OuterTerm(gw, gb, a, d, _is_eye(d)))
                     continue
                 b = x.shape[0]
                 if gw is not None:
