@@ -539,17 +539,16 @@ def _run_gd_lean(lean, state, times, step, rec, target, max_steps, log, record_s
             next_due = due_time(next_idx)
         f = lean.outputs()
         fd = f.detach()
-        if k == 0:
+        if k == 0 and not due:  # a record sets it after its measurement
             lean.set_floor(fd)
-        if due or not lean.fast:
-            loss, g, seed = lean.precise_terms(fd)
-            value, stored = float(loss), lean.precise_stored(g, seed)
-        else:
+        stored = None  # what ‖∇ℓ‖²_D is read from at the next flush (fast path: its norm)
+        if not due and lean.fast:
             value, seed, stored = lean.fast_terms(fd)
             if value < lean.floor:  # tiny cross-entropy: the precise forms from now on
-                lean.fast = False
-                loss, g, seed = lean.precise_terms(fd)
-                value, stored = float(loss), lean.precise_stored(g, seed)
+                lean.fast, stored = False, None
+        if stored is None:
+            loss, g, seed = lean.precise_terms(fd)
+            value = float(loss)
         if not math.isfinite(value):
             flush()
             raise _Stop(FlowStatus.NON_FINITE, f"non-finite loss or gradient near t = {t:.6g}")
@@ -570,7 +569,7 @@ def _run_gd_lean(lean, state, times, step, rec, target, max_steps, log, record_s
             ts.append(t)
             losses.append(value)
             gnorms.append(torch.linalg.vector_norm(lean.grad))
-            fstored.append(stored)
+            fstored.append(stored if stored is not None else lean.precise_stored(g, seed))
         if next_idx >= len(times):
             flush()
             return
