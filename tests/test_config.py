@@ -456,6 +456,18 @@ def test_cnn_config_defaults_are_documented():
     assert CNNConfig().channels == (8, 16) and CNNConfig().input_shape is None
 
 
+# model, data and loss of the flow-table files below: lines 1-7 once dedented
+_IRIS_MLP = """
+        [model]
+        kind = "mlp"
+        [data]
+        kind = "sklearn"
+        name = "iris"
+        [loss]
+        name = "cross-entropy"
+"""
+
+
 def test_flow_tables_read_check_and_round_trip(tmp_path):
     raw = _with(flow={"t_max": 5.0, "integrator": {"kind": "gradient-descent", "step": 0.1},
                       "records": {"kind": "every", "steps": 10},
@@ -467,14 +479,7 @@ def test_flow_tables_read_check_and_round_trip(tmp_path):
     text = config_to_toml(cfg)
     assert "[flow.integrator]" in text and 'kind = "every"' in text
     assert parse_config(tomllib.loads(text)) == cfg
-    path = _write(tmp_path, """
-        [model]
-        kind = "mlp"
-        [data]
-        kind = "sklearn"
-        name = "iris"
-        [loss]
-        name = "cross-entropy"
+    path = _write(tmp_path, _IRIS_MLP + """\
         [flow]
         step = 0.1
         [flow.integrator]
@@ -495,14 +500,7 @@ def test_flow_tables_read_check_and_round_trip(tmp_path):
 
 
 def test_flat_flow_keys_load_with_a_deprecation_and_migrate(tmp_path):
-    path = _write(tmp_path, """
-        [model]
-        kind = "mlp"
-        [data]
-        kind = "sklearn"
-        name = "iris"
-        [loss]
-        name = "cross-entropy"
+    path = _write(tmp_path, _IRIS_MLP + """\
         [flow]
         method = "euler"
         step = 0.2
