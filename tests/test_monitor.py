@@ -271,6 +271,60 @@ def test_unused_parameters_count_as_zero_and_are_said():
                for d in mon.diagnoses)
 
 
+def test_every_kind_of_step_in_one_run_equals_measure():
+    # The common step takes a shorter path (_fast_step); any other kind of step in the same
+    # run (new batch size, loss as a float or not passed, micro-batches, then a parameter
+    # without a gradient) takes the general one. Each row must equal measure() on its batch.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.extra = _net(), nn.Linear(3, 3).double()
+            self.use_extra = True
+
+        def forward(self, x):
+            out = self.body(x)
+            return self.extra(out) if self.use_extra else out
+
+    net = Net()
+    x, y = _data(n=48)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.5)
+    mon = Monitor(net, "cross-entropy", optimizer=opt, sync_every=2, echo=None)
+    # (batch size, how the loss is passed, micro-batches, use the extra layer)
+    plan = [(6, "tensor", 1, True), (6, "tensor", 1, True), (4, "tensor", 1, True),
+            (4, "float", 1, True), (4, None, 1, True), (6, "tensor", 2, True),
+            (6, "tensor", 1, True), (6, "tensor", 1, False), (6, "tensor", 1, False)]
+    refs, start = [], 0
+    for size, how, micro, extra in plan:
+        xb, yb = x[start:start + size], y[start:start + size]
+        start += size
+        net.use_extra = extra
+        opt.zero_grad()
+        h = size // micro
+        for j in range(micro):
+            out = net(xb[j * h:(j + 1) * h])
+            lv = F.cross_entropy(out, yb[j * h:(j + 1) * h]) / micro
+            lv.backward()
+            if j < micro - 1:
+                mon.accumulate(out, yb[j * h:(j + 1) * h], lv)
+        refs.append(_reference(net, xb, yb, "cross-entropy", "mean"))
+        passed = {"tensor": lv, "float": lv.item(), None: None}[how]
+        mon.step(out, yb[(micro - 1) * h:], passed)
+        opt.step()
+    mon.close()
+    rows = list(mon.rows)
+    assert [r["step"] for r in rows] == list(range(len(plan)))
+    for row, ref, (size, how, _, _) in zip(rows, refs, plan, strict=True):
+        _assert_matches(row, ref)
+        assert row["n"] == size
+        if how is None:
+            assert "loss_passed" not in row
+        else:
+            assert row["loss_passed"] == pytest.approx(ref.loss, rel=1e-12)
+    assert rows[-1]["rayleigh[extra]"] == 0.0
+    assert [d.step for d in mon.diagnoses if d.kind == "missing-gradients"] == [7]
+    assert not [d for d in mon.diagnoses if d.kind == "loss-mismatch"]
+
+
 def test_bad_input_is_refused_clearly():
     net = _net()
     x, y = _data(n=8)

@@ -7,6 +7,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, final
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from .._types import Convention
 from ..desingularizers import get_desingularizer
-from ..losses import Loss, get_loss
+from ..losses import Loss, SquareLoss, get_loss
 from ._batch import PendingStep, eager_sums, evaluate_steps, flatten_batch, grad_norms
 from ._params import ParamLayout
 from ._ranks import RankGroup, unwrap
@@ -38,6 +39,9 @@ _SCOPE_NOTE = ("These are diagnostics, not certificates: a certificate in the se
                "CERTIFICATES.md needs full-batch gradient descent or flow, and the monitor "
                "watches mini-batch or adaptive updates. A forecast assumes the KL ratio stays "
                "≥ μ; nothing checks that it will.")
+
+
+_GRAD, _LR = attrgetter("grad"), itemgetter("lr")
 
 
 class MonitorError(RuntimeError):
@@ -197,7 +201,7 @@ class Monitor:
         self.diagnoses: list[Diagnosis] = []
         self.last_forecast: Forecast | None = None
         self._recent: deque[tuple[int, float, float]] = deque(maxlen=window)
-        self._pending: list[PendingStep] = []
+        self._pending: list[PendingStep | tuple] = []
         self._micro: list[tuple[Tensor, Tensor, Tensor | None]] = []
         self._eager: list[Tensor] | None = None
         self._step = 0
@@ -217,6 +221,11 @@ class Monitor:
         self._begin = time.perf_counter()
         self._group_of_param = self._optimizer_groups()
         self._opened = False
+        self._fast = False   # set after the first step: _fast_step needs its width and dtype
+        self._fast_shapes: tuple[torch.Size, torch.Size] | None = None
+        self._params = self.layout.params
+        self._lr_groups = None if optimizer is None else optimizer.param_groups
+        self._periodic = full_every is not None or probe_every is not None
         self._say_setup(all_ranks_write)
 
     # -- setup ------------------------------------------------------------------------------
@@ -318,7 +327,8 @@ class Monitor:
             raise ValueError(f"outputs have width {f.shape[1]} but earlier steps had {self._k}")
         lt = None
         if loss is not None:
-            lt = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+            lt = (loss.detach() if isinstance(loss, Tensor)
+                  else torch.tensor(float(loss), dtype=torch.float64))  # a Python float is a double
             if lt.numel() != 1:
                 raise ValueError(f"pass the scalar loss that was backpropagated, got shape "
                                  f"{tuple(lt.shape)}")
@@ -346,6 +356,8 @@ class Monitor:
         a sum divided by another count than the batch's): the passed loss is divided by it and
         ‖∇L_B‖² = ‖.grad‖² / scale²."""
         self._check_open()
+        if scale is None and self._fast and out is not None and self._fast_step(out, y, loss):
+            return
         if scale is not None:
             scale = (scale.detach().reshape(()) if isinstance(scale, Tensor)
                      else torch.tensor(float(scale), dtype=torch.float64))
@@ -356,7 +368,7 @@ class Monitor:
         if not self._micro:
             raise ValueError("monitor.step() has no batch: pass step(out, y[, loss]) or call "
                              "accumulate(out, y) after each micro-batch")
-        grads = [p.grad for p in self.layout.params]
+        grads = list(map(_GRAD, self._params))
         missing: tuple[str, ...] = ()
         if not all(g is not None for g in grads):
             missing = tuple(n for n, g in zip(self.layout.names, grads, strict=True) if g is None)
@@ -368,6 +380,7 @@ class Monitor:
         norms = grad_norms(grads)
         if missing:
             self._note_missing(missing)
+            self._fast = False   # parameters unused in the forward: no use trying each step
         lrs: tuple[float, ...] = ()
         if self._group_of_param is not None:
             lrs = tuple(float(g["lr"]) for g in self.optimizer.param_groups)
@@ -383,20 +396,66 @@ class Monitor:
             pending.computed = tuple(self._eager)
         pending.scale = scale
         self._micro, self._eager = [], None
+        self._push(pending)
+
+    def _fast_step(self, out: Tensor, y: Tensor, loss: Tensor | float | None) -> bool:
+        """The common step in fewer operations, or False to take the general path: one batch
+        of (n, k) outputs with (n,) labels on their device, the loss (if passed) a 0-d tensor
+        of an earlier step's dtype, kept until the flush, every gradient present. It makes the
+        general path's checks and queues the same step; on a small network the monitor's
+        Python is a visible share of a training step (benchmarks/monitor.py)."""
+        if type(out) is not Tensor or type(y) is not Tensor or self._micro:
+            return False
+        if (out.shape, y.shape) != self._fast_shapes and not self._fast_shapes_ok(out, y):
+            return False
+        if y.requires_grad or y.device != out.device:
+            return False
+        if loss is None:
+            losses = []
+        elif type(loss) is Tensor and loss.dtype is self._loss_dtype and not loss.ndim:
+            losses = [loss.detach()]
+        else:
+            return False
+        try:
+            norms = torch._foreach_norm(list(map(_GRAD, self._params)))
+        except TypeError:   # a .grad is None: the general path says which
+            return False
+        lrs = () if self._lr_groups is None else tuple(map(float, map(_LR, self._lr_groups)))
+        i = self._step
+        self._pending.append((i, norms, out.detach(), y, losses, lrs))
+        self._step = i + 1
+        if self._periodic or len(self._pending) >= self.sync_every:
+            self._due(i)
+        return True
+
+    def _fast_shapes_ok(self, out: Tensor, y: Tensor) -> bool:
+        shape = out.shape
+        ok = (len(shape) == 2 and shape[1] == self._k and y.shape == shape[:1]
+              and out.numel() * self.sync_every <= self.max_stored)
+        if ok:
+            self._fast_shapes = (shape, y.shape)
+        return ok
+
+    def _push(self, pending: PendingStep) -> None:
         self._pending.append(pending)
-        first = self._step == 0
         self._step += 1
-        if first:
+        if pending.index == 0:
             self._open()
             self._first_step_check()
-        due_full = self.full_every is not None and pending.index % self.full_every == 0
-        due_probe = self.probe_every is not None and pending.index % self.probe_every == 0
+            self._fast = not isinstance(self.loss, SquareLoss)
+        self._due(pending.index)
+
+    def _due(self, index: int) -> None:
+        """Read back when due: every ``sync_every`` steps, and before a full-data estimate or a
+        probe spectrum at this step."""
+        due_full = self.full_every is not None and index % self.full_every == 0
+        due_probe = self.probe_every is not None and index % self.probe_every == 0
         if due_full or due_probe or len(self._pending) >= self.sync_every:
             self.flush()
         if due_full:
-            self._full(pending.index)
+            self._full(index)
         if due_probe:
-            self._probe(pending.index)
+            self._probe(index)
 
     def _first_step_check(self) -> None:
         rows = self.flush()
@@ -421,7 +480,9 @@ class Monitor:
         diagnosis; returns the new per-step rows."""
         if not self._pending:
             return []
-        pending, self._pending = self._pending, []
+        pending = [p if type(p) is PendingStep else PendingStep(p[0], p[1], [p[2]], [p[3]], *p[4:])
+                   for p in self._pending]   # _fast_step queues tuples
+        self._pending = []
         if not self._targets_checked and any(p.computed is None for p in pending):
             self._targets_checked = True  # evaluate_steps checks the labels it concatenates
         vals = evaluate_steps(self.loss, pending, self.convention, self.ranks)
