@@ -121,9 +121,10 @@ def _cross_entropy_sums(f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     s_i < ½ (full relative precision for tiny losses), ℓ_i = logsumexp(f_i) − f_iy otherwise.
 
     Without autograd (the monitor's per-step path: detached outputs) the (n, k) work is one
-    buffer and one exponential: e = exp(f − max f) in place, z = Σ_j e_j, the true class
-    zeroed, then s = Σ_{j≠y} e_j / z and ‖q‖² = Σ_{j≠y} e_j² / z² (the training step's own
-    cross-entropy costs about as much)."""
+    fused softmax p, its true class zeroed, then s = Σ_{j≠y} p_j and ‖q‖² = Σ_{j≠y} p_j²; and
+    ℓ_i = −log p_y while p_y is a normal number, else (max f − f_y) + log z with 1/z = max_j p_j
+    (never underflows). On a large vocabulary this costs about what the training step's own
+    cross-entropy does."""
     idx = y.unsqueeze(-1)
     if f.requires_grad and torch.is_grad_enabled():
         logp = torch.log_softmax(f, dim=-1)
@@ -132,13 +133,18 @@ def _cross_entropy_sums(f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         gsq = torch.linalg.vector_norm(q, dim=-1).square() + s * s
         wrong = -logp.gather(-1, idx).squeeze(-1)
     else:
-        m = f.amax(-1, keepdim=True)
-        e = torch.sub(f, m).exp_()              # the only (n, k) allocation
-        z = e.sum(-1)
-        e.scatter_(-1, idx, 0.0)
-        s = e.sum(-1) / z
-        gsq = torch.linalg.vector_norm(e, dim=-1).square() / (z * z) + s * s
-        wrong = m.squeeze(-1) + z.log() - f.gather(-1, idx).squeeze(-1)
+        p = torch.softmax(f, dim=-1)            # the only (n, k) allocation
+        p_y = p.gather(-1, idx).squeeze(-1)
+        p.scatter_(-1, idx, 0.0)
+        s = p.sum(-1)
+        gsq = torch.linalg.vector_norm(p, dim=-1).square() + s * s
+        under = p_y < torch.finfo(p.dtype).tiny
+        wrong = -p_y.log()
+        # on a CPU the check costs nothing; elsewhere it would be a host synchronization
+        if f.device.type != "cpu" or bool(under.any()):
+            # where p_y underflowed p's max is off the true class, so the zeroing left it
+            lse_gap = (f.amax(-1) - f.gather(-1, idx).squeeze(-1)) - p.amax(-1).log()
+            wrong = torch.where(under, lse_gap, wrong)
     small = s < 0.5   # the other branch is fed 0, so autograd never sees log1p(-1) = -inf
     ell = torch.where(small, -torch.log1p(-torch.where(small, s, 0.0)), wrong)
     return ell, gsq
