@@ -85,6 +85,8 @@ def test_batch_quotient_equals_measure(loss, convention, optim):
         mon.step(out, yb, lv)
         opt.step()
     mon.close()
+    with pytest.raises(MonitorError, match="the monitor is closed"):
+        mon.step(out, yb, lv)
     rows = list(mon.rows)
     assert [r["step"] for r in rows] == list(range(7))
     for row, ref in zip(rows, refs, strict=True):
@@ -323,6 +325,8 @@ def test_every_kind_of_step_in_one_run_equals_measure():
     assert rows[-1]["rayleigh[extra]"] == 0.0
     assert [d.step for d in mon.diagnoses if d.kind == "missing-gradients"] == [7]
     assert not [d for d in mon.diagnoses if d.kind == "loss-mismatch"]
+    with pytest.raises(MonitorError, match="the monitor is closed"):
+        mon.step(out, yb[(micro - 1) * h:], lv)
 
 
 def test_bad_input_is_refused_clearly():

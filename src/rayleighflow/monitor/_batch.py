@@ -170,8 +170,9 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,
         sizes = torch.tensor([o.shape[0] for o in outputs], device=device)
         owner = torch.tensor([i for i, s in lazy for _ in s.outputs], device=device)
         seg = torch.repeat_interleave(owner, sizes)
-        ell, gsq = batch_sums(loss, torch.cat(outputs),
-                              torch.cat([t for _, s in lazy for t in s.targets]))
+        f = torch.cat(outputs)   # targets may be elsewhere: the monitor's fast path checks
+        ell, gsq = batch_sums(loss, f, torch.cat(   # their device only when shapes change
+            [t.to(f.device, non_blocking=True) for _, s in lazy for t in s.targets]))
         sums.index_add_(1, seg, torch.stack([ell.double(), gsq.double(),
                                              torch.ones_like(ell, dtype=torch.float64)]))
     for i, s in enumerate(steps):

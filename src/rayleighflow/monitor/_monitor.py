@@ -355,9 +355,9 @@ class Monitor:
         ``scale``: the loss that was backpropagated is ``scale`` × the declared loss L_B (e.g.
         a sum divided by another count than the batch's): the passed loss is divided by it and
         ‖∇L_B‖² = ‖.grad‖² / scale²."""
-        self._check_open()
-        if scale is None and self._fast and out is not None and self._fast_step(out, y, loss):
+        if self._fast and scale is None and self._fast_step(out, y, loss):
             return
+        self._check_open()
         if scale is not None:
             scale = (scale.detach().reshape(()) if isinstance(scale, Tensor)
                      else torch.tensor(float(scale), dtype=torch.float64))
@@ -408,7 +408,7 @@ class Monitor:
             return False
         if (out.shape, y.shape) != self._fast_shapes and not self._fast_shapes_ok(out, y):
             return False
-        if y.requires_grad or y.device != out.device:
+        if y.requires_grad:
             return False
         if loss is None:
             losses = []
@@ -431,7 +431,7 @@ class Monitor:
     def _fast_shapes_ok(self, out: Tensor, y: Tensor) -> bool:
         shape = out.shape
         ok = (len(shape) == 2 and shape[1] == self._k and y.shape == shape[:1]
-              and out.numel() * self.sync_every <= self.max_stored)
+              and out.numel() * self.sync_every <= self.max_stored and y.device == out.device)
         if ok:
             self._fast_shapes = (shape, y.shape)
         return ok
@@ -742,6 +742,7 @@ class Monitor:
             self._update_forecast()
         summary = self.summary(status)
         self._closed = True
+        self._fast = False   # step() then reaches the closed check
         if not self._opened:
             self._open()
         for s in self.sinks:
