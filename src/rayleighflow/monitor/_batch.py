@@ -167,20 +167,28 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,
     lazy = [(i, s) for i, s in enumerate(steps) if s.computed is None]
     if lazy:
         outputs = [o for _, s in lazy for o in s.outputs]
-        sizes = torch.tensor([o.shape[0] for o in outputs], device=device)
-        owner = torch.tensor([i for i, s in lazy for _ in s.outputs], device=device)
-        seg = torch.repeat_interleave(owner, sizes)
         f = torch.cat(outputs)   # targets may be elsewhere: the monitor's fast path checks
         ell, gsq = batch_sums(loss, f, torch.cat(   # their device only when shapes change
             [t.to(f.device, non_blocking=True) for _, s in lazy for t in s.targets]))
-        sums.index_add_(1, seg, torch.stack([ell.double(), gsq.double(),
-                                             torch.ones_like(ell, dtype=torch.float64)]))
+        size = outputs[0].shape[0]
+        if len(lazy) == n == len(outputs) and all(o.shape[0] == size for o in outputs):
+            # the common case, one batch of one size per step: per-step sums by a reshape
+            sums[:2] = torch.stack([ell, gsq]).double().reshape(2, n, size).sum(-1)
+            sums[2] = size
+        else:
+            sizes = torch.tensor([o.shape[0] for o in outputs], device=device)
+            owner = torch.tensor([i for i, s in lazy for _ in s.outputs], device=device)
+            seg = torch.repeat_interleave(owner, sizes)
+            sums.index_add_(1, seg, torch.stack([ell.double(), gsq.double(),
+                                                 torch.ones_like(ell, dtype=torch.float64)]))
     for i, s in enumerate(steps):
         if s.computed is not None:
             sums[:, i] = torch.stack(s.computed).to(device)
     passed = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
     with_loss = [(i, s) for i, s in enumerate(steps) if s.losses]
-    if with_loss:
+    if len(with_loss) == n and all(len(s.losses) == 1 for s in steps):
+        passed = torch.stack([s.losses[0].to(device) for s in steps]).double()
+    elif with_loss:
         flat = torch.stack([v.to(device) for _, s in with_loss for v in s.losses]).double()
         owner = torch.tensor([i for i, s in with_loss for _ in s.losses], device=device)
         passed.index_fill_(0, torch.tensor([i for i, _ in with_loss], device=device), 0.0)
