@@ -18,15 +18,6 @@ from rayleighflow.rayleigh import measure
 RTOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small float64 models on busy cores: avoid thread-pool spin (README, performance notes).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _net(k=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.GELU(),

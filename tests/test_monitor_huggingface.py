@@ -24,14 +24,6 @@ pytestmark = pytest.mark.huggingface
 RTOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Snapshot(transformers.TrainerCallback):
     """Test-side record of each step: the training forwards' inputs (a pre-hook of its own) and
     the parameters at on_pre_optimizer_step, i.e. where the monitor records the step."""

@@ -22,14 +22,6 @@ from rayleighflow.trajectory import Trajectory
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _train(mon_kwargs, steps=12, seed=0):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))

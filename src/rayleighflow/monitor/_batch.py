@@ -184,15 +184,16 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,
     for i, s in enumerate(steps):
         if s.computed is not None:
             sums[:, i] = torch.stack(s.computed).to(device)
-    passed = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
     with_loss = [(i, s) for i, s in enumerate(steps) if s.losses]
     if len(with_loss) == n and all(len(s.losses) == 1 for s in steps):
         passed = torch.stack([s.losses[0].to(device) for s in steps]).double()
-    elif with_loss:
-        flat = torch.stack([v.to(device) for _, s in with_loss for v in s.losses]).double()
-        owner = torch.tensor([i for i, s in with_loss for _ in s.losses], device=device)
-        passed.index_fill_(0, torch.tensor([i for i, _ in with_loss], device=device), 0.0)
-        passed.index_add_(0, owner, flat)
+    else:   # NaN where no loss was passed, else the sum of the micro-batches' losses
+        passed = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
+        if with_loss:
+            flat = torch.stack([v.to(device) for _, s in with_loss for v in s.losses]).double()
+            owner = torch.tensor([i for i, s in with_loss for _ in s.losses], device=device)
+            passed.index_fill_(0, torch.tensor([i for i, _ in with_loss], device=device), 0.0)
+            passed.index_add_(0, owner, flat)
     scaled = [(i, s.scale) for i, s in enumerate(steps) if s.scale is not None]
     if scaled:   # .grad = scale·∇L_B and the passed loss is scale·L_B
         c = torch.ones(n, dtype=torch.float64, device=device)

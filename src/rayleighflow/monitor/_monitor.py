@@ -381,12 +381,9 @@ class Monitor:
         if missing:
             self._note_missing(missing)
             self._fast = False   # parameters unused in the forward: no use trying each step
-        lrs: tuple[float, ...] = ()
-        if self._group_of_param is not None:
-            lrs = tuple(float(g["lr"]) for g in self.optimizer.param_groups)
         pending = PendingStep(self._step, norms, [m[0] for m in self._micro],
                               [m[1] for m in self._micro],
-                              [m[2] for m in self._micro if m[2] is not None], lrs, missing)
+                              [m[2] for m in self._micro if m[2] is not None], self._lrs(), missing)
         if len(pending.losses) not in (0, len(self._micro)):
             pending.losses = []  # a partial sum would not be the backpropagated loss
         if self._eager is not None:
@@ -420,13 +417,16 @@ class Monitor:
             norms = torch._foreach_norm(list(map(_GRAD, self._params)))
         except TypeError:   # a .grad is None: the general path says which
             return False
-        lrs = () if self._lr_groups is None else tuple(map(float, map(_LR, self._lr_groups)))
         i = self._step
-        self._pending.append((i, norms, out.detach(), y, losses, lrs))
+        self._pending.append((i, norms, out.detach(), y, losses, self._lrs()))
         self._step = i + 1
         if self._periodic or len(self._pending) >= self.sync_every:
             self._due(i)
         return True
+
+    def _lrs(self) -> tuple[float, ...]:
+        """The optimizer's learning rate per parameter group now (empty without one)."""
+        return () if self._lr_groups is None else tuple(map(float, map(_LR, self._lr_groups)))
 
     def _fast_shapes_ok(self, out: Tensor, y: Tensor) -> bool:
         shape = out.shape
