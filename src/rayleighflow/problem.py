@@ -89,6 +89,10 @@ class Model:
         if not (isinstance(fn, nn.Module) or callable(fn)):
             raise TypeError(f"Model needs an nn.Module or a function f(params, x) (got "
                             f"{type(fn).__name__})")
+        if isinstance(fn, torch.jit.ScriptModule):
+            raise TypeError(f"Model got a TorchScript module ({type(fn).__name__}): rayleighflow "
+                            "calls the model through torch.func.functional_call, which "
+                            "TorchScript does not support; pass the original nn.Module")
         self.module = fn if isinstance(fn, nn.Module) else None
         self._fn = fn
         self.frozen: tuple[str, ...] = ()
@@ -321,6 +325,27 @@ class Problem:
 
     def omega(self, data: Dataset) -> Tensor:
         return effective_weights(data.weights, self.convention)
+
+    def evaluate_float64(self, params: Params, data: Dataset) -> tuple[Tensor, Tensor]:
+        """f_θ(x) (n, k) and L(θ) recomputed in float64 on the CPU, whatever the model's dtype:
+        the reference that float32 losses are compared with. Hooks and ``forward`` run as in
+        any call (``functional_call``); the loss is differentiable in the returned f."""
+        p64 = {k: v.detach().to("cpu", torch.float64) for k, v in params.items()}
+        x = data.x.detach().cpu()
+        x = x.double() if x.is_floating_point() else x
+        if self.model.module is not None:
+            b64 = {k: v.detach().to("cpu", torch.float64) if v.is_floating_point() else v.cpu()
+                   for k, v in self.model.buffers.items()}
+            with torch.no_grad():
+                out = functional_call(self.model.module, (p64, b64), (x,))
+        else:
+            with torch.no_grad():
+                out = self.model._fn(p64, x)
+        f = out.reshape(out.shape[0], -1).double().requires_grad_(True)
+        y = self.targets(data, f).detach().cpu()
+        y = y.double() if y.is_floating_point() else y
+        w = self.omega(data).detach().to("cpu", torch.float64)
+        return f, self.loss.value(f, y, w)
 
     def loss_value(self, params: Params, data: Dataset) -> Tensor:
         """L(θ) on a finite dataset (differentiable in params)."""

@@ -39,9 +39,15 @@ def _phi(u: arb) -> arb:
     return e.log() - 1 / e
 
 
+_SMALLEST_TARGET = 1e-300
+
+
 def rho_at_ce(c, r: float, kl_c: float):
     from .core import RhoAt
 
+    if not r < c.r_cap:
+        return RhoAt(r, 0.0, -math.inf, -math.inf, None, math.inf, math.inf, math.inf,
+                     math.inf)
     R = arb(r)
     lipj = arb(c.lip_j)
     lip_f = c.lip_f(r)
@@ -59,6 +65,10 @@ def rho_at_ce(c, r: float, kl_c: float):
     mu = arb(rho) * arb(kl_c)
     v = _lam(arb(c.loss0)) - R * mu.sqrt()
     target_min = up((v.exp()).log1p() * (1 + arb(2.0 ** -40)))
+    # a target that underflows (or whose time overflows float64) is no reachable target
+    if not target_min >= _SMALLEST_TARGET or not (
+            (_phi(arb(c.loss0)) - _phi(arb(target_min))) / mu < arb(1e300)):
+        target_min = math.inf
     return RhoAt(r, rho, sqrt_def, sqrt_dir,
                  "definite" if sqrt_def >= sqrt_dir else "directional", lip_f, pert,
                  target_min, math.inf)
@@ -82,12 +92,20 @@ def prove_ce(problem, c, grid, target, t0, convention):
     positive = [a for a in searched if a.rho > 0]
     if target is None:
         best = min((a.target_min for a in positive), default=math.inf)
-        ok = [a for a in positive if a.target_min <= best]
+        ok = [a for a in positive if a.target_min <= best and math.isfinite(best)]
     else:
         ok = [a for a in positive if a.target_min <= target and target > 0]
     if not ok:
         if not positive:
             return _failed(problem, c, searched, target, t0)
+        if not any(math.isfinite(a.target_min) for a in positive):
+            b = max(positive, key=lambda a: a.rho)
+            return _unavailable(
+                problem, Reason.PROOF_PATH_TOO_LONG, t0,
+                f"no proof: no positive target is reachable by this argument; at every radius "
+                f"with ρ > 0 ({len(positive)} of {len(searched)}, ρ up to {b.rho:.4g}) the "
+                f"target it proves underflows below {_SMALLEST_TARGET:g} (or its time exceeds "
+                "float64's range)", c, searched, b)
         b = min(positive, key=lambda a: (a.target_min, -a.rho))
         want = "zero loss" if target == 0 else f"target {target:.4g}"
         text = (f"no proof of {want}: with cross-entropy the smallest provable target is "

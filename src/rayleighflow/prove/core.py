@@ -36,6 +36,7 @@ from ..data import Dataset
 from ..desingularizers import Log
 from ..problem import Problem
 from ._arb import arb, down, gamma, gram_bounds, norm_up, up
+from .identity import check_identity
 from .models import ModelBounds, UnsupportedModel, model_bounds
 
 __all__ = ["prove", "prove_details", "Proof", "Constants", "proof_constants", "rho_at"]
@@ -61,6 +62,8 @@ class Constants:
     extra: list[tuple[str, float, str]] = field(default_factory=list)
     kind: str = ""
     notes: tuple[str, ...] = ()
+    r_cap: float = math.inf   # balls of radius ≥ r_cap leave the region where the proof's
+    #                           function is torch's (softplus threshold): ρ = 0 there
 
     def lip_f(self, r: float) -> float:
         """sup_{θ∈B(θ₀,r)} ‖J_θ‖ ≥ the Lipschitz constant of θ ↦ f_θ in L²(D) on the ball."""
@@ -73,6 +76,7 @@ def proof_constants(problem: Problem, data: Dataset | None = None) -> Constants:
     mb: ModelBounds = model_bounds(problem, data)
     gb = gram_bounds(mb.jhat, mb.jerr)
     resid, loss0, how_s0 = _residual(problem, data, mb)
+    identity = check_identity(problem, data, mb.used, mb.jhat.shape[1], mb.outputs, loss0)
     g_hat = np.array([float(b.mid()) for b in resid])
     g_err = np.array([up(abs(b - arb(float(b.mid())))) for b in resid])
     s0 = sum((b * b for b in resid), arb(0)).sqrt()
@@ -101,7 +105,8 @@ def proof_constants(problem: Problem, data: Dataset | None = None) -> Constants:
     return Constants(
         norm_j0=gb["norm_up"], smin_j0=gb["smin_lo"] if P >= nk else 0.0, a0=max(a0, 0.0),
         s0=up(s0), s0_lo=down(s0), loss0=up(loss0), loss0_lo=down(loss0), lip_j=up(mb.lip_j),
-        P=P, nk=nk, how=how, extra=list(mb.constants), kind=mb.kind, notes=tuple(mb.notes))
+        P=P, nk=nk, how=how, extra=list(mb.constants), kind=mb.kind,
+        notes=(*mb.notes, identity), r_cap=mb.r_cap)
 
 
 def _residual(problem: Problem, data: Dataset, mb: ModelBounds):
@@ -155,6 +160,9 @@ class RhoAt:
 def rho_at(c: Constants, r: float, s_top: float | None = None) -> RhoAt:
     """ρ(r) on B(θ₀, r) ∩ {‖∇ℓ‖_D ≤ s_top} (default s_top = s₀, i.e. L ≤ L₀) and the
     smallest target provable from s_top with this one ball, all in ball arithmetic."""
+    if not r < c.r_cap:
+        return RhoAt(r, 0.0, -math.inf, -math.inf, None, math.inf, math.inf, math.inf,
+                     math.inf)
     R = arb(r)
     top = arb(c.s0 if s_top is None else s_top)
     lipj = arb(c.lip_j)

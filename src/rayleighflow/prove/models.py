@@ -28,6 +28,7 @@ bracket at x_j. A frozen hidden layer makes F linear in θ (Lip_J = 0).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,8 +37,9 @@ from torch import nn
 
 from ..data import Dataset
 from ..problem import Problem
-from ._arb import U, arb, gamma, up
+from ._arb import U, arb, down, gamma, up
 from .activations import get_activation
+from .identity import check_structure
 
 __all__ = ["ModelBounds", "model_bounds", "UnsupportedModel"]
 
@@ -58,6 +60,8 @@ class ModelBounds:
     width: int | None = None
     notes: list[str] = field(default_factory=list)
     constants: list[tuple[str, float, str]] = field(default_factory=list)
+    used: tuple[str, ...] = ()   # the trained tensors that are terms of the proof's function
+    r_cap: float = math.inf       # the proof's function is torch's on balls of radius < r_cap
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -85,38 +89,82 @@ def _weights(problem: Problem, data: Dataset) -> list[arb]:
 
 
 def model_bounds(problem: Problem, data: Dataset) -> ModelBounds:
-    """Dispatch on the module: TwoLayer (theorems.two_layer) or a bare nn.Linear."""
+    """Dispatch on the module's exact type: TwoLayer (theorems.two_layer), a bare nn.Linear or
+    nn.Sequential(Linear, activation, Linear). Subclasses are refused: their ``forward`` may
+    compute another function (prove/identity.py checks the rest)."""
     from ..theorems.two_layer import TwoLayer
 
     module = problem.model.module
     if data.x.dim() != 2:
         raise UnsupportedModel("inputs must be (n, d) vectors")
-    if isinstance(module, TwoLayer):
-        return _two_layer(problem, data, _Spec("hidden.weight", "hidden.bias", "out.weight",
-                                               None, module.activation, True))
-    if isinstance(module, nn.Linear):
+    if module is None:
+        raise UnsupportedModel("a parameter function f(params, x) has no structure to read: "
+                               "proofs need an nn.Module of a supported type")
+    check_structure(module)
+    if type(module) is TwoLayer:
+        return _two_layer(problem, data, _twolayer_spec(module))
+    if type(module) is nn.Linear:
         return _linear(problem, data, module)
-    if isinstance(module, nn.Sequential):
-        named = [(n, c) for n, c in module.named_children() if not isinstance(c, nn.Flatten)]
-        if any(isinstance(c, nn.Flatten) for _, c in module.named_children()) \
-                and data.x.dim() != 2:
-            raise UnsupportedModel("inputs must be (n, d) vectors")
-        if len(named) == 1 and isinstance(named[0][1], nn.Linear):
+    if type(module) is nn.Sequential:
+        named = [(n, c) for n, c in module.named_children() if not _is_flatten(c)]
+        if len(named) == 1 and type(named[0][1]) is nn.Linear:
             return _linear(problem, data, named[0][1], prefix=named[0][0] + ".")
-        if len(named) == 3 and isinstance(named[0][1], nn.Linear) \
-                and isinstance(named[2][1], nn.Linear):
-            act = _activation_name(named[1][1])
+        if len(named) == 3 and type(named[0][1]) is nn.Linear \
+                and type(named[2][1]) is nn.Linear:
+            act, threshold = _activation_name(named[1][1])
             h, o = named[0][0], named[2][0]
             return _two_layer(problem, data, _Spec(
                 f"{h}.weight", f"{h}.bias" if named[0][1].bias is not None else None,
                 f"{o}.weight", f"{o}.bias" if named[2][1].bias is not None else None, act,
-                False))
-    kind = type(module).__name__ if module is not None else "a parameter function"
+                False, threshold))
+        layout = ", ".join(type(c).__name__ for _, c in module.named_children())
+        raise UnsupportedModel(
+            f"nn.Sequential({layout}) is not a supported layout: proofs cover exactly "
+            "Sequential(Linear) and Sequential(Linear, activation, Linear) (an nn.Flatten "
+            "allowed); deeper networks are not proven yet")
+    parent = next((b.__name__ for b in (TwoLayer, nn.Linear, nn.Sequential)
+                   if isinstance(module, b)), None)
+    if parent is not None:
+        raise UnsupportedModel(f"{type(module).__name__} is a subclass of {parent}: its forward "
+                               f"may compute another function, so the proof, which reads the "
+                               f"structure, does not apply; use {parent} itself")
     raise UnsupportedModel(
-        f"no closed-form Lipschitz constant of the Jacobian for {kind}: proofs cover "
-        "two-layer networks (rayleighflow.theorems.two_layer.TwoLayer, or nn.Sequential(Linear, "
-        "activation, Linear); tanh, softplus, sigmoid, GELU) and linear models (nn.Linear); "
-        "deeper networks are not proven yet")
+        f"no closed-form Lipschitz constant of the Jacobian for {type(module).__name__}: proofs "
+        "cover two-layer networks (rayleighflow.theorems.two_layer.TwoLayer, or "
+        "nn.Sequential(Linear, activation, Linear); tanh, softplus, sigmoid, GELU) and linear "
+        "models (nn.Linear), by exact type (a subclass may compute another function); deeper "
+        "networks are not proven yet")
+
+
+def _is_flatten(mod: nn.Module) -> bool:
+    # on (n, d) inputs Flatten(1, -1) is the identity
+    return type(mod) is nn.Flatten and mod.start_dim == 1 and mod.end_dim == -1
+
+
+def _twolayer_spec(module) -> _Spec:
+    from ..theorems import two_layer
+
+    if type(module.hidden) is not nn.Linear or type(module.out) is not nn.Linear:
+        raise UnsupportedModel(f"TwoLayer's layers are {type(module.hidden).__name__} and "
+                               f"{type(module.out).__name__}: the proof covers nn.Linear ones")
+    if module.out.bias is not None:
+        raise UnsupportedModel("TwoLayer's output layer has a bias (out.bias), which "
+                               "TwoLayer.forward scales by m^(-1/2) with the rest: the proof's "
+                               "function m^(-1/2) Σ a_i σ(w_i·x + b_i) has none")
+    if module.width != module.hidden.out_features:
+        raise UnsupportedModel(f"TwoLayer.width = {module.width} but the hidden layer has "
+                               f"{module.hidden.out_features} units: forward divides by "
+                               "√width, the proof by √m")
+    fn = two_layer.ACTIVATIONS.get(module.activation)
+    expected = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": nn.functional.gelu,
+                "softplus": nn.functional.softplus, "relu": torch.relu}
+    if fn is not expected.get(module.activation):
+        raise UnsupportedModel(f"TwoLayer's activation {module.activation!r} is not torch's "
+                               "function of that name (the table was changed)")
+    # nn.functional.softplus's defaults: beta = 1, threshold = 20
+    threshold = 20.0 if module.activation == "softplus" else None
+    return _Spec("hidden.weight", "hidden.bias", "out.weight", None, module.activation, True,
+                 threshold)
 
 
 @dataclass(frozen=True)
@@ -129,20 +177,35 @@ class _Spec:
     a_bias: str | None
     activation: str
     ntk_scale: bool
+    threshold: float | None = None   # softplus: torch returns z where z > threshold
 
 
 _MODULE_ACTIVATIONS = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 
 
-def _activation_name(mod: nn.Module) -> str:
-    if type(mod) in _MODULE_ACTIVATIONS:
-        return _MODULE_ACTIVATIONS[type(mod)]
-    if isinstance(mod, nn.GELU) and mod.approximate == "none":
-        return "gelu"
-    if isinstance(mod, nn.Softplus) and mod.beta == 1:
-        return "softplus"
-    raise UnsupportedModel(f"activation {type(mod).__name__} has no proven sup|σ″| "
-                           "(supported: Tanh, Sigmoid, GELU (exact), Softplus (beta = 1))")
+def _activation_name(mod: nn.Module) -> tuple[str, float | None]:
+    """The proof's name for an activation module of an exact supported type, and the softplus
+    threshold (None for the others)."""
+    kind = type(mod)
+    if kind in _MODULE_ACTIVATIONS:
+        return _MODULE_ACTIVATIONS[kind], None
+    if kind is nn.GELU:
+        if mod.approximate == "none":
+            return "gelu", None
+        raise UnsupportedModel(f"GELU(approximate={mod.approximate!r}) has no proven sup|σ″| "
+                               "(the exact erf form, approximate='none', has)")
+    if kind is nn.Softplus:
+        if mod.beta != 1:
+            raise UnsupportedModel(f"Softplus(beta={mod.beta}) is not covered (beta = 1 is)")
+        return "softplus", float(mod.threshold)
+    parent = next((b.__name__ for b in (nn.Tanh, nn.Sigmoid, nn.GELU, nn.Softplus)
+                   if isinstance(mod, b)), None)
+    if parent is not None:
+        raise UnsupportedModel(f"activation {kind.__name__} is a subclass of nn.{parent}: its "
+                               "forward may compute another function; use nn."
+                               f"{parent} itself")
+    raise UnsupportedModel(f"activation {kind.__name__} has no proven sup|σ″| (supported, by "
+                           "exact type: Tanh, Sigmoid, GELU (exact), Softplus (beta = 1))")
 
 
 def _two_layer(problem: Problem, data: Dataset, spec: _Spec) -> ModelBounds:
@@ -253,9 +316,33 @@ def _two_layer(problem: Problem, data: Dataset, spec: _Spec) -> ModelBounds:
     mb.notes.append(f"trained: {', '.join(trained)}; pre-activations z = Wx + b as balls "
                     f"(float64 with |error| ≤ γ_(d+2)(|W||x| + |b|), max {float(zerr.max()):.2g}),"
                     f" σ(z) and σ′(z) in arb at {106} bits")
-    if act.caveat:
-        mb.notes.append(act.caveat)
+    mb.used = tuple(trained)
+    if spec.threshold is not None:
+        mb.r_cap, note = _softplus_cap(spec.threshold, zhat, zerr, xt, train_w)
+        mb.notes.append(note)
     return mb
+
+
+def _softplus_cap(threshold: float, zhat: np.ndarray, zerr: np.ndarray, xt: np.ndarray,
+                  train_w: bool) -> tuple[float, str]:
+    """torch's softplus is log(1 + eᶻ) where z ≤ threshold and z itself above (a jump of
+    log(1 + e^(−threshold)), not C² there): the proof is about torch's function on the balls
+    where no pre-activation reaches the threshold, |Δz_ji| ≤ ‖θ − θ₀‖·‖x̃_j‖."""
+    z_hi = up(arb(float((zhat + zerr).max())))
+    if not z_hi < threshold:
+        raise UnsupportedModel(
+            f"torch's Softplus(threshold={threshold:g}) returns z itself where z > "
+            f"{threshold:g}, and a pre-activation at θ₀ reaches {z_hi:.4g}: there the function "
+            "is not log(1 + eᶻ) (and jumps at the switch); raise the threshold (e.g. 20, the "
+            "default) or scale the inputs")
+    if not train_w:
+        return math.inf, (f"torch's softplus switches to z above threshold = {threshold:g}; the "
+                          f"pre-activations are ≤ {z_hi:.4g} and fixed (hidden layer frozen)")
+    x_hi = up(max((sum((arb(float(v)) ** 2 for v in row), arb(0))).sqrt() for row in xt))
+    cap = down((arb(threshold) - arb(z_hi)) / arb(x_hi))
+    return cap, (f"torch's softplus switches to z above threshold = {threshold:g}; the "
+                 f"pre-activations at θ₀ are ≤ {z_hi:.4g} and move by ≤ ‖x̃‖·r ≤ {x_hi:.4g}·r, "
+                 f"so every ball used has r < {cap:.4g}, where torch's function is log(1 + eᶻ)")
 
 
 def _linear(problem: Problem, data: Dataset, lin: nn.Linear, prefix: str = "") -> ModelBounds:
@@ -300,4 +387,6 @@ def _linear(problem: Problem, data: Dataset, lin: nn.Linear, prefix: str = "") -
                      lip_j_how="0 exactly: f is linear in θ, so J does not depend on θ")
     mb.notes.append("linear model: J_θ = J₀ for every θ, so the only approximations are the "
                     "rounding errors bounded below")
+    mb.used = tuple(nm for nm, t in ((prefix + "weight", train_w), (prefix + "bias", train_b))
+                    if t)
     return mb
