@@ -96,6 +96,16 @@ class Reason(Enum):
         "no_sufficient_decrease", "no sufficient decrease (step too large): a gradient-descent "
         "step did not lower the loss",
         "lower the step η: α_k ≥ 1 − βη/2 when L is β-smooth on the step")
+    LOSS_ROUNDING = (
+        "loss_rounding", "no resolved decrease: a gradient-descent step changed the recorded loss "
+        "by less than the loss's rounding error (the dtype cannot resolve the step)",
+        "compute the loss in float64 (model.double() and float64 data), or centre large "
+        "targets; the step size is not the cause")
+    NOT_RESOLVED = (
+        "not_resolved", "not resolved: re-integrated at a tighter tolerance, the flow gives "
+        "another verdict, constant or loss, so the solution at this rtol does not resolve it",
+        "integrate at the refined tolerance or below (Dopri5(rtol=…)), or use gradient descent,"
+        " whose certificate is exact for its iterates")
     NON_FINITE = (
         "non_finite", "a non-finite loss, gradient norm or KL ratio at a checked point",
         "an infinite or NaN ratio is never a pass: fix the overflow in the model or data")
@@ -324,10 +334,14 @@ class Certificate:
 
     def describe(self) -> str:
         """One line built from the numbers: status, scope, μ and what was checked."""
-        where = (f"{self.n_records} records" + (f", {self.n_grad_evals} gradient evaluations"
-                                                if self.n_grad_evals else ""))
+        if self.scope is Scope.PROVEN:
+            checked = "an a-priori argument for the exact flow from θ₀ (no run checked)"
+        else:
+            checked = (f"checked at {self.n_records} records"
+                       + (f", {self.n_grad_evals} gradient evaluations"
+                          if self.n_grad_evals else ""))
         head = (f"{self.status.value} (scope {self.scope.value}): φ = {self.desingularizer.name}"
-                f", μ = {self.mu:.4g} ({self.mu_source}), checked at {where}")
+                f", μ = {self.mu:.4g} ({self.mu_source}), {checked}")
         if self.discrete and self.alpha_min is not None and math.isfinite(self.alpha_min):
             head += (f"; α_min = {self.alpha_min:.3g} at step "
                      f"{self._step_index(self.t_at_alpha_min)}")

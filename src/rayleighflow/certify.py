@@ -32,6 +32,8 @@ from .certificate import (
 )
 from .desingularizers import _DEFAULT_CANDIDATES, Desingularizer, get_desingularizer
 from .losses import FunctionalKL
+from .problem import Problem
+from .rounding import start_loss
 from .trajectory import Trajectory
 
 __all__ = ["CertificateStatus", "Scope", "Reason", "Assumption", "Certificate", "kl_ratios",
@@ -97,9 +99,16 @@ def certify(
     extra_assumptions: tuple[Assumption, ...] = (),
     mu_source: str | None = None,
     use_evaluations: bool = True,
+    refine: Problem | None = None,
 ) -> Certificate:
     """Certificate for φ with a stated μ or the observed μ*, in the strongest scope the run
     supports (see the module docstring). ``use_evaluations=False`` checks the records only.
+
+    On an adaptive (Dopri5) run the checks see the numerical solution at its tolerance only.
+    ``refine=problem`` (the Problem the run was made from) re-integrates the flow at rtol/100
+    and forms the same claim there: a claim the refined path breaks is VIOLATED, one whose μ*
+    or record losses move by more than 1e-3 is UNAVAILABLE, both with reason ``not_resolved``
+    (:func:`rayleighflow.refine.refine`).
 
     The bound check is one-sided, L ≤ bound·(1 + rtol) + atol; atol defaults to 0 so that the
     check keeps its meaning at tiny losses.
@@ -143,7 +152,13 @@ def certify(
 
         return gd_certificate(traj, phi, mu, rtol=rtol, atol=atol, mu_source=mu_source,
                               extra_assumptions=extra_assumptions)
-    return _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra_assumptions)
+    cert = _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra_assumptions)
+    if refine is None:
+        return cert
+    from .refine import refine as refined
+
+    return refined(cert, traj, refine, lambda fine: certify(
+        fine, phi, cert.mu, rtol=rtol, atol=atol, use_evaluations=use_evaluations))
 
 
 def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Certificate:
@@ -202,7 +217,12 @@ def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Cer
             f"held at {where}" if below.size == 0 else
             f"below μ at {below.size} of {ck_t.size} checked points; min {mu_star:.6g} at "
             f"t = {t_star:.6g}"))
-    bound = phi.bound(float(loss[0]), mu, t - t[0])
+    start = start_loss(traj.meta, float(loss[0]))
+    if start > loss[0]:
+        assumptions.append(Assumption(
+            "the bound starts from L(θ₀) in float64", True,
+            f"L(θ₀) = {start:.10g} in float64, {loss[0]:.10g} as recorded: B₀ = the larger"))
+    bound = phi.bound(start, mu, t - t[0])
     excess = loss - (bound * (1 + rtol) + atol)
     max_violation = float(np.nanmax(excess))
     bound_ok = max_violation <= 0
@@ -218,6 +238,11 @@ def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Cer
     ok = all(a.holds for a in assumptions)
     path = ok and evals is not None and delayed.passed
     notes = [_scope_note(evals is not None, delayed, traj.meta.get("method"))]
+    if traj.meta.get("method") == "adaptive":
+        notes.append(f"not re-integrated: the checks are about the numerical solution at rtol = "
+                     f"{traj.meta.get('rtol')}, atol = {traj.meta.get('atol')}, whose global "
+                     "error nothing bounds (certify(..., refine=problem) re-runs the flow at "
+                     "rtol/100 and compares)")
     return Certificate(mu=float(mu), mu_source=source,
                        status=CertificateStatus.HOLDS if ok else CertificateStatus.VIOLATED,
                        scope=Scope.PATH if path else Scope.RECORDS, bound=bound,
@@ -289,6 +314,7 @@ def compose(
     *,
     rtol: float = 1e-6,
     atol: float = 0.0,
+    refine: Problem | None = None,
 ) -> Certificate:
     """THEORY.md §4: functional KL (φ, c) × R(K; ∇ℓ) ≥ R_low ⇒ parametric KL, μ = c·R_low.
 
@@ -298,6 +324,8 @@ def compose(
 
     R(K; ∇ℓ) = ‖∇L‖²/‖∇ℓ‖²_D is read off the records and evaluations (``grad_sq`` and
     ``fgrad_sq``, in the run's convention); ``rayleigh_lower`` defaults to its observed minimum.
+    ``refine=problem``: the refinement check of :func:`certify` (the same R_low and μ on the
+    flow re-integrated at rtol/100).
 
     Example:
         >>> import torch
@@ -363,8 +391,14 @@ def compose(
     if not (math.isfinite(mu) and mu > 0):
         return _unavailable(traj, phi, "composed", Reason.NO_POSITIVE_CONSTANT, assumptions,
                             f"c·R_low = {mu:.6g}: no positive constant", rtol, atol)
-    return certify(traj, phi, mu, rtol=rtol, atol=atol, extra_assumptions=assumptions,
+    cert = certify(traj, phi, mu, rtol=rtol, atol=atol, extra_assumptions=assumptions,
                    mu_source="composed")
+    if refine is None:
+        return cert
+    from .refine import refine as refined
+
+    return refined(cert, traj, refine, lambda fine: compose(
+        fine, functional_kl, rayleigh_lower, rtol=rtol, atol=atol))
 
 
 def _unavailable(traj: Trajectory, phi: Desingularizer, source: str, reason: Reason,

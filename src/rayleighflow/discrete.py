@@ -20,6 +20,7 @@ import numpy as np
 
 from .certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from .desingularizers import Desingularizer
+from .rounding import rounding_level, start_loss
 from .trajectory import Trajectory
 
 __all__ = ["gd_certificate", "iterates"]
@@ -119,10 +120,20 @@ def gd_certificate(
             f"held at every iterate ({where})" if below.size == 0 else
             f"below μ at {below.size} iterates; min {mu_star:.6g} at t = {t_star:.6g}"))
     no_decrease = np.flatnonzero(above & ~(alpha > 0))
+    level = rounding_level(traj.meta, cur)
     if no_decrease.size:
         k = int(no_decrease[0])
-        failures.append((k, Reason.NO_SUFFICIENT_DECREASE,
-                         f"α = {alpha[k]:.3g} ≤ 0: L went from {cur[k]:.6g} to {nxt[k]:.6g}"))
+        change = abs(cur[k] - nxt[k])
+        if level is not None and change <= level[k]:
+            failures.append((k, Reason.LOSS_ROUNDING,
+                             f"α = {alpha[k]:.3g} ≤ 0: L went from {cur[k]:.6g} to "
+                             f"{nxt[k]:.6g}, a change of {change:.3g} within the loss's "
+                             f"{traj.meta.get('dtype', 'float32')} rounding error (≈ "
+                             f"{level[k]:.3g}); the step the loss resolves is not known"))
+        else:
+            failures.append((k, Reason.NO_SUFFICIENT_DECREASE,
+                             f"α = {alpha[k]:.3g} ≤ 0: L went from {cur[k]:.6g} to "
+                             f"{nxt[k]:.6g}"))
     assumptions.append(Assumption(
         "sufficient decrease α_k > 0 at every step", no_decrease.size == 0,
         f"α_min = {a_min:.6g} at t = {t_amin:.6g}" + (
@@ -134,7 +145,13 @@ def gd_certificate(
     with np.errstate(invalid="ignore"):
         s = np.concatenate([[0.0], np.cumsum(np.maximum(contrib, 0.0))])
     bound = np.full(loss.shape, np.nan)
-    bound[:last + 1] = phi.bound(float(loss[0]), mu, s)
+    start = start_loss(traj.meta, float(loss[0]))
+    if start > loss[0]:
+        assumptions.append(Assumption(
+            "the bound starts from L(θ₀) in float64", True,
+            f"L(θ₀) = {start:.10g} in float64, {loss[0]:.10g} as recorded (relative "
+            f"{(start - loss[0]) / start:.2g} lower): B₀ = the larger"))
+    bound[:last + 1] = phi.bound(start, mu, s)
     excess = loss - (bound * (1 + rtol) + atol)
     max_violation = float(np.nanmax(excess))
     over = np.flatnonzero(excess > 0)

@@ -61,6 +61,7 @@ from .integrators import (
 )
 from .problem import Problem
 from .rayleigh import Measurement, _measurement, loss_and_grad
+from .rounding import float64_start
 from .trajectory import Trajectory
 
 __all__ = ["Integrator", "FlowStatus", "FlowResult", "gradient_flow", "log_record_times",
@@ -301,12 +302,14 @@ def gradient_flow(
               "n_params": problem.model.n_params, "groups": list(problem.model.groups),
               "batch_size": batch_size, "eval_size": eval_data.n,
               **(meta or {})}
+    theta = {k: v.detach().clone() for k, v in (params or problem.params).items()}
+    if not append:   # below float64: L(θ₀) in float64, where the certificates' bounds start
+        header.update(float64_start(problem, theta, eval_data))
     traj = Trajectory(header, path, append=append)
     rec = _Recorder(problem, eval_data, traj, diagnostics, on_record, progress,
                     group_quotients)
     # The path log is a full-batch object: fresh batches or a separate evaluation set break it.
     log = traj if (train_data is eval_data) else None
-    theta = {k: v.detach().clone() for k, v in (params or problem.params).items()}
     state = {"t": t_start, "evals": grad_evals_start, "theta": theta}
     begin = time.perf_counter()
     try:

@@ -142,10 +142,11 @@ def _check_labels(f: Tensor, y: Tensor, n_classes: int, loss: str) -> Tensor:
 class SoftmaxCrossEntropy(Loss):
     """ℓ_i = logsumexp(f_i) − f_{i,y_i}, g_i = softmax(f_i) − e_{y_i}.
 
-    Stable for logits of size 1e10 (max-shifted log-softmax). Functional KL (sharp,
-    CERTIFICATES.md §4): cross-entropy φ with c = κ·k/(k−1), κ = min_i w_i (mean convention);
-    c = k/((k−1)n) for uniform weights in the sum convention, k κ_ω²/((k−1)n) with κ_ω = n·min w
-    for non-uniform ones.
+    Stable for logits of size 1e10 (max-shifted log-softmax). Functional KL (CERTIFICATES.md
+    §4): cross-entropy φ with c = κ·k/(k−1), κ = min_i w_i (mean convention, sharp);
+    c = k/((k−1)n) for uniform weights in the sum convention (sharp); k κ_ω²/((k−1)n) with
+    κ_ω = n·min w for non-uniform ones, valid but not sharp (the true infimum can be several
+    times larger).
 
     Example:
         >>> import torch
@@ -208,7 +209,9 @@ def _ce_kl(weights: Tensor, convention: Convention, n_classes: int | None) -> Fu
         n = weights.shape[0]
         kappa = float(weights.min()) * n
         c = factor * kappa**2 / n
-        why = f"ω_i = n w_i, κ_ω = min ω = {kappa:.6g}, n = {n}; c = {k_txt}·κ_ω²/n"
+        why = (f"ω_i = n w_i, κ_ω = min ω = {kappa:.6g}, n = {n}; c = {k_txt}·κ_ω²/n"
+               + ("" if float(weights.max()) == float(weights.min()) else
+                  " (valid for non-uniform weights, not sharp)"))
     return FunctionalKL("cross-entropy", c, convention, why)
 
 
@@ -217,7 +220,8 @@ class BinaryLogistic(Loss):
     """One logit, labels y ∈ {0, 1}: ℓ_i = softplus(−s_i f_i), s_i = 2y_i − 1.
 
     g_i = −s_i σ(−s_i f_i), so |g_i| = 1 − p_i = 1 − e^{−ℓ_i}: the cross-entropy KL fact with
-    no k/(k−1) factor, c = κ (mean) and κ_ω²/n (sum).
+    no k/(k−1) factor, c = κ (mean, sharp) and κ_ω²/n (sum: sharp for uniform weights, valid
+    but not sharp otherwise).
 
     Example:
         >>> import torch

@@ -230,15 +230,22 @@ def run(ctx: RunContext) -> dict[str, Any]:
     }
 
 
+def _tighter(x: float | None, than: str) -> str:
+    """"2.5× tighter than the classical one", or "equal to it" when the ratio prints as 1."""
+    if x is None:
+        return f"not compared with {than} (no value)"
+    if f"{x:.3g}" == "1":
+        return f"equal to {than} (ratio {x:.6g})"
+    return f"{x:.3g}× {'tighter' if x > 1 else 'looser'} than {than}"
+
+
 def _note(name: str, r: dict[str, Any]) -> str:
-    def ratio(x):
-        return "—" if x is None else f"{x:.3g}×"
 
     return (f"{name}: {r['description']}; ε = {r['margin']:.4g}, κ = {r['isolation']:.3g}, "
             f"μ = κ²ε² = {r['mu_theory']:.3g}. At the end of the flow (t = {r['t_final']:.3g}) "
-            f"the sharp bound is {ratio(r['flow_sharp_tightening_at_end'])} tighter than the "
-            f"classical one; at the end of gradient descent "
-            f"{ratio(r['gd_sharp_tightening_at_end'])}; gradient-descent certificates: "
+            f"the sharp bound is {_tighter(r['flow_sharp_tightening_at_end'], 'the classical one')}"
+            f"; at the end of gradient descent it is "
+            f"{_tighter(r['gd_sharp_tightening_at_end'], 'it')}; gradient-descent certificates: "
             f"{r['gd_status']} (α_min = "
             f"{'—' if r['gd_alpha_min'] is None else format(r['gd_alpha_min'], '.3g')}"
             + (f": {r['gd_reason']}" if r["gd_reason"] else "") + "). The "
@@ -248,8 +255,8 @@ def _note(name: str, r: dict[str, Any]) -> str:
             + ("" if "gd_warm" not in r else
                f" Gradient descent from L₀ = {r['gd_warm']['loss_initial']:.3g} "
                f"(W₀ = {r['gd_warm']['scale_of_separator']:.3g}·W_svm) to t = "
-               f"{r['gd_warm']['t_final']:.3g}: the sharp bound is "
-               f"{ratio(r['gd_warm']['sharp_tightening_at_end'])} tighter at its end "
+               f"{r['gd_warm']['t_final']:.3g}: at its end the sharp bound is "
+               f"{_tighter(r['gd_warm']['sharp_tightening_at_end'], 'the classical one')} "
                f"(certificates {r['gd_warm']['status']})."))
 
 
