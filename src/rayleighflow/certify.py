@@ -157,8 +157,8 @@ def certify(
         return cert
     from .refine import refine as refined
 
-    return refined(cert, traj, refine, lambda fine: certify(
-        fine, phi, cert.mu, rtol=rtol, atol=atol, use_evaluations=use_evaluations))
+    return refined(cert, traj, refine, lambda fine, scale: certify(
+        fine, phi, cert.mu * scale, rtol=rtol, atol=atol, use_evaluations=use_evaluations))
 
 
 def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Certificate:
@@ -397,8 +397,8 @@ def compose(
         return cert
     from .refine import refine as refined
 
-    return refined(cert, traj, refine, lambda fine: compose(
-        fine, functional_kl, rayleigh_lower, rtol=rtol, atol=atol))
+    return refined(cert, traj, refine, lambda fine, scale: compose(
+        fine, functional_kl, rayleigh_lower * scale, rtol=rtol, atol=atol))
 
 
 def _unavailable(traj: Trajectory, phi: Desingularizer, source: str, reason: Reason,

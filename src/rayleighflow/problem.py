@@ -326,10 +326,13 @@ class Problem:
     def omega(self, data: Dataset) -> Tensor:
         return effective_weights(data.weights, self.convention)
 
-    def evaluate_float64(self, params: Params, data: Dataset) -> tuple[Tensor, Tensor]:
+    def evaluate_float64(self, params: Params, data: Dataset,
+                         omega: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """f_θ(x) (n, k) and L(θ) recomputed in float64 on the CPU, whatever the model's dtype:
         the reference that float32 losses are compared with. Hooks and ``forward`` run as in
-        any call (``functional_call``); the loss is differentiable in the returned f."""
+        any call (``functional_call``); the loss is differentiable in the returned f.
+        ``omega``: the effective weights to use (default: the data's, renormalized in float64,
+        so that uniform weights held in float32 are 1/n again)."""
         p64 = {k: v.detach().to("cpu", torch.float64) for k, v in params.items()}
         x = data.x.detach().cpu()
         x = x.double() if x.is_floating_point() else x
@@ -344,8 +347,10 @@ class Problem:
         f = out.reshape(out.shape[0], -1).double().requires_grad_(True)
         y = self.targets(data, f).detach().cpu()
         y = y.double() if y.is_floating_point() else y
-        w = self.omega(data).detach().to("cpu", torch.float64)
-        return f, self.loss.value(f, y, w)
+        if omega is None:
+            w = data.weights.detach().to("cpu", torch.float64)
+            omega = effective_weights(w / w.sum(), self.convention)
+        return f, self.loss.value(f, y, omega.detach().to("cpu", torch.float64))
 
     def loss_value(self, params: Params, data: Dataset) -> Tensor:
         """L(θ) on a finite dataset (differentiable in params)."""

@@ -6,7 +6,8 @@ global error. A dip of the ratio narrower than the steps is stepped over. The re
 re-integrates the same flow at rtol/factor and atol/factor, records at the same times, forms
 the same claim (the same φ and μ) on the refined path, and compares:
 
-* the refined path violates the claim: VIOLATED, reason ``not_resolved``;
+* the refined path violates the claim with its constant lowered by ``tol``: VIOLATED, reason
+  ``not_resolved``;
 * the observed minimum μ* or the loss at some record moves by more than ``tol`` (relative):
   UNAVAILABLE, reason ``not_resolved``;
 * otherwise the certificate keeps its verdict with one more assumption saying by how much the
@@ -33,11 +34,13 @@ REFINE_TOL = 1e-3
 
 
 def refine(cert: Certificate, traj: Trajectory, problem: Problem,
-           claim: Callable[[Trajectory], Certificate], *, factor: float = REFINE_FACTOR,
-           tol: float = REFINE_TOL) -> Certificate:
+           claim: Callable[[Trajectory, float], Certificate], *,
+           factor: float = REFINE_FACTOR, tol: float = REFINE_TOL) -> Certificate:
     """``cert`` checked against the flow re-integrated at rtol/factor (see the module doc).
 
-    ``claim(trajectory)`` forms the same certificate (same φ and μ) on another trajectory.
+    ``claim(trajectory, scale)`` forms the same certificate on another trajectory with its
+    constant scaled by ``scale`` = 1 − tol (μ, or the Rayleigh lower bound of a composition):
+    the refined path must keep the claim up to the stated relative amount.
     Only HOLDS certificates of adaptive runs are re-checked; others are returned unchanged.
     """
     meta = traj.meta
@@ -66,7 +69,7 @@ def refine(cert: Certificate, traj: Trajectory, problem: Problem,
         raise ValueError(f"refine: the problem's parameters do not start this trajectory "
                          f"(L = {fine_loss[0]:.10g} against the run's {loss[0]:.10g}): pass the "
                          "Problem the run was made from")
-    again = claim(fine)
+    again = claim(fine, 1 - tol)
     floor = cert.desingularizer.floor
     use = np.isfinite(loss) & (loss > floor)
     with np.errstate(divide="ignore", invalid="ignore"):

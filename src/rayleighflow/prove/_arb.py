@@ -21,7 +21,7 @@ import math
 import numpy as np
 from flint import arb, ctx
 
-__all__ = ["arb", "up", "down", "U", "gamma", "gram_bounds", "norm_up", "ball"]
+__all__ = ["arb", "up", "down", "U", "gamma", "gram_bounds", "norm_up", "ball", "sqrt_nonneg"]
 
 ctx.prec = 106  # double-double working precision for the scalar constants
 
@@ -38,6 +38,16 @@ def up(x: arb | float | int) -> float:
     while arb(f) < hi:
         f = math.nextafter(f, math.inf)
     return f
+
+
+def sqrt_nonneg(x: arb) -> arb:
+    """√x for a ball that encloses a quantity known to be ≥ 0 (a sum of squares): a ball whose
+    lower end dips below 0 by rounding (an exact fit, L₀ = 0) gets the ball [0, √upper]
+    instead of NaN."""
+    if x > 0:
+        return x.sqrt()
+    hi = arb(up(x)).sqrt()
+    return ball(0.0, up(hi))
 
 
 def down(x: arb | float | int) -> float:

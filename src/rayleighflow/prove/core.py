@@ -35,7 +35,7 @@ from ..certificate import Assumption, Certificate, CertificateStatus, Reason, Sc
 from ..data import Dataset
 from ..desingularizers import Log
 from ..problem import Problem
-from ._arb import arb, down, gamma, gram_bounds, norm_up, up
+from ._arb import arb, down, gamma, gram_bounds, norm_up, sqrt_nonneg, up
 from .identity import check_identity
 from .models import ModelBounds, UnsupportedModel, model_bounds
 
@@ -79,7 +79,7 @@ def proof_constants(problem: Problem, data: Dataset | None = None) -> Constants:
     identity = check_identity(problem, data, mb.used, mb.jhat.shape[1], mb.outputs, loss0)
     g_hat = np.array([float(b.mid()) for b in resid])
     g_err = np.array([up(abs(b - arb(float(b.mid())))) for b in resid])
-    s0 = sum((b * b for b in resid), arb(0)).sqrt()
+    s0 = sqrt_nonneg(sum((b * b for b in resid), arb(0)))
     # ‖Jᵀg‖ ≥ ‖fl(Ĵᵀĝ)‖ − γ_nk‖|Ĵ|ᵀ|ĝ|‖ − ‖Ĵ‖‖g − ĝ‖ − ‖J − Ĵ‖‖g‖
     nk, P = mb.jhat.shape
     v = mb.jhat.T @ g_hat
@@ -104,7 +104,8 @@ def proof_constants(problem: Problem, data: Dataset | None = None) -> Constants:
     }
     return Constants(
         norm_j0=gb["norm_up"], smin_j0=gb["smin_lo"] if P >= nk else 0.0, a0=max(a0, 0.0),
-        s0=up(s0), s0_lo=down(s0), loss0=up(loss0), loss0_lo=down(loss0), lip_j=up(mb.lip_j),
+        s0=up(s0), s0_lo=max(down(s0), 0.0), loss0=up(loss0), loss0_lo=max(down(loss0), 0.0),
+        lip_j=up(mb.lip_j),
         P=P, nk=nk, how=how, extra=list(mb.constants), kind=mb.kind,
         notes=(*mb.notes, identity), r_cap=mb.r_cap)
 

@@ -98,7 +98,9 @@ def check_identity(problem: Problem, data: Dataset, used: tuple[str, ...], P: in
     # both Hessians ≤ 1) plus a relative 1e-12 for the loss's own float64 sum
     w_sum = float(problem.omega(data).double().sum())
     k = len(outputs) // data.n
-    s0 = up((2 * loss0).sqrt()) if problem.loss.name == "square" else math.sqrt(2 * w_sum)
+    # (a slack, not a proven constant: float sqrt of the upper end is enough)
+    s0 = math.sqrt(2 * max(up(loss0), 0.0)) if problem.loss.name == "square" else \
+        math.sqrt(2 * w_sum)
     l_tol = s0 * tol * math.sqrt(k * w_sum) + w_sum * k * tol * tol + 1e-12 * abs(loss_t)
     lo, hi = down(loss0), up(loss0)
     if not lo - l_tol <= loss_t <= hi + l_tol:
@@ -119,5 +121,6 @@ def check_identity(problem: Problem, data: Dataset, used: tuple[str, ...], P: in
 
 
 def _torch_f0_l0(problem: Problem, data: Dataset) -> tuple[torch.Tensor, float]:
-    f, loss = problem.evaluate_float64(problem.params, data)
+    # the proof's own weights (the problem's, as held in its dtype)
+    f, loss = problem.evaluate_float64(problem.params, data, problem.omega(data))
     return f.detach().reshape(-1), float(loss.detach())
