@@ -472,7 +472,8 @@ def test_frozen_parameters_stay_frozen_and_leave_p():
     assert "0.weight" not in model.params and model.frozen == ("0.weight",)
     assert model.n_params == sum(p.numel() for p in net.parameters()) - frozen.numel()
     assert model.notes and "excluded from θ and P" in model.notes[0]
-    result = rf.gradient_flow(rf.Problem(model, data, "cross-entropy"), t_max=1.0, n_records=3)
+    result = rf.gradient_flow(rf.Problem(model, data, "cross-entropy"), t_max=1.0,
+                              records=rf.LogSpaced(3))
     assert "0.weight" not in result.params
     assert torch.equal(net[0].weight, frozen)
     result.load_into(net)
@@ -482,7 +483,7 @@ def test_frozen_parameters_stay_frozen_and_leave_p():
 def test_contrast_report_at_the_trained_parameters():
     data = rf.load_sklearn("iris", n_samples=30)
     problem = rf.Problem(_net(), data, "cross-entropy")
-    result = rf.gradient_flow(problem, t_max=1.0, n_records=3)
+    result = rf.gradient_flow(problem, t_max=1.0, records=rf.LogSpaced(3))
     start, end = contrast_report(problem), contrast_report(problem, params=result)
     assert start.rayleigh != end.rayleigh
     assert "θ_t of the flow result, t = 1" in str(end) and "θ₀" in str(start)

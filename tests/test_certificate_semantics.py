@@ -44,7 +44,7 @@ def stuck_two_layer():
 
 
 def test_certified_time_stays_inside_the_checked_horizon(stuck_two_layer):
-    short = gradient_flow(stuck_two_layer, t_max=2.0, n_records=20)
+    short = gradient_flow(stuck_two_layer, t_max=2.0, records=rf.LogSpaced(20))
     cert = certify(short.trajectory, "log")
     assert cert.status is CertificateStatus.HOLDS
     target = 1e-3 * cert.loss_initial
@@ -60,7 +60,8 @@ def test_certified_time_stays_inside_the_checked_horizon(stuck_two_layer):
     assert float(cert.desingularizer.bound(cert.loss_initial, cert.mu, t_in)) == pytest.approx(
         inside, rel=1e-9)
     # And the forecast was indeed wrong: the long run never reaches the target.
-    long = gradient_flow(stuck_two_layer, t_max=300.0, n_records=10, rtol=1e-5, atol=1e-8)
+    long = gradient_flow(stuck_two_layer, integrator=rf.Dopri5(rtol=1e-5, atol=1e-8), t_max=300.0,
+                         records=rf.LogSpaced(10))
     assert long.trajectory["loss"].min() > 10 * target
 
 
@@ -83,13 +84,14 @@ def test_spectral_certificate_refuses_a_subset_spectrum():
     problem = Problem(Model(net), Dataset.from_arrays(x, y), "square")
     assert problem.model.n_params == 24
     fkl = problem.loss.functional_kl(problem.data.weights, problem.convention)
-    sub = gradient_flow(problem, t_max=5.0, n_records=6,
-                        diagnostics=[spectrum_diagnostic(1, max_samples=12)])
+    sub = gradient_flow(problem, t_max=5.0, records=rf.LogSpaced(6),
+                        observers=[rf.Columns(spectrum_diagnostic(1, max_samples=12))])
     assert np.nanmin(sub.trajectory["lambda_min"]) > 0  # the 12-point kernel looks definite
     cert = spectral(sub.trajectory, fkl)
     assert cert.status is CertificateStatus.UNAVAILABLE
     assert cert.reason is Reason.SUBSET_SPECTRUM
-    full = gradient_flow(problem, t_max=5.0, n_records=6, diagnostics=[spectrum_diagnostic(1)])
+    full = gradient_flow(problem, t_max=5.0, records=rf.LogSpaced(6),
+                         observers=[rf.Columns(spectrum_diagnostic(1))])
     cert = spectral(full.trajectory, fkl)
     assert cert.status is CertificateStatus.UNAVAILABLE
     assert cert.reason is Reason.KERNEL_NOT_DEFINITE
@@ -161,7 +163,7 @@ def test_ratio_dip_between_records_is_not_a_path_certificate():
 
 
 def test_adaptive_flow_logs_every_stage_and_checks_them(stuck_two_layer):
-    res = gradient_flow(stuck_two_layer, t_max=3.0, n_records=8)
+    res = gradient_flow(stuck_two_layer, t_max=3.0, records=rf.LogSpaced(8))
     ev = res.trajectory.evaluations
     assert ev is not None and ev["t"].size == res.n_grad_evals
     # Logged values are the loss and ‖∇L‖² at each stage: R = ‖∇L‖²/‖∇ℓ‖² ≥ 0, ‖∇ℓ‖² = 2L.
@@ -224,7 +226,7 @@ def test_ranking_never_puts_a_violated_bound_first():
 
 
 def test_custom_desingularizer_certificate_has_a_time(stuck_two_layer):
-    res = gradient_flow(stuck_two_layer, t_max=2.0, n_records=10)
+    res = gradient_flow(stuck_two_layer, t_max=2.0, records=rf.LogSpaced(10))
     cert = certify(res.trajectory, Custom(np.log, lambda u: 1 / u, label="mylog"))
     assert cert.status is CertificateStatus.HOLDS
     target = float(cert.bound[-1]) * 1.01
@@ -276,7 +278,8 @@ def _mlp_problem(seed: int, loss: str = "square") -> Problem:
 def test_gradient_descent_certificate_matches_its_definition():
     problem = _mlp_problem(0)
     eta = 0.2
-    res = gradient_flow(problem, t_max=40 * eta, method="euler", step=eta, n_records=8)
+    res = gradient_flow(problem, integrator=rf.GradientDescent(eta), t_max=40 * eta,
+                        records=rf.LogSpaced(8))
     cert = certify(res.trajectory, "log")
     assert cert.discrete and cert.scope is Scope.PATH and cert.holds
     # Replay gradient descent by hand: the iterates, α_k and the bound.
@@ -301,7 +304,8 @@ def test_gradient_descent_certificate_matches_its_definition():
 
 
 def test_gradient_descent_step_too_large_is_violated():
-    res = gradient_flow(_mlp_problem(1), t_max=60.0, method="euler", step=6.0, n_records=5)
+    res = gradient_flow(_mlp_problem(1), integrator=rf.GradientDescent(6.0), t_max=60.0,
+                        records=rf.LogSpaced(5))
     cert = certify(res.trajectory, "log")
     assert cert.status is CertificateStatus.VIOLATED
     assert cert.reason is Reason.NO_SUFFICIENT_DECREASE

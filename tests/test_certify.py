@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import rayleighflow as rf
 from rayleighflow.certify import CertificateStatus, certify, compose, kl_ratios
 from rayleighflow.data import Dataset
 from rayleighflow.flow import gradient_flow
@@ -31,7 +32,7 @@ def _mlp_problem(seed, n, width, loss, depth=1, activation=nn.Tanh):
 @pytest.fixture(scope="module")
 def square_run():
     pb = _mlp_problem(0, 12, 32, "square")
-    return pb, gradient_flow(pb, t_max=200.0, n_records=80)
+    return pb, gradient_flow(pb, t_max=200.0, records=rf.LogSpaced(80))
 
 
 def test_observed_certificate_holds_and_is_tight(square_run):
@@ -99,7 +100,7 @@ def test_time_to_target_is_consistent_with_bound(square_run):
 
 def test_cross_entropy_functional_kl_holds_on_records():
     pb = _mlp_problem(1, 10, 16, "cross-entropy")
-    res = gradient_flow(pb, t_max=300.0, n_records=40)
+    res = gradient_flow(pb, t_max=300.0, records=rf.LogSpaced(40))
     fkl = pb.loss.functional_kl(pb.data.weights, pb.convention, n_classes=2)
     assert fkl.c == pytest.approx(0.1 * 2)  # κ·k/(k−1), κ = 1/n
     cert = compose(res.trajectory, fkl)
@@ -131,7 +132,8 @@ def test_unknown_desingularizer_rejected(square_run):
 def test_observed_bound_never_below_loss(seed, n, width, depth, loss, desing):
     """On random problems the μ*-certified bound stays above the recorded loss (rtol 1e-6)."""
     pb = _mlp_problem(seed, n, width, loss, depth=depth)
-    res = gradient_flow(pb, t_max=20.0, n_records=50, rtol=1e-9, atol=1e-12)
+    res = gradient_flow(pb, integrator=rf.Dopri5(rtol=1e-9, atol=1e-12), t_max=20.0,
+                        records=rf.LogSpaced(50))
     cert = certify(res.trajectory, desing, rtol=1e-6, atol=1e-12)
     if cert.status is CertificateStatus.UNAVAILABLE:
         assert not cert.mu_star > 0

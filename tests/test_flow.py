@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import rayleighflow as rf
 from rayleighflow.data import Dataset, UniformBox, smooth_target
 from rayleighflow.flow import FlowStatus, gradient_flow
 from rayleighflow.problem import Model, Problem
@@ -32,7 +33,7 @@ def _least_squares(n=20, d=4, k=2, seed=0):
 
 def test_adaptive_flow_matches_closed_form():
     pb, exact = _least_squares()
-    res = gradient_flow(pb, t_max=30.0, rtol=1e-11, atol=1e-13)
+    res = gradient_flow(pb, integrator=rf.Dopri5(rtol=1e-11, atol=1e-13), t_max=30.0)
     assert res.status is FlowStatus.T_MAX
     t, loss = res.trajectory.t, res.trajectory["loss"]
     ref = np.array([exact(s)[1] for s in t])
@@ -48,7 +49,8 @@ def test_euler_converges_at_order_one():
     steps = np.array([0.1, 0.05, 0.025, 0.0125, 0.00625])
     errs = []
     for h in steps:
-        res = gradient_flow(pb, t_max=t_end, method="euler", step=float(h), record_times=[t_end])
+        res = gradient_flow(pb, integrator=rf.GradientDescent(float(h)), t_max=t_end,
+                            records=rf.Times([t_end]))
         assert res.t_final == pytest.approx(t_end)
         errs.append(float(torch.linalg.norm(res.params["W"] - w_ref)))
     slope = np.polyfit(np.log(steps), np.log(errs), 1)[0]
@@ -57,7 +59,8 @@ def test_euler_converges_at_order_one():
 
 def test_euler_records_on_step_grid_and_is_gradient_descent():
     pb, _ = _least_squares()
-    res = gradient_flow(pb, t_max=1.0, method="euler", step=0.1, record_times=[0.25, 0.5, 1.0])
+    res = gradient_flow(pb, integrator=rf.GradientDescent(0.1), t_max=1.0,
+                        records=rf.Times([0.25, 0.5, 1.0]))
     assert np.allclose(res.trajectory.t, [0.0, 0.3, 0.5, 1.0])
     w = pb.params["W"].clone()
     x, y = pb.data.x, pb.data.y
@@ -68,18 +71,18 @@ def test_euler_records_on_step_grid_and_is_gradient_descent():
 
 def test_stops_at_loss_target_and_step_budget():
     pb, _ = _least_squares(n=3, d=4, k=1)  # interpolating: the loss goes to zero
-    res = gradient_flow(pb, t_max=1e4, loss_target=1e-3)
+    res = gradient_flow(pb, t_max=1e4, stops=[rf.LossBelow(1e-3)])
     assert res.status is FlowStatus.LOSS_TARGET
     assert res.trajectory["loss"][-1] <= 1e-3 < res.trajectory["loss"][-2]
-    res = gradient_flow(pb, t_max=1e4, max_steps=50)
+    res = gradient_flow(pb, t_max=1e4, stops=[rf.MaxEvals(50)])
     assert res.status is FlowStatus.STEP_BUDGET and res.n_grad_evals == 50
 
 
 def test_stops_at_non_finite_loss_and_keeps_records():
     # GD with a step far above 2/λ_max diverges to overflow.
     pb, _ = _least_squares()
-    res = gradient_flow(pb, t_max=1e6, method="euler", step=1e3,
-                        record_times=np.arange(1, 1000) * 1e3)
+    res = gradient_flow(pb, integrator=rf.GradientDescent(1e3), t_max=1e6,
+                        records=rf.Times(np.arange(1, 1000) * 1e3))
     assert res.status is FlowStatus.NON_FINITE
     assert len(res.trajectory) >= 2
     assert np.all(np.isfinite(res.trajectory["loss"]))
@@ -88,7 +91,7 @@ def test_stops_at_non_finite_loss_and_keeps_records():
 def test_trajectory_streams_and_survives_truncation(tmp_path):
     pb, _ = _least_squares()
     path = tmp_path / "traj.jsonl"
-    res = gradient_flow(pb, t_max=5.0, path=path, n_records=10)
+    res = gradient_flow(pb, t_max=5.0, path=path, records=rf.LogSpaced(10))
     loaded = Trajectory.load(path)
     assert loaded.status == "t_max" and len(loaded) == len(res.trajectory)
     assert np.array_equal(loaded["loss"], res.trajectory["loss"])
@@ -101,9 +104,11 @@ def test_trajectory_streams_and_survives_truncation(tmp_path):
 def test_resume_continues_the_same_file(tmp_path):
     pb, exact = _least_squares()
     path = tmp_path / "traj.jsonl"
-    first = gradient_flow(pb, t_max=2.0, path=path, n_records=5, rtol=1e-11, atol=1e-13)
-    second = gradient_flow(pb, t_max=6.0, path=path, append=True, params=first.params,
-                           t_start=2.0, record_times=[3.0, 6.0], rtol=1e-11, atol=1e-13)
+    first = gradient_flow(pb, integrator=rf.Dopri5(rtol=1e-11, atol=1e-13), t_max=2.0, path=path,
+                          records=rf.LogSpaced(5))
+    second = gradient_flow(pb, integrator=rf.Dopri5(rtol=1e-11, atol=1e-13), t_max=6.0, path=path,
+                           records=rf.Times([3.0, 6.0]),
+                           start=rf.Start(first.params, t=2.0, append=True))
     traj = Trajectory.load(path)
     assert traj.t[-1] == 6.0 and len(traj) == len(first.trajectory) + 2
     assert second.trajectory["loss"][-1] == pytest.approx(exact(6.0)[1], rel=1e-8)
@@ -115,31 +120,29 @@ def test_sampler_fresh_batches_and_fixed_eval_sample():
                               torch.nn.Linear(16, 1)).double()
     pb = Problem(Model(net), UniformBox(2, 1.0, smooth_target), "square")
     gen = torch.Generator().manual_seed(1)
-    res = gradient_flow(pb, t_max=2.0, method="euler", step=0.05, batch_size=64,
-                        eval_size=512, generator=gen, n_records=5)
+    res = gradient_flow(pb, integrator=rf.StochasticGD(0.05, 64), t_max=2.0, generator=gen,
+                        records=rf.LogSpaced(5), eval_data=512)
     loss = res.trajectory["loss"]
     assert loss[-1] < loss[0] and np.all(np.isfinite(loss))
-    res2 = gradient_flow(pb, t_max=2.0, eval_size=256, n_records=5)
+    res2 = gradient_flow(pb, t_max=2.0, records=rf.LogSpaced(5), eval_data=256)
     assert res2.status is FlowStatus.T_MAX
-    with pytest.raises(ValueError, match="Euler"):
-        gradient_flow(pb, t_max=1.0, batch_size=8)
 
 
 def test_bad_flow_arguments():
     pb, _ = _least_squares()
-    with pytest.raises(ValueError, match="step"):
-        gradient_flow(pb, t_max=1.0, method="euler")
-    with pytest.raises(ValueError, match="integrator"):
-        gradient_flow(pb, t_max=1.0, method="rk4")
+    with pytest.raises(TypeError, match="integrator must be an Integrator"):
+        gradient_flow(pb, "rk4", t_max=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword"):   # the flat keywords are gone
+        gradient_flow(pb, t_max=1.0, method="euler", step=0.1)
     with pytest.raises(ValueError, match="t_max"):
         gradient_flow(pb, t_max=-1.0)
-    assert math.isfinite(gradient_flow(pb, t_max=1e-3, n_records=2).trajectory["loss"][-1])
+    assert math.isfinite(gradient_flow(pb, t_max=1e-3, records=rf.LogSpaced(2)).trajectory["loss"][-1])
 
 
 def test_euler_resume_off_grid_keeps_step_length():
     pb, _ = _least_squares()
-    res = gradient_flow(pb, t_max=0.56, method="euler", step=0.1, t_start=0.26,
-                        record_times=[0.36, 0.46, 0.56])
+    res = gradient_flow(pb, integrator=rf.GradientDescent(0.1), t_max=0.56,
+                        records=rf.Times([0.36, 0.46, 0.56]), start=rf.Start(t=0.26))
     assert np.allclose(res.trajectory.t, [0.26, 0.36, 0.46, 0.56])
     # 3 steps, plus the gradient at the final iterate (its record reuses every evaluation)
     assert res.n_grad_evals == 4 and res.trajectory.evaluations["t"].size == 4

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import rayleighflow as rf
 from rayleighflow import Dataset, Model, Problem, certify, gradient_flow
 from rayleighflow.certificate import CertificateStatus, Reason
 
@@ -59,8 +60,8 @@ def _iterates(problem, eta):
 def test_gd_certificate_bound_and_sufficient_decrease(seed, n, width, loss, convention, log_eta):
     problem = _problem(seed, n, width, loss, convention)
     eta = float(10.0 ** log_eta)
-    res = gradient_flow(problem, t_max=STEPS * eta, method="euler", step=eta,
-                        n_records=3, group_quotients=False)
+    res = gradient_flow(problem, integrator=rf.GradientDescent(eta), t_max=STEPS * eta,
+                        records=rf.LogSpaced(3, groups=False))
     phi = "log" if loss == "square" else "cross-entropy"
     cert = certify(res.trajectory, phi, rtol=0.0)
     assert cert.discrete and cert.loss.size == STEPS + 1

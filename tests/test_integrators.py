@@ -143,22 +143,18 @@ def test_lean_gd_square_loss_function_model_and_frozen_parameters():
     np.testing.assert_allclose(frun.trajectory.evaluations["loss"], losses, rtol=1e-12)
 
 
-def test_flat_keywords_still_work_with_a_deprecation_and_give_the_same_run():
+def test_the_flat_keywords_of_earlier_versions_are_refused():
     x, y = _softmax_data(n=16)
     torch.manual_seed(0)
     problem = rf.Problem(rf.Model(nn.Linear(3, 4).double()), rf.Dataset.from_arrays(x, y),
                          "cross-entropy")
-    new = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=10.0,
-                           records=rf.LogSpaced(8), stops=[rf.MaxEvals(15)])
-    with pytest.warns(DeprecationWarning, match="GradientDescent"):
-        old = rf.gradient_flow(problem, t_max=10.0, method="euler", step=0.5, n_records=8,
-                               max_steps=15)
-    assert new.status is old.status is FlowStatus.STEP_BUDGET
-    np.testing.assert_array_equal(new.trajectory["loss"], old.trajectory["loss"])
-    with pytest.raises(TypeError, match="not both"):
-        rf.gradient_flow(problem, rf.Dopri5(), t_max=1.0, method="euler", step=0.1)
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        rf.gradient_flow(problem, t_max=1.0, stepsize=0.1)
+    for old in ({"method": "euler", "step": 0.5}, {"n_records": 8}, {"max_steps": 15}):
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            rf.gradient_flow(problem, t_max=1.0, **old)
+    import inspect
+    signature = inspect.signature(rf.gradient_flow)
+    assert len(signature.parameters) <= 11
+    assert all(p.kind is not p.VAR_KEYWORD for p in signature.parameters.values())
 
 
 def test_objects_refuse_what_cannot_work():
@@ -195,7 +191,7 @@ def test_stop_rules_and_stochastic_gd():
     sampler = rf.Gaussian(2, lambda z: z.sum(-1, keepdim=True), dtype=D)
     sproblem = rf.Problem(rf.Model(nn.Linear(2, 1).double()), sampler, "square")
     srun = rf.gradient_flow(sproblem, rf.StochasticGD(0.1, batch_size=8), t_max=5.0,
-                            records=rf.Every(10), eval_size=256)
+                            records=rf.Every(10), eval_data=256)
     assert srun.status is FlowStatus.T_MAX and srun.n_grad_evals == 50
     assert srun.trajectory["loss"][-1] < 0.1 * srun.trajectory["loss"][0]
     assert srun.trajectory.meta["batch_size"] == 8

@@ -168,7 +168,7 @@ def test_wide_flow_obeys_the_proof_at_every_record_and_evaluation(wide):
     problem, proof = wide
     tracker = BallTracker(problem)
     flow_problem = rf.Problem(tracker.model(), problem.data, "square")
-    res = rf.gradient_flow(flow_problem, t_max=10.0, n_records=15)
+    res = rf.gradient_flow(flow_problem, t_max=10.0, records=rf.LogSpaced(15))
     traj = res.trajectory
     ev = traj.evaluations
     assert ev is not None and ev["t"].size > 20
@@ -201,7 +201,7 @@ def test_narrow_case_never_gets_convergence_to_zero(narrow):
 def test_narrow_target_is_above_the_plateau(narrow):
     problem, proof = narrow
     assert proof.certificate.holds
-    res = rf.gradient_flow(problem, t_max=200.0, n_records=10)
+    res = rf.gradient_flow(problem, t_max=200.0, records=rf.LogSpaced(10))
     assert float(res.trajectory["loss"][-1]) < proof.target
 
 
@@ -223,7 +223,7 @@ def test_two_layer_convergence_to_zero_is_proven_and_the_run_obeys():
     assert "convergence to zero loss" in proof.statement
     tracker = BallTracker(problem)
     res = rf.gradient_flow(rf.Problem(tracker.model(), problem.data, "square"), t_max=300.0,
-                           n_records=12)
+                           records=rf.LogSpaced(12))
     check = check_run(proof, res.trajectory, tracker)
     assert check.passed, check.failures
     assert max(tracker.dist) <= proof.radius         # forever: every evaluation, any loss
@@ -334,7 +334,7 @@ def test_cross_entropy_proves_a_target_never_zero_and_the_run_obeys():
     assert not zero.certificate.holds and "only targets are provable" in zero.statement
     tracker = BallTracker(problem)
     res = rf.gradient_flow(rf.Problem(tracker.model(), problem.data, "cross-entropy"),
-                           t_max=3 * proof.time, n_records=15)
+                           t_max=3 * proof.time, records=rf.LogSpaced(15))
     check = check_run(proof, res.trajectory, tracker)
     assert check.passed and check.stages_ok, (check.failures, check.stage_failures)
     f = falsify_proof(problem, proof, samples=12, generator=torch.Generator().manual_seed(2))
@@ -358,7 +358,7 @@ def test_linear_overparameterized_converges_to_zero_and_the_run_obeys():
     assert proof.rho <= lam_min and proof.rho >= lam_min * (1 - 1e-8)   # exact up to rounding
     tracker = BallTracker(problem)
     res = rf.gradient_flow(rf.Problem(tracker.model(), problem.data, "square"), t_max=30.0,
-                           n_records=10)
+                           records=rf.LogSpaced(10))
     check = check_run(proof, res.trajectory, tracker)
     assert check.passed, check.failures
     assert math.isclose(check.radius, proof.radius)
@@ -386,7 +386,7 @@ def test_linear_least_squares_is_proven_globally_with_the_exact_minimum():
     assert prove_details(problem, target=2 * lstar).certificate.holds
     tracker = BallTracker(problem)
     res = rf.gradient_flow(rf.Problem(tracker.model(), problem.data, "square"), t_max=30.0,
-                           n_records=15)
+                           records=rf.LogSpaced(15))
     check = check_run(proof, res.trajectory, tracker)
     assert check.passed, check.failures
 
@@ -452,7 +452,7 @@ def test_random_instances_never_contradict_their_proofs(seed):
         horizon = proof.time if math.isfinite(proof.time) else 50.0
         tracker = BallTracker(problem)
         res = rf.gradient_flow(rf.Problem(tracker.model(), problem.data, "square"),
-                               t_max=min(2 * horizon, 100.0), n_records=8)
+                               t_max=min(2 * horizon, 100.0), records=rf.LogSpaced(8))
         check = check_run(proof, res.trajectory, tracker)
         assert check.passed, (act, target, check.failures)   # records: points of the flow
         assert check.record_points >= 2

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import rayleighflow as rf
 from rayleighflow import Convention, Dataset, Model, Problem, certify, gradient_flow
 from rayleighflow.certificate import CertificateStatus
 from rayleighflow.desingularizers import CrossEntropy
@@ -100,7 +101,8 @@ def test_sharp_logistic_certificate_holds_and_is_tighter(convention):
     cert = margin_certificate(x, y, 3, loss0, convention=convention)
     if convention == "sum":
         assert cert.mu == pytest.approx(cert.margin**2)  # uniform weights: μ = ε²
-    res = gradient_flow(problem, t_max=1e6, n_records=20, rtol=1e-6, atol=1e-9)
+    res = gradient_flow(problem, integrator=rf.Dopri5(rtol=1e-6, atol=1e-9), t_max=1e6,
+                        records=rf.LogSpaced(20))
     src = "theory"
     for phi in (cert.desingularizer(), cert.sharp_desingularizer()):
         c = certify(res.trajectory, phi, cert.mu, mu_source=src)

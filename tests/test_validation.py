@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import rayleighflow as rf
 from rayleighflow.data import Dataset
 from rayleighflow.flow import gradient_flow
 from rayleighflow.problem import Model, NondeterministicModelError, Problem
@@ -91,8 +92,9 @@ def test_non_finite_initial_output():
 
 def test_failed_flow_writes_complete_records(tmp_path):
     pb = Problem(Model(_net()), _data(), "cross-entropy")
-    res = gradient_flow(pb, t_max=1e9, method="euler", step=1e6, path=tmp_path / "t.jsonl",
-                        record_times=[1e6 * k for k in range(1, 100)])
+    res = gradient_flow(pb, integrator=rf.GradientDescent(1e6), t_max=1e9,
+                        path=tmp_path / "t.jsonl",
+                        records=rf.Times([1e6 * k for k in range(1, 100)]))
     text = (tmp_path / "t.jsonl").read_text().splitlines()
     assert '"type": "end"' in text[-1] and res.status.value in text[-1]
 

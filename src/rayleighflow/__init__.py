@@ -24,17 +24,26 @@ from .desingularizers import (
     ScaledCrossEntropy,
     get_desingularizer,
 )
-from .flow import FlowResult, FlowStatus, Integrator, gradient_flow
-from .integrators import (
+from .flow import (
+    Checkpoint,
+    Columns,
     Dopri5,
     Every,
+    FlowResult,
+    FlowStatus,
     GradientDescent,
+    Integrator,
     LogSpaced,
     LossBelow,
     MaxEvals,
+    Observer,
+    OnRecord,
+    Progress,
     Stall,
+    Start,
     StochasticGD,
     Times,
+    gradient_flow,
 )
 from .losses import BinaryLogistic, FunctionalKL, SoftmaxCrossEntropy, SquareLoss, get_loss
 from .monitor import Monitor
@@ -46,13 +55,15 @@ from .trajectory import Trajectory
 __version__ = "0.1.0"
 
 __all__ = [
-    "Assumption", "BinaryLogistic", "Certificate", "CertificateStatus", "Convention",
+    "Assumption", "BinaryLogistic", "Certificate", "CertificateStatus", "Checkpoint",
+    "Columns", "Convention",
     "CrossEntropy", "Custom", "Dataset", "Desingularizer", "Dopri5", "Every", "FlowResult",
     "FlowStatus", "FunctionalKL", "Gaussian", "GradientDescent", "Integrator", "Log",
     "LogSpaced", "LossBelow", "MaxEvals", "Measurement", "Model", "Monitor",
-    "NondeterministicModelError", "Params", "Plateau", "Power", "Problem", "Reason",
+    "NondeterministicModelError", "Observer", "OnRecord", "Params", "Plateau", "Power",
+    "Problem", "Progress", "Reason",
     "Reciprocal", "Sampler", "ScaledCrossEntropy", "Scope", "SoftmaxCrossEntropy", "SquareLoss",
-    "Stall", "StochasticGD", "TeacherStudent", "Times", "Trajectory", "UniformBox",
+    "Stall", "Start", "StochasticGD", "TeacherStudent", "Times", "Trajectory", "UniformBox",
     "__version__", "certify", "compose",
     "get_desingularizer", "get_loss", "gradient_flow", "kl_ratios", "load_sklearn", "measure",
     "prove", "rank_desingularizers", "spectral", "witness_bound",

@@ -23,6 +23,7 @@ from typing import Any, final
 
 import numpy as np
 
+from ._time import TIME_RTOL
 from .desingularizers import Desingularizer
 
 __all__ = ["Scope", "CertificateStatus", "Reason", "Assumption", "DelayedCheck",
@@ -288,9 +289,9 @@ class Certificate:
         out = np.full(times.shape, np.nan)
         if self.status is CertificateStatus.UNAVAILABLE or not self.t.size:
             return out
-        inside = (times >= self.t[0]) & (times <= self.horizon * (1 + 1e-12))
+        inside = (times >= self.t[0]) & (times <= self.horizon * (1 + TIME_RTOL))
         if self.discrete:
-            idx = np.searchsorted(self.t, times[inside] * (1 + 1e-12), side="right") - 1
+            idx = np.searchsorted(self.t, times[inside] * (1 + TIME_RTOL), side="right") - 1
             out[inside] = self.bound[np.clip(idx, 0, self.t.size - 1)]
         else:
             out[inside] = self.desingularizer.bound(self.loss_initial, self.mu,

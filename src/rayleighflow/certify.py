@@ -3,8 +3,8 @@
 A certificate for a desingularizer φ and a constant μ checks the KL ratio φ′(L)‖∇L‖² ≥ μ and
 the bound L ≤ B one-sidedly (L ≤ B·(1 + rtol) + atol) and says where it checked (its scope):
 
-* gradient descent (``method = "euler"`` with full batches): the exact discrete certificate of
-  :mod:`rayleighflow.discrete`, L_K ≤ φ⁻¹(φ(L₀) − μ Σ α_k η), checked at every iterate (PATH);
+* gradient descent (:class:`~rayleighflow.GradientDescent`, trajectory ``method`` "euler"):
+  the exact discrete certificate of :mod:`rayleighflow.discrete`, L_K ≤ φ⁻¹(φ(L₀) − μ Σ α_k η), checked at every iterate (PATH);
 * a flow: B(t) = φ⁻¹(φ(L₀) − μ(t − t₀)) against the records; the KL ratio at every gradient
   evaluation the integrator logged (each Runge–Kutta stage) plus the delayed check
   L(t_a) ≤ B(t_{a+1}) give scope PATH, the records alone scope RECORDS.
@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ._time import within
 from .certificate import (
     Assumption,
     Certificate,
@@ -262,7 +263,7 @@ def _checked_points(traj: Trajectory, evals: dict[str, np.ndarray] | None
     if evals is None:
         return rec
     # Stages of the last step past the last record lie beyond the checked horizon.
-    inside = evals["t"] <= rec["t"][-1] * (1 + 1e-12) + 1e-300
+    inside = within(evals["t"], rec["t"][-1])
     return {k: np.concatenate([rec[k], evals[k][inside]]) for k in rec}
 
 

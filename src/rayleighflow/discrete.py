@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from ._time import within
 from .certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from .desingularizers import Desingularizer
 from .rounding import rounding_level, start_loss
@@ -34,10 +35,10 @@ def iterates(traj: Trajectory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ev = traj.evaluations
     if ev is None:
         raise ValueError("this trajectory logged no gradient evaluations: run it with "
-                         "gradient_flow(method='euler') on full batches")
+                         "gradient_flow(problem, GradientDescent(step)) on full batches")
     t, loss, g = ev["t"], ev["loss"], ev["grad_sq"]
     rt = traj.t
-    if rt[-1] > t[-1] * (1 + 1e-12) + 1e-300:
+    if not within(rt[-1], t[-1]):
         t = np.append(t, rt[-1])
         loss = np.append(loss, traj["loss"][-1])
         g = np.append(g, traj["grad_sq"][-1])
@@ -58,7 +59,7 @@ def gd_certificate(
     step = traj.meta.get("step")
     if not (isinstance(step, int | float) and step > 0):
         raise ValueError("a gradient-descent certificate needs the step η in the trajectory's "
-                         "meta (runs of gradient_flow(method='euler', step=η) carry it)")
+                         "meta (runs of gradient_flow(problem, GradientDescent(η)) carry it)")
     t, loss, g = iterates(traj)
     n_steps = loss.size - 1
     cur, nxt, g_cur = loss[:-1], loss[1:], g[:-1]

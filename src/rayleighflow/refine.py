@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ._time import TIME_RTOL
 from .certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from .problem import Problem
 from .trajectory import Trajectory
@@ -49,18 +50,17 @@ def refine(cert: Certificate, traj: Trajectory, problem: Problem,
     if not isinstance(problem, Problem):
         raise TypeError(f"refine needs the Problem the run was made from (got "
                         f"{type(problem).__name__})")
-    from .flow import gradient_flow
-    from .integrators import Dopri5, Times
+    from .flow import Dopri5, Start, Times, gradient_flow
 
     rtol, atol = float(meta["rtol"]), float(meta["atol"])
     fine_rtol, fine_atol = rtol / factor, atol / factor
     t = traj.t
     later = t[1:]
     run = gradient_flow(problem, Dopri5(fine_rtol, fine_atol), t_max=float(t[-1]),
-                        records=Times(later) if later.size else None, t_start=float(t[0]),
-                        group_quotients=False)
+                        records=Times(later, groups=False) if later.size else None,
+                        start=Start(t=float(t[0])))
     fine = run.trajectory
-    if len(fine) != len(traj) or not np.allclose(fine.t, t, rtol=1e-12, atol=0.0):
+    if len(fine) != len(traj) or not np.allclose(fine.t, t, rtol=TIME_RTOL, atol=0.0):
         return _downgrade(cert, CertificateStatus.UNAVAILABLE, rtol, fine_rtol,
                           f"the re-integrated flow stopped at t = {run.t_final:.6g} "
                           f"({run.message}) before the run's last record t = {t[-1]:.6g}")

@@ -80,7 +80,10 @@ def make_generator(cfg: ExperimentConfig, stream: str = "flow") -> torch.Generat
 
 def flow_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
     """Keyword arguments of :func:`rayleighflow.flow.gradient_flow`, generator included."""
-    return {**cfg.flow.kwargs(), "generator": make_generator(cfg, "flow")}
+    kwargs = {**cfg.flow.kwargs(), "generator": make_generator(cfg, "flow")}
+    if getattr(cfg.data, "population", False):   # sampler data: the evaluation sample's size
+        kwargs["eval_data"] = cfg.flow.eval_size
+    return kwargs
 
 
 def _fail(cfg: ExperimentConfig, path: str, message: str) -> ConfigError:

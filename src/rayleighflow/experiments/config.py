@@ -38,11 +38,11 @@ from typing import Any, ClassVar
 from .._types import Convention
 from ..data import SKLEARN_DATASETS
 from ..desingularizers import get_desingularizer
-from ..flow import Integrator
-from ..integrators import (
+from ..flow import (
     Dopri5,
     Every,
     GradientDescent,
+    Integrator,
     LogSpaced,
     LossBelow,
     MaxEvals,
@@ -297,8 +297,7 @@ class FlowConfig:
     def kwargs(self) -> dict[str, Any]:
         """``gradient_flow(problem, generator=..., **flow.kwargs())``."""
         return {"integrator": self.integrator.build(), "t_max": self.t_max,
-                "records": self.records.build(), "stops": self.stop.build(),
-                "eval_size": self.eval_size}
+                "records": self.records.build(), "stops": self.stop.build()}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 
 from ..certify import spectral
 from ..data import Dataset
-from ..integrators import Dopri5, LogSpaced
+from ..flow import Columns, Dopri5, LogSpaced
 from ..problem import Model, Problem
 from ..theorems.two_layer import TwoLayer
 from .common import (
@@ -69,7 +69,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         result = ctx.flow(regime, problem, label=f"{regime} (m={width})", t_max=p["t_max"],
                           integrator=Dopri5(p["rtol"], p["atol"]),
                           records=LogSpaced(p["n_records"]),
-                          diagnostics=[spectrum_diagnostic(1)])
+                          observers=[Columns(spectrum_diagnostic(1))])
         certs = _certs(result.trajectory, problem, data)
         certs_by_regime[regime] = certs
         ctx.save_arrays(**certificate_arrays(f"{regime}_", certs))

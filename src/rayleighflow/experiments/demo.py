@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..data import load_sklearn
-from ..integrators import Dopri5, LogSpaced
+from ..flow import Columns, Dopri5, LogSpaced
 from ..ntk.spectrum import STRUCTURAL_ZERO, VALUE
 from ..problem import Model, Problem
 from .common import (
@@ -39,7 +39,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     result = ctx.flow("flow", problem, label="gradient flow", t_max=p["t_max"],
                       integrator=Dopri5(p["rtol"], p["atol"]),
                       records=LogSpaced(p["n_records"]),
-                      diagnostics=[spectrum_diagnostic(p["spectrum_every"])])
+                      observers=[Columns(spectrum_diagnostic(p["spectrum_every"]))])
     certs = certificates(result.trajectory, problem, data, DESINGULARIZERS)
     ctx.save_arrays(**certificate_arrays("", certs))
     ctx.save_figures([loss_figure("loss", "flow", certs),

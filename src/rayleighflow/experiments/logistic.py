@@ -21,8 +21,7 @@ import torch
 from ..certificate import Certificate
 from ..certify import certify
 from ..data import Dataset
-from ..flow import log_record_times
-from ..integrators import Dopri5, GradientDescent, LogSpaced, Times
+from ..flow import Dopri5, GradientDescent, LogSpaced, Times, log_record_times
 from ..ntk import ntk_spectrum
 from ..problem import Model, Problem
 from ..theorems.logistic import (

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..integrators import Dopri5, LogSpaced
+from ..flow import Dopri5, LogSpaced
 from ..problem import Model, Problem
 from ..prove import prove_details
 from ..prove.falsify import falsify_proof

@@ -20,7 +20,7 @@ from typing import Any, final
 import numpy as np
 import torch
 
-from ..flow import FlowResult, FlowStatus, gradient_flow
+from ..flow import FlowResult, FlowStatus, OnRecord, Progress, Start, gradient_flow
 from ..problem import Problem
 from ..trajectory import Trajectory
 
@@ -115,7 +115,7 @@ class RunContext:
         path = self.trajectory_path(name)
         ckpt = self.out / "checkpoints" / f"{name}.pt"
         ckpt.parent.mkdir(exist_ok=True)
-        start: dict[str, Any] = {}
+        start: Start | None = None
         if self.resume and path.exists() and ckpt.exists():
             saved = Trajectory.load(path)
             state = torch.load(ckpt, weights_only=True)
@@ -125,8 +125,8 @@ class RunContext:
                                   float(state["t"]), int(state["evals"]),
                                   saved.detail or "", 0.0)
             saved = _truncate_to(path, saved, float(state["t"]))
-            start = {"params": state["params"], "t_start": float(state["t"]), "append": True,
-                     "grad_evals_start": int(state["evals"])}
+            start = Start(state["params"], float(state["t"]), int(state["evals"]),
+                          append=True)
 
         def on_record(row: dict, params) -> None:
             _atomic_torch({"params": params, "t": row["t"], "evals": row["grad_evals"],
@@ -136,16 +136,16 @@ class RunContext:
         if self.progress is not None:
             task = self.progress.add_task(label or name, total=float(kwargs["t_max"]))
             if start:
-                self.progress.update(task, completed=start["t_start"])
+                self.progress.update(task, completed=start.t)
 
         def progress(t: float, loss: float) -> None:
             if task is not None:
                 self.progress.update(task, completed=t, description=f"{label or name} "
                                      f"L={loss:.3g}")
 
-        result = gradient_flow(problem, path=path, on_record=on_record, progress=progress,
-                               generator=kwargs.pop("generator", self.generator()),
-                               **start, **kwargs)
+        observers = [*kwargs.pop("observers", ()), OnRecord(on_record), Progress(progress)]
+        result = gradient_flow(problem, path=path, observers=observers, start=start,
+                               generator=kwargs.pop("generator", self.generator()), **kwargs)
         self.flows[name] = (result.status.value, result.message)
         if task is not None:  # the bar stops where the flow stopped, and says why
             how = "" if result.status is FlowStatus.T_MAX else f" [{result.status.value}]"

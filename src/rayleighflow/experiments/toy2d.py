@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..integrators import Dopri5, LogSpaced
+from ..flow import Columns, Dopri5, LogSpaced
 from ..problem import Problem
 from ..theorems.toy2d import lemniscate, toy_data, toy_model
 from .common import (
@@ -50,7 +50,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     ctx.save_figures([loss_figure("loss", "flow", 2), *figures])
     result = ctx.flow("flow", problem, label="toy flow", t_max=p["t_max"],
                       integrator=Dopri5(1e-10, 1e-14), records=LogSpaced(p["n_records"]),
-                      diagnostics=[spectrum_diagnostic(1), _outputs])
+                      observers=[Columns(spectrum_diagnostic(1)), Columns(_outputs)])
     certs = certificates(result.trajectory, problem, data, ["log"])
     ctx.save_arrays(**certificate_arrays("", certs))
     ctx.save_figures([loss_figure("loss", "flow", certs), *figures])

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from scipy.stats import beta
 
+from .._time import within
 from ..certificate import Certificate
 from ..certify import certify, compose
 from ..data import Dataset, UniformBox, smooth_target
 from ..desingularizers import Plateau
-from ..integrators import GradientDescent, Times
+from ..flow import Columns, GradientDescent, Times
 from ..ntk.spectrum import STRUCTURAL_ZERO, VALUE
 from ..problem import Model, Problem
 from ..theorems.two_layer import TwoLayer
@@ -95,7 +96,7 @@ def detect_plateau(t: np.ndarray, loss: np.ndarray, tol: float) -> PlateauReadin
         return PlateauReading(False, math.nan, math.nan, float(t[-1]) if t.size else math.nan,
                               float(loss[-1]) if loss.size else math.nan, tol)
     t_to, end = float(t[-1]), float(loss[-1])
-    earlier = np.flatnonzero(t <= 0.5 * t_to * (1 + 1e-12))
+    earlier = np.flatnonzero(within(t, 0.5 * t_to))
     if not earlier.size or not (math.isfinite(end) and end > 0):
         return PlateauReading(False, math.nan, math.nan, t_to, end, tol)
     i = int(earlier[-1])
@@ -172,7 +173,7 @@ def _record_times(t_max: float, step: float, n: int) -> np.ndarray:
     grid = np.geomspace(step, t_max, max(n - 2, 2))
     times = np.concatenate([grid, [t_max / 2, t_max]])
     times = np.unique(np.maximum(np.round(times / step), 1.0) * step)
-    return times[times <= t_max * (1 + 1e-12)]
+    return times[within(times, t_max)]
 
 
 def _run_name(m: int, seed: int) -> str:
@@ -287,7 +288,7 @@ def _run(ctx: RunContext) -> dict[str, Any]:
             res = ctx.flow(_run_name(m, s), problem, label=f"m={m} seed={s}",
                            t_max=float(p["t_max"]),
                            integrator=GradientDescent(float(p["step"])), records=Times(times),
-                           diagnostics=diags)
+                           observers=[Columns(d) for d in diags])
             row, certs = _read_run(res, problem, train, p)
             row["seed"] = s
             rows.append(row)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..data import Dataset
+from ..flow import Columns
 from ..ntk import contrast_report
 from .builders import build_problem, flow_kwargs
 from .common import (
@@ -91,10 +92,10 @@ def _run(cfg: ExperimentConfig, built: tuple[Any, dict[str, Any]]):
         if eval_data is None:  # sampler data: fix the evaluation sample so certificates use it
             eval_data = problem.data.sample(cfg.flow.eval_size, kwargs["generator"])
             kwargs["eval_data"] = eval_data
-            kwargs.pop("eval_size", None)
+        if not cfg.diagnostics.groups:
+            kwargs["records"] = dataclasses.replace(kwargs["records"], groups=False)
         result = ctx.flow("flow", problem, label=cfg.name, meta={"experiment": info},
-                          diagnostics=diagnostics, group_quotients=cfg.diagnostics.groups,
-                          **kwargs)
+                          observers=[Columns(d) for d in diagnostics], **kwargs)
         notes = list(cfg.notes)  # deprecations found while reading the file
         if len(result.trajectory) < 2:  # stopped at its first record: nothing to certify
             certs = []

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._types import Params
-from .data import Dataset
-from .losses import SoftmaxCrossEntropy, SquareLoss
-from .problem import Problem
+from .._types import Params
+from ..data import Dataset
+from ..losses import SoftmaxCrossEntropy, SquareLoss
+from ..problem import Problem
 
 # Cross-entropy switches to the precise forms below FAST_FLOOR·(1 + max|f|).
 FAST_FLOOR = 1e-4

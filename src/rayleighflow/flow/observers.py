@@ -1,0 +1,92 @@
+"""What sees every record of a flow: extra columns, callbacks, progress and checkpoints.
+
+An observer may add columns to a record (``columns``) and sees each finished row with the θ it
+was measured at (``on_record``); both run in the order given, columns before the row is
+stored, callbacks after.
+
+Example:
+    >>> import torch, rayleighflow as rf
+    >>> x = torch.linspace(-1, 1, 8, dtype=torch.float64).unsqueeze(1)
+    >>> problem = rf.Problem(rf.Model(torch.nn.Linear(1, 1).double()),
+    ...                      rf.Dataset.from_arrays(x, 2 * x), "square")
+    >>> seen = []
+    >>> run = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=2.0,
+    ...                        records=rf.Every(2), observers=[
+    ...     rf.Columns(lambda problem, params, data, i: {"w": float(params["weight"])}),
+    ...     rf.Progress(lambda t, loss: seen.append(t))])
+    >>> seen, [round(w, 3) for w in run.trajectory["w"]]
+    ([0.0, 1.0, 2.0], [-0.007, 1.493, 1.911])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._types import Params
+from ..data import Dataset
+from ..problem import Problem
+
+__all__ = ["Observer", "Columns", "OnRecord", "Progress", "Checkpoint", "Diagnostic"]
+
+Diagnostic = Callable[[Problem, Params, Dataset, int], Mapping[str, float]]
+"""Extra per-record columns: called as fn(problem, params, eval_data, record_index)."""
+
+
+class Observer:
+    """The base: no columns, no callback. Subclass and override either method."""
+
+    def columns(self, problem: Problem, params: Params, data: Dataset,
+                index: int) -> Mapping[str, float]:
+        return {}
+
+    def on_record(self, row: dict[str, Any], params: Params) -> None:
+        return None
+
+
+class Columns(Observer):
+    """Columns from ``fn(problem, params, eval_data, record_index) -> {name: value}``."""
+
+    def __init__(self, fn: Diagnostic) -> None:
+        self.fn = fn
+
+    def columns(self, problem, params, data, index):
+        return self.fn(problem, params, data, index)
+
+
+class OnRecord(Observer):
+    """Calls ``fn(row, params)`` after each record is stored."""
+
+    def __init__(self, fn: Callable[[dict[str, Any], Params], None]) -> None:
+        self.fn = fn
+
+    def on_record(self, row, params):
+        self.fn(row, params)
+
+
+class Progress(Observer):
+    """Calls ``fn(t, loss)`` after each record (a progress bar, a log line)."""
+
+    def __init__(self, fn: Callable[[float, float], None]) -> None:
+        self.fn = fn
+
+    def on_record(self, row, params):
+        self.fn(row["t"], row["loss"])
+
+
+class Checkpoint(Observer):
+    """Writes {"params", "t", "evals"} to ``path`` at each record (torch.save, atomically:
+    a crash never leaves a half-written file); resume with ``Start.load(path)``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_record(self, row, params):
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        torch.save({"params": {k: v.detach().clone() for k, v in params.items()},
+                    "t": row["t"], "evals": row["grad_evals"]}, tmp)
+        os.replace(tmp, self.path)
