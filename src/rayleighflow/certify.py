@@ -4,7 +4,8 @@ A certificate for a desingularizer φ and a constant μ checks the KL ratio φ�
 the bound L ≤ B one-sidedly (L ≤ B·(1 + rtol) + atol) and says where it checked (its scope):
 
 * gradient descent (:class:`~rayleighflow.GradientDescent`, trajectory ``method`` "euler"):
-  the exact discrete certificate of :mod:`rayleighflow.discrete`, L_K ≤ φ⁻¹(φ(L₀) − μ Σ α_k η), checked at every iterate (PATH);
+  the exact discrete certificate of :mod:`rayleighflow.discrete`,
+  L_K ≤ φ⁻¹(φ(L₀) − μ Σ α_k η), checked at every iterate (PATH);
 * a flow: B(t) = φ⁻¹(φ(L₀) − μ(t − t₀)) against the records; the KL ratio at every gradient
   evaluation the integrator logged (each Runge–Kutta stage) plus the delayed check
   L(t_a) ≤ B(t_{a+1}) give scope PATH, the records alone scope RECORDS.
