@@ -83,7 +83,8 @@ def half():
 
 
 def toml(model: str = 'kind = "mlp"\nwidths = [4]', *, data: str | None = None,
-         loss: str = "cross-entropy", flow: str = "t_max = 0.5\nn_records = 4",
+         loss: str = "cross-entropy",
+         flow: str = "t_max = 0.5\n[flow.records]\nkind = \"log\"\nn = 4",
          top: str = "") -> str:
     data = data or 'kind = "sklearn"\nname = "iris"\nn_samples = 30'
     return (f"{top}\n[model]\n{model}\n\n[data]\n{data}\n\n[loss]\nname = \"{loss}\"\n\n"
@@ -108,7 +109,7 @@ def ws(tmp_path, monkeypatch):
         "notmodule.toml": toml('kind = "import"\nfactory = "factories.py:not_module"'),
         "dropout.toml": toml('kind = "import"\nfactory = "factories.py:dropout"'),
         "boom.toml": toml('kind = "import"\nfactory = "factories.py:boom"',
-                          flow="t_max = 5.0\nn_records = 20"),
+                          flow="t_max = 5.0\n[flow.records]\nkind = \"log\"\nn = 20"),
         "nocsv.toml": toml(data='kind = "csv"\npath = "missing.csv"', loss="square"),
         "badtarget.toml": toml(data='kind = "csv"\npath = "d.csv"\ntarget = "nope"',
                                loss="square"),
@@ -311,13 +312,14 @@ def _stopped_early(ws, capsys, flow: str, status: str) -> None:
 
 
 def test_stiff_model_within_a_budget_stops_early_with_one_line(ws, capsys):
-    _stopped_early(ws, capsys, "t_max = 100.0\nn_records = 4\nmax_steps = 60", "step_budget")
+    _stopped_early(ws, capsys, "t_max = 100.0\n[flow.records]\nkind = \"log\"\nn = 4\n"
+                   "[flow.stop]\nmax_evals = 60", "step_budget")
 
 
 @pytest.mark.slow
 def test_stiff_model_stops_as_stalled_not_hanging(ws, capsys):
     start = time.perf_counter()
-    _stopped_early(ws, capsys, "t_max = 100.0\nn_records = 4", "stalled")
+    _stopped_early(ws, capsys, "t_max = 100.0\n[flow.records]\nkind = \"log\"\nn = 4", "stalled")
     assert time.perf_counter() - start < 300
 
 
@@ -330,7 +332,7 @@ def test_half_precision_factory_is_cast_with_a_note(ws, capsys):
 
 
 def test_kill_then_resume_accumulates_run_time_and_keeps_settings(ws):
-    (ws / "long.toml").write_text(toml(flow="t_max = 2.0\nn_records = 20"))
+    (ws / "long.toml").write_text(toml(flow="t_max = 2.0\n[flow.records]\nkind = \"log\"\nn = 20"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "rayleighflow.cli", "run", "long.toml",
                              "--out", "k", "--seed", "3"], env=env,
@@ -363,7 +365,7 @@ def test_interrupted_summary_shows_what_was_recorded(ws):
 
     assert execute  # the runner writes the summary; here the flow sees Ctrl-C at a record
     calls = {"n": 0}
-    real = rf.flow._Recorder.record
+    real = rf.flow.driver._Recorder.record
 
     def record(self, *a, **k):
         calls["n"] += 1
@@ -371,11 +373,11 @@ def test_interrupted_summary_shows_what_was_recorded(ws):
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    rf.flow._Recorder.record = record
+    rf.flow.driver._Recorder.record = record
     try:
         s = run_user_experiment(ws / "ok.toml", ws / "i")
     finally:
-        rf.flow._Recorder.record = real
+        rf.flow.driver._Recorder.record = real
     assert s["status"] == "interrupted"
     assert s["loss_initial"] is not None and s["t_final"] is not None and s["P"] is not None
     assert any("rayleighflow run --resume" in n for n in s["notes"])

@@ -78,8 +78,9 @@ def _round_trip(cfg: ExperimentConfig, tmp_path: Path) -> None:
           loss={"name": "square", "one_hot": True}),
     _with(data={"kind": "uniform", "dim": 3, "population": True, "radius": 2.5},
           loss={"name": "square"}, convention="sum", dtype="float32", seed=7,
-          flow={"method": "euler", "step": 0.05, "batch_size": 32, "eval_size": 100,
-                "loss_target": 1e-5, "max_steps": 1000, "t_max": 3.0}),
+          flow={"integrator": {"kind": "stochastic-gd", "step": 0.05, "batch_size": 32},
+                "eval_size": 100, "stop": {"loss_below": 1e-5, "max_evals": 1000},
+                "t_max": 3.0}),
     _with(data={"kind": "teacher-student", "dim": 4, "outputs": 3, "classify": True,
                 "n_samples": 30},
           certify={"desingularizers": ["log", "power:0.5"], "mu": {"power:0.5": 0.25},
@@ -118,10 +119,11 @@ def test_round_trip_of_files_and_imports(tmp_path):
        t_max=st.floats(1e-3, 1e6), rtol=st.floats(1e-14, 1.0), step=st.floats(1e-9, 10.0),
        n_records=st.integers(2, 10_000), target=st.none() | st.floats(1e-30, 1.0))
 def test_flow_section_round_trips(method, t_max, rtol, step, n_records, target):
-    flow = {"method": method, "t_max": t_max, "n_records": n_records}
-    flow.update({"step": step} if method == "euler" else {"rtol": rtol})
+    integrator = ({"kind": "gradient-descent", "step": step} if method == "euler"
+                  else {"kind": "dopri5", "rtol": rtol})
+    flow = {"t_max": t_max, "integrator": integrator, "records": {"kind": "log", "n": n_records}}
     if target is not None:
-        flow["loss_target"] = target
+        flow["stop"] = {"loss_below": target}
     cfg = parse_config(_with(flow=flow))
     assert parse_config(tomllib.loads(config_to_toml(cfg))) == cfg
 
@@ -192,11 +194,12 @@ def test_wrong_types_are_named():
 
 
 def test_out_of_range_values():
-    err = _errors(_with(flow={"rtol": -1, "n_records": 1, "t_max": float("inf")},
+    err = _errors(_with(flow={"integrator": {"kind": "dopri5", "rtol": -1},
+                              "records": {"kind": "log", "n": 1}, "t_max": float("inf")},
                         model={"kind": "mlp", "widths": [8, 0], "init_scale": 0}))
     msg = str(err)
-    assert "flow.rtol must be > 0 (got -1)" in msg
-    assert "flow.n_records must be >= 2 (got 1)" in msg
+    assert "flow.integrator.rtol must be > 0 (got -1)" in msg
+    assert "flow.records.n must be >= 2 (got 1)" in msg
     assert "flow.t_max must be a finite number (got inf)" in msg
     assert "model.widths[1] must be >= 1 (got 0)" in msg
     assert "model.init_scale must be > 0 (got 0)" in msg
@@ -211,23 +214,19 @@ def test_missing_required_keys_and_tables():
     assert "data.n_samples is required for a fixed sample" in str(err)
 
 
-def test_euler_needs_step_and_step_needs_euler():
-    assert "flow.step is required with method = 'euler'" in str(
-        _errors(_with(flow={"method": "euler"})))
-    assert "flow.step applies only to method = 'euler'" in str(_errors(_with(flow={"step": 0.1})))
-    assert "flow.rtol applies only to method = 'adaptive'" in str(
-        _errors(_with(flow={"method": "euler", "step": 0.1, "rtol": 1e-3})))
+def test_integrator_keys_belong_to_their_kind():
+    assert "flow.integrator.step" in str(_errors(_with(flow={"integrator": {"kind": "dopri5",
+                                                                            "step": 0.1}})))
+    assert "flow.integrator.rtol" in str(_errors(_with(flow={"integrator": {
+        "kind": "gradient-descent", "step": 0.1, "rtol": 1e-3}})))
 
 
 def test_batch_size_needs_sampler_data_and_euler():
     sampler = {"kind": "uniform", "dim": 2, "population": True}
-    msg = "flow.batch_size applies only to sampler data (data.population = true) with method"
-    assert msg in str(_errors(_with(flow={"method": "euler", "step": 0.1, "batch_size": 8})))
-    assert msg in str(_errors(_with(data=sampler, loss={"name": "square"},
-                                    flow={"batch_size": 8})))
     cfg = parse_config(_with(data=sampler, loss={"name": "square"},
-                             flow={"method": "euler", "step": 0.1, "batch_size": 8}))
-    assert cfg.flow.integrator == StochasticGDConfig(0.1, 8)  # the flat form, migrated
+                             flow={"integrator": {"kind": "stochastic-gd", "step": 0.1,
+                                                  "batch_size": 8}}))
+    assert cfg.flow.integrator == StochasticGDConfig(0.1, 8)
     assert "'stochastic-gd' draws fresh samples each step: it needs sampler data" in str(
         _errors(_with(flow={"integrator": {"kind": "stochastic-gd", "step": 0.1,
                                            "batch_size": 8}})))
@@ -385,8 +384,10 @@ def test_csv_and_npz_loading(tmp_path):
 def test_population_data_gives_a_sampler_and_runs_stochastic_euler():
     cfg = parse_config(_with(data={"kind": "gaussian", "dim": 3, "population": True},
                              loss={"name": "square"},
-                             flow={"method": "euler", "step": 0.1, "t_max": 0.5,
-                                   "n_records": 3, "batch_size": 16, "eval_size": 64}))
+                             flow={"integrator": {"kind": "stochastic-gd", "step": 0.1,
+                                                  "batch_size": 16},
+                                   "t_max": 0.5, "records": {"kind": "log", "n": 3},
+                                   "eval_size": 64}))
     problem, info = build_problem(cfg)
     assert isinstance(problem.data, Sampler) and info["n"] is None and info["k"] == 1
     batch = problem.data.sample(5, torch.Generator().manual_seed(0))
@@ -475,7 +476,7 @@ def test_flow_tables_read_check_and_round_trip(tmp_path):
     cfg = parse_config(raw)
     kw = cfg.flow.kwargs()
     assert kw["integrator"] == rf.GradientDescent(0.1) and kw["records"] == rf.Every(10)
-    assert kw["stops"] == [rf.LossBelow(1e-4), rf.MaxEvals(200)] and not cfg.notes
+    assert kw["stops"] == [rf.LossBelow(1e-4), rf.MaxEvals(200)]
     text = config_to_toml(cfg)
     assert "[flow.integrator]" in text and 'kind = "every"' in text
     assert parse_config(tomllib.loads(text)) == cfg
@@ -492,14 +493,15 @@ def test_flow_tables_read_check_and_round_trip(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     found = {i.path: (i.line, i.message) for i in info.value.issues}
-    assert found["flow.step"][0] == 9 and "cannot be mixed" in found["flow.step"][1]
+    assert found["flow.step"][0] == 9
+    assert "belongs in [flow.integrator] (kind = 'gradient-descent'" in found["flow.step"][1]
     assert found["flow.integrator.stepp"][0] == 12
     assert "allowed keys in [flow.integrator]: kind, rtol, atol" in found[
         "flow.integrator.stepp"][1]
     assert "with kind = 'dopri5' use records kind = 'log'" in found["flow.records.kind"][1]
 
 
-def test_flat_flow_keys_load_with_a_deprecation_and_migrate(tmp_path):
+def test_flat_flow_keys_get_one_error_naming_their_table(tmp_path):
     path = _write(tmp_path, _IRIS_MLP + """\
         [flow]
         method = "euler"
@@ -507,19 +509,16 @@ def test_flat_flow_keys_load_with_a_deprecation_and_migrate(tmp_path):
         t_max = 4.0
         n_records = 7
         loss_target = 0.01
+        max_steps = 10
         """)
-    with pytest.warns(FutureWarning, match="flat keys of earlier versions"):
-        old = load_config(path)
-    assert old.flow.integrator == config.GradientDescentConfig(0.2)
-    assert old.flow.records == LogRecordsConfig(7)
-    assert old.flow.stop == config.StopConfig(loss_below=0.01)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    found = {i.path: i.message for i in info.value.issues}
+    assert "belongs in [flow.integrator] as kind = 'gradient-descent'" in found["flow.method"]
+    assert "belongs in [flow.records] as n" in found["flow.n_records"]
+    assert "belongs in [flow.stop] as loss_below" in found["flow.loss_target"]
+    assert "belongs in [flow.stop] as max_evals" in found["flow.max_steps"]
     from rayleighflow.cli import main
 
-    assert main(["migrate", str(path), "--write"]) == 0
-    assert path.with_name("exp.toml.bak").exists()
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        new = load_config(path)
-    assert new == old and not new.notes and "[flow.stop]" in path.read_text()
+    with pytest.raises(SystemExit):   # the migrate command is gone with the flat form
+        main(["migrate", str(path)])

@@ -97,14 +97,6 @@ def _parser() -> argparse.ArgumentParser:
     ntk.add_argument("--max-samples", type=_positive_int, default=None,
                      help="use at most this many samples (the kernel is (n k)^2)")
 
-    migrate = sub.add_parser("migrate", help="rewrite a TOML experiment file with flat [flow] "
-                                             "keys into the [flow.integrator], [flow.records] "
-                                             "and [flow.stop] form")
-    migrate.add_argument("experiment", help="a .toml experiment file")
-    migrate.add_argument("--write", action="store_true",
-                         help="replace the file (the original is kept as FILE.toml.bak); "
-                              "default: print the migrated configuration")
-
     prove = sub.add_parser("prove", help="a proof (scope proven) that gradient flow from the "
                                          "experiment's initialization converges; exit 0 when "
                                          "proven, 3 when no proof is available")
@@ -292,29 +284,6 @@ def _cmd_ntk(args) -> int:
     return 0
 
 
-def _cmd_migrate(args) -> int:
-    import warnings
-
-    from .experiments.config import config_to_toml, load_config
-
-    path = Path(args.experiment)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the deprecation this command fixes
-        cfg = load_config(path)
-    text = config_to_toml(cfg)
-    if not args.write:
-        print(text, end="")
-        return 0
-    backup = path.with_name(path.name + ".bak")
-    backup.write_bytes(path.read_bytes())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    print(f"migrated {path} ({'; '.join(cfg.notes) or 'already in the current form'}); the "
-          f"original is in {backup}")
-    return 0
-
-
 def _cmd_prove(args) -> int:
     from .prove.file import format_proof, prove_file
 
@@ -336,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         args = _parser().parse_args(["run", *argv])
     commands = {"run": _cmd_run, "demo": _cmd_run, "report": _cmd_report, "list": _cmd_list,
-                "ntk": _cmd_ntk, "prove": _cmd_prove, "migrate": _cmd_migrate}
+                "ntk": _cmd_ntk, "prove": _cmd_prove}
     from .experiments._toml import ConfigError
     from .experiments.registry import NothingToResume
     from .experiments.runner import RunFailed

@@ -29,7 +29,6 @@ import difflib
 import math
 import re
 import tomllib
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -42,7 +41,6 @@ from ..flow import (
     Dopri5,
     Every,
     GradientDescent,
-    Integrator,
     LogSpaced,
     LossBelow,
     MaxEvals,
@@ -300,35 +298,17 @@ class FlowConfig:
                 "records": self.records.build(), "stops": self.stop.build()}
 
 
-@dataclass(frozen=True)
-class _FlatFlowConfig:
-    """The flat ``[flow]`` keys of earlier versions: still read, validated, then migrated."""
-
-    method: Integrator = _spec("string", Integrator.ADAPTIVE, choices=("adaptive", "euler"),
-                               enum=Integrator)
-    t_max: float = _spec("number", 100.0, gt=0)
-    step: float | None = _spec("number", None, gt=0, unset="adaptive steps")
-    rtol: float = _spec("number", 1e-7, gt=0)
-    atol: float = _spec("number", 1e-9, ge=0)
-    n_records: int = _spec("integer", 60, ge=2)
-    loss_target: float | None = _spec("number", None, gt=0, unset="run to t_max")
-    max_steps: int | None = _spec("integer", None, ge=1, unset="no limit")
-    batch_size: int | None = _spec("integer", None, ge=1, unset="the fixed evaluation sample")
-    eval_size: int = _spec("integer", 4096, ge=1)
-
-    def migrate(self) -> FlowConfig:
-        if self.method is Integrator.ADAPTIVE:
-            integ: IntegratorConfig = Dopri5Config(self.rtol, self.atol)
-        elif self.batch_size is not None:
-            integ = StochasticGDConfig(self.step, self.batch_size)
-        else:
-            integ = GradientDescentConfig(self.step)
-        return FlowConfig(self.t_max, self.eval_size, integ, LogRecordsConfig(self.n_records),
-                          StopConfig(self.loss_target, self.max_steps))
-
-
-_FLAT_ONLY = ("method", "step", "rtol", "atol", "n_records", "loss_target", "max_steps",
-              "batch_size")
+# the flat [flow] keys of version 0.1's first form, each with the table it now belongs in
+_FLAT_KEYS = {
+    "method": "[flow.integrator] as kind = 'gradient-descent' | 'stochastic-gd' | 'dopri5'",
+    "step": "[flow.integrator] (kind = 'gradient-descent' or 'stochastic-gd')",
+    "batch_size": "[flow.integrator] (kind = 'stochastic-gd')",
+    "rtol": "[flow.integrator] (kind = 'dopri5')",
+    "atol": "[flow.integrator] (kind = 'dopri5')",
+    "n_records": "[flow.records] as n (kind = 'log')",
+    "loss_target": "[flow.stop] as loss_below",
+    "max_steps": "[flow.stop] as max_evals",
+}
 
 
 @dataclass(frozen=True)
@@ -378,7 +358,6 @@ class ExperimentConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
     source: Path | None = field(default=None, compare=False)
-    notes: tuple[str, ...] = field(default=(), compare=False)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -413,7 +392,6 @@ def parse_config(raw: Mapping[str, Any], source: str | Path | None = None, *,
     if text is None and src is not None and src.is_file():
         text = src.read_text(encoding="utf-8")
     issues = _Issues(text)
-    notes: list[str] = []
     base = src.parent if src is not None else Path.cwd()
     top = _Table(issues, "", raw, base)
     own = [f.name for f in fields(ExperimentConfig) if "kind" in f.metadata]
@@ -429,7 +407,7 @@ def parse_config(raw: Mapping[str, Any], source: str | Path | None = None, *,
         elif s in ("model", "data"):
             parts[s] = _read_kind(t, _MODELS if s == "model" else _DATA)
         elif s == "flow":
-            parts[s] = _read_flow(t, issues, base, notes)
+            parts[s] = _read_flow(t, issues, base)
         else:
             cls = {"loss": LossConfig, "diagnostics": DiagnosticsConfig,
                    "certify": CertifyConfig}[s]
@@ -444,26 +422,15 @@ def parse_config(raw: Mapping[str, Any], source: str | Path | None = None, *,
     if issues.items:
         ordered = sorted(issues.items, key=lambda i: (i.line is None, i.line or 0))
         raise ConfigError(ordered, src)
-    if isinstance(parts["flow"], _FlatFlowConfig):
-        parts["flow"] = parts["flow"].migrate()
-    for note in notes:
-        warnings.warn(f"{src or 'configuration'}: {note}", FutureWarning, stacklevel=2)
-    return ExperimentConfig(**values, **parts, source=src, notes=tuple(notes))
+    return ExperimentConfig(**values, **parts, source=src)
 
 
-def _read_flow(t: _Table, issues: _Issues, base: Path, notes: list[str]) -> Any:
-    """[flow] with its integrator, records and stop tables, or the flat form of earlier
-    versions (read with its own rules, migrated after the cross-field checks)."""
-    flat = [k for k in t.raw if k in _FLAT_ONLY]
-    if flat and not any(k in t.raw for k in _FLOW_TABLES):
-        t.check_keys([f.name for f in fields(_FlatFlowConfig)])
-        notes.append(f"[flow] uses the flat keys of earlier versions ({', '.join(flat)}): they "
-                     "still load but are deprecated; `rayleighflow migrate FILE.toml` writes "
-                     "the [flow.integrator], [flow.records] and [flow.stop] form")
-        return _FlatFlowConfig(**t.read(_FlatFlowConfig))
-    why = ("is a flat key of earlier versions and cannot be mixed with [flow.integrator], "
-           "[flow.records] or [flow.stop]: move it into those tables")
-    t.check_keys(["t_max", "eval_size", *_FLOW_TABLES], {k: why for k in flat})
+def _read_flow(t: _Table, issues: _Issues, base: Path) -> Any:
+    """[flow] with its integrator, records and stop tables; a flat key of the first form gets
+    one error naming the table it belongs in."""
+    t.check_keys(["t_max", "eval_size", *_FLOW_TABLES],
+                 {k: f"is not a [flow] key: it belongs in {where}"
+                  for k, where in _FLAT_KEYS.items()})
     values: dict[str, Any] = t.read(FlowConfig)
     for name, kinds, default in (("integrator", _INTEGRATORS, Dopri5Config),
                                  ("records", _RECORDS, LogRecordsConfig)):
@@ -501,20 +468,6 @@ def _inapplicable(section: str, parts: Mapping[str, Any]) -> dict[str, str]:
         if data is not None and not data.population:
             out["eval_size"] = ("applies only to sampler data (data.population = true); a "
                                 "finite dataset is evaluated whole")
-    if section == "flow" and isinstance(flow, _FlatFlowConfig):
-        if flow.method is Integrator.EULER:
-            why = "applies only to method = 'adaptive' (the Euler integrator has a fixed step)"
-            out["rtol"] = out["atol"] = why
-        else:
-            out["step"] = ("applies only to method = 'euler' (gradient descent, t = kη); the "
-                           "adaptive integrator chooses its own steps")
-        population = data.population if data is not None else None  # None: data unreadable
-        if population is False:
-            out["eval_size"] = ("applies only to sampler data (data.population = true); a "
-                                "finite dataset is evaluated whole")
-        if population is False or (population and flow.method is not Integrator.EULER):
-            out["batch_size"] = ("applies only to sampler data (data.population = true) with "
-                                 "method = 'euler' (fresh samples each step)")
     if section == "data" and data is not None and data.population:
         out["n_samples"] = ("applies only to a fixed sample (population = false); a sampler's "
                             "evaluation size is flow.eval_size")
@@ -540,7 +493,8 @@ def _features(data: Any) -> int | None:
 
 def _cross_checks(iss: _Issues, tables: Mapping[str, Any], parts: Mapping[str, Any]) -> None:
     # A section with an error of its own takes no part in cross-field rules: no cascades.
-    keep = {"flow": iss.ok("flow.method"), "certify": iss.ok("certify.desingularizers")}
+    keep = {"flow": iss.ok("flow.integrator.kind", "flow.records.kind"),
+            "certify": iss.ok("certify.desingularizers")}
     parts = {s: v if keep.get(s, iss.clean(s)) else None for s, v in parts.items()}
     model, data, loss, flow, cert = (parts[s] for s in ("model", "data", "loss", "flow",
                                                         "certify"))
@@ -550,10 +504,6 @@ def _cross_checks(iss: _Issues, tables: Mapping[str, Any], parts: Mapping[str, A
                 iss.add(f"{section}.{key}", f"{section}.{key} {why}")
     if isinstance(flow, FlowConfig):
         _check_flow(iss, flow, data)
-    if isinstance(flow, _FlatFlowConfig) and flow.method is Integrator.EULER \
-            and flow.step is None and iss.ok("flow.step"):
-        iss.add("flow.step", "flow.step is required with method = 'euler' (gradient descent "
-                             "with step η, recorded at t = kη)", at="flow.method")
     if data is not None and not data.population and not isinstance(data, SklearnData | FileData) \
             and data.n_samples is None and iss.ok("data.n_samples"):
         iss.add("data.n_samples", "data.n_samples is required for a fixed sample "

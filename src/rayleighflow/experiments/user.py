@@ -96,7 +96,7 @@ def _run(cfg: ExperimentConfig, built: tuple[Any, dict[str, Any]]):
             kwargs["records"] = dataclasses.replace(kwargs["records"], groups=False)
         result = ctx.flow("flow", problem, label=cfg.name, meta={"experiment": info},
                           observers=[Columns(d) for d in diagnostics], **kwargs)
-        notes = list(cfg.notes)  # deprecations found while reading the file
+        notes: list[str] = []
         if len(result.trajectory) < 2:  # stopped at its first record: nothing to certify
             certs = []
             notes.append(f"no certificate: the flow stopped ({result.status.value}) after "

@@ -72,6 +72,13 @@ class Integrator(ABC):
 
     ``name`` is the family stored in trajectory headers (``method``): ``"euler"`` for the
     fixed-step ones (certified by the exact discrete certificate), ``"adaptive"`` for Dopri5.
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> [isinstance(i, rf.Integrator) for i in (rf.GradientDescent(0.1), rf.Dopri5())]
+        [True, True]
+        >>> rf.GradientDescent(0.1).header()["method"], rf.Dopri5().header()["rtol"]
+        ('euler', 1e-07)
     """
 
     name: ClassVar[str]

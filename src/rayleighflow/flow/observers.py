@@ -4,18 +4,6 @@ An observer may add columns to a record (``columns``) and sees each finished row
 was measured at (``on_record``); both run in the order given, columns before the row is
 stored, callbacks after.
 
-Example:
-    >>> import torch, rayleighflow as rf
-    >>> x = torch.linspace(-1, 1, 8, dtype=torch.float64).unsqueeze(1)
-    >>> problem = rf.Problem(rf.Model(torch.nn.Linear(1, 1).double()),
-    ...                      rf.Dataset.from_arrays(x, 2 * x), "square")
-    >>> seen = []
-    >>> run = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=2.0,
-    ...                        records=rf.Every(2), observers=[
-    ...     rf.Columns(lambda problem, params, data, i: {"w": float(params["weight"])}),
-    ...     rf.Progress(lambda t, loss: seen.append(t))])
-    >>> seen, [round(w, 3) for w in run.trajectory["w"]]
-    ([0.0, 1.0, 2.0], [-0.007, 1.493, 1.911])
 """
 
 from __future__ import annotations
@@ -38,7 +26,23 @@ Diagnostic = Callable[[Problem, Params, Dataset, int], Mapping[str, float]]
 
 
 class Observer:
-    """The base: no columns, no callback. Subclass and override either method."""
+    """The base: no columns, no callback. Subclass and override either method.
+
+    Example:
+        >>> import torch, rayleighflow as rf
+        >>> class Count(rf.Observer):
+        ...     n = 0
+        ...     def on_record(self, row, params):
+        ...         self.n += 1
+        >>> x = torch.linspace(-1, 1, 4, dtype=torch.float64).unsqueeze(1)
+        >>> problem = rf.Problem(rf.Model(torch.nn.Linear(1, 1).double()),
+        ...                      rf.Dataset.from_arrays(x, x), "square")
+        >>> count = Count()
+        >>> _ = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=2.0,
+        ...                      records=rf.Every(2), observers=[count])
+        >>> count.n                                      # t = 0, 1, 2
+        3
+    """
 
     def columns(self, problem: Problem, params: Params, data: Dataset,
                 index: int) -> Mapping[str, float]:
@@ -49,7 +53,19 @@ class Observer:
 
 
 class Columns(Observer):
-    """Columns from ``fn(problem, params, eval_data, record_index) -> {name: value}``."""
+    """Columns from ``fn(problem, params, eval_data, record_index) -> {name: value}``.
+
+    Example:
+        >>> import torch, rayleighflow as rf
+        >>> x = torch.linspace(-1, 1, 8, dtype=torch.float64).unsqueeze(1)
+        >>> problem = rf.Problem(rf.Model(torch.nn.Linear(1, 1, bias=False).double()),
+        ...                      rf.Dataset.from_arrays(x, 2 * x), "square")
+        >>> weight = rf.Columns(lambda problem, params, data, i: {"w": float(params["weight"])})
+        >>> run = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=40.0,
+        ...                        records=rf.Every(40), observers=[weight])
+        >>> round(float(run.trajectory["w"][-1]), 6)      # w → 2
+        2.0
+    """
 
     def __init__(self, fn: Diagnostic) -> None:
         self.fn = fn
@@ -59,7 +75,20 @@ class Columns(Observer):
 
 
 class OnRecord(Observer):
-    """Calls ``fn(row, params)`` after each record is stored."""
+    """Calls ``fn(row, params)`` after each record is stored.
+
+    Example:
+        >>> import torch, rayleighflow as rf
+        >>> x = torch.linspace(-1, 1, 4, dtype=torch.float64).unsqueeze(1)
+        >>> problem = rf.Problem(rf.Model(torch.nn.Linear(1, 1).double()),
+        ...                      rf.Dataset.from_arrays(x, x), "square")
+        >>> evals = []
+        >>> log = rf.OnRecord(lambda row, params: evals.append(row["grad_evals"]))
+        >>> _ = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=2.0,
+        ...                      records=rf.Every(2), observers=[log])
+        >>> evals                                         # iterates 0, 2, 4 (one evaluation each)
+        [1, 3, 5]
+    """
 
     def __init__(self, fn: Callable[[dict[str, Any], Params], None]) -> None:
         self.fn = fn
@@ -69,7 +98,19 @@ class OnRecord(Observer):
 
 
 class Progress(Observer):
-    """Calls ``fn(t, loss)`` after each record (a progress bar, a log line)."""
+    """Calls ``fn(t, loss)`` after each record (a progress bar, a log line).
+
+    Example:
+        >>> import torch, rayleighflow as rf
+        >>> x = torch.linspace(-1, 1, 4, dtype=torch.float64).unsqueeze(1)
+        >>> problem = rf.Problem(rf.Model(torch.nn.Linear(1, 1).double()),
+        ...                      rf.Dataset.from_arrays(x, x), "square")
+        >>> seen = []
+        >>> _ = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=2.0, records=rf.Every(2),
+        ...                      observers=[rf.Progress(lambda t, loss: seen.append(t))])
+        >>> seen
+        [0.0, 1.0, 2.0]
+    """
 
     def __init__(self, fn: Callable[[float, float], None]) -> None:
         self.fn = fn
@@ -80,7 +121,24 @@ class Progress(Observer):
 
 class Checkpoint(Observer):
     """Writes {"params", "t", "evals"} to ``path`` at each record (torch.save, atomically:
-    a crash never leaves a half-written file); resume with ``Start.load(path)``."""
+    a crash never leaves a half-written file); resume with ``Start.load(path)``.
+
+    Example:
+        >>> import tempfile, pathlib, torch, rayleighflow as rf
+        >>> x = torch.linspace(-1, 1, 4, dtype=torch.float64).unsqueeze(1)
+        >>> problem = rf.Problem(rf.Model(torch.nn.Linear(1, 1).double()),
+        ...                      rf.Dataset.from_arrays(x, x), "square")
+        >>> ckpt = pathlib.Path(tempfile.mkdtemp()) / "theta.pt"
+        >>> first = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=2.0,
+        ...                          observers=[rf.Checkpoint(ckpt)])
+        >>> start = rf.Start.load(ckpt)
+        >>> start.t, start.evals
+        (2.0, 5)
+        >>> more = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=4.0,
+        ...                         start=rf.Start(start.params, start.t, start.evals))
+        >>> more.n_grad_evals
+        10
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
