@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, finite_or_none
 
 __all__ = ["REQUIRED_SUMMARY_KEYS", "CERTIFICATE_KEYS", "STATUSES", "validate_summary",
            "write_summary", "read_summary", "versions", "json_safe"]
@@ -163,8 +162,7 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, Integral):
         return int(value)
     if isinstance(value, Real):
-        f = float(value)
-        return f if math.isfinite(f) else None
+        return finite_or_none(value)
     if isinstance(value, str) or value is None:
         return value
     if isinstance(value, Mapping):
