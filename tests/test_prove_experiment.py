@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rayleighflow.cli import main
-from rayleighflow.report.summary import validate_summary
+from rayleighflow.rundir import validate_summary
 
 
 def _run(tmp_path, *extra):

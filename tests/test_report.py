@@ -33,7 +33,7 @@ from rayleighflow.report import (
     versions,
     write_summary,
 )
-from rayleighflow.report.summary import json_safe
+from rayleighflow.rundir import json_safe
 from rayleighflow.trajectory import Trajectory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,10 +1,12 @@
-"""Shared type aliases and the inner-product convention."""
+"""Shared type aliases, the inner-product convention and the probability-weights rule."""
 
 from __future__ import annotations
 
+import math
 from enum import Enum
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 from torch import Tensor
 
 E = TypeVar("E", bound=Enum)
@@ -55,3 +57,38 @@ def effective_weights(weights: Tensor, convention: Convention) -> Tensor:
     if convention is Convention.SUM:
         return weights * weights.shape[0]
     return weights
+
+
+#: Tolerance on |Σ w_i − 1| for probability weights (every checker uses this one, via
+#: :func:`check_weights`): loose enough for float32 weights, whose sum rounds at ~1e-7.
+WEIGHT_SUM_TOL = 1e-6
+
+
+def check_weights(weights: Any, n: int | None = None) -> None:
+    """Refuse anything but probability weights: a non-empty 1-D array (of length ``n`` when
+    given) of finite values w_i > 0 with |Σ w_i − 1| ≤ :data:`WEIGHT_SUM_TOL` (summed in
+    float64). Each refusal is a one-line ValueError saying what to change.
+
+    Example:
+        >>> check_weights([0.25, 0.75])
+        >>> check_weights([0.5, 0.6])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: weights sum to 1.1, not 1: ...
+    """
+    w = np.asarray(weights.detach().cpu() if isinstance(weights, Tensor) else weights,
+                   dtype=np.float64)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"weights must be a non-empty 1-D array; got shape {w.shape}")
+    if n is not None and w.shape != (n,):
+        raise ValueError(f"weights must have length {n} (one per sample), got shape "
+                         f"{tuple(w.shape)}")
+    bad = int((~np.isfinite(w)).sum())
+    if bad:
+        raise ValueError(f"weights contains {bad} NaN/Inf value(s): weights must be finite")
+    if not np.all(w > 0):
+        raise ValueError(f"weights must be > 0 (strictly positive; smallest is {w.min()!r}): "
+                         "drop zero-weight samples instead")
+    total = math.fsum(w.tolist())
+    if abs(total - 1.0) > WEIGHT_SUM_TOL:
+        raise ValueError(f"weights sum to {total:.15g}, not 1: pass weights normalized to a "
+                         "probability distribution (or omit them for uniform weights)")

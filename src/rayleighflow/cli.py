@@ -275,10 +275,13 @@ def _cmd_list(_args) -> int:
 
 def _cmd_ntk(args) -> int:
     from .distributed import torchrun_session
+    from .experiments.registry import user_experiment_file
     from .experiments.user import ntk_summary
 
     with torchrun_session() as main:  # under torchrun: kernel tiles over the ranks
-        text = ntk_summary(Path(args.experiment), max_samples=args.max_samples)
+        path = user_experiment_file(Path(args.experiment), "ntk", "its report shows its "
+                                    "spectrum: rayleighflow run {name}")
+        text = ntk_summary(path, max_samples=args.max_samples)
     if main:
         print(text)
     return 0

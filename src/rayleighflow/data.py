@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._types import check_weights
+from .seeding import numpy_rng
+
 __all__ = [
     "Dataset",
     "Sampler",
@@ -80,15 +83,7 @@ class Dataset:
             )
         _check_finite("x", self.x)
         _check_finite("y", self.y)
-        _check_finite("weights", self.weights)
-        if (self.weights <= 0).any():
-            raise ValueError("weights must be > 0: drop zero-weight samples instead")
-        total = float(self.weights.sum())
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(
-                f"weights sum to {total}, not 1: pass weights normalized to a probability "
-                "distribution (or omit them for uniform weights)"
-            )
+        check_weights(self.weights, n)
 
     @classmethod
     def from_arrays(
@@ -320,7 +315,7 @@ def load_sklearn(
         x, y = x[keep], y[keep]
     _, y = np.unique(y, return_inverse=True)
     if n_samples is not None and n_samples < len(y):
-        idx = np.sort(np.random.default_rng(seed).choice(len(y), n_samples, replace=False))
+        idx = np.sort(numpy_rng(seed).choice(len(y), n_samples, replace=False))
         x, y = x[idx], y[idx]
     if standardize:
         std = x.std(axis=0)

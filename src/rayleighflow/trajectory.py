@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any, final
 
 import numpy as np
 
-__all__ = ["Trajectory"]
+from ._io import atomic_write
+
+__all__ = ["Trajectory", "end_line"]
 
 
 def _clean(value: Any) -> Any:
@@ -40,6 +41,11 @@ def _clean(value: Any) -> Any:
 
 
 _EVAL_KEYS = ("t", "loss", "grad_sq", "fgrad_sq")
+
+
+def end_line(status: str, detail: str | None = "") -> str:
+    """The "end" line that says why a trajectory stopped (the last one wins on load)."""
+    return json.dumps({"type": "end", "status": status, "detail": detail}) + "\n"
 
 
 def _chunk_line(index: int, chunk: Mapping[str, list]) -> str:
@@ -137,8 +143,9 @@ class Trajectory:
     def close(self, status: str, detail: str = "") -> None:
         """Record why the run stopped and close the file (idempotent)."""
         self.status, self.detail = status, detail
-        self._write({"type": "end", "status": status, "detail": detail})
         if self._fh is not None:
+            self._fh.write(end_line(status, detail))
+            self._fh.flush()
             self._fh.close()
             self._fh = None
 
@@ -199,8 +206,7 @@ class Trajectory:
 
     def save(self, path: str | Path) -> None:
         """Write the whole trajectory to a new file (atomically)."""
-        tmp = Path(str(path) + ".tmp")
-        with open(tmp, "w") as fh:
+        def write(fh: IO[str]) -> None:
             fh.write(json.dumps({"type": "meta", **self.meta}) + "\n")
             chunks = {i: c for i, c in self._eval_chunks if i < len(self.rows)}
             for i, r in enumerate(self.rows):
@@ -208,6 +214,6 @@ class Trajectory:
                     fh.write(_chunk_line(i, chunks[i]))
                 fh.write(json.dumps({"type": "row", **r}) + "\n")
             if self.status is not None:
-                fh.write(json.dumps({"type": "end", "status": self.status,
-                                     "detail": self.detail}) + "\n")
-        os.replace(tmp, path)
+                fh.write(end_line(self.status, self.detail))
+
+        atomic_write(path, write)

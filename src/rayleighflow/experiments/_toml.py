@@ -284,8 +284,17 @@ class _Table:
 # ----------------------------------------------------------------------------- writing
 
 
+def is_toml(name: str | Path) -> bool:
+    """Whether ``name`` names a TOML file (any case of the extension) rather than a built-in."""
+    return str(name).lower().endswith(".toml")
+
+
 def toml_value(v: Any) -> str:
-    """A Python value as a TOML literal (tables inline)."""
+    """A Python value as a TOML literal (tables inline): the one TOML writer of the package.
+
+    Non-finite floats are TOML's ``nan``, ``inf`` and ``-inf``; integral floats keep their
+    decimal point (``2.0``), so they load back as floats.
+    """
     if isinstance(v, Enum):
         v = v.value
     if isinstance(v, bool):

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..activations import activation_spec
 from ..data import (
     Dataset,
     Gaussian,
@@ -45,6 +46,8 @@ from ..data import (
     smooth_target,
 )
 from ..problem import Model, NondeterministicModelError, Problem
+from ..seeding import generator as seeded_generator
+from ..seeding import numpy_rng, seed_torch
 from .config import (
     CNNConfig,
     ConfigError,
@@ -63,19 +66,9 @@ from .config import (
 
 __all__ = ["build_problem", "make_generator", "flow_kwargs"]
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU,
-                                            "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
-
-
-def stream_seed(seed: int, stream: str) -> int:
-    """A 63-bit seed for the named random stream of ``seed`` (independent across streams)."""
-    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def make_generator(cfg: ExperimentConfig, stream: str = "flow") -> torch.Generator:
     """A CPU ``torch.Generator`` seeded for ``stream``; pass ``make_generator(cfg)`` to the flow."""
-    return torch.Generator().manual_seed(stream_seed(cfg.seed, stream))
+    return seeded_generator(cfg.seed, stream)
 
 
 def flow_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -240,7 +233,7 @@ def _file_data(cfg: ExperimentConfig, d: FileData, dtype: torch.dtype):
         if d.n_samples > ds.n:
             raise _fail(cfg, "data.n_samples", f"data.n_samples = {d.n_samples} but {d.path} "
                         f"has only {ds.n} samples")
-        rng = np.random.default_rng(stream_seed(cfg.seed, "data"))
+        rng = numpy_rng(cfg.seed, "data")
         ds = ds.subset(torch.as_tensor(np.sort(rng.choice(ds.n, d.n_samples, replace=False))))
     labels = f", {k} classes" if k else ""
     return ds, f"{d.kind} {d.path.name}: {ds.n} samples{labels}", k
@@ -277,7 +270,7 @@ def _module(cfg: ExperimentConfig, shape: tuple[int, ...], k: int) -> tuple[nn.M
     factory = _load_factory(cfg) if isinstance(m, ImportConfig) else None
     # nn.Module initializers draw from the global RNG: fork it so the caller's state survives.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(cfg.seed, "model"))
+        seed_torch(cfg.seed, "model")
         if isinstance(m, MLPConfig):
             module, desc = _mlp(m, shape, k)
         elif isinstance(m, CNNConfig):
@@ -297,7 +290,7 @@ def _mlp(m: MLPConfig, shape: tuple[int, ...], k: int) -> tuple[nn.Module, str]:
     d = math.prod(shape)
     for i, w in enumerate(m.widths, 1):
         layers[f"fc{i}"] = nn.Linear(d, w, bias=m.bias)
-        layers[f"act{i}"] = _ACTIVATIONS[m.activation]()
+        layers[f"act{i}"] = activation_spec(m.activation).module()
         d = w
     layers["out"] = nn.Linear(d, k, bias=m.bias)
     sizes = " → ".join(str(s) for s in (math.prod(shape), *m.widths, k))
@@ -310,7 +303,7 @@ def _cnn(cfg: ExperimentConfig, m: CNNConfig, shape: tuple[int, ...], k: int):
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for i, ch in enumerate(m.channels, 1):
         layers[f"conv{i}"] = nn.Conv2d(c, ch, m.kernel_size, padding=pad, bias=m.bias)
-        layers[f"act{i}"] = _ACTIVATIONS[m.activation]()
+        layers[f"act{i}"] = activation_spec(m.activation).module()
         h, w = h + 2 * pad - m.kernel_size + 1, w + 2 * pad - m.kernel_size + 1
         if m.pool > 1:
             layers[f"pool{i}"] = (nn.MaxPool2d if m.pooling == "max" else nn.AvgPool2d)(m.pool)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._io import finite_or_none
 from ..certificate import Certificate, CertificateStatus
 from ..certify import certify, compose, rank_desingularizers
 from ..data import Dataset
@@ -138,14 +138,6 @@ def kernel_figure(name: str, traj_name: str, title: str = "Rayleigh quotient vs 
         "title": "one Rayleigh quotient vs all eigenvalues", "xlabel": "flow time t",
         "ylabel": "eigenvalue / quotient", "xscale": "symlog", "yscale": "log",
         "series": series}]}
-
-
-def finite_or_none(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _reduce(traj: Trajectory, name: str, fn) -> float | None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .._types import Convention
+from ..activations import ACTIVATION_NAMES
 from ..data import SKLEARN_DATASETS
 from ..desingularizers import get_desingularizer
 from ..flow import (
@@ -60,7 +61,7 @@ __all__ = [
     "SKLEARN_SHAPES", "load_config", "parse_config", "config_to_toml",
 ]
 
-ACTIVATIONS = ("tanh", "relu", "gelu", "sigmoid", "softplus")
+ACTIVATIONS = ACTIVATION_NAMES  # the registry's names (rayleighflow.activations)
 # (classes, features, samples) of the bundled scikit-learn sets: checked without loading them.
 SKLEARN_SHAPES = {"iris": (3, 4, 150), "wine": (3, 13, 178), "breast_cancer": (2, 30, 569),
                   "digits": (10, 64, 1797)}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..data import load_sklearn
 from ..flow import Columns, Dopri5, LogSpaced
 from ..ntk.spectrum import STRUCTURAL_ZERO, VALUE
 from ..problem import Model, Problem
+from ..seeding import seed_torch
 from .common import (
     certificate_arrays,
     certificates,
@@ -29,7 +29,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     data = load_sklearn(p["dataset"], dtype=ctx.dtype, n_samples=p.get("n_samples"),
                         seed=ctx.seed).to(ctx.device)
     k = int(data.y.max()) + 1
-    torch.manual_seed(ctx.seed)
+    seed_torch(ctx.seed)  # nn.Linear draws from torch's global generator
     net = nn.Sequential(nn.Linear(data.x.shape[1], p["width"]), nn.Tanh(),
                         nn.Linear(p["width"], k)).to(ctx.device, ctx.dtype)
     problem = Problem(Model(net), data, "cross-entropy")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,13 +11,15 @@ from typing import Any
 
 import torch
 
+from ..rundir import is_run_folder, prepare_out
+from ..rundir import out_path as _out_path
 from . import definite_ntk, demo, logistic, proof, toy2d, two_layer
-from ._toml import ConfigError, Issue
+from ._toml import ConfigError, Issue, is_toml, toml_value
 from .runner import Experiment, RunContext, execute
 
 __all__ = ["EXPERIMENTS", "get_experiment", "run_experiment", "builtin_config_text",
            "resume_run", "resume_conflicts", "prepare_out", "default_run_dir", "check_seed",
-           "NothingToResume", "MAX_SEED", "is_toml"]
+           "NothingToResume", "MAX_SEED", "is_toml", "is_run_folder", "user_experiment_file"]
 
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in (demo.EXPERIMENT, toy2d.EXPERIMENT, definite_ntk.EXPERIMENT,
@@ -37,24 +38,12 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS[name]
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v) if isinstance(v, int) or v != int(v) or abs(v) >= 1e16 else f"{v:.1f}"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
 def builtin_config_text(name: str, settings: Mapping[str, Any], params: Mapping[str, Any]) -> str:
     lines = ["# rayleighflow run configuration (re-run with: rayleighflow run <this file>)",
-             f"experiment = {_toml_value(name)}"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
+             f"experiment = {toml_value(name)}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in settings.items()]
     lines.append("\n[params]")
-    lines += [f"{k} = {_toml_value(v)}" for k, v in params.items() if v is not None]
+    lines += [f"{k} = {toml_value(v)}" for k, v in params.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -73,17 +62,10 @@ def _resolve(exp: Experiment, quick: bool, overrides: Mapping[str, Any]) -> dict
 
 
 MAX_SEED = 2**32 - 1
-_RUN_FILES = ("config.toml", "summary.json", "trajectories", "report.html", "checkpoints",
-              "figures.json")
 
 
 class NothingToResume(Exception):
     """``--resume`` on a run that finished: there is nothing to continue."""
-
-
-def is_toml(name: str | Path) -> bool:
-    """Whether ``name`` names a TOML file (any case of the extension) rather than a built-in."""
-    return str(name).lower().endswith(".toml")
 
 
 def check_seed(seed: Any) -> int:
@@ -91,66 +73,6 @@ def check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (got {seed!r})")
     return seed
-
-
-def _out_path(out: str | Path) -> Path:
-    if isinstance(out, str) and not out.strip():
-        raise ValueError("the run folder (--out) is an empty string: give a folder name, e.g. "
-                         "--out runs/mine")
-    return Path(out).expanduser()
-
-
-def is_run_folder(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in _RUN_FILES)
-
-
-def prepare_out(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Check (and create) the run folder before anything is written into it.
-
-    A new run needs ``out`` absent or empty; an existing non-empty folder is refused unless
-    ``overwrite`` (which empties it first, and only if it looks like a run folder) or
-    ``resume``. Every refusal is a one-line ValueError naming the way out.
-    """
-    out = _out_path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"the run folder {str(out)!r} exists and is a file, not a folder: "
-                         "choose another --out")
-    if resume:
-        if not (out / "config.toml").is_file():
-            raise ValueError(f"{str(out)!r} is not a run folder (no config.toml): nothing to "
-                             "resume")
-    elif out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"the run folder {str(out)!r} already holds files: add --overwrite "
-                             f"to replace them, use --resume {out} to continue that run, or "
-                             "choose another --out")
-        _empty_run_folder(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".rayleighflow-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"cannot write into the run folder {str(out)!r}: "
-                         f"{exc.strerror or exc}; choose another --out") from None
-    return out
-
-
-def _empty_run_folder(out: Path) -> None:
-    here = Path.cwd().resolve()
-    target = out.resolve()
-    if target == here or target in here.parents or target == Path.home().resolve():
-        raise ValueError(f"--overwrite refuses to empty {str(out)!r}: it is the current "
-                         "folder, one of its parents or the home folder; choose another --out")
-    if not is_run_folder(out):
-        raise ValueError(f"{str(out)!r} is not empty and is not a run folder (no config.toml, "
-                         "summary.json or trajectories/): --overwrite only replaces run "
-                         "folders; choose another --out")
-    for child in out.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
 
 
 def default_run_dir(target: str, root: str | Path = "runs") -> Path:
@@ -339,3 +261,34 @@ def _check_device(device: str) -> None:
         raise ValueError(f"device {device!r} requested but CUDA is not available here: use cpu")
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+
+
+def user_experiment_file(path: str | Path, command: str, builtin_hint: str) -> Path:
+    """The user TOML experiment that ``command`` acts on: the file, or a run folder's
+    config.toml. Anything else (a built-in experiment's name or configuration, a folder, a
+    missing or non-TOML file) is refused with one line; ``builtin_hint`` says what to do for a
+    built-in experiment instead ("{name}" in it becomes that experiment's name)."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.toml").is_file():
+        path = path / "config.toml"
+    elif str(path) in EXPERIMENTS and not path.exists():
+        raise ValueError(f"{command} takes a TOML experiment file; {str(path)!r} is a built-in "
+                         f"experiment: {builtin_hint.format(name=path)}")
+    elif path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not a TOML experiment file or a run "
+                         "folder")
+    elif not is_toml(path):
+        raise ValueError(f"{command} takes a .toml experiment file (got {str(path)!r})")
+    if not path.exists():
+        raise FileNotFoundError(f"no experiment file {str(path)!r}")
+    try:
+        import tomllib
+
+        builtin = tomllib.loads(path.read_text(encoding="utf-8")).get("experiment")
+    except (OSError, UnicodeDecodeError, ValueError):
+        builtin = None
+    if builtin:
+        raise ValueError(f"{str(path)!r} is the configuration of a built-in experiment: "
+                         f"{command} takes a user experiment file (model, data, loss); "
+                         f"{builtin_hint.format(name=builtin)}")
+    return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,8 +19,12 @@ from typing import Any, final
 import numpy as np
 import torch
 
+from .._io import atomic_write, atomic_write_text
+from .._time import covered
 from ..flow import FlowResult, FlowStatus, OnRecord, Progress, Start, gradient_flow
 from ..problem import Problem
+from ..rundir import mark_failed, recorded_summary, versions, write_summary
+from ..seeding import generator as seeded_generator
 from ..trajectory import Trajectory
 
 __all__ = ["RunContext", "RunInterrupted", "RunFailed", "Experiment", "execute",
@@ -91,18 +94,17 @@ class RunContext:
     def save_arrays(self, **arrays: Any) -> None:
         """Merge named arrays into arrays.npz (rewritten atomically)."""
         self._arrays.update({k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()})
-        tmp = self.out / "arrays.tmp.npz"
-        np.savez(tmp, **self._arrays)
-        os.replace(tmp, self.out / "arrays.npz")
+        atomic_write(self.out / "arrays.npz", lambda fh: np.savez(fh, **self._arrays),
+                     binary=True)
 
     def save_figures(self, figures: list[dict[str, Any]]) -> None:
-        _atomic_text(self.out / "figures.json", json.dumps(figures, indent=1))
+        atomic_write_text(self.out / "figures.json", json.dumps(figures, indent=1))
 
     def trajectory_path(self, name: str) -> Path:
         return self.out / "trajectories" / f"{name}.jsonl"
 
     def generator(self, offset: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+        return seeded_generator(self.seed, offset)
 
     # -- flows -----------------------------------------------------------------------------
     def flow(self, name: str, problem: Problem, *, label: str | None = None,
@@ -158,23 +160,15 @@ class RunContext:
 
 def _truncate_to(path: Path, traj: Trajectory, t: float) -> Trajectory:
     """Drop records after the checkpoint time (written after the last checkpoint)."""
-    keep = [r for r in traj.rows if r["t"] <= t * (1 + 1e-12)]
+    keep = [r for r in traj.rows if covered(r["t"], t)]
     if len(keep) != len(traj.rows) or traj.status is not None:
         traj.rows, traj.status, traj.detail = keep, None, None
         traj.save(path)
     return traj
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _atomic_torch(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(obj, fh), binary=True)
 
 
 def resume_command(out: Path) -> str:
@@ -196,9 +190,9 @@ def execute(experiment: Experiment, ctx: RunContext, config_text: str) -> dict[s
     carries the values recorded so far (read from the trajectories). ``run_time_s`` accumulates
     across resumes (summary.json or, after a kill, the checkpoints).
     """
-    from ..report import recorded_summary, render_report, versions, write_summary
+    from ..report import render_report
 
-    _atomic_text(ctx.out / "config.toml", config_text)
+    atomic_write_text(ctx.out / "config.toml", config_text)
     ctx.run_time_before = previous_run_time(ctx.out) if ctx.resume else 0.0
     ctx._begin = time.perf_counter()
     status, notes, error, tb = "complete", [], None, None
@@ -214,7 +208,7 @@ def execute(experiment: Experiment, ctx: RunContext, config_text: str) -> dict[s
         status, summary = "failed", {}
         error = _one_line(f"{type(exc).__name__}: {exc}")
         tb = traceback.format_exc()
-        _close_open_trajectories(ctx.out, error)
+        mark_failed(ctx.out, error)
         notes.append(f"failed: {error}")
     if status != "complete":
         summary = {**recorded_summary(ctx.out), **summary}
@@ -246,21 +240,6 @@ def execute(experiment: Experiment, ctx: RunContext, config_text: str) -> dict[s
 def _one_line(text: str) -> str:
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
     return "; ".join(lines) if lines else "(no message)"
-
-
-def _close_open_trajectories(out: Path, error: str) -> None:
-    """Give trajectories the failure left without an end record a "failed" one."""
-    for path in sorted((out / "trajectories").glob("*.jsonl")):
-        try:
-            if Trajectory.load(path).status is not None:
-                continue
-            text = path.read_text()
-            with open(path, "a") as fh:
-                if text and not text.endswith("\n"):
-                    fh.write("\n")
-                fh.write(json.dumps({"type": "end", "status": "failed", "detail": error}) + "\n")
-        except (OSError, ValueError):
-            continue
 
 
 def previous_run_time(out: Path) -> float:

@@ -11,6 +11,8 @@ import torch
 from ..data import Dataset
 from ..flow import Columns
 from ..ntk import contrast_report
+from ..rundir import prepare_out, recorded_summary
+from ..seeding import generator as seeded_generator
 from .builders import build_problem, flow_kwargs
 from .common import (
     certificate_arrays,
@@ -65,8 +67,6 @@ def _kernel_figure(groups: list[str], spectra: bool) -> dict[str, Any]:
 
 def _uncertified_summary(ctx: RunContext, problem, data, result, info) -> dict[str, Any]:
     """Summary keys of a flow too short to certify, read off what it recorded."""
-    from ..report import recorded_summary
-
     summary = recorded_summary(ctx.out)
     summary.pop("notes", None)
     summary.pop("recorded_flow", None)
@@ -128,8 +128,6 @@ def run_user_experiment(path: Path, out: Path, *, seed=None, device=None, dtype=
                         progress: Any = None) -> dict[str, Any]:
     """Validate the file, build the problem, and only then create the run folder: a
     configuration or model error leaves nothing behind."""
-    from .registry import prepare_out
-
     cfg = apply_overrides(load_config(path), seed=seed, device=device, dtype=dtype, quick=quick)
     built = build_problem(cfg)
     exp = Experiment(name=cfg.name, description=f"user experiment from {path}",
@@ -140,52 +138,18 @@ def run_user_experiment(path: Path, out: Path, *, seed=None, device=None, dtype=
     return execute(exp, ctx, config_to_toml(cfg))
 
 
-def user_experiment_file(path: str | Path, command: str, builtin_hint: str) -> Path:
-    """The user TOML experiment that ``command`` acts on: the file, or a run folder's
-    config.toml. Anything else (a built-in experiment's name or configuration, a folder, a
-    missing or non-TOML file) is refused with one line; ``builtin_hint`` says what to do for a
-    built-in experiment instead ("{name}" in it becomes that experiment's name)."""
-    from .registry import EXPERIMENTS, is_toml
-
-    path = Path(path)
-    if path.is_dir() and (path / "config.toml").is_file():
-        path = path / "config.toml"
-    elif str(path) in EXPERIMENTS and not path.exists():
-        raise ValueError(f"{command} takes a TOML experiment file; {str(path)!r} is a built-in "
-                         f"experiment: {builtin_hint.format(name=path)}")
-    elif path.is_dir():
-        raise ValueError(f"{str(path)!r} is a folder, not a TOML experiment file or a run "
-                         "folder")
-    elif not is_toml(path):
-        raise ValueError(f"{command} takes a .toml experiment file (got {str(path)!r})")
-    if not path.exists():
-        raise FileNotFoundError(f"no experiment file {str(path)!r}")
-    try:
-        import tomllib
-
-        builtin = tomllib.loads(path.read_text(encoding="utf-8")).get("experiment")
-    except (OSError, UnicodeDecodeError, ValueError):
-        builtin = None
-    if builtin:
-        raise ValueError(f"{str(path)!r} is the configuration of a built-in experiment: "
-                         f"{command} takes a user experiment file (model, data, loss); "
-                         f"{builtin_hint.format(name=builtin)}")
-    return path
-
-
 def ntk_summary(path: Path, *, max_samples: int | None = None) -> str:
     """The paper's contrast at initialization for a TOML experiment's model and data.
 
-    ``path`` is a user experiment file or a run folder of one (its config.toml)."""
+    ``path`` is a user experiment file, as ``registry.user_experiment_file`` resolves it (a
+    run folder to its config.toml)."""
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"--max-samples must be at least 1 (got {max_samples})")
-    path = user_experiment_file(path, "ntk", "its report shows its spectrum: rayleighflow run "
-                                             "{name}")
     cfg = load_config(path)
     problem, info = build_problem(cfg)
     data = problem.data
     if not isinstance(data, Dataset):
-        data = data.sample(max_samples or 512, torch.Generator().manual_seed(cfg.seed))
+        data = data.sample(max_samples or 512, seeded_generator(cfg.seed))
     if max_samples is not None and data.n > max_samples:
         data = data.subset(torch.arange(max_samples))
     report = contrast_report(problem, data)

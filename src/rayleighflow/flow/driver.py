@@ -18,6 +18,7 @@ from ..data import Dataset, Sampler
 from ..problem import Problem
 from ..rayleigh import Measurement, _measurement, loss_and_grad
 from ..rounding import float64_start
+from ..seeding import generator as seeded_generator
 from ..trajectory import Trajectory
 from .base import Integrator, Run, State
 from .observers import Observer
@@ -179,7 +180,7 @@ def gradient_flow(
     if not t_max > start.t:
         raise ValueError(f"t_max ({t_max}) must exceed the start time ({start.t})")
     at_records, limits = read_stops(stops, integrator.adaptive, start.evals)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = generator if generator is not None else seeded_generator(0)
     train, evals_on = _resolve_data(problem, integrator, eval_data, generator)
     records = LogSpaced() if records is None else records
     if not isinstance(records, LogSpaced | Times | Every):

@@ -8,13 +8,13 @@ stored, callbacks after.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._io import atomic_write
 from .._types import Params
 from ..data import Dataset
 from ..problem import Problem
@@ -144,7 +144,6 @@ class Checkpoint(Observer):
         self.path = Path(path)
 
     def on_record(self, row, params):
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        torch.save({"params": {k: v.detach().clone() for k, v in params.items()},
-                    "t": row["t"], "evals": row["grad_evals"]}, tmp)
-        os.replace(tmp, self.path)
+        state = {"params": {k: v.detach().clone() for k, v in params.items()},
+                 "t": row["t"], "evals": row["grad_evals"]}
+        atomic_write(self.path, lambda fh: torch.save(state, fh), binary=True)

@@ -281,7 +281,7 @@ class Monitor:
                    "only rank 0 writes the sinks.")), {"world_size": w}), echo=False)
 
     def _meta(self) -> dict[str, Any]:
-        from ..report import versions
+        from ..rundir import versions
 
         main = ["t", "step", "loss", "grad_sq", "fgrad_sq", "rayleigh",
                 *(f"rayleigh[{g}]" for g in self.layout.groups),
@@ -687,7 +687,7 @@ class Monitor:
 
     def summary(self, status: str = "complete") -> dict[str, Any]:
         """summary.json for the run folder (docs/RUN_FOLDER.md); ``certificates`` stays empty."""
-        from ..report import versions
+        from ..rundir import versions
 
         last_main = self.rows[-1] if self.rows else {}
         full = self.full_rows[-1] if self.full_rows else None

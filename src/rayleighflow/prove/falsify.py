@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import jacrev
 
+from .._io import finite_or_none
 from ..data import Dataset
 from ..problem import Problem
+from ..seeding import generator as seeded_generator
 
 __all__ = ["Falsification", "ProofFalsification", "falsify", "falsify_proof", "ModelProbe"]
 
@@ -154,7 +156,7 @@ def falsify(problem: Problem, *, radius: float, lip_j: float, lip_f: float, rho:
             data: Dataset | None = None, rtol: float = 1e-9) -> Falsification:
     """Search for θ in B(θ₀, radius) (plus ``points``, flat parameter vectors) that beat the
     constants; ``rtol`` absorbs the float64 error of the measurements themselves."""
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    g = generator if generator is not None else seeded_generator(0)
     probe = ModelProbe(problem, data)
     steps = list(_directions(probe, radius, samples, g))
     thetas = [probe.theta0 + s for s in steps] + [p.to(probe.theta0.dtype) for p in points]
@@ -204,11 +206,7 @@ class ProofFalsification:
         return bool(self.counterexamples)
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "min_rayleigh_margin": _fin(self.min_rayleigh_margin)}
-
-
-def _fin(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+        return {**self.__dict__, "min_rayleigh_margin": finite_or_none(self.min_rayleigh_margin)}
 
 
 def falsify_proof(problem: Problem, proof, *, samples: int = 24,
@@ -221,7 +219,7 @@ def falsify_proof(problem: Problem, proof, *, samples: int = 24,
     phases = proof.phases
     picks = sorted({0, len(phases) // 2, len(phases) - 1})
     points = list(points)
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    g = generator if generator is not None else seeded_generator(0)
     out = ProofFalsification(len(picks), 0, 0.0, c.lip_j * lip_j_factor, 0.0, math.inf, 0, [])
     per = max(1, samples // len(picks))
     for k in picks:

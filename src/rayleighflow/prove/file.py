@@ -17,7 +17,7 @@ def prove_file(path: str | Path, *, radius: float | None = None, target: float |
     from ..data import Dataset
     from ..experiments.builders import build_problem
     from ..experiments.config import load_config
-    from ..experiments.user import user_experiment_file
+    from ..experiments.registry import user_experiment_file
 
     path = user_experiment_file(path, "prove", "`rayleighflow run proof` proves the "
                                                "definite-NTK networks")

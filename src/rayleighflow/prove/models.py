@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..activations import ACTIVATIONS, module_activation
 from ..data import Dataset
 from ..problem import Problem
 from ._arb import U, arb, down, gamma, up
@@ -142,8 +143,6 @@ def _is_flatten(mod: nn.Module) -> bool:
 
 
 def _twolayer_spec(module) -> _Spec:
-    from ..theorems import two_layer
-
     if type(module.hidden) is not nn.Linear or type(module.out) is not nn.Linear:
         raise UnsupportedModel(f"TwoLayer's layers are {type(module.hidden).__name__} and "
                                f"{type(module.out).__name__}: the proof covers nn.Linear ones")
@@ -155,10 +154,9 @@ def _twolayer_spec(module) -> _Spec:
         raise UnsupportedModel(f"TwoLayer.width = {module.width} but the hidden layer has "
                                f"{module.hidden.out_features} units: forward divides by "
                                "√width, the proof by √m")
-    fn = two_layer.ACTIVATIONS.get(module.activation)
-    expected = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": nn.functional.gelu,
-                "softplus": nn.functional.softplus, "relu": torch.relu}
-    if fn is not expected.get(module.activation):
+    entry = ACTIVATIONS.get(module.activation)
+    fn = None if entry is None else entry.function
+    if fn is not _torch_function(module.activation):
         raise UnsupportedModel(f"TwoLayer's activation {module.activation!r} is not torch's "
                                "function of that name (the table was changed)")
     # nn.functional.softplus's defaults: beta = 1, threshold = 20
@@ -180,26 +178,30 @@ class _Spec:
     threshold: float | None = None   # softplus: torch returns z where z > threshold
 
 
-_MODULE_ACTIVATIONS = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+def _torch_function(name: str) -> object:
+    """torch's function called ``name`` (torch.NAME, else nn.functional.NAME): what the registry's
+    entry must be for a proof of TwoLayer to be about the function it computes."""
+    return getattr(torch, name, None) or getattr(nn.functional, name, None)
 
 
 def _activation_name(mod: nn.Module) -> tuple[str, float | None]:
     """The proof's name for an activation module of an exact supported type, and the softplus
     threshold (None for the others)."""
     kind = type(mod)
-    if kind in _MODULE_ACTIVATIONS:
-        return _MODULE_ACTIVATIONS[kind], None
-    if kind is nn.GELU:
-        if mod.approximate == "none":
-            return "gelu", None
-        raise UnsupportedModel(f"GELU(approximate={mod.approximate!r}) has no proven sup|σ″| "
-                               "(the exact erf form, approximate='none', has)")
-    if kind is nn.Softplus:
-        if mod.beta != 1:
-            raise UnsupportedModel(f"Softplus(beta={mod.beta}) is not covered (beta = 1 is)")
-        return "softplus", float(mod.threshold)
-    parent = next((b.__name__ for b in (nn.Tanh, nn.Sigmoid, nn.GELU, nn.Softplus)
-                   if isinstance(mod, b)), None)
+    entry = module_activation(kind)   # exact type: a subclass is no entry
+    if entry is not None and entry.proven:
+        if kind is nn.GELU:
+            if mod.approximate == "none":
+                return "gelu", None
+            raise UnsupportedModel(f"GELU(approximate={mod.approximate!r}) has no proven "
+                                   "sup|σ″| (the exact erf form, approximate='none', has)")
+        if kind is nn.Softplus:
+            if mod.beta != 1:
+                raise UnsupportedModel(f"Softplus(beta={mod.beta}) is not covered (beta = 1 is)")
+            return "softplus", float(mod.threshold)
+        return entry.name, None
+    parent = next((s.module.__name__ for s in ACTIVATIONS.values()
+                   if s.proven and isinstance(mod, s.module)), None)
     if parent is not None:
         raise UnsupportedModel(f"activation {kind.__name__} is a subclass of nn.{parent}: its "
                                "forward may compute another function; use nn."

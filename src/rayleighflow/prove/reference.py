@@ -12,17 +12,16 @@ from typing import Any
 
 import mpmath as mp
 
+from ..activations import ACTIVATIONS
 from ..data import Dataset
 from ..problem import Problem
 
 __all__ = ["reference_constants"]
 
-_SIGMA = {
-    "tanh": mp.tanh,
-    "softplus": lambda z: mp.log1p(mp.exp(z)),
-    "sigmoid": lambda z: 1 / (1 + mp.exp(-z)),
-    "gelu": lambda z: z * mp.ncdf(z),
-}
+def _sigma(name: str):
+    """σ in mpmath, from the activation registry's reference form."""
+    ref = ACTIVATIONS[name].reference
+    return lambda z: ref(mp, z)
 
 
 def _sup_abs(fn, lo=-12, hi=12, n=2401) -> Any:
@@ -47,7 +46,7 @@ def reference_constants(problem: Problem, data: Dataset | None = None,
     net = problem.model.module
     data = problem.data if data is None else data
     with mp.workdps(dps):
-        sig = _SIGMA[net.activation]
+        sig = _sigma(net.activation)
         d1 = lambda z: mp.diff(sig, z)                   # noqa: E731
         d2 = lambda z: mp.diff(sig, z, 2)                # noqa: E731
         params = {**problem.model.buffers, **problem.params}

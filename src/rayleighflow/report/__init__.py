@@ -1,19 +1,19 @@
-"""The report layer: reads a run folder and renders figures, summary.json and report.html.
+"""The report layer: reads a run folder and renders its figures and report.html.
 
 It never imports torch and never recomputes physics: everything shown comes from the files an
 experiment saved (docs/RUN_FOLDER.md). Entry point: :func:`report_from_dir`.
 """
 
-from .figures import RenderedFigure, render_figures, validate_figures_spec
-from .html import format_number, render_report, report_from_dir
-from .rundir import recorded_summary
-from .summary import (
+from ..rundir import (  # the run folder's owner; re-exported for the report's callers
     REQUIRED_SUMMARY_KEYS,
     read_summary,
+    recorded_summary,
     validate_summary,
     versions,
     write_summary,
 )
+from .figures import RenderedFigure, render_figures, validate_figures_spec
+from .html import format_number, render_report, report_from_dir
 
 __all__ = [
     "REQUIRED_SUMMARY_KEYS",

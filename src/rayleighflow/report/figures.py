@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .._io import atomic_write
 from .figspec import (
     RunData,
     figure_problems,
@@ -142,11 +142,10 @@ def _save(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
     paths = []
     for fmt in ("png", "svg"):
         path = out_dir / f"{name}.{fmt}"
-        tmp = out_dir / f".{name}.{fmt}.tmp"
         with matplotlib.rc_context(_STYLE):
-            fig.savefig(tmp, format=fmt, dpi=DPI, facecolor="white",
-                        metadata={"Date": None} if fmt == "svg" else None)
-        os.replace(tmp, path)
+            atomic_write(path, lambda fh, fmt=fmt: fig.savefig(
+                fh, format=fmt, dpi=DPI, facecolor="white",
+                metadata={"Date": None} if fmt == "svg" else None), binary=True)
         paths.append(path)
     return paths[0], paths[1]
 

@@ -20,9 +20,9 @@ from typing import Any
 import jinja2
 from markupsafe import Markup, escape
 
+from .._io import atomic_write_text, finite_or_none
+from ..rundir import REQUIRED_SUMMARY_KEYS, RunContents, check_run_dir, load_run, versions
 from .figures import RenderedFigure, render_figures
-from .rundir import RunContents, check_run_dir, load_run
-from .summary import REQUIRED_SUMMARY_KEYS, atomic_write_text, versions
 
 __all__ = ["render_report", "report_from_dir", "format_number", "certified_reduction",
            "VACUOUS_FRACTION"]
@@ -86,12 +86,6 @@ def format_duration(seconds: Any) -> str:
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
-def _num(v: Any) -> float | None:
-    if isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(float(v)):
-        return float(v)
-    return None
-
-
 def certified_reduction(c: Mapping[str, Any], summary: Mapping[str, Any] | None = None
                         ) -> dict[str, Any]:
     """L₀, the bound at the end, their ratio and whether a holding certificate is vacuous
@@ -100,11 +94,11 @@ def certified_reduction(c: Mapping[str, Any], summary: Mapping[str, Any] | None 
     L₀ is the certificate's ``loss_initial``; a run folder that predates that key falls back
     to the summary's, for a single-flow summary only (one with ``flow_status``).
     """
-    l0 = _num(c.get("loss_initial"))
+    l0 = finite_or_none(c.get("loss_initial"))
     if l0 is None and "loss_initial" not in c and summary is not None \
             and "flow_status" in summary:
-        l0 = _num(summary.get("loss_initial"))
-    bound = _num(c.get("bound_final"))
+        l0 = finite_or_none(summary.get("loss_initial"))
+    bound = finite_or_none(c.get("bound_final"))
     ratio = bound / l0 if l0 and bound is not None else None
     vacuous = (c.get("status") == "holds" and ratio is not None
                and ratio > 1.0 - VACUOUS_FRACTION)
@@ -120,7 +114,7 @@ def _highlights(s: Mapping[str, Any], certs: list[dict[str, Any]],
                 trajs: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """The few numbers a reader looks for first, as cards; a multi-flow run gets cards for
     the whole set of flows."""
-    l0, l1 = _num(s.get("loss_initial")), _num(s.get("loss_final"))
+    l0, l1 = finite_or_none(s.get("loss_initial")), finite_or_none(s.get("loss_final"))
     ratio = l1 / l0 if l0 and l1 is not None else None
     held = [c["label"] or c["desingularizer"] for c in certs
             if c["status"] == "holds" and not c["vacuous"]]
@@ -159,7 +153,7 @@ def _highlights(s: Mapping[str, Any], certs: list[dict[str, Any]],
 
 def _lambda_min(s: Mapping[str, Any]) -> Any:
     """λ_min, shown as 0 when it is below the rank threshold (e.g. −3.9e−17: rounding)."""
-    lam, thr = _num(s.get("lambda_min")), _num(s.get("rank_threshold"))
+    lam, thr = finite_or_none(s.get("lambda_min")), finite_or_none(s.get("rank_threshold"))
     if lam is not None and thr is not None and abs(lam) <= thr:
         return Markup("0 <span class=\"hint\">({} is below the rank threshold {})</span>"
                       ).format(format_number(lam, 2), format_number(thr, 2))
@@ -198,7 +192,7 @@ def _summary_rows(s: Mapping[str, Any]) -> list[tuple[Any, Any, Any, str]]:
                  if s.get("rank_threshold") is not None else Markup(""))
     if s.get("rank") is not None and s.get("rank") == s.get("nk"):
         rank_hint = Markup("full rank; ") + rank_hint if rank_hint else Markup("full rank")
-    l0, l1 = _num(s.get("loss_initial")), _num(s.get("loss_final"))
+    l0, l1 = finite_or_none(s.get("loss_initial")), finite_or_none(s.get("loss_final"))
     rows = [
         ("Parameters P", format_number(s.get("P")), "", ""),
         ("Outputs nk", format_number(s.get("nk")), "samples × outputs", ""),
@@ -218,7 +212,7 @@ def _summary_rows(s: Mapping[str, Any]) -> list[tuple[Any, Any, Any, str]]:
          "constants are stated in this convention", ""),
     ]
     if "max_bound_violation" in s:
-        v = _num(s["max_bound_violation"])
+        v = finite_or_none(s["max_bound_violation"])
         held = None if v is None else v <= 0
         rows.append(("Max bound violation", format_number(s["max_bound_violation"]),
                      {True: "≤ 0: every bound held", False: "> 0: a bound failed somewhere",
@@ -246,11 +240,11 @@ def _certificates(s: Mapping[str, Any]) -> list[dict[str, Any]]:
                 format_number(violation[0]))
             if len(violation) > 1:
                 violation_text += Markup(": {}").format(violation[1])
-        mbv = _num(c.get("max_bound_violation"))
+        mbv = finite_or_none(c.get("max_bound_violation"))
         mu_hint = ""
-        if c.get("mu_source") != "observed" and _num(c.get("mu_star")) is not None:
+        if c.get("mu_source") != "observed" and finite_or_none(c.get("mu_star")) is not None:
             mu_hint = Markup("observed μ* = {}").format(format_number(c["mu_star"]))
-            if _num(c.get("t_at_mu_star")) is not None:
+            if finite_or_none(c.get("t_at_mu_star")) is not None:
                 mu_hint += Markup(" at t = {}").format(format_number(c["t_at_mu_star"]))
         red = certified_reduction(c, s)
         reduction = ""
@@ -265,7 +259,7 @@ def _certificates(s: Mapping[str, Any]) -> list[dict[str, Any]]:
                           ("forecast_time_to", "forecast time to target {}"),
                           ("n_records", "{} records"),
                           ("n_grad_evals_checked", "{} gradient evaluations checked")):
-            if _num(c.get(key)) is not None:
+            if finite_or_none(c.get(key)) is not None:
                 times.append(Markup(what).format(format_number(c[key])))
         out.append({
             "scope": str(c.get("scope")) if c.get("scope") else "",
@@ -323,7 +317,7 @@ def _figure(f: RenderedFigure) -> dict[str, Any]:
 def _banner(s: Mapping[str, Any], run: RunContents) -> tuple[str, Any]:
     status = str(s.get("status") or "unknown")
     headline, text = _BANNERS.get(status, (status.capitalize(), "Unknown run status{until}."))
-    t_final = _num(s.get("t_final"))
+    t_final = finite_or_none(s.get("t_final"))
     trajs = run.trajectories
     if len(trajs) > 1 and status != "complete":
         done = sum(t.status not in (None, "interrupted", "failed") for t in trajs)

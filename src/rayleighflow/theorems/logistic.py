@@ -38,6 +38,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import optimize, special
 
+from rayleighflow._types import check_weights
 from rayleighflow.desingularizers import CrossEntropy, ScaledCrossEntropy
 
 __all__ = [
@@ -225,25 +226,14 @@ def max_margin_separator(
 
 
 def isolation(weights: ArrayLike) -> float:
-    """κ = min_i w_i for probability weights (positive, finite, Σ w_i = 1 within 1e-12)."""
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1 or w.size == 0:
-        raise ValueError(f"weights must be a non-empty 1-D array; got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("weights must be finite")
-    if not np.all(w > 0):
-        raise ValueError(f"weights must be strictly positive; smallest is {w.min()!r}")
-    total = math.fsum(w.tolist())
-    if abs(total - 1.0) > 1e-12:
-        raise ValueError(f"weights must sum to 1 (within 1e-12); they sum to {total!r}")
-    return float(w.min())
+    """κ = min_i w_i for probability weights (see :func:`rayleighflow._types.check_weights`)."""
+    check_weights(weights)
+    return float(np.min(np.asarray(weights, dtype=np.float64)))
 
 
 def _weights(weights: ArrayLike | None, n: int) -> FloatArray:
     w = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (n,):
-        raise ValueError(f"weights must have length {n} (one per sample); got shape {w.shape}")
-    isolation(w)
+    check_weights(w, n)
     return w
 
 

@@ -11,10 +11,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TwoLayer", "ACTIVATIONS"]
+from ..activations import ACTIVATIONS, activation_spec
 
-ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": nn.functional.gelu,
-               "sigmoid": torch.sigmoid, "softplus": nn.functional.softplus}
+__all__ = ["TwoLayer"]
 
 
 class TwoLayer(nn.Module):
@@ -27,9 +26,7 @@ class TwoLayer(nn.Module):
                  generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}: use one of "
-                             f"{', '.join(ACTIVATIONS)}")
+        activation_spec(activation)  # a one-line ValueError naming the registry's activations
         g = generator
         self.width, self.activation = width, activation
         self.hidden = nn.Linear(dim, width, dtype=dtype)
@@ -41,4 +38,5 @@ class TwoLayer(nn.Module):
             self.out.weight.copy_(torch.randn(outputs, width, generator=g, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(ACTIVATIONS[self.activation](self.hidden(x))) / math.sqrt(self.width)
+        sigma = ACTIVATIONS[self.activation].function
+        return self.out(sigma(self.hidden(x))) / math.sqrt(self.width)

@@ -1,4 +1,6 @@
-"""summary.json: the machine-readable result of a run (docs/RUN_FOLDER.md).
+"""summary.json: the machine-readable result of a run (docs/RUN_FOLDER.md): its schema
+(:data:`REQUIRED_SUMMARY_KEYS`, :func:`validate_summary`), its writer and reader, and
+:func:`versions`.
 
 The experiment builds a plain dict and hands it to :func:`write_summary`, which checks it
 against the contract, turns numpy scalars and arrays into JSON values and non-finite floats into
@@ -17,11 +19,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime
 from enum import Enum
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .._io import atomic_write_text, finite_or_none
 
 __all__ = ["REQUIRED_SUMMARY_KEYS", "CERTIFICATE_KEYS", "STATUSES", "validate_summary",
            "write_summary", "read_summary", "versions", "json_safe"]
@@ -160,8 +162,7 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, Integral):
         return int(value)
     if isinstance(value, Real):
-        f = float(value)
-        return f if math.isfinite(f) else None
+        return finite_or_none(value)
     if isinstance(value, str) or value is None:
         return value
     if isinstance(value, Mapping):
@@ -187,29 +188,8 @@ def write_summary(run_dir: str | Path, d: Mapping[str, Any]) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / SUMMARY_FILE
-    atomic_write_text(path, text)
+    atomic_write_text(path, text, fsync=True)
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; match the folder's other files
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Read a run folder for the report: summary.json, or what the trajectories recorded.
+"""Read a run folder: summary.json, or what the trajectories recorded.
 
 A run killed before its end never writes summary.json (it is written last). Its report is built
 from the trajectories instead: every value there is read from recorded rows (first and last
@@ -15,8 +15,7 @@ from typing import Any, final
 
 import numpy as np
 
-from rayleighflow.trajectory import Trajectory
-
+from ..trajectory import Trajectory
 from .summary import SUMMARY_FILE, read_summary, validate_summary
 
 __all__ = ["RunContents", "TrajectoryInfo", "load_run", "check_run_dir", "recorded_summary",

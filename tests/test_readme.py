@@ -1,0 +1,47 @@
+"""The README (issue 18): short, its two set-up commands first and unchanged, its Python example
+runs, its links resolve, and it quotes no measured number (those live in benchmarks/results/)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+SETUP = [
+    'python3 -m venv .venv && . .venv/bin/activate && pip install "torch==2.13.0" -e . && '
+    "rayleighflow run",
+    'python3 -m venv .venv && . .venv/bin/activate && pip install "torch==2.13.0" -e '
+    '".[test,lightning,tensorboard]" && python -m pytest',
+]
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", README, flags=re.M | re.S)
+
+
+def test_readme_is_short_and_starts_with_the_two_commands():
+    assert len(README.splitlines()) <= 150
+    first = _blocks("bash")[0].splitlines()
+    assert first[:2] == SETUP
+    assert README.index("```bash") < README.index("##")  # before any section
+
+
+def test_readme_python_example_runs(capsys):
+    blocks = _blocks("python")
+    assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) <= 10
+    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "__readme__"})
+    assert "holds" in capsys.readouterr().out
+
+
+def test_readme_links_and_figure_exist():
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README)
+    assert any(t.endswith(".png") for t in targets)
+    missing = [t for t in targets if not t.startswith("http") and not (ROOT / t).exists()]
+    assert not missing, missing
+    assert (ROOT / "docs/assets/demo-loss.png").stat().st_size < 300_000
+
+
+def test_readme_quotes_no_benchmark_numbers():
+    # speed-ups, overheads and timings belong to benchmarks/results/*.json (Performance page)
+    assert not re.search(r"\d\s*×|\d+(\.\d+)?\s*(ms|µs)\b|\d+(\.\d+)?%", README)
