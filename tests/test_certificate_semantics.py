@@ -11,7 +11,8 @@ from torch import nn
 
 import rayleighflow as rf
 from rayleighflow.certificate import CertificateStatus, Reason, Scope
-from rayleighflow.certify import certify, compose, rank_desingularizers, spectral
+from rayleighflow.certify import certify, rank_desingularizers
+from rayleighflow.composition import compose, spectral
 from rayleighflow.data import Dataset
 from rayleighflow.desingularizers import CrossEntropy, Custom, best_desingularizer
 from rayleighflow.experiments.common import spectrum_diagnostic

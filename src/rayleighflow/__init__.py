@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from ._types import Convention, Params
 from .certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
-from .certify import certify, compose, kl_ratios, rank_desingularizers, spectral
+from .certify import certify, kl_ratios, rank_desingularizers
+from .composition import compose, spectral
 from .data import Dataset, Gaussian, Sampler, TeacherStudent, UniformBox, load_sklearn
 from .desingularizers import (
     CrossEntropy,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import final
+from typing import ClassVar, final
 
 import torch
 from torch import Tensor
@@ -52,9 +52,34 @@ class FunctionalKL:
 
 
 class Loss(abc.ABC):
-    """A functional loss. ``f`` is always (n, k); targets are validated by ``check_targets``."""
+    """A functional loss. ``f`` is always (n, k); targets are validated by ``check_targets``.
 
-    name: str
+    Each loss owns its facts, read by the flow, the monitor, the configuration and the
+    certificates: ``name``; ``targets`` ("real": a vector per sample, "labels": integer
+    classes); ``curvature`` (c ≥ the largest eigenvalue of ∇²_f ℓ_i at every f, the
+    Gauss–Newton stability bound's constant); ``desingularizer`` (the φ of its functional KL
+    fact); :meth:`output_width` (the model outputs it needs).
+
+    Example:
+        >>> import rayleighflow as rf
+        >>> [(l.name, l.targets, l.curvature, l.desingularizer) for l in (rf.SquareLoss(),
+        ...  rf.SoftmaxCrossEntropy(), rf.BinaryLogistic())]   # doctest: +NORMALIZE_WHITESPACE
+        [('square', 'real', 1.0, 'log'), ('cross-entropy', 'labels', 0.5, 'cross-entropy'),
+         ('logistic', 'labels', 0.25, 'cross-entropy')]
+        >>> rf.SoftmaxCrossEntropy().output_width(n_classes=10), rf.BinaryLogistic().output_width(2)
+        (10, 1)
+    """
+
+    name: ClassVar[str]
+    targets: ClassVar[str] = "real"
+    curvature: ClassVar[float | None] = None   # unknown: no stability diagnosis
+    desingularizer: ClassVar[str] = "log"
+
+    def output_width(self, n_classes: int | None = None,
+                     target_width: int | None = None) -> int | None:
+        """The model's output width on data with ``n_classes`` labels or ``target_width``-wide
+        real targets (None: not known from these)."""
+        return n_classes if self.targets == "labels" else target_width
 
     @abc.abstractmethod
     def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
@@ -97,6 +122,9 @@ class SquareLoss(Loss):
     """
 
     name = "square"
+    targets = "real"
+    curvature = 1.0            # ∇²_f ℓ_i = I
+    desingularizer = "log"
 
     def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
         return 0.5 * ((f - y) ** 2).sum(dim=-1)
@@ -161,6 +189,9 @@ class SoftmaxCrossEntropy(Loss):
     """
 
     name = "cross-entropy"
+    targets = "labels"
+    curvature = 0.5            # diag(p) − ppᵀ has norm ≤ 1/2
+    desingularizer = "cross-entropy"
 
     def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
         # (M − f_y) + log1p(Σ_{j≠argmax} e^{f_j − M}): full relative precision when the true
@@ -236,6 +267,13 @@ class BinaryLogistic(Loss):
     """
 
     name = "logistic"
+    targets = "labels"
+    curvature = 0.25           # σ(z)(1 − σ(z)) ≤ 1/4
+    desingularizer = "cross-entropy"
+
+    def output_width(self, n_classes: int | None = None,
+                     target_width: int | None = None) -> int | None:
+        return 1   # one logit
 
     def per_sample(self, f: Tensor, y: Tensor) -> Tensor:
         s = 2.0 * y.to(f.dtype) - 1.0

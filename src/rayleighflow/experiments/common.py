@@ -10,7 +10,8 @@ import torch
 
 from .._io import finite_or_none
 from ..certificate import Certificate, CertificateStatus
-from ..certify import certify, compose, rank_desingularizers
+from ..certify import certify, rank_desingularizers
+from ..composition import compose
 from ..data import Dataset
 from ..desingularizers import get_desingularizer
 from ..flow import FlowResult

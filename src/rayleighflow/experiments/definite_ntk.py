@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..certify import spectral
+from ..composition import spectral
 from ..data import Dataset
 from ..flow import Columns, Dopri5, LogSpaced
 from ..problem import Model, Problem

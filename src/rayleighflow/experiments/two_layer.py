@@ -34,7 +34,8 @@ from scipy.stats import beta
 
 from .._time import within
 from ..certificate import Certificate
-from ..certify import certify, compose
+from ..certify import certify
+from ..composition import compose
 from ..data import Dataset, UniformBox, smooth_target
 from ..desingularizers import Plateau
 from ..flow import Columns, GradientDescent, Times

@@ -29,7 +29,6 @@ from .sinks import RunFolder, Sink
 __all__ = ["Monitor", "MonitorError", "DEFAULT_DESINGULARIZERS"]
 
 DEFAULT_DESINGULARIZERS = ("log", "reciprocal", "cross-entropy")
-_PRIMARY = {"square": "log", "cross-entropy": "cross-entropy", "logistic": "cross-entropy"}
 # Relative tolerance of the loss-consistency check, by the outputs' dtype.
 _LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
               torch.bfloat16: 1e-2}
@@ -182,7 +181,7 @@ class Monitor:
         self.layout = ParamLayout.of(model, groups)
         self.optimizer = optimizer
         self.family = [get_desingularizer(d) for d in desingularizers]
-        self.phi = get_desingularizer(_PRIMARY.get(self.loss.name, "log"))
+        self.phi = get_desingularizer(self.loss.desingularizer)
         self.sync_every, self.full_every, self.probe_every = sync_every, full_every, probe_every
         self.full_data, self.split = full_data, split
         self.target_loss = target_loss

@@ -28,11 +28,10 @@ from typing import Any, final
 import numpy as np
 
 from ..desingularizers import Desingularizer
+from ..losses import LOSS_NAMES, get_loss
 
-__all__ = ["Diagnosis", "Forecast", "Diagnoser", "forecast", "LOSS_CURVATURE"]
+__all__ = ["Diagnosis", "Forecast", "Diagnoser", "forecast"]
 
-#: Largest eigenvalue of the per-sample loss Hessian in f (curvature bound c).
-LOSS_CURVATURE = {"square": 1.0, "cross-entropy": 0.5, "logistic": 0.25}
 
 
 @final
@@ -236,7 +235,7 @@ class Diagnoser:
 def stability(step: int, lr: float, momentum: float, adaptive: bool, lambda_max: float,
               loss_name: str) -> Diagnosis | None:
     """Edge-of-stability check η·λ_max(K) against 2(1 + β)/c (see the module docstring)."""
-    c = LOSS_CURVATURE.get(loss_name)
+    c = get_loss(loss_name).curvature if loss_name in LOSS_NAMES else None
     if c is None or not math.isfinite(lambda_max) or lr <= 0:
         return None
     value, limit = lr * lambda_max, 2.0 * (1.0 + momentum) / c
