@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import time
 from collections import deque
@@ -11,34 +10,24 @@ from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, final
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .._types import Convention
 from ..desingularizers import get_desingularizer
 from ..losses import Loss, SquareLoss, get_loss
-from ._batch import PendingStep, eager_sums, evaluate_steps, flatten_batch, grad_norms
+from ._batch import PendingStep, eager_sums, flatten_batch, grad_norms
 from ._params import ParamLayout
 from ._ranks import RankGroup, unwrap
-from .diagnose import Diagnoser, Diagnosis, Forecast, forecast, stability
-from .fulldata import full_data_estimate
+from ._readback import LOSS_RTOL, ReadBack
+from ._reports import Reports
+from .diagnose import Diagnoser, Diagnosis, Forecast
 from .probe import ProbeSet
 from .sinks import RunFolder, Sink
 
 __all__ = ["Monitor", "MonitorError", "DEFAULT_DESINGULARIZERS"]
 
 DEFAULT_DESINGULARIZERS = ("log", "reciprocal", "cross-entropy")
-# Relative tolerance of the loss-consistency check, by the outputs' dtype.
-_LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
-              torch.bfloat16: 1e-2}
-# Largest relative difference of ‖.grad‖² pieces between ranks still read as synchronized.
-_RANK_SPREAD = 1e-6
-_SCOPE_NOTE = ("These are diagnostics, not certificates: a certificate in the sense of "
-               "CERTIFICATES.md needs full-batch gradient descent or flow, and the monitor "
-               "watches mini-batch or adaptive updates. A forecast assumes the KL ratio stays "
-               "≥ μ; nothing checks that it will.")
-
 
 _GRAD, _LR = attrgetter("grad"), itemgetter("lr")
 
@@ -48,7 +37,7 @@ class MonitorError(RuntimeError):
 
 
 @final
-class Monitor:
+class Monitor(ReadBack, Reports):
     """Watches a training loop: per step, from the outputs and the gradients already in ``.grad``
 
         L_B,  ‖∇L_B‖² = Σ_p ‖p.grad‖²,  ‖∇ℓ‖²_D = Σ ω_i ‖g_i‖²,  R(K; ∇ℓ) = ‖∇L_B‖² / ‖∇ℓ‖²_D,
@@ -321,7 +310,7 @@ class Monitor:
         f, yf = flatten_batch(self.loss, out, y)
         if self._k is None:
             self._k = int(f.shape[1])
-            self._rtol = _LOSS_RTOL.get(f.dtype, 1e-4)
+            self._rtol = LOSS_RTOL.get(f.dtype, 1e-4)
         elif f.shape[1] != self._k:
             raise ValueError(f"outputs have width {f.shape[1]} but earlier steps had {self._k}")
         lt = None
@@ -336,7 +325,7 @@ class Monitor:
             if lt.dtype is not self._loss_dtype:
                 # a loss computed in lower precision than the outputs is checked to its precision
                 self._loss_dtype = lt.dtype
-                self._rtol = max(self._rtol, _LOSS_RTOL.get(lt.dtype, 1e-4))
+                self._rtol = max(self._rtol, LOSS_RTOL.get(lt.dtype, 1e-4))
         if f.numel() * self.sync_every > self.max_stored:
             sums = eager_sums(self.loss, f, yf, check=not self._targets_checked)
             self._targets_checked = True
@@ -473,205 +462,6 @@ class Monitor:
                 f"gradient (.grad is None: unused in this forward pass): "
                 f"{', '.join(missing[:6])}; counted as zero")))
 
-    # -- read-back --------------------------------------------------------------------------
-    def flush(self) -> list[dict[str, Any]]:
-        """Read back pending steps (one host synchronization), write them to the sinks, run the
-        diagnosis; returns the new per-step rows."""
-        if not self._pending:
-            return []
-        pending = [p if type(p) is PendingStep else PendingStep(p[0], p[1], [p[2]], [p[3]], *p[4:])
-                   for p in self._pending]   # _fast_step queues tuples
-        self._pending = []
-        if not self._targets_checked and any(p.computed is None for p in pending):
-            self._targets_checked = True  # evaluate_steps checks the labels it concatenates
-        vals = evaluate_steps(self.loss, pending, self.convention, self.ranks)
-        rows = [self._row(p, vals, i) for i, p in enumerate(pending)]
-        self._kl_columns(rows)
-        self.rows.extend(rows)
-        for s in self.sinks:
-            s.write("main", rows)
-        for d in self.diagnoser.update(rows, list(self.layout.groups)):
-            self._emit(d)
-        if self.target_loss is not None:
-            self._update_forecast()
-        return rows
-
-    def _row(self, p: PendingStep, vals: dict[str, list], i: int) -> dict[str, Any]:
-        loss, fg, n = vals["loss"][i], vals["fgrad_sq"][i], vals["n"][i]
-        param_sq = vals["param_sq"][i]
-        group_sq = self.layout.group_sums(param_sq)
-        grad_sq = float(sum(group_sq.values()))
-        row: dict[str, Any] = {"t": p.index, "step": p.index, "loss": loss, "grad_sq": grad_sq,
-                               "fgrad_sq": fg}
-        passed = vals["loss_passed"][i]
-        ok = True
-        if self.ranks is not None:
-            ok = self._rank_checks(p.index, vals["spread"][i], bool(vals["unequal"][i]))
-        if ok and self.clip_norm is not None and math.sqrt(grad_sq) >= self.clip_norm * (1 - 1e-5):
-            ok = False
-            self._clipped += 1
-            if self._clipped == 1 or self._clipped % 100 == 0:
-                self._emit(Diagnosis(p.index, "clipped", (
-                    f"step {p.index}: ‖.grad‖ = {math.sqrt(grad_sq):.6g} reached the clipping "
-                    f"norm {self.clip_norm:g}: .grad was (or may have been) rescaled, so it is "
-                    f"not ∇L_B and ‖∇L‖² = R·‖∇ℓ‖²_D does not hold; {self._clipped} such step(s) "
-                    "get no quotient (measure before clipping, or max_grad_norm=0)"),
-                    {"clip_norm": self.clip_norm}))
-        if ok and p.losses and math.isfinite(passed) and math.isfinite(loss):
-            eps = 10 * torch.finfo(torch.float32 if self._rtol > 1e-9 else torch.float64).eps
-            ok = abs(passed - loss) <= self._rtol * abs(loss) + eps
-            if not ok:
-                self._mismatch(p.index, passed, loss)
-        if fg > 0 and ok:
-            row["rayleigh"] = grad_sq / fg
-            row.update({f"rayleigh[{g}]": v / fg for g, v in group_sq.items()})
-            if math.isfinite(row["rayleigh"]):
-                self._rayleigh_min = min(self._rayleigh_min, row["rayleigh"])
-        else:
-            row["rayleigh"] = math.nan
-            row.update({f"rayleigh[{g}]": math.nan for g in group_sq})
-        row["n"] = n
-        if p.losses:
-            row["loss_passed"] = passed
-        if p.lrs:
-            lr_of = [p.lrs[j] if j >= 0 else 0.0 for j in self._group_of_param]
-            row["lr"] = p.lrs[0]
-            row["gd_decrease"] = float(sum(a * b for a, b in zip(lr_of, param_sq, strict=True)))
-            if math.isfinite(row["gd_decrease"]):
-                self._gd_since_full += row["gd_decrease"]
-        if self._first_loss is None and math.isfinite(loss):
-            self._first_loss = loss
-        self._batch_n = n
-        if math.isfinite(loss) and math.isfinite(grad_sq):
-            self._recent.append((p.index, loss, grad_sq))
-        if p.index > 0 and grad_sq == 0 and fg > 0:
-            self._emit(Diagnosis(p.index, "zero-gradient", (
-                f"step {p.index}: every gradient is exactly zero while ‖∇ℓ‖²_D = {fg:.4g} > 0 "
-                "(monitor.step after zero_grad(set_to_none=False)?)")))
-        return row
-
-    def _rank_checks(self, step: int, spread: float, unequal: bool) -> bool:
-        """Under DDP: False (no quotient) when the ranks' gradients differ; the weights of
-        unequal per-rank batches said once."""
-        if unequal and self.convention is Convention.MEAN and not self._unequal_said:
-            self._unequal_said = True
-            self._emit(Diagnosis(step, "unequal-rank-batches", (
-                f"step {step}: the ranks' batches differ in size: DDP averages the ranks' "
-                "mean-loss gradients, so .grad is the gradient of (1/W)·Σ_r L_r, which weighs a "
-                "sample of rank r by 1/(W·n_r), not the global-batch mean; L_B, ‖∇ℓ‖²_D and "
-                "R(K; ∇ℓ) are recorded with those weights (the quotient of the kernel in that "
-                "weighted L²)")))
-        if spread > _RANK_SPREAD:
-            self._unsynced += 1
-            if self._unsynced == 1:
-                self._emit(Diagnosis(step, "unsynchronized-gradients", (
-                    f"step {step}: the ranks hold different gradients (relative difference "
-                    f"{spread:.3g} of ‖.grad‖²): .grad is not DDP's all-reduced average (model "
-                    "not wrapped in DistributedDataParallel, or no_sync() on the last "
-                    "micro-batch), so ‖∇L‖² = R·‖∇ℓ‖²_D does not hold on the union batch; such "
-                    "steps get no quotient (distributed=False monitors each rank alone)")))
-            return False
-        return True
-
-    def _kl_columns(self, rows: list[dict[str, Any]]) -> None:
-        """kl[φ] = φ'(L_B)‖∇L_B‖² for the family, one vectorized call per φ; NaN where the
-        quotient is void (loss mismatch) or L_B ≤ 0."""
-        loss = np.array([r["loss"] for r in rows], dtype=np.float64)
-        gsq = np.array([r["grad_sq"] for r in rows], dtype=np.float64)
-        void = np.array([math.isnan(r["rayleigh"]) and r["fgrad_sq"] > 0 for r in rows])
-        ok = ~void & np.isfinite(loss) & (loss > 0)
-        for d in self.family:
-            with np.errstate(over="ignore", invalid="ignore"):
-                kl = np.where(ok, np.asarray(d.kl_ratio(np.where(ok, loss, 1.0), gsq),
-                                             dtype=np.float64), np.nan).tolist()
-            key = f"kl[{d.name}]"
-            for r, v in zip(rows, kl, strict=True):
-                r[key] = v
-
-    def _mismatch(self, step: int, passed: float, loss: float) -> None:
-        self._mismatches += 1
-        if self._mismatches == 1 or self._mismatches % 100 == 0:
-            self._emit(Diagnosis(step, "loss-mismatch", (
-                f"step {step}: the loss passed ({passed:.8g}) differs from the declared "
-                f"{self.loss.name} loss ({self.convention.value} convention) recomputed from the "
-                f"outputs ({loss:.8g}; relative {abs(passed - loss) / max(abs(loss), 1e-300):.2g}"
-                f" > {self._rtol:g}): .grad is not the gradient of the declared loss (a penalty, "
-                f"label smoothing, another reduction?), so ‖∇L‖² = R·‖∇ℓ‖²_D does not hold; "
-                f"{self._mismatches} such step(s) get no quotient"),
-                {"passed": passed, "declared": loss}))
-
-    # -- periodic estimates -----------------------------------------------------------------
-    def _full(self, step: int) -> None:
-        est = full_data_estimate(self.model, self.full_data, self.loss,
-                                 convention=self.convention, layout=self.layout,
-                                 split=self.split, ranks=self.ranks)
-        row: dict[str, Any] = {"t": step, "step": step, **est.as_row()}
-        for d in self.family:
-            row[f"kl[{d.name}]"] = float(d.kl_ratio(est.loss, est.grad_sq))
-        # The decrease from the previous estimate (step a) to this one (step b) is made by the
-        # updates of steps a..b-1; step b's own update comes after this estimate.
-        current = self.rows[-1].get("gd_decrease", 0.0) if self.rows else 0.0
-        current = current if math.isfinite(current) else 0.0
-        made = self._gd_since_full - current
-        if self.full_rows and self._group_of_param is not None and made > 0:
-            row["decrease_ratio"] = (self.full_rows[-1]["loss"] - est.loss) / made
-        self._gd_since_full = current
-        self.full_rows.append(row)
-        for s in self.sinks:
-            s.write("full", [row])
-        if self.target_loss is not None:
-            self._update_forecast()
-
-    def full_estimate(self):
-        """The exact full-data estimate now (no record is written)."""
-        if self.full_data is None:
-            raise ValueError("no full_data loader was given to the Monitor")
-        return full_data_estimate(self.model, self.full_data, self.loss,
-                                  convention=self.convention, layout=self.layout,
-                                  split=self.split, ranks=self.ranks)
-
-    def _probe(self, step: int) -> None:
-        spec = self.probe.spectrum()
-        row = {"t": step, "step": step, **spec.as_row(),
-               "lambda_min_label": spec.lambda_min_label}
-        self.probe_rows.append(row)
-        for s in self.sinks:
-            s.write("probe", [row])
-        opt = self.optimizer
-        if opt is not None:
-            g0 = opt.param_groups[0]
-            lr = max(float(g["lr"]) for g in opt.param_groups)
-            adaptive = not isinstance(opt, torch.optim.SGD)
-            d = stability(step, lr, 0.0 if adaptive else float(g0.get("momentum", 0.0)),
-                          adaptive, spec.lambda_max, self.loss.name)
-            if d is not None and not self._unstable:
-                self._emit(d)
-            self._unstable = d is not None
-
-    # -- forecast ---------------------------------------------------------------------------
-    def forecast(self, target: float | None = None) -> Forecast:
-        """Forecast (if the ratio stays ≥ μ) of the step at which the loss reaches ``target``:
-        from the last five full-data estimates when there are two or more, else from the last
-        window of batch records (see :func:`rayleighflow.monitor.diagnose.forecast`)."""
-        target = self.target_loss if target is None else target
-        if target is None:
-            raise ValueError("give a target loss: monitor.forecast(0.01)")
-        self.flush()
-        full = [r for r in self.full_rows if math.isfinite(r["loss"])]
-        if len(full) >= 2:
-            recent = full[-5:]
-            return forecast(self.phi, target, [r["step"] for r in recent],
-                            [r["loss"] for r in recent], [r["grad_sq"] for r in recent],
-                            f"full-data estimates at steps {recent[0]['step']}–"
-                            f"{recent[-1]['step']}")
-        rec = list(self._recent)
-        src = (f"batch records, steps {rec[0][0]}–{rec[-1][0]}" if rec else "no batch record")
-        return forecast(self.phi, target, [r[0] for r in rec], [r[1] for r in rec],
-                        [r[2] for r in rec], src)
-
-    def _update_forecast(self) -> None:
-        self.last_forecast = self.forecast()
-
     # -- messages, summary, close -----------------------------------------------------------
     def _emit(self, d: Diagnosis, echo: bool = True) -> None:
         self.diagnoses.append(d)
@@ -683,54 +473,6 @@ class Monitor:
     def _check_open(self) -> None:
         if self._closed:
             raise MonitorError("the monitor is closed: create a new one for another run")
-
-    def summary(self, status: str = "complete") -> dict[str, Any]:
-        """summary.json for the run folder (docs/RUN_FOLDER.md); ``certificates`` stays empty."""
-        from ..rundir import versions
-
-        last_main = self.rows[-1] if self.rows else {}
-        full = self.full_rows[-1] if self.full_rows else None
-        probe = self.probe_rows[-1] if self.probe_rows else None
-        k = self._k or 0
-        nk = int(full["n_samples"] * k) if full else int((self._batch_n or 0) * k)
-        fc = self.last_forecast if self.target_loss is not None else None
-        kinds = ("collapse", "plateau", "edge-of-stability", "non-finite", "loss-mismatch",
-                 "missing-gradients", "zero-gradient", "frozen", "update-rule", "distributed",
-                 "unequal-rank-batches", "unsynchronized-gradients", "clipped")
-        notes = [_SCOPE_NOTE]
-        notes += [d.message for d in self.diagnoses if d.kind in kinds]
-        notes.append("t is the optimizer step; loss_final is the last "
-                     + ("full-data estimate" if full else "batch loss")
-                     + f"; nk = {nk} counts the " + ("full data" if full else "last batch")
-                     + f" (n·k, k = {k})")
-        if probe is not None:
-            notes.append(f"rank and λ are those of the probe set (nk = {int(probe['nk'])}); "
-                         f"λ_min label: {probe['lambda_min_label']}")
-        if fc is not None:
-            notes.append(fc.text)
-        return {
-            "experiment": self.name, "status": status, "convention": self.convention.value,
-            "P": self.layout.n_params, "nk": nk,
-            "loss_initial": self._first_loss,
-            "loss_final": full["loss"] if full else last_main.get("loss"),
-            "t_final": last_main.get("step"),
-            "rank": None if probe is None or probe["rank"] is None else int(probe["rank"]),
-            "lambda_min": None if probe is None else probe["lambda_min"],
-            "lambda_max": None if probe is None else probe["lambda_max"],
-            "rayleigh_min": self._rayleigh_min if math.isfinite(self._rayleigh_min) else None,
-            "certificates": [],
-            "run_time_s": time.perf_counter() - self._begin,
-            "versions": versions(),
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "description": f"rayleighflow.Monitor on a user training loop ({self.loss.name} "
-                           "loss): diagnostics, not certificates",
-            "notes": notes,
-            "steps": self._step,
-            "update_rule": self.update_rule()[1],
-            "forecast": None if fc is None else fc.as_dict(),
-            "diagnoses": [{"step": d.step, "kind": d.kind, "message": d.message}
-                          for d in self.diagnoses],
-        }
 
     def close(self, status: str = "complete") -> dict[str, Any]:
         """Flush, write the summary to every sink and close them; returns the summary."""

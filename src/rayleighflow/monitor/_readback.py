@@ -1,0 +1,155 @@
+"""The monitor's read-back: pending steps turned into rows (one host synchronization), the
+checks that void a step's quotient (rank spread, clipping, loss mismatch) and the KL columns.
+A mixin of :class:`~rayleighflow.Monitor`, which holds the state it reads."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._types import Convention
+from ._batch import PendingStep, evaluate_steps
+from .diagnose import Diagnosis
+
+__all__ = ["ReadBack", "LOSS_RTOL"]
+
+# Relative tolerance of the loss-consistency check, by the outputs' dtype.
+LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
+              torch.bfloat16: 1e-2}
+
+# Largest relative difference of ‖.grad‖² pieces between ranks still read as synchronized.
+_RANK_SPREAD = 1e-6
+
+
+class ReadBack:
+    """flush() and the per-step row (mixed into Monitor)."""
+
+    # -- read-back --------------------------------------------------------------------------
+    def flush(self) -> list[dict[str, Any]]:
+        """Read back pending steps (one host synchronization), write them to the sinks, run the
+        diagnosis; returns the new per-step rows."""
+        if not self._pending:
+            return []
+        pending = [p if type(p) is PendingStep else PendingStep(p[0], p[1], [p[2]], [p[3]], *p[4:])
+                   for p in self._pending]   # _fast_step queues tuples
+        self._pending = []
+        if not self._targets_checked and any(p.computed is None for p in pending):
+            self._targets_checked = True  # evaluate_steps checks the labels it concatenates
+        vals = evaluate_steps(self.loss, pending, self.convention, self.ranks)
+        rows = [self._row(p, vals, i) for i, p in enumerate(pending)]
+        self._kl_columns(rows)
+        self.rows.extend(rows)
+        for s in self.sinks:
+            s.write("main", rows)
+        for d in self.diagnoser.update(rows, list(self.layout.groups)):
+            self._emit(d)
+        if self.target_loss is not None:
+            self._update_forecast()
+        return rows
+
+    def _row(self, p: PendingStep, vals: dict[str, list], i: int) -> dict[str, Any]:
+        loss, fg, n = vals["loss"][i], vals["fgrad_sq"][i], vals["n"][i]
+        param_sq = vals["param_sq"][i]
+        group_sq = self.layout.group_sums(param_sq)
+        grad_sq = float(sum(group_sq.values()))
+        row: dict[str, Any] = {"t": p.index, "step": p.index, "loss": loss, "grad_sq": grad_sq,
+                               "fgrad_sq": fg}
+        passed = vals["loss_passed"][i]
+        ok = True
+        if self.ranks is not None:
+            ok = self._rank_checks(p.index, vals["spread"][i], bool(vals["unequal"][i]))
+        if ok and self.clip_norm is not None and math.sqrt(grad_sq) >= self.clip_norm * (1 - 1e-5):
+            ok = False
+            self._clipped += 1
+            if self._clipped == 1 or self._clipped % 100 == 0:
+                self._emit(Diagnosis(p.index, "clipped", (
+                    f"step {p.index}: ‖.grad‖ = {math.sqrt(grad_sq):.6g} reached the clipping "
+                    f"norm {self.clip_norm:g}: .grad was (or may have been) rescaled, so it is "
+                    f"not ∇L_B and ‖∇L‖² = R·‖∇ℓ‖²_D does not hold; {self._clipped} such step(s) "
+                    "get no quotient (measure before clipping, or max_grad_norm=0)"),
+                    {"clip_norm": self.clip_norm}))
+        if ok and p.losses and math.isfinite(passed) and math.isfinite(loss):
+            eps = 10 * torch.finfo(torch.float32 if self._rtol > 1e-9 else torch.float64).eps
+            ok = abs(passed - loss) <= self._rtol * abs(loss) + eps
+            if not ok:
+                self._mismatch(p.index, passed, loss)
+        if fg > 0 and ok:
+            row["rayleigh"] = grad_sq / fg
+            row.update({f"rayleigh[{g}]": v / fg for g, v in group_sq.items()})
+            if math.isfinite(row["rayleigh"]):
+                self._rayleigh_min = min(self._rayleigh_min, row["rayleigh"])
+        else:
+            row["rayleigh"] = math.nan
+            row.update({f"rayleigh[{g}]": math.nan for g in group_sq})
+        row["n"] = n
+        if p.losses:
+            row["loss_passed"] = passed
+        if p.lrs:
+            lr_of = [p.lrs[j] if j >= 0 else 0.0 for j in self._group_of_param]
+            row["lr"] = p.lrs[0]
+            row["gd_decrease"] = float(sum(a * b for a, b in zip(lr_of, param_sq, strict=True)))
+            if math.isfinite(row["gd_decrease"]):
+                self._gd_since_full += row["gd_decrease"]
+        if self._first_loss is None and math.isfinite(loss):
+            self._first_loss = loss
+        self._batch_n = n
+        if math.isfinite(loss) and math.isfinite(grad_sq):
+            self._recent.append((p.index, loss, grad_sq))
+        if p.index > 0 and grad_sq == 0 and fg > 0:
+            self._emit(Diagnosis(p.index, "zero-gradient", (
+                f"step {p.index}: every gradient is exactly zero while ‖∇ℓ‖²_D = {fg:.4g} > 0 "
+                "(monitor.step after zero_grad(set_to_none=False)?)")))
+        return row
+
+    def _rank_checks(self, step: int, spread: float, unequal: bool) -> bool:
+        """Under DDP: False (no quotient) when the ranks' gradients differ; the weights of
+        unequal per-rank batches said once."""
+        if unequal and self.convention is Convention.MEAN and not self._unequal_said:
+            self._unequal_said = True
+            self._emit(Diagnosis(step, "unequal-rank-batches", (
+                f"step {step}: the ranks' batches differ in size: DDP averages the ranks' "
+                "mean-loss gradients, so .grad is the gradient of (1/W)·Σ_r L_r, which weighs a "
+                "sample of rank r by 1/(W·n_r), not the global-batch mean; L_B, ‖∇ℓ‖²_D and "
+                "R(K; ∇ℓ) are recorded with those weights (the quotient of the kernel in that "
+                "weighted L²)")))
+        if spread > _RANK_SPREAD:
+            self._unsynced += 1
+            if self._unsynced == 1:
+                self._emit(Diagnosis(step, "unsynchronized-gradients", (
+                    f"step {step}: the ranks hold different gradients (relative difference "
+                    f"{spread:.3g} of ‖.grad‖²): .grad is not DDP's all-reduced average (model "
+                    "not wrapped in DistributedDataParallel, or no_sync() on the last "
+                    "micro-batch), so ‖∇L‖² = R·‖∇ℓ‖²_D does not hold on the union batch; such "
+                    "steps get no quotient (distributed=False monitors each rank alone)")))
+            return False
+        return True
+
+    def _kl_columns(self, rows: list[dict[str, Any]]) -> None:
+        """kl[φ] = φ'(L_B)‖∇L_B‖² for the family, one vectorized call per φ; NaN where the
+        quotient is void (loss mismatch) or L_B ≤ 0."""
+        loss = np.array([r["loss"] for r in rows], dtype=np.float64)
+        gsq = np.array([r["grad_sq"] for r in rows], dtype=np.float64)
+        void = np.array([math.isnan(r["rayleigh"]) and r["fgrad_sq"] > 0 for r in rows])
+        ok = ~void & np.isfinite(loss) & (loss > 0)
+        for d in self.family:
+            with np.errstate(over="ignore", invalid="ignore"):
+                kl = np.where(ok, np.asarray(d.kl_ratio(np.where(ok, loss, 1.0), gsq),
+                                             dtype=np.float64), np.nan).tolist()
+            key = f"kl[{d.name}]"
+            for r, v in zip(rows, kl, strict=True):
+                r[key] = v
+
+    def _mismatch(self, step: int, passed: float, loss: float) -> None:
+        self._mismatches += 1
+        if self._mismatches == 1 or self._mismatches % 100 == 0:
+            self._emit(Diagnosis(step, "loss-mismatch", (
+                f"step {step}: the loss passed ({passed:.8g}) differs from the declared "
+                f"{self.loss.name} loss ({self.convention.value} convention) recomputed from the "
+                f"outputs ({loss:.8g}; relative {abs(passed - loss) / max(abs(loss), 1e-300):.2g}"
+                f" > {self._rtol:g}): .grad is not the gradient of the declared loss (a penalty, "
+                f"label smoothing, another reduction?), so ‖∇L‖² = R·‖∇ℓ‖²_D does not hold; "
+                f"{self._mismatches} such step(s) get no quotient"),
+                {"passed": passed, "declared": loss}))
