@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rayleighflow.experiments.registry import run_experiment
-from rayleighflow.experiments.two_layer import (
+from rayleighflow.experiments.plateau import (
     clopper_pearson,
     detect_plateau,
     success_interval,
