@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from rayleighflow.experiments.registry import run_experiment
 from rayleighflow.experiments.plateau import (
     clopper_pearson,
     detect_plateau,
     success_interval,
 )
+from rayleighflow.experiments.registry import run_experiment
 from rayleighflow.ntk.spectrum import STRUCTURAL_ZERO
 
 # -- plateau detector ---------------------------------------------------------------------------
