@@ -258,6 +258,32 @@ class Certificate:
     notes: tuple[str, ...] = field(default=())
     record_t: np.ndarray | None = None  # the run's record times (``t`` when None)
 
+    @classmethod
+    def unavailable(cls, desingularizer: Desingularizer, reason: Reason, why: str, *,
+                    t: np.ndarray, loss: np.ndarray, kl_ratio: np.ndarray, mu_source: str,
+                    convention: str, rtol: float, atol: float,
+                    assumptions: tuple[Assumption, ...] = (), mu: float = math.nan,
+                    mu_star: float = math.nan, t_at_mu_star: float = math.nan,
+                    scope: Scope = Scope.RECORDS, **evidence: Any) -> Certificate:
+        """The certificate that cannot be formed: no bound (NaN), ``reason`` and ``why`` (the
+        sentence built from the numbers, first note); ``evidence``: the other fields
+        (n_records, discrete, step, …).
+
+        Example:
+            >>> import numpy as np
+            >>> import rayleighflow as rf
+            >>> c = rf.Certificate.unavailable(rf.Log(), rf.Reason.NO_CHECKED_POINT,
+            ...     "one record only", t=np.array([0.0]), loss=np.array([1.0]),
+            ...     kl_ratio=np.array([np.nan]), mu_source="observed", convention="mean",
+            ...     rtol=1e-6, atol=0.0)
+            >>> c.status.value, c.reason.code, c.notes[0], bool(np.isnan(c.bound).all())
+            ('unavailable', 'no_checked_point', 'one record only', True)
+        """
+        return cls(desingularizer, mu, mu_source, CertificateStatus.UNAVAILABLE, scope,
+                   convention, t, loss, np.full(np.shape(loss), np.nan), kl_ratio, mu_star,
+                   t_at_mu_star, math.nan, rtol, atol, tuple(assumptions), reason,
+                   notes=(why, *evidence.pop("notes", ())), **evidence)
+
     @property
     def bound_at_records(self) -> np.ndarray:
         """The bound at the run's record times (for figures drawn over the records)."""

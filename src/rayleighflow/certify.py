@@ -178,10 +178,9 @@ def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Cer
 
     def unavailable(reason: Reason, why: str, mu_value: float = math.nan) -> Certificate:
         assumptions.append(Assumption(f"KL with φ = {phi.name}", False, why))
-        return Certificate(mu=mu_value, mu_source=source,
-                           status=CertificateStatus.UNAVAILABLE, scope=Scope.RECORDS,
-                           bound=np.full(loss.shape, np.nan), max_bound_violation=math.nan,
-                           assumptions=tuple(assumptions), reason=reason, notes=(why,), **base)
+        rest = {k: v for k, v in base.items() if k != "desingularizer"}
+        return Certificate.unavailable(phi, reason, why, mu=mu_value, mu_source=source,
+                                       assumptions=tuple(assumptions), **rest)
 
     if not (math.isfinite(loss[0]) and loss[0] > phi.floor):
         return unavailable(Reason.NOTHING_TO_CERTIFY,
@@ -314,11 +313,11 @@ def _unavailable(traj: Trajectory, phi: Desingularizer, source: str, reason: Rea
     ratios = _ratios(phi, loss, traj["grad_sq"])
     mu_star, t_star = _min_at(ratios, traj.t)
     evals = traj.evaluations
-    return Certificate(phi, math.nan, source, CertificateStatus.UNAVAILABLE, Scope.RECORDS,
-                       traj.meta.get("convention", "mean"), traj.t, loss,
-                       np.full(loss.shape, np.nan), ratios, mu_star, t_star, math.nan, rtol,
-                       atol, tuple(assumptions), reason, None, len(traj),
-                       0 if evals is None else int(evals["t"].size), notes=(why,))
+    return Certificate.unavailable(
+        phi, reason, why, t=traj.t, loss=loss, kl_ratio=ratios, mu_source=source,
+        convention=traj.meta.get("convention", "mean"), rtol=rtol, atol=atol,
+        assumptions=assumptions, mu_star=mu_star, t_at_mu_star=t_star, n_records=len(traj),
+        n_grad_evals=0 if evals is None else int(evals["t"].size))
 
 
 def rank_desingularizers(

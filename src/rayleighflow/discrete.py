@@ -92,10 +92,10 @@ def gd_certificate(
         failures.append((int(nonfinite[0]), Reason.NON_FINITE,
                          "non-finite loss, gradient norm or KL ratio"))
     if not (math.isfinite(loss[0]) and loss[0] > phi.floor):
-        return _result(phi, math.nan, source, CertificateStatus.UNAVAILABLE, traj, t, loss,
-                       np.full(loss.shape, np.nan), ratios, mu_star, t_star, math.nan, rtol,
-                       atol, assumptions, Reason.NOTHING_TO_CERTIFY, None, step, a_min, t_amin,
-                       f"the first loss {loss[0]:.6g} is not above φ's floor {phi.floor:g}")
+        return _unavailable(phi, math.nan, source, traj, t, loss, ratios, mu_star, t_star,
+                            rtol, atol, assumptions, Reason.NOTHING_TO_CERTIFY, step, a_min,
+                            t_amin, f"the first loss {loss[0]:.6g} is not above φ's floor "
+                                    f"{phi.floor:g}")
     if mu is None:
         mu = mu_star
         if not (math.isfinite(mu) and mu > 0):
@@ -103,10 +103,9 @@ def gd_certificate(
                                           f"μ* = {mu_star:.6g} at t = {t_star:.6g}: no positive "
                                           "constant"))
             reason = failures[0][1] if failures else Reason.NO_POSITIVE_CONSTANT
-            return _result(phi, mu, source, CertificateStatus.UNAVAILABLE, traj, t, loss,
-                           np.full(loss.shape, np.nan), ratios, mu_star, t_star, math.nan, rtol,
-                           atol, assumptions, reason, None, step, a_min, t_amin,
-                           "no positive KL constant on these iterates")
+            return _unavailable(phi, mu, source, traj, t, loss, ratios, mu_star, t_star, rtol,
+                                atol, assumptions, reason, step, a_min, t_amin,
+                                "no positive KL constant on these iterates")
         assumptions.append(Assumption(
             f"KL with φ = {phi.name}", True,
             f"μ* = min_k φ'(L_k)‖∇L_k‖² = {mu_star:.6g} at t = {t_star:.6g} over {where}"))
@@ -186,3 +185,13 @@ def _result(phi, mu, source, status, traj, t, loss, bound, ratios, mu_star, t_st
         assumptions=tuple(assumptions), reason=reason, first_violation=violation,
         n_records=len(traj), n_grad_evals=int(loss.size), discrete=True, step=float(step),
         alpha_min=a_min, t_at_alpha_min=t_amin, notes=(note,), record_t=traj.t)
+
+
+def _unavailable(phi, mu, source, traj, t, loss, ratios, mu_star, t_star, rtol, atol,
+                 assumptions, reason, step, a_min, t_amin, why) -> Certificate:
+    return Certificate.unavailable(
+        phi, reason, why, t=t, loss=loss, kl_ratio=ratios, mu_source=source,
+        convention=traj.meta.get("convention", "mean"), rtol=rtol, atol=atol,
+        assumptions=tuple(assumptions), mu=mu, mu_star=mu_star, t_at_mu_star=t_star,
+        scope=Scope.PATH, n_records=len(traj), n_grad_evals=int(loss.size), discrete=True,
+        step=float(step), alpha_min=a_min, t_at_alpha_min=t_amin, record_t=traj.t)
