@@ -194,3 +194,50 @@ CASES: dict[str, Case] = {c.name: c for c in [
 
 def inputs(case: Case, n: int, seed: int = 0) -> Tensor:
     return case.inputs(torch.Generator().manual_seed(seed), n)
+
+
+# -- full problems: model × loss × data × convention ---------------------------------------
+
+@dataclass(frozen=True)
+class ProblemCase:
+    """A full problem of the shared registry: a model case, a loss, the data size, the
+    convention and whether the data weights are uniform."""
+
+    name: str
+    model: str          # a key of CASES
+    loss: str           # "square", "cross-entropy" or "logistic"
+    n: int = 6
+    convention: str = "mean"
+    uniform: bool = True
+
+    def build(self, seed: int = 0):
+        """A fresh :class:`rayleighflow.Problem` (float64, seeded)."""
+        from rayleighflow.data import Dataset
+        from rayleighflow.problem import Problem
+
+        case = CASES[self.model]
+        model = case.build()
+        x = inputs(case, self.n, seed)
+        with torch.no_grad():
+            k = model(model.params, x).shape[1]
+        g = torch.Generator().manual_seed(100 + seed)
+        if self.loss == "square":
+            y = torch.randn(self.n, k, generator=g, dtype=torch.float64)
+        else:
+            y = torch.randint(0, 2 if self.loss == "logistic" else k, (self.n,), generator=g)
+        w = None if self.uniform else torch.rand(self.n, generator=g, dtype=torch.float64) + 0.2
+        data = Dataset.from_arrays(x, y, weights=None if w is None else w / w.sum(),
+                                   index_inputs=not x.is_floating_point())
+        return Problem(model, data, self.loss, self.convention)
+
+
+PROBLEMS: dict[str, ProblemCase] = {p.name: p for p in [
+    ProblemCase("mlp-square-mean", "mlp_tanh", "square"),
+    ProblemCase("mlp-ce-sum-weighted", "mlp_tanh", "cross-entropy", convention="sum",
+                uniform=False),
+    ProblemCase("cnn-ce-mean", "cnn", "cross-entropy", n=5),
+    ProblemCase("gelu-logistic-mean", "mlp_gelu_single", "logistic", n=7),
+    ProblemCase("linear-square-sum", "linear", "square", convention="sum"),
+    ProblemCase("tokens-ce-weighted", "tokens_layernorm", "cross-entropy", uniform=False),
+    ProblemCase("callable-square-mean", "callable", "square", n=5),
+]}
