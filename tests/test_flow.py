@@ -147,3 +147,25 @@ def test_euler_resume_off_grid_keeps_step_length():
     assert np.allclose(res.trajectory.t, [0.26, 0.36, 0.46, 0.56])
     # 3 steps, plus the gradient at the final iterate (its record reuses every evaluation)
     assert res.n_grad_evals == 4 and res.trajectory.evaluations["t"].size == 4
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_checkpoint_and_start_resume_gradient_descent_without_a_duplicate_iterate(tmp_path,
+                                                                                   generic):
+    x = torch.linspace(-1, 1, 4, dtype=torch.float64).unsqueeze(1)
+    model = (Model(lambda p, x: x @ p["w"], {"w": torch.zeros(1, 1, dtype=torch.float64)},
+                   allow_nondeterministic=True) if generic   # the lean path refuses it
+             else Model(torch.nn.Linear(1, 1).double()))
+    pb = Problem(model, Dataset.from_arrays(x, 2 * x), "square")
+    path, ckpt = tmp_path / "t.jsonl", tmp_path / "theta.pt"
+    gd = rf.GradientDescent(0.5)
+    gradient_flow(pb, gd, t_max=2.0, records=rf.Every(2), path=path,
+                  observers=[rf.Checkpoint(ckpt)])
+    start = rf.Start.load(ckpt)
+    assert (start.t, start.evals, start.append) == (2.0, 5, True)
+    gradient_flow(pb, gd, t_max=4.0, records=rf.Every(2), path=path, start=start)
+    whole = gradient_flow(pb, gd, t_max=4.0, records=rf.Every(2)).trajectory
+    resumed = Trajectory.load(path)
+    np.testing.assert_array_equal(resumed.t, whole.t)
+    for key in ("t", "loss", "grad_sq"):   # every iterate logged once, as in one run
+        np.testing.assert_array_equal(resumed.evaluations[key], whole.evaluations[key])

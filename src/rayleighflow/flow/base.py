@@ -53,6 +53,7 @@ class Run:
     theta: Params
     t_start: float
     evals_start: int
+    resumed: bool = False   # the start is already recorded (and logged) in the trajectory
 
 
 @dataclass

@@ -201,12 +201,13 @@ def gradient_flow(
     rec = _Recorder(problem, evals_on, traj, observers, records.groups)
     # The path log is a full-batch object: fresh batches or a separate evaluation set break it.
     log = traj if train is evals_on else None
-    run = Run(problem, train, evals_on, log, generator, limits, theta, start.t, start.evals)
+    resumed_here = bool(start.append and len(traj) and traj.rows[-1].get("t") == start.t)
+    run = Run(problem, train, evals_on, log, generator, limits, theta, start.t, start.evals,
+              resumed_here)
     begin = time.perf_counter()
     state = State(theta, start.t, start.evals)
     try:
         state = integrator.init(run)
-        resumed_here = bool(start.append and len(traj) and traj.rows[-1].get("t") == start.t)
         if not resumed_here:
             m = integrator.start(state, rec)
             _after(integrator, state, rec.record(state.t, state.theta, state.evals, m),

@@ -133,7 +133,9 @@ class _Generic:
         while True:
             t = self.t0 + self.k * step  # t = t_start + kη, also for an off-grid resume time
             run.limits.spend(state.evals, t, steps=True)
-            evaluated = evaluate(run.problem, state.theta, run.train, t, run.log)
+            # a resumed start is already in the log: its gradient is recomputed, not re-logged
+            log = None if run.resumed and self.k == 0 else run.log
+            evaluated = evaluate(run.problem, state.theta, run.train, t, log)
             state.evals += 1
             if due(t, t_next):
                 self.held = evaluated
@@ -223,6 +225,9 @@ class _Lean:
             if is_due:
                 self.held = (loss, g, fd)
                 return
+            if self.run.resumed and self.k == 0:   # already in the log (see _Generic)
+                self._step(state)
+                continue
             self.ts.append(t)
             self.losses.append(value)
             self.gnorms.append(torch.linalg.vector_norm(lean.grad))
