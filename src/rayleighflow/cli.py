@@ -282,8 +282,8 @@ def _cmd_list(_args) -> int:
 
 
 def _cmd_ntk(args) -> int:
-    from .distributed import torchrun_session
     from .experiments.user import ntk_summary
+    from .ntk.executor import torchrun_session
 
     with torchrun_session() as main:  # under torchrun: kernel tiles over the ranks
         text = ntk_summary(Path(args.experiment), max_samples=args.max_samples)
