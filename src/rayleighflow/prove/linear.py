@@ -19,6 +19,7 @@ import numpy as np
 from ..certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from ..desingularizers import Plateau
 from ._arb import arb, down, gram_bounds, up
+from ._proof import Phase, Proof, _assumptions, _unavailable
 
 __all__ = ["prove_linear_plateau"]
 
@@ -28,7 +29,6 @@ def _ball(mid: float, rad: float) -> arb:
 
 
 def prove_linear_plateau(problem, c, mb, resid, target, t0, convention):
-    from .core import Phase, Proof, _assumptions, _unavailable
 
     J, E = mb.jhat, mb.jerr
     nk, P = J.shape

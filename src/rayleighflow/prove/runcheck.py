@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from ..problem import Model, Problem
 from ..trajectory import Trajectory
-from .core import Proof
+from ._proof import Proof
 
 __all__ = ["BallTracker", "RunCheck", "check_run", "proven_bound"]
 
