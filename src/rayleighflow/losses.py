@@ -52,7 +52,27 @@ class FunctionalKL:
 
 
 class Loss(abc.ABC):
-    """A functional loss. ``f`` is always (n, k); targets are validated by ``check_targets``."""
+    """A functional loss. ``f`` is always (n, k); targets are validated by ``check_targets``.
+
+    Example:
+        >>> import torch
+        >>> import rayleighflow as rf
+        >>> class Quarter(rf.Loss):                 # ℓ_i = ¼‖f_i − y_i‖², g_i = ½(f_i − y_i)
+        ...     name = "quarter"
+        ...     def per_sample(self, f, y):
+        ...         return 0.25 * ((f - y) ** 2).sum(-1)
+        ...     def functional_grad(self, f, y):
+        ...         return 0.5 * (f - y)
+        ...     def functional_kl(self, weights, convention, n_classes=None):
+        ...         return rf.FunctionalKL("log", 1.0, convention, "‖∇ℓ‖² = ℓ")
+        ...     def check_targets(self, f, y):
+        ...         return y.to(f.dtype).reshape(f.shape)
+        >>> f, y = torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0])
+        >>> Quarter().value(f, Quarter().check_targets(f, y), torch.tensor([0.5, 0.5]))
+        tensor(0.6250)
+        >>> isinstance(rf.SquareLoss(), rf.Loss)
+        True
+    """
 
     name: str
 
