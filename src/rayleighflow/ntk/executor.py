@@ -356,7 +356,7 @@ def use_executor(executor: LocalExecutor | DistributedExecutor) -> Iterator[None
     """Within the block, kernels (also those that spectra and reports build) use
     ``executor`` when called without one. A DistributedExecutor here must gather "all"
     (callers inside expect the whole kernel)."""
-    if not hasattr(executor, "assemble"):
+    if not isinstance(executor, LocalExecutor | DistributedExecutor):
         raise TypeError(f"executor must be a LocalExecutor or a DistributedExecutor, got "
                         f"{type(executor).__name__}")
     if isinstance(executor, DistributedExecutor) and executor.gather != "all":

@@ -35,7 +35,7 @@ __all__ = ["DistributedExecutor", "KernelShard", "LocalExecutor", "NTKMethod", "
 
 def _assemble(req: KernelRequest, engine: Engine, plan: NTKPlan, groups: Sequence[str],
               executor=None, out_file=None) -> dict:
-    if not hasattr(executor, "assemble"):
+    if not isinstance(executor, LocalExecutor | DistributedExecutor):
         raise TypeError(f"executor must be a LocalExecutor or a DistributedExecutor, got "
                         f"{type(executor).__name__}")
     return executor.assemble(req, engine, plan, list(groups), out_file)

@@ -13,7 +13,7 @@ and the slices are all-gathered. No rank ever holds the kernel, nor the Jacobian
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import final
+from typing import ClassVar, final
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ class ShardedNTKOperator:
         True
         >>> dist.destroy_process_group()
     """
+
+    is_symmetric: ClassVar[bool] = True   # matvec applies M = Ω^{1/2} G Ω^{1/2}, as NTKOperator
+    is_psd: ClassVar[bool] = True
 
     def __init__(
         self, model: Model | nn.Module, x: Tensor | Dataset, *, params: Params | None = None,

@@ -48,7 +48,7 @@ from ._common import (
 )
 from .jacobian import JacobianEngine
 from .kernel import empirical_ntk
-from .operator import NTKOperator
+from .operator import KernelOperator, NTKOperator
 from .plan import cached_probe
 
 __all__ = ["Spectrum", "SpectrumRoute", "dual_gram", "extreme_eigenpairs", "kernel_spectrum",
@@ -277,7 +277,7 @@ def dual_gram(
 
 
 def extreme_eigenpairs(
-    operator: NTKOperator | LinearOperator, n_eig: int = 1, *, which: str = "largest",
+    operator: KernelOperator | LinearOperator, n_eig: int = 1, *, which: str = "largest",
     method: str = "lanczos", tol: float = 1e-8, maxiter: int | None = None, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Extreme eigenpairs of the kernel operator (symmetric form), ascending.
@@ -301,7 +301,17 @@ def extreme_eigenpairs(
         >>> bool(torch.allclose(torch.as_tensor(lam), dense)), vec.shape
         (True, (10, 2))
     """
-    op = operator.as_linear_operator() if hasattr(operator, "as_linear_operator") else operator
+    if isinstance(operator, KernelOperator):
+        if not (operator.is_symmetric and operator.is_psd):
+            raise ValueError(f"extreme_eigenpairs needs a symmetric positive semi-definite "
+                             f"operator; {type(operator).__name__} is tagged is_symmetric="
+                             f"{operator.is_symmetric}, is_psd={operator.is_psd}")
+        op = operator.as_linear_operator()
+    elif isinstance(operator, LinearOperator):
+        op = operator
+    else:
+        raise TypeError(f"operator must be an NTKOperator, a ShardedNTKOperator or a SciPy "
+                        f"LinearOperator, got {type(operator).__name__}")
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     size = op.shape[0]
