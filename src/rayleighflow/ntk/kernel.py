@@ -29,8 +29,7 @@ from ._terms import Engine
 from .executor import DistributedExecutor, KernelShard, LocalExecutor, current_executor
 from .plan import NTKMethod, NTKPlan, build_plan, cached_probe
 
-__all__ = ["DistributedExecutor", "KernelShard", "LocalExecutor", "NTKMethod", "NTKPlan",
-           "empirical_ntk", "group_ntk", "plan_ntk"]
+__all__ = ["empirical_ntk", "group_ntk", "plan_ntk"]
 
 
 def _assemble(req: KernelRequest, engine: Engine, plan: NTKPlan, groups: Sequence[str],
