@@ -260,9 +260,9 @@ def _checked_points(traj: Trajectory, evals: dict[str, np.ndarray] | None
     if rec["fgrad_sq"] is None:
         rec["fgrad_sq"] = np.full(len(traj), np.nan)
     if evals is None:
-        return rec
+        return rec  # type: ignore[return-value]
     # Stages of the last step past the last record lie beyond the checked horizon.
-    inside = evals["t"] <= rec["t"][-1] * (1 + 1e-12) + 1e-300
+    inside = evals["t"] <= rec["t"][-1] * (1 + 1e-12) + 1e-300  # type: ignore[index]
     return {k: np.concatenate([rec[k], evals[k][inside]]) for k in rec}
 
 
@@ -281,7 +281,7 @@ def _scope_note(have_evals: bool, delayed: DelayedCheck, method: str | None) -> 
     else:
         parts.append(f"delayed check L(t_a) ≤ B(t_(a+1)) failed on {delayed.failures} of the "
                      f"{delayed.intervals} record intervals after the first (first on "
-                     f"[{delayed.first_failure[0]:.4g}, {delayed.first_failure[1]:.4g}])")
+                     f"[{delayed.first_failure[0]:.4g}, {delayed.first_failure[1]:.4g}])")  # type: ignore[index]
     return "; ".join(parts)
 
 
@@ -506,7 +506,7 @@ def rank_desingularizers(
             if cert.loss[-1] > 0 else None,
             "reason": None if cert.reason is None else cert.reason.code})
     held = sorted((r for r in rows if r["status"] == "holds" and r["tightness"] is not None),
-                  key=lambda r: r["tightness"])
+                  key=lambda r: r["tightness"])  # type: ignore[arg-type, return-value]
     for i, r in enumerate(held):
         r["rank"] = i + 1
     rest = [dict(r, rank=None) for r in rows if r not in held]

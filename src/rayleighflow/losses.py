@@ -301,4 +301,4 @@ def get_loss(spec: str | Loss) -> Loss:
     }
     if spec not in table:
         raise ValueError(f"unknown loss {spec!r}: choose one of {', '.join(LOSS_NAMES)}")
-    return table[spec]()
+    return table[spec]()  # type: ignore[abstract]

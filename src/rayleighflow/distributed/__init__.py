@@ -63,7 +63,7 @@ def init_distributed(backend: str | None = None, *, timeout_s: float | None = No
     kwargs = {} if rank is None else {"rank": rank, "world_size": world_size}
     try:
         dist.init_process_group(backend, init_method=init_method,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)  # type: ignore[arg-type]
     except (RuntimeError, ValueError) as err:  # DistStoreError is a RuntimeError
         raise DistributedError(
             f"could not join the process group within {timeout_s:g} s ({str(err)[:200]}): "

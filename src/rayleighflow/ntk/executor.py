@@ -92,7 +92,7 @@ def scale_tile(t: Tensor, req: KernelRequest, r1: tuple[int, int], r2: tuple[int
     b1, b2 = r1[1] - r1[0], r2[1] - r2[0]
     if req.kind is KernelKind.FULL:
         v = t.view(b1, req.k, b2, req.k)
-        shapes = ((b1, 1, 1, 1), (1, 1, b2, 1))
+        shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((b1, 1, 1, 1), (1, 1, b2, 1))
     elif req.kind is KernelKind.TRACE:
         v, shapes = t, ((b1, 1), (1, b2))
     else:
@@ -146,12 +146,12 @@ class _Tiles:
             if key not in self._cache:
                 s, e = (self.c1 if key[0] == 1 else self.c2)[idx]
                 x = self.req.x1 if key[0] == 1 else self.x2
-                self._cache[key] = self.engine.features(x[s:e], p)
+                self._cache[key] = self.engine.features(x[s:e], p)  # type: ignore[index]
             return self._cache[key]
         if self._last is not None and self._last[0] == (*key, p):
             return self._last[1]
         s, e = (self.c1 if key[0] == 1 else self.c2)[idx]
-        f = self.engine.features((self.req.x1 if key[0] == 1 else self.x2)[s:e], p)
+        f = self.engine.features((self.req.x1 if key[0] == 1 else self.x2)[s:e], p)  # type: ignore[index]
         if side == 1:  # row features serve a whole row of tiles
             self._last = ((*key, p), f)
         return f

@@ -67,7 +67,7 @@ class ShardedNTKOperator:
         max_memory: int | str | None = None, allow_tf32: bool = False, group=None,
     ) -> None:
         if isinstance(x, Dataset):
-            x, weights = x.x, (weights if weights is not None else x.weights)
+            x, weights = x.x, (weights if weights is not None else x.weights)  # type: ignore[attr-defined]
         n = int(x.shape[0])
         self.group = group
         self.rank, self.world = rank_and_size(group)

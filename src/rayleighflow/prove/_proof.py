@@ -157,18 +157,18 @@ class Proof:
         if self.target is None or not self.phases:
             return np.full(t.shape, np.nan)
         if self.kind == "linear-plateau":
-            return self.eta + (self.constants.loss0 - self.eta) * np.exp(
+            return self.eta + (self.constants.loss0 - self.eta) * np.exp(  # type: ignore[union-attr]
                 -2 * self.phases[0].rho * np.maximum(t, 0.0))
         if self.kind == "cross-entropy":
             from ..desingularizers import CrossEntropy
             mu = self.phases[0].rho * self.kl_c * (1 - 1e-12)
-            b = CrossEntropy().bound(self.constants.loss0, mu, np.maximum(t, 0.0))
+            b = CrossEntropy().bound(self.constants.loss0, mu, np.maximum(t, 0.0))  # type: ignore[union-attr]
             return np.maximum(np.asarray(b, dtype=np.float64), self.target)
         out = np.full(t.shape, self.target)
         for k, ph in enumerate(self.phases):
             # the phase starts at most at its top level (phase 1: L₀ ≤ both bounds) and, once
             # the flow has reached the phase's bottom level, it stays below it
-            top = max(self.constants.loss0, ph.loss_top) if k == 0 else ph.loss_top
+            top = max(self.constants.loss0, ph.loss_top) if k == 0 else ph.loss_top  # type: ignore[union-attr]
             floor = max(ph.loss_bottom if ph.s_bottom > 0 else 0.0, self.target)
             inside = (t >= ph.t_start) & (t <= ph.t_end) if k else (t <= ph.t_end)
             out[inside] = np.maximum(top * np.exp(-2 * ph.rho * (t[inside] - ph.t_start)),
@@ -182,7 +182,7 @@ class Proof:
             return np.full(loss.shape, np.inf)
         if self.kind == "cross-entropy":
             mu = self.phases[0].rho * self.kl_c
-            lam0 = math.log(math.expm1(self.constants.loss0))
+            lam0 = math.log(math.expm1(self.constants.loss0))  # type: ignore[union-attr]
             with np.errstate(divide="ignore"):
                 return (lam0 - np.log(np.expm1(np.maximum(loss, 0)))) / math.sqrt(mu)
         s = np.sqrt(2 * np.maximum(loss, 0))

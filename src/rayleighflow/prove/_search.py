@@ -21,7 +21,7 @@ def _single_phase(c: Constants, a: RhoAt, goal: float) -> list[Phase]:
         t_end = up((arb(c.loss0) / arb(goal)).log() / (2 * arb(a.rho)))
     else:
         path, t_end = a.path_zero, math.inf
-    return [Phase(c.s0, s_bot, a.r, a.rho, a.route, a.lip_f, 0.0, t_end, 0.0, path)]
+    return [Phase(c.s0, s_bot, a.r, a.rho, a.route, a.lip_f, 0.0, t_end, 0.0, path)]  # type: ignore[arg-type]
 
 
 def _chain(c: Constants, target: float | None, h0: float = 0.05, h_min: float = 1e-3,
@@ -77,7 +77,7 @@ def _phase(c: Constants, s_top: float, s_next: float, path: float, t_now: float)
     if not end < arb(r):
         return None
     dt = up((arb(s_top) / arb(s_next)).log() / arb(a.rho))
-    return Phase(s_top, s_next, r, a.rho, a.route, a.lip_f, t_now, up(arb(t_now) + arb(dt)),
+    return Phase(s_top, s_next, r, a.rho, a.route, a.lip_f, t_now, up(arb(t_now) + arb(dt)),  # type: ignore[arg-type]
                  path, up(end))
 
 

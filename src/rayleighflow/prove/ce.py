@@ -124,7 +124,7 @@ def prove_ce(problem, c, grid, target, t0, convention):
     if not path < a.r:
         return _failed(problem, c, searched, target, t0)
     ph = Phase(c.s0, 0.0, a.r, a.rho, a.route, a.lip_f, 0.0, T, 0.0, path)
-    proof = Proof(None, c, [ph], goal, T, path, searched, 0.0, "",  # type: ignore[arg-type]
+    proof = Proof(None, c, [ph], goal, T, path, searched, 0.0, "",
                   f"one ball, radius searched over {len(searched)} values",
                   kind="cross-entropy", kl_c=kl_c)
     tgrid = np.linspace(0.0, T * (1 + 1e-9), 401)   # the horizon just past T (rounding)

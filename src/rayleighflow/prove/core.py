@@ -114,7 +114,7 @@ def _residual(problem: Problem, data: Dataset, mb: ModelBounds):
 
 
 def _finite_data(problem: Problem, data: Dataset | None) -> Dataset:
-    data = problem.data if data is None else data
+    data = problem.data if data is None else data  # type: ignore[assignment]
     if not isinstance(data, Dataset):
         raise UnsupportedModel("proofs need a finite dataset (a Sampler's infinite support has "
                                "no finite Jacobian)")

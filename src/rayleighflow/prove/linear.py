@@ -74,7 +74,7 @@ def prove_linear_plateau(problem, c, mb, resid, target, t0, convention):
         T = up((arb(L0 - eta) / arb(stop - eta)).log() / arb(mu)) if stop > eta else math.inf
     ph = Phase(c.s0, 0.0, math.inf, down(sig2), "definite (global)", c.norm_j0, 0.0,
                math.inf, 0.0, math.inf)
-    proof = Proof(None, c, [ph], goal, T, math.inf, [], 0.0, "",   # type: ignore[arg-type]
+    proof = Proof(None, c, [ph], goal, T, math.inf, [], 0.0, "",
                   "global (linear least squares)", kind="linear-plateau", eta=eta)
     tgrid = np.linspace(0.0, max(T, 1e-12) * (1 + 1e-9), 401)
     bound = eta + (L0 - eta) * np.exp(-mu * tgrid)
