@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import ntk_dist_worker
 from cases import CASES, assert_close, inputs
-from rayleighflow.distributed import DistributedError, init_distributed, torchrun_session
+from rayleighflow.distributed import DistributedError, init_distributed
 from rayleighflow.ntk import (
     DistributedExecutor,
     KernelTooLargeError,
@@ -27,7 +27,7 @@ from rayleighflow.ntk import (
     kernel_matrix,
     plan_ntk,
 )
-from rayleighflow.ntk.executor import current_executor, use_executor
+from rayleighflow.ntk.executor import current_executor, torchrun_session, use_executor
 from rayleighflow.reference import dense_gram
 
 

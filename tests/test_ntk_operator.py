@@ -45,10 +45,11 @@ def test_l2_operator_is_self_adjoint_in_the_weighted_inner_product():
     def inner(a, b):
         return float((w[:, None] * a * b).sum())
 
-    assert inner(u, op.apply(v)) == pytest.approx(inner(op.apply(u), v), rel=1e-12)
+    Ku, Kv = op.weighted_matvec(u), op.weighted_matvec(v)
+    assert inner(u, Kv) == pytest.approx(inner(Ku, v), rel=1e-12)
     blocks = empirical_ntk(model, x, convention="sum")  # raw J_i J_jᵀ
     want = torch.einsum("ijab,j,jb->ia", blocks, w, v)
-    assert_close(op.apply(v), want, what="(K v)_i = Σ_j w_j K_ij v_j")
+    assert_close(op.weighted_matvec(v), want, what="(K v)_i = Σ_j w_j K_ij v_j")
     assert op.n_products == 3
 
 
@@ -96,3 +97,37 @@ def test_rayleigh_quotient_matches_kernel_and_one_backward_measure(loss, convent
         from rayleighflow.rayleigh import measure
 
         assert rep.rayleigh == pytest.approx(measure(problem).rayleigh, rel=1e-10)
+
+
+def test_operator_tags_describe_matvec_and_gate_the_eigensolver():
+    from rayleighflow.ntk import KernelOperator, extreme_eigenpairs
+
+    case = CASES["mlp_relu"]
+    model, x = case.build(), inputs(case, 5)
+    w = _weights(5, 4)
+    op = NTKOperator(model, x, weights=w)
+    assert isinstance(op, KernelOperator) and op.is_symmetric and op.is_psd
+    n = op.shape[0]
+    M = torch.stack([op.matvec(e) for e in torch.eye(n, dtype=torch.float64)], dim=1)
+    assert_close(M, M.T, what="matvec is symmetric (tag is_symmetric)")
+    assert float(torch.linalg.eigvalsh(M)[0]) >= -1e-10 * float(M.diagonal().max())
+    # the L²(D) operator K = GΩ is not a symmetric matrix under non-uniform weights
+    K = torch.stack([op.weighted_matvec(e.reshape(op.n, op.k)).reshape(-1)
+                     for e in torch.eye(n, dtype=torch.float64)], dim=1)
+    assert not torch.allclose(K, K.T)
+
+    class Weighted:  # K = GΩ behind the protocol, honestly tagged
+        is_symmetric, is_psd = False, True
+        shape = op.shape
+
+        def matvec(self, v):
+            return op.weighted_matvec(v.reshape(op.n, op.k)).reshape(-1)
+
+        def as_linear_operator(self):
+            return op.as_linear_operator()
+
+    assert isinstance(Weighted(), KernelOperator)
+    with pytest.raises(ValueError, match="is_symmetric=False"):
+        extreme_eigenpairs(Weighted())
+    with pytest.raises(TypeError, match="LinearOperator"):
+        extreme_eigenpairs(M.numpy())

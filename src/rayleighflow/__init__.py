@@ -9,6 +9,10 @@ backward pass), :func:`gradient_flow` (a recorded :class:`Trajectory`), :func:`c
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import TYPE_CHECKING
+
 from ._types import Convention, Params
 from .certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from .certify import certify, kl_ratios, rank_desingularizers
@@ -46,12 +50,14 @@ from .flow import (
     Times,
     gradient_flow,
 )
-from .losses import BinaryLogistic, FunctionalKL, SoftmaxCrossEntropy, SquareLoss, get_loss
+from .losses import BinaryLogistic, FunctionalKL, Loss, SoftmaxCrossEntropy, SquareLoss, get_loss
 from .monitor import Monitor
 from .problem import Model, NondeterministicModelError, Problem
-from .prove import prove
 from .rayleigh import Measurement, measure, witness_bound
 from .trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from .prove import prove
 
 __version__ = "0.1.0"
 
@@ -60,7 +66,7 @@ __all__ = [
     "Columns", "Convention",
     "CrossEntropy", "Custom", "Dataset", "Desingularizer", "Dopri5", "Every", "FlowResult",
     "FlowStatus", "FunctionalKL", "Gaussian", "GradientDescent", "Integrator", "Log",
-    "LogSpaced", "LossBelow", "MaxEvals", "Measurement", "Model", "Monitor",
+    "LogSpaced", "Loss", "LossBelow", "MaxEvals", "Measurement", "Model", "Monitor",
     "NondeterministicModelError", "Observer", "OnRecord", "Params", "Plateau", "Power",
     "Problem", "Progress", "Reason",
     "Reciprocal", "Sampler", "ScaledCrossEntropy", "Scope", "SoftmaxCrossEntropy", "SquareLoss",
@@ -69,3 +75,29 @@ __all__ = [
     "get_desingularizer", "get_loss", "gradient_flow", "kl_ratios", "load_sklearn", "measure",
     "prove", "rank_desingularizers", "spectral", "witness_bound",
 ]
+
+
+class _Package(types.ModuleType):
+    """``rayleighflow`` itself, with :func:`prove` loaded on first use: the proofs need
+    python-flint, which ``import rayleighflow`` does not load.
+
+    ``rf.prove`` is the function, not the subpackage ``rayleighflow.prove`` of the same name
+    (reached as ``sys.modules["rayleighflow.prove"]`` or by importing from it): the import
+    system's binding of the subpackage on its parent is ignored.
+    """
+
+    @property
+    def prove(self):  # noqa: D401 - the function rayleighflow.prove.prove
+        from .prove import prove as fn
+        return fn
+
+    @prove.setter
+    def prove(self, value) -> None:
+        if not isinstance(value, types.ModuleType):
+            raise AttributeError("rayleighflow.prove is the proof function; it cannot be set")
+
+    def __dir__(self):
+        return sorted({*super().__dir__(), "prove"})
+
+
+sys.modules[__name__].__class__ = _Package

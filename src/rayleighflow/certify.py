@@ -36,8 +36,7 @@ from .problem import Problem
 from .rounding import start_loss
 from .trajectory import Trajectory
 
-__all__ = ["CertificateStatus", "Scope", "Reason", "Assumption", "Certificate", "kl_ratios",
-           "certify", "rank_desingularizers", "delayed_check"]
+__all__ = ["certify", "delayed_check", "kl_ratios", "rank_desingularizers"]
 
 # A μ read off the records (c·min R) may sit one rounding below its own ratio.
 _MU_RTOL = 1e-12
@@ -259,9 +258,9 @@ def _checked_points(traj: Trajectory, evals: dict[str, np.ndarray] | None
     if rec["fgrad_sq"] is None:
         rec["fgrad_sq"] = np.full(len(traj), np.nan)
     if evals is None:
-        return rec
+        return rec  # type: ignore[return-value]
     # Stages of the last step past the last record lie beyond the checked horizon.
-    inside = within(evals["t"], rec["t"][-1])
+    inside = within(evals["t"], float(traj.t[-1]))
     return {k: np.concatenate([rec[k], evals[k][inside]]) for k in rec}
 
 
@@ -280,7 +279,7 @@ def _scope_note(have_evals: bool, delayed: DelayedCheck, method: str | None) -> 
     else:
         parts.append(f"delayed check L(t_a) ≤ B(t_(a+1)) failed on {delayed.failures} of the "
                      f"{delayed.intervals} record intervals after the first (first on "
-                     f"[{delayed.first_failure[0]:.4g}, {delayed.first_failure[1]:.4g}])")
+                     f"[{delayed.first_failure[0]:.4g}, {delayed.first_failure[1]:.4g}])")  # type: ignore[index]
     return "; ".join(parts)
 
 
@@ -354,7 +353,7 @@ def rank_desingularizers(
             if cert.loss[-1] > 0 else None,
             "reason": None if cert.reason is None else cert.reason.code})
     held = sorted((r for r in rows if r["status"] == "holds" and r["tightness"] is not None),
-                  key=lambda r: r["tightness"])
+                  key=lambda r: r["tightness"])  # type: ignore[arg-type, return-value]
     for i, r in enumerate(held):
         r["rank"] = i + 1
     rest = [dict(r, rank=None) for r in rows if r not in held]

@@ -274,9 +274,9 @@ def _cmd_list(_args) -> int:
 
 
 def _cmd_ntk(args) -> int:
-    from .distributed import torchrun_session
     from .experiments.registry import user_experiment_file
     from .experiments.user import ntk_summary
+    from .ntk.executor import torchrun_session
 
     with torchrun_session() as main:  # under torchrun: kernel tiles over the ranks
         path = user_experiment_file(Path(args.experiment), "ntk", "its report shows its "

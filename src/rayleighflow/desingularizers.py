@@ -25,14 +25,13 @@ import abc
 import math
 import re
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import scipy.optimize
 import scipy.special
 
 __all__ = [
-    "DESINGULARIZER_NAMES",
     "CrossEntropy",
     "Custom",
     "Desingularizer",
@@ -41,12 +40,9 @@ __all__ = [
     "Power",
     "Reciprocal",
     "ScaledCrossEntropy",
-    "best_desingularizer",
     "get_desingularizer",
 ]
 
-# "power" needs its exponent in the spec: "power:<alpha>".
-DESINGULARIZER_NAMES: tuple[str, ...] = ("log", "reciprocal", "power", "cross-entropy")
 _ALIASES = {"pl": "log", "ce": "cross-entropy"}
 _DEFAULT_CANDIDATES = ("log", "reciprocal", "power:0.5", "power:1.5", "power:3", "cross-entropy")
 
@@ -590,51 +586,3 @@ def get_desingularizer(spec) -> Desingularizer:
     if s.startswith("custom"):
         raise ValueError(f"{spec!r} cannot be rebuilt from its name; pass the Custom instance")
     raise ValueError(f"unknown desingularizer {spec!r}; allowed names: {allowed}")
-
-
-def best_desingularizer(
-    loss: np.ndarray,
-    grad_sq: np.ndarray,
-    t: np.ndarray,
-    candidates: Iterable[Desingularizer | str] | None = None,
-) -> list[dict]:
-    """Rank desingularizers by how tightly their KL bound fits a trajectory recorded in time order.
-
-    For each candidate: mu_star = min_t phi'(L_t)|grad L_t|^2 over valid records (L > 0, all
-    finite), t_at_min where it is attained, the observed-mu_star bound at every record, and
-    ``holds`` (bound >= L at every record, rtol 1e-9). Only candidates whose bound holds at every
-    record are ranked, by ``tightness`` = mean over records of log(bound / L) (0 is exact);
-    the others follow with ``rank`` None. ``final_ratio`` = bound / L at the last record.
-    """
-    loss, grad_sq, t = _f64(loss).ravel(), _f64(grad_sq).ravel(), _f64(t).ravel()
-    if not (loss.shape == grad_sq.shape == t.shape):
-        raise ValueError(
-            f"loss, grad_sq and t must have the same length "
-            f"(got {loss.size}, {grad_sq.size}, {t.size}); pass one value per record"
-        )
-    ok = np.isfinite(loss) & (loss > 0) & np.isfinite(grad_sq) & (grad_sq >= 0) & np.isfinite(t)
-    if not np.any(ok):
-        raise ValueError("no valid record: pass records with loss > 0 and finite loss, grad_sq, t")
-    loss, grad_sq, t = loss[ok], grad_sq[ok], t[ok]
-    rows = []
-    for spec in _DEFAULT_CANDIDATES if candidates is None else candidates:
-        d = get_desingularizer(spec)
-        above = loss > d.floor
-        # inf * 0 (phi' overflow at a stationary record) counts as KL failing there: 0.
-        ratios = np.nan_to_num(_f64(d.kl_ratio(loss, grad_sq)), nan=np.inf, posinf=np.inf)
-        ratios = np.where(above, ratios, np.inf)
-        i = int(np.argmin(ratios))
-        mu_star = float(ratios[i])
-        if mu_star > 0 and math.isfinite(mu_star) and loss[0] > d.floor:
-            b = _f64(d.bound(loss[0], mu_star, np.maximum(t - t[0], 0.0)))
-        else:
-            b = np.full(loss.shape, loss[0])
-        holds = bool(np.all(loss <= b * (1 + 1e-9)))
-        with np.errstate(divide="ignore"):
-            tight = float(np.mean(np.log(b[above] / loss[above]))) if above.any() else math.inf
-        rows.append(dict(name=d.name, mu_star=mu_star, t_at_min=float(t[i]),
-                         final_ratio=float(b[-1] / loss[-1]), holds=holds, tightness=tight))
-    ranked = sorted((r for r in rows if r["holds"]), key=lambda r: r["tightness"])
-    for k, r in enumerate(ranked):
-        r["rank"] = k + 1
-    return ranked + [dict(r, rank=None) for r in rows if not r["holds"]]

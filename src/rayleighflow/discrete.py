@@ -165,7 +165,7 @@ def gd_certificate(
         "iterates"))
     ok = not failures and all(a.holds for a in assumptions)
     first = min(failures, key=lambda f: f[0]) if failures else None
-    reason = None if ok else (first[1] if first else Reason.KL_BELOW_MU)
+    reason = None if ok else (first[1] if first else Reason.KL_BELOW_MU)  # type: ignore[assignment]
     violation = None if first is None else (float(t[first[0]]), first[2])
     return _result(phi, float(mu), source,
                    CertificateStatus.HOLDS if ok else CertificateStatus.VIOLATED, traj, t, loss,

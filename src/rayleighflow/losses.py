@@ -68,6 +68,22 @@ class Loss(abc.ABC):
          ('logistic', 'labels', 0.25, 'cross-entropy')]
         >>> rf.SoftmaxCrossEntropy().output_width(n_classes=10), rf.BinaryLogistic().output_width(2)
         (10, 1)
+        >>> import torch
+        >>> class Quarter(rf.Loss):                 # ℓ_i = ¼‖f_i − y_i‖², g_i = ½(f_i − y_i)
+        ...     name = "quarter"
+        ...     def per_sample(self, f, y):
+        ...         return 0.25 * ((f - y) ** 2).sum(-1)
+        ...     def functional_grad(self, f, y):
+        ...         return 0.5 * (f - y)
+        ...     def functional_kl(self, weights, convention, n_classes=None):
+        ...         return rf.FunctionalKL("log", 1.0, convention, "‖∇ℓ‖² = ℓ")
+        ...     def check_targets(self, f, y):
+        ...         return y.to(f.dtype).reshape(f.shape)
+        >>> f, y = torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0])
+        >>> Quarter().value(f, Quarter().check_targets(f, y), torch.tensor([0.5, 0.5]))
+        tensor(0.6250)
+        >>> Quarter().desingularizer, Quarter().curvature      # the base's defaults
+        ('log', None)
     """
 
     name: ClassVar[str]
@@ -319,4 +335,4 @@ def get_loss(spec: str | Loss) -> Loss:
     }
     if spec not in table:
         raise ValueError(f"unknown loss {spec!r}: choose one of {', '.join(LOSS_NAMES)}")
-    return table[spec]()
+    return table[spec]()  # type: ignore[abstract]

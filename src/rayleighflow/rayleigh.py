@@ -184,7 +184,7 @@ def witness_bound(
     def f(*flat: Tensor) -> Tensor:
         return problem.model(dict(zip(names, flat, strict=True)), data.x)
 
-    out, jv = jvp(f, tuple(params[k] for k in names), tuple(direction[k] for k in names))
+    out, jv = jvp(f, tuple(params[k] for k in names), tuple(direction[k] for k in names))  # type: ignore[misc]
     g = problem.loss.functional_grad(out, problem.targets(data, out))
     omega = problem.omega(data)
     inner = (omega * (g * jv).sum(-1)).sum()

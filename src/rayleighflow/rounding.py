@@ -49,7 +49,7 @@ def float64_start(problem: Problem, theta: Params, data: Dataset) -> dict[str, f
     k = f.shape[1]
     first_order = u * float(f.detach().abs().max()) * s * math.sqrt(k * float(w.sum()))
     l64 = float(loss64.detach())
-    return {"dtype": str(dtype).removeprefix("torch."), "loss0_float64": l64,
+    return {"dtype": str(dtype).removeprefix("torch."), "loss0_float64": l64,  # type: ignore[dict-item]
             "loss0_recorded": recorded,
             "loss0_rounding": max(abs(recorded - l64), first_order), "loss_unit_roundoff": u}
 
@@ -70,5 +70,5 @@ def rounding_level(meta: Mapping[str, Any], loss: np.ndarray) -> np.ndarray | No
         return None
     loss = np.maximum(np.asarray(loss, dtype=np.float64), 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        scale = np.sqrt(loss / l0) if l0 > 0 else np.ones_like(loss)
-    return level * scale + 4 * u * loss
+        scale = np.sqrt(loss / l0) if l0 > 0 else np.ones_like(loss)  # type: ignore[operator]
+    return level * scale + 4 * u * loss  # type: ignore[operator]

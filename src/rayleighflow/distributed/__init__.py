@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedError", "init_distributed", "is_distributed", "rank_and_size",
-           "torchrun_session"]
+__all__ = ["DistributedError", "init_distributed", "is_distributed", "rank_and_size"]
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -66,7 +63,7 @@ def init_distributed(backend: str | None = None, *, timeout_s: float | None = No
     kwargs = {} if rank is None else {"rank": rank, "world_size": world_size}
     try:
         dist.init_process_group(backend, init_method=init_method,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)  # type: ignore[arg-type]
     except (RuntimeError, ValueError) as err:  # DistStoreError is a RuntimeError
         raise DistributedError(
             f"could not join the process group within {timeout_s:g} s ({str(err)[:200]}): "
@@ -84,26 +81,3 @@ def collective(what: str, fn, *args, **kwargs):
             f"rank {rank}: {what} failed ({str(err).splitlines()[0][:200]}): a peer process "
             "died or stopped responding within the process group's timeout "
             "(init_distributed(timeout_s=...))") from err
-
-
-@contextmanager
-def torchrun_session() -> Iterator[bool]:
-    """For commands that should run unchanged under torchrun: when the environment describes
-    more than one process (``WORLD_SIZE`` > 1), join the group and let every kernel built
-    inside the block shard its tiles over the ranks (``DistributedExecutor("all")``); the
-    group is closed at the end. Yields True on the rank that should print (rank 0, or the
-    only process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_initialized()
-                                                       and dist.get_world_size() == 1):
-        yield True
-        return
-    from ..ntk.executor import DistributedExecutor, use_executor
-    owned = not dist.is_initialized()
-    rank, _ = init_distributed()
-    try:
-        with use_executor(DistributedExecutor("all")):
-            yield rank == 0
-        collective("the closing barrier", dist.barrier)
-    finally:
-        if owned:
-            dist.destroy_process_group()

@@ -45,7 +45,8 @@ class Dopri5(Integrator):
 
     def init(self, run: Run) -> State:
         state = State(run.theta, run.t_start, run.evals_start)
-        like = run.theta
+        like, train = run.theta, run.train
+        assert train is not None   # adaptive integrators step on fixed data
         limits = run.limits
         window = limits.stall.window if limits.stall is not None else 1
         recent: deque[float] = deque(maxlen=window)  # flow times of the last evaluations
@@ -56,7 +57,7 @@ class Dopri5(Integrator):
             state.evals += 1
             recent.append(t_now)
             limits.watch(recent, state.evals, t_now)
-            grad = evaluate(run.problem, unflatten(y, like), run.train, t_now, run.log)[1]
+            grad = evaluate(run.problem, unflatten(y, like), train, t_now, run.log)[1]
             return -flatten(grad)
 
         state.work = (rhs, flatten(like), like)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..data import Sampler
 from . import lean as _lean
 from .base import Integrator, Run, State, evaluate
 from .stops import FlowStatus, Stop
@@ -53,6 +54,7 @@ class GradientDescent(Integrator):
         if run.log is None:
             state.work = _FreshBatches(run, self.step, None)
             return state
+        assert run.train is not None   # full batches when a log is kept
         try:
             lean = _lean.LeanGD(run.problem, run.theta, run.train)
         except _lean.LeanUnavailable:
@@ -118,7 +120,8 @@ class _Generic:
     evaluation of its iterate."""
 
     def __init__(self, run: Run, step: float) -> None:
-        self.run, self.step = run, step
+        assert run.train is not None
+        self.run, self.step, self.train = run, step, run.train
         self.t0, self.k = run.t_start, 0
         self.held: tuple | None = None   # the recorded iterate's (L, ∇L, ∇ℓ): step off it next
 
@@ -135,7 +138,7 @@ class _Generic:
             run.limits.spend(state.evals, t, steps=True)
             # a resumed start is already in the log: its gradient is recomputed, not re-logged
             log = None if run.resumed and self.k == 0 else run.log
-            evaluated = evaluate(run.problem, state.theta, run.train, t, log)
+            evaluated = evaluate(run.problem, state.theta, self.train, t, log)
             state.evals += 1
             if due(t, t_next):
                 self.held = evaluated
@@ -237,12 +240,14 @@ class _Lean:
     def measure(self, state: State, recorder: Any):
         # the record's own measurement is this iterate's log entry: one value each
         self.flush()
+        assert self.held is not None and self.run.log is not None
         loss, g, _ = self.held
         m = recorder.measure(state.t, self.lean.views, (loss, self.lean.grads, g))
         self.run.log.add_evaluation(state.t, m.loss, m.grad_sq, m.fgrad_sq)
         return m
 
     def after_record(self) -> None:
+        assert self.held is not None
         self.lean.set_floor(self.held[2])
 
     def finish(self, state: State) -> None:
@@ -264,8 +269,12 @@ class _FreshBatches:
         run = self.run
         while True:
             run.limits.spend(state.evals, state.t, steps=True)
-            batch = run.train if self.batch_size is None else \
-                run.problem.data.sample(self.batch_size, run.generator)
+            if self.batch_size is None:
+                assert run.train is not None
+                batch = run.train
+            else:
+                assert isinstance(run.problem.data, Sampler)
+                batch = run.problem.data.sample(self.batch_size, run.generator)
             grad = evaluate(run.problem, state.theta, batch, state.t, None)[1]
             state.theta = {n: p - self.step * grad[n] for n, p in state.theta.items()}
             state.evals += 1

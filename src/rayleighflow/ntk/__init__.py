@@ -20,7 +20,7 @@ from ._common import KernelKind, KernelTooLargeError, kernel_matrix
 from .contrast import ContrastReport, contrast_report
 from .executor import DistributedExecutor, KernelShard, LocalExecutor
 from .kernel import empirical_ntk, group_ntk, plan_ntk
-from .operator import NTKOperator
+from .operator import KernelOperator, NTKOperator
 from .outofcore import kernel_file_operator
 from .plan import NTKMethod, NTKPlan, clear_plan_cache, plan_cache_info
 from .sharded import ShardedNTKOperator
@@ -36,6 +36,7 @@ from .spectrum import (
 __all__ = [
     "ContrastReport",
     "DistributedExecutor",
+    "KernelOperator",
     "KernelShard",
     "LocalExecutor",
     "ShardedNTKOperator",

@@ -140,7 +140,7 @@ def prepare_x(x: Tensor | Dataset, params: Params, name: str) -> tuple[Tensor, T
     """(inputs on the parameters' device and dtype, weights if x was a Dataset)."""
     w = None
     if isinstance(x, Dataset):
-        x, w = x.x, x.weights
+        x, w = x.x, x.weights  # type: ignore[attr-defined]
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a Tensor or a Dataset, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[0] == 0:

@@ -129,11 +129,11 @@ def _contract_symmetric(f: list[Term], kind: KernelKind, acc: dict[str, Tensor],
         sub = {g: _sub(t, kind, k, (s, e), (s, b)) for g, t in acc.items()}
         for t in f:
             contract(_rows(t, s, e), _rows(t, s, b), kind, sub)
-    touched = set()
+    touched: set[str | None] = set()
     for t in f:
         touched |= {t.group} if isinstance(t, GradTerm) else {t.group_w, t.group_b}
     for g in touched - {None}:
-        out = acc[g]
+        out = acc[g]  # type: ignore[index]
         for s, e in blocks:
             d = _sub(out, kind, k, (s, e), (s, e))
             d.copy_(d.triu() + d.triu(1).transpose(-1, -2))  # exactly symmetric inside
@@ -145,7 +145,7 @@ def _contract_symmetric(f: list[Term], kind: KernelKind, acc: dict[str, Tensor],
 def contract(t1: Term, t2: Term, kind: KernelKind, acc: dict[str, Tensor]) -> None:
     """acc[group] += contribution of the aligned terms t1 (rows) and t2 (columns)."""
     if isinstance(t1, GradTerm):
-        _gram(t1.g, t2.g, kind, acc[t1.group])
+        _gram(t1.g, t2.g, kind, acc[t1.group])  # type: ignore[union-attr]
         return
     assert isinstance(t2, OuterTerm)
     if t1.a.shape[1] == 1 and t2.a.shape[1] == 1:
@@ -174,8 +174,8 @@ def _outer_single(t1: OuterTerm, t2: OuterTerm, kind: KernelKind, acc: dict[str,
     d1, d2 = t1.d.reshape(b1, k, m), t2.d.reshape(b2, k, m)
     if kind is KernelKind.FULL:
         dd = d1.reshape(b1 * k, m) @ d2.reshape(b2 * k, m).T
-        view = (b1, k, b2, k)
-        a_shape = (b1, 1, b2, 1)
+        view: tuple[int, ...] = (b1, k, b2, k)
+        a_shape: tuple[int, ...] = (b1, 1, b2, 1)
     elif kind is KernelKind.TRACE:
         dd = d1.reshape(b1, k * m) @ d2.reshape(b2, k * m).T
         view, a_shape = (b1, b2), (b1, b2)

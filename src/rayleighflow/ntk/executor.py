@@ -25,13 +25,15 @@ from typing import final
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from ..distributed import collective, init_distributed
 from ._common import KernelKind, KernelRequest
 from ._terms import Engine, tile_shape
 
 __all__ = ["DistributedExecutor", "KernelShard", "LocalExecutor", "current_executor",
-           "use_executor"]
+           "torchrun_session", "use_executor"]
 
 _NP = {torch.float64: np.float64, torch.float32: np.float32}
 
@@ -90,7 +92,7 @@ def scale_tile(t: Tensor, req: KernelRequest, r1: tuple[int, int], r2: tuple[int
     b1, b2 = r1[1] - r1[0], r2[1] - r2[0]
     if req.kind is KernelKind.FULL:
         v = t.view(b1, req.k, b2, req.k)
-        shapes = ((b1, 1, 1, 1), (1, 1, b2, 1))
+        shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((b1, 1, 1, 1), (1, 1, b2, 1))
     elif req.kind is KernelKind.TRACE:
         v, shapes = t, ((b1, 1), (1, b2))
     else:
@@ -144,12 +146,12 @@ class _Tiles:
             if key not in self._cache:
                 s, e = (self.c1 if key[0] == 1 else self.c2)[idx]
                 x = self.req.x1 if key[0] == 1 else self.x2
-                self._cache[key] = self.engine.features(x[s:e], p)
+                self._cache[key] = self.engine.features(x[s:e], p)  # type: ignore[index]
             return self._cache[key]
         if self._last is not None and self._last[0] == (*key, p):
             return self._last[1]
         s, e = (self.c1 if key[0] == 1 else self.c2)[idx]
-        f = self.engine.features((self.req.x1 if key[0] == 1 else self.x2)[s:e], p)
+        f = self.engine.features((self.req.x1 if key[0] == 1 else self.x2)[s:e], p)  # type: ignore[index]
         if side == 1:  # row features serve a whole row of tiles
             self._last = ((*key, p), f)
         return f
@@ -251,9 +253,6 @@ class DistributedExecutor:
 
     def assemble(self, req: KernelRequest, engine: Engine, plan, groups: list[str],
                  out_file=None) -> dict[str, Tensor | KernelShard | None]:
-        import torch.distributed as dist
-
-        from ..distributed import collective
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistributedExecutor needs an initialized process group: call "
                                "rayleighflow.distributed.init_distributed() under torchrun")
@@ -324,7 +323,6 @@ class DistributedExecutor:
 def _global(rank: int, group) -> int:
     if group is None:
         return rank
-    import torch.distributed as dist
     return dist.get_global_rank(group, rank)
 
 
@@ -358,7 +356,7 @@ def use_executor(executor: LocalExecutor | DistributedExecutor) -> Iterator[None
     """Within the block, kernels (also those that spectra and reports build) use
     ``executor`` when called without one. A DistributedExecutor here must gather "all"
     (callers inside expect the whole kernel)."""
-    if not hasattr(executor, "assemble"):
+    if not isinstance(executor, LocalExecutor | DistributedExecutor):
         raise TypeError(f"executor must be a LocalExecutor or a DistributedExecutor, got "
                         f"{type(executor).__name__}")
     if isinstance(executor, DistributedExecutor) and executor.gather != "all":
@@ -369,3 +367,25 @@ def use_executor(executor: LocalExecutor | DistributedExecutor) -> Iterator[None
         yield
     finally:
         _CURRENT.reset(token)
+
+
+@contextmanager
+def torchrun_session() -> Iterator[bool]:
+    """For commands that should run unchanged under torchrun: when the environment describes
+    more than one process (``WORLD_SIZE`` > 1), join the group and let every kernel built
+    inside the block shard its tiles over the ranks (``DistributedExecutor("all")``); the
+    group is closed at the end. Yields True on the rank that should print (rank 0, or the
+    only process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_initialized()
+                                                       and dist.get_world_size() == 1):
+        yield True
+        return
+    owned = not dist.is_initialized()
+    rank, _ = init_distributed()
+    try:
+        with use_executor(DistributedExecutor("all")):
+            yield rank == 0
+        collective("the closing barrier", dist.barrier)
+    finally:
+        if owned:
+            dist.destroy_process_group()

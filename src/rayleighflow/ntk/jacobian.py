@@ -44,8 +44,8 @@ def jvp_any(f, primals: tuple, tangents: tuple, state: dict) -> Tensor:
             if "forward AD" not in str(err):
                 raise
             route = state["route"] = "double-vjp"
-    out, pull = vjp(f, *primals)
-    _, pull2 = vjp(pull, torch.zeros_like(out))
+    out, pull = vjp(f, *primals)  # type: ignore[misc]
+    _, pull2 = vjp(pull, torch.zeros_like(out))  # type: ignore[misc]
     return pull2(tangents)[0]
 
 
@@ -152,7 +152,7 @@ class KVPEngine:
             names = [n for g in self.groups.values() for n in g]
             fixed = {k: v for k, v in self.params.items() if k not in names}
             sub = {n: self.params[n] for n in names}
-            out, pull = vjp(lambda p: self.model({**fixed, **p}, feat.x), sub)
+            out, pull = vjp(lambda p: self.model({**fixed, **p}, feat.x), sub)  # type: ignore[misc]
             b, k = out.shape
             basis = torch.eye(b * k, dtype=out.dtype, device=out.device).view(b * k, b, k)
             feat.vjps = vmap(pull)(basis)[0]
@@ -179,7 +179,7 @@ class KVPEngine:
                 if "forward AD" not in str(err) or self.ad_state.get("route") == "double-vjp":
                     raise
                 nxt = "math-attention" if "route" not in self.ad_state else "double-vjp"
-                self.ad_state["route"] = nxt
+                self.ad_state["route"] = nxt  # type: ignore[assignment]
                 cols = vmap(push)(tan)
             full = cols.view(b2, k, b1, k).permute(2, 3, 0, 1)  # (b1, k, b2, k)
             out = acc[group]

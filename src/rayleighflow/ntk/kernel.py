@@ -29,13 +29,12 @@ from ._terms import Engine
 from .executor import DistributedExecutor, KernelShard, LocalExecutor, current_executor
 from .plan import NTKMethod, NTKPlan, build_plan, cached_probe
 
-__all__ = ["DistributedExecutor", "KernelShard", "LocalExecutor", "NTKMethod", "NTKPlan",
-           "empirical_ntk", "group_ntk", "plan_ntk"]
+__all__ = ["empirical_ntk", "group_ntk", "plan_ntk"]
 
 
 def _assemble(req: KernelRequest, engine: Engine, plan: NTKPlan, groups: Sequence[str],
               executor=None, out_file=None) -> dict:
-    if not hasattr(executor, "assemble"):
+    if not isinstance(executor, LocalExecutor | DistributedExecutor):
         raise TypeError(f"executor must be a LocalExecutor or a DistributedExecutor, got "
                         f"{type(executor).__name__}")
     return executor.assemble(req, engine, plan, list(groups), out_file)

@@ -7,13 +7,17 @@ On F = L²(D; R^k) with ⟨u, v⟩_ω = Σ_i ω_i u_i·v_i (ω the convention's 
 K is self-adjoint for ⟨·,·⟩_ω but not symmetric as a matrix when the weights differ; its
 symmetric matrix form M = Ω^{1/2} G Ω^{1/2} (G = J Jᵀ, Ω = diag(ω) ⊗ I_k) has the same
 eigenvalues, and that is what :meth:`NTKOperator.matvec` and the SciPy export apply, so
-``scipy.sparse.linalg.eigsh`` works directly. Vectors are flattened sample-major (i·k + c).
+``scipy.sparse.linalg.eigsh`` works directly; :meth:`NTKOperator.weighted_matvec` applies K
+itself. Vectors are flattened sample-major (i·k + c).
+
+:class:`KernelOperator` is the protocol the spectrum routines take, with tags (as in lineax)
+that state what ``matvec`` is: ``is_symmetric`` (M = Mᵀ as a matrix on R^{nk}) and ``is_psd``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import final
+from typing import ClassVar, Protocol, final, runtime_checkable
 
 import numpy as np
 import torch
@@ -34,12 +38,50 @@ from ._common import (
 )
 from .jacobian import jvp_any
 
-__all__ = ["NTKOperator"]
+__all__ = ["KernelOperator", "NTKOperator"]
+
+
+@runtime_checkable
+class KernelOperator(Protocol):
+    """What the spectrum routines need of a kernel operator: its matrix form M (shape
+    (nk, nk), vectors sample-major) applied to a vector, and a SciPy export.
+
+    Tags (class attributes, as lineax tags its operators) state what ``matvec`` applies:
+
+    * ``is_symmetric``: M = Mᵀ as a matrix in the Euclidean inner product of R^{nk} (so
+      Lanczos/``eigsh`` applies); the L²(D) operator K itself is only self-adjoint for
+      ⟨·,·⟩_ω and is not symmetric as a matrix under non-uniform weights;
+    * ``is_psd``: vᵀ M v ≥ 0 for every v (a Gram matrix).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from rayleighflow.ntk import KernelOperator, NTKOperator, ShardedNTKOperator
+        >>> net = nn.Linear(3, 2).double()
+        >>> op = NTKOperator(net, torch.randn(4, 3, dtype=torch.float64))
+        >>> isinstance(op, KernelOperator), op.is_symmetric, op.is_psd
+        (True, True, True)
+        >>> ShardedNTKOperator.is_symmetric, ShardedNTKOperator.is_psd
+        (True, True)
+    """
+
+    is_symmetric: ClassVar[bool]
+    is_psd: ClassVar[bool]
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def matvec(self, v: Tensor) -> Tensor: ...
+
+    def as_linear_operator(self) -> LinearOperator: ...
 
 
 @final
 class NTKOperator:
     """K_θ on L²(D; R^k) for inputs x, applied by VJP then JVP over batches of the data.
+
+    :meth:`matvec` applies the symmetric form M = Ω^{1/2} G Ω^{1/2} (tags ``is_symmetric``,
+    ``is_psd``: see :class:`KernelOperator`); :meth:`weighted_matvec` applies K = G Ω itself.
 
     Args:
         model: a Model or an nn.Module. x: inputs (n, ...) or a Dataset (its weights are used).
@@ -67,6 +109,9 @@ class NTKOperator:
         >>> abs(op.rayleigh(g) - R) <= 1e-10 * R               # ⟨g, K g⟩_D / ‖g‖²_D, one VJP
         True
     """
+
+    is_symmetric: ClassVar[bool] = True   # matvec applies M = Ω^{1/2} G Ω^{1/2} = Mᵀ
+    is_psd: ClassVar[bool] = True         # M is a Gram matrix
 
     def __init__(
         self, model: Model | nn.Module, x: Tensor | Dataset, *, params: Params | None = None,
@@ -149,8 +194,10 @@ class NTKOperator:
                                    self._ad_state))
         return torch.cat(out).reshape(self.n, self.k)
 
-    def apply(self, u: Tensor) -> Tensor:
-        """(K u)_i = Σ_j ω_j K(x_i, x_j) u_j, the operator on L²(D); u and result (n, k)."""
+    def weighted_matvec(self, u: Tensor) -> Tensor:
+        """K u = G Ω u: (K u)_i = Σ_j ω_j K(x_i, x_j) u_j, the operator on L²(D); u and the
+        result (n, k). Self-adjoint for ⟨·,·⟩_ω but not a symmetric matrix when the weights
+        differ (the tags describe :meth:`matvec`, not this)."""
         self.n_products += 1
         return self.push(self.pullback(u))
 

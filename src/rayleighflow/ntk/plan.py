@@ -265,7 +265,7 @@ def build_plan(req: KernelRequest, groups: dict[str, list[str]], method: NTKMeth
         return JacobianEngine(model, params, groups, k, act, max_width=width)
 
     if method is NTKMethod.AUTO:
-        order = sorted(costs, key=costs.get)
+        order = sorted(costs, key=costs.get)  # type: ignore[arg-type]
         method = NTKMethod(order[0])
     engine = engine_for(method)
     if method is NTKMethod.JACOBIAN and 2 * engine.feat_bytes + engine.work_bytes > budget // 2:

@@ -230,9 +230,9 @@ class _RowTracer(TorchFunctionMode):
                                       and isinstance(args[1], Tensor)):
             return "rows" if all(t.dim() == nd for t in rows) else ""
         if func is F.unfold:
-            return "rows" if self.is_rows(a0) and len(rows) == 1 and a0.dim() == 4 else ""
+            return "rows" if self.is_rows(a0) and len(rows) == 1 and a0.dim() == 4 else ""  # type: ignore[union-attr]
         if name in _FIRST:
-            ok = self.is_rows(a0) and len(rows) == 1 and a0.dim() >= _FIRST[name]
+            ok = self.is_rows(a0) and len(rows) == 1 and a0.dim() >= _FIRST[name]  # type: ignore[union-attr]
             return "rows" if ok else ""
         if not self.is_rows(a0) and name not in ("cat", "concat", "concatenate", "stack",
                                                  "__rmatmul__", "matmul", "mm", "bmm",
@@ -251,28 +251,28 @@ class _RowTracer(TorchFunctionMode):
         if name == "layer_norm":
             shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
             count = len(shape) if isinstance(shape, list | tuple) else 1
-            return "rows" if len(rows) == 1 and a0.dim() > count else ""
+            return "rows" if len(rows) == 1 and a0.dim() > count else ""  # type: ignore[union-attr]
         if name == "batch_norm":
             training = args[5] if len(args) > 5 else kwargs.get("training", False)
-            return "rows" if len(rows) == 1 and not training and a0.dim() >= 2 else ""
+            return "rows" if len(rows) == 1 and not training and a0.dim() >= 2 else ""  # type: ignore[union-attr]
         if name == "pad":
             pad = args[1] if len(args) > 1 else kwargs.get("pad", ())
-            return "rows" if len(rows) == 1 and len(pad) <= 2 * (a0.dim() - 1) else ""
+            return "rows" if len(rows) == 1 and len(pad) <= 2 * (a0.dim() - 1) else ""  # type: ignore[union-attr]
         if name in _RESHAPE:
-            return "rows" if len(rows) == 1 and a0.shape[0] == self.b else ""
+            return "rows" if len(rows) == 1 and a0.shape[0] == self.b else ""  # type: ignore[union-attr]
         if name in ("expand", "expand_as", "broadcast_to"):
-            return "rows" if len(rows) == 1 and a0.dim() == nd else ""
+            return "rows" if len(rows) == 1 and a0.dim() == nd else ""  # type: ignore[union-attr]
         if name == "repeat":
             sizes = args[1:] if len(args) > 2 or isinstance(args[1], int) else args[1]
-            return "rows" if len(rows) == 1 and len(sizes) == a0.dim() and sizes[0] == 1 else ""
+            return "rows" if len(rows) == 1 and len(sizes) == a0.dim() and sizes[0] == 1 else ""  # type: ignore[union-attr]
         if name == "__getitem__":
-            return "rows" if len(rows) == 1 and _index_keeps_rows(args[1], a0.dim()) else ""
+            return "rows" if len(rows) == 1 and _index_keeps_rows(args[1], a0.dim()) else ""  # type: ignore[union-attr]
         if name == "permute":
             dims = args[1:] if len(args) > 1 and isinstance(args[1], int) else \
                 (args[1] if len(args) > 1 else kwargs.get("dims"))
-            return "rows" if len(rows) == 1 and dims and dims[0] % a0.dim() == 0 else ""
+            return "rows" if len(rows) == 1 and dims and dims[0] % a0.dim() == 0 else ""  # type: ignore[union-attr]
         if name in ("mT", "mH"):
-            return "rows" if a0.dim() >= 3 else ""
+            return "rows" if a0.dim() >= 3 else ""  # type: ignore[union-attr]
         if name in _DIMS:
             return self._dim_op(name, args, kwargs, rows, nd)
         return ""
@@ -294,7 +294,7 @@ class _RowTracer(TorchFunctionMode):
                 (kwargs[k] for k in _DIM_KW if k in kwargs), default)
             if name in ("max", "min") and value is None:
                 return ""  # the whole tensor: one value
-            chosen = _dims_of(value)
+            chosen = _dims_of(value)  # type: ignore[assignment]
         if not chosen or ref == 0:
             return ""
         return "" if any(d % ref == 0 for d in chosen) else "rows"
@@ -353,7 +353,7 @@ def run_probe(model: Model, params: Params, layers: list[Layer], x: Tensor,
                 if isinstance(mod, nn.Linear):
                     shapes[i].append((math.prod(a.shape[1:-1]), a.shape[-1], out.shape[-1]))
                 else:
-                    din = mod.in_channels * math.prod(mod.kernel_size)
+                    din = mod.in_channels * math.prod(mod.kernel_size)  # type: ignore[arg-type, operator]
                     shapes[i].append((math.prod(out.shape[2:]), din, out.shape[1]))
                 p = torch.zeros_like(out, requires_grad=True)
                 probes[i].append(p)

@@ -13,7 +13,7 @@ and the slices are all-gathered. No rank ever holds the kernel, nor the Jacobian
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import final
+from typing import ClassVar, final
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ class ShardedNTKOperator:
         >>> dist.destroy_process_group()
     """
 
+    is_symmetric: ClassVar[bool] = True   # matvec applies M = Ω^{1/2} G Ω^{1/2}, as NTKOperator
+    is_psd: ClassVar[bool] = True
+
     def __init__(
         self, model: Model | nn.Module, x: Tensor | Dataset, *, params: Params | None = None,
         weights: Tensor | None = None, convention: Convention | str = "mean",
@@ -64,7 +67,7 @@ class ShardedNTKOperator:
         max_memory: int | str | None = None, allow_tf32: bool = False, group=None,
     ) -> None:
         if isinstance(x, Dataset):
-            x, weights = x.x, (weights if weights is not None else x.weights)
+            x, weights = x.x, (weights if weights is not None else x.weights)  # type: ignore[attr-defined]
         n = int(x.shape[0])
         self.group = group
         self.rank, self.world = rank_and_size(group)

@@ -48,7 +48,7 @@ from ._common import (
 )
 from .jacobian import JacobianEngine
 from .kernel import empirical_ntk
-from .operator import NTKOperator
+from .operator import KernelOperator, NTKOperator
 from .plan import cached_probe
 
 __all__ = ["Spectrum", "SpectrumRoute", "dual_gram", "extreme_eigenpairs", "kernel_spectrum",
@@ -214,7 +214,7 @@ def _dtype_check(spec: Spectrum, nk: int, p: int, low: torch.dtype) -> Spectrum:
     rank_low = int(np.sum(vals > thr_low)) if spec.rank is not None else None
     raw_min = float(vals[0]) if vals.size else None
     flips = (rank_low is not None and rank_low != spec.rank) or (
-        raw_min is not None and (raw_min > spec.threshold) != (raw_min > thr_low))
+        raw_min is not None and (raw_min > spec.threshold) != (raw_min > thr_low))  # type: ignore[operator]
     if not flips:
         return spec
     note = (f"the dtype decides the answer: with {str(low).removeprefix('torch.')}'s threshold "
@@ -268,7 +268,7 @@ def dual_gram(
     phi = torch.zeros(p, p, dtype=torch.float64, device=like.device)
     for s in range(0, n, b):
         (term,) = eng.features(x[s:s + b])
-        g = term.g.double()  # (b, k, P)
+        g = term.g.double()  # type: ignore[union-attr]  # (b, k, P)
         if root is not None:
             g = g * root[s:s + b].double()[:, None, None]
         g = g.reshape(-1, p)
@@ -277,7 +277,7 @@ def dual_gram(
 
 
 def extreme_eigenpairs(
-    operator: NTKOperator | LinearOperator, n_eig: int = 1, *, which: str = "largest",
+    operator: KernelOperator | LinearOperator, n_eig: int = 1, *, which: str = "largest",
     method: str = "lanczos", tol: float = 1e-8, maxiter: int | None = None, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Extreme eigenpairs of the kernel operator (symmetric form), ascending.
@@ -301,7 +301,17 @@ def extreme_eigenpairs(
         >>> bool(torch.allclose(torch.as_tensor(lam), dense)), vec.shape
         (True, (10, 2))
     """
-    op = operator.as_linear_operator() if hasattr(operator, "as_linear_operator") else operator
+    if isinstance(operator, KernelOperator):
+        if not (operator.is_symmetric and operator.is_psd):
+            raise ValueError(f"extreme_eigenpairs needs a symmetric positive semi-definite "
+                             f"operator; {type(operator).__name__} is tagged is_symmetric="
+                             f"{operator.is_symmetric}, is_psd={operator.is_psd}")
+        op = operator.as_linear_operator()
+    elif isinstance(operator, LinearOperator):
+        op = operator
+    else:
+        raise TypeError(f"operator must be an NTKOperator, a ShardedNTKOperator or a SciPy "
+                        f"LinearOperator, got {type(operator).__name__}")
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     size = op.shape[0]
@@ -393,7 +403,7 @@ def _ntk_spectrum(model, x, params, weights, convention, route, rtol, max_memory
                              max_memory=max_memory)
         s = kernel_spectrum(kern, rtol=rtol, n_params=p, computed_in=dtype,
                             eigenvectors=eigenvectors)
-        return replace(s, **meta)
+        return replace(s, **meta)  # type: ignore[arg-type]
     if route is SpectrumRoute.DUAL:
         if p >= nk:
             raise ValueError(f"the dual route needs P < nk (P = {p}, nk = {nk}): use 'dense'")
@@ -401,7 +411,7 @@ def _ntk_spectrum(model, x, params, weights, convention, route, rtol, max_memory
                         max_memory=max_memory)
         vals = torch.linalg.eigvalsh(phi.cpu()).numpy()
         return replace(_summarize(vals, nk, p, rtol, dtype, "dual", structural_zeros=nk - p),
-                       **meta)
+                       **meta)  # type: ignore[arg-type]
     op = NTKOperator(model, xt, params=params, weights=w, convention=conv,
                      max_memory=max_memory)
     top, vec = extreme_eigenpairs(op, 1, which="largest")
@@ -415,4 +425,4 @@ def _ntk_spectrum(model, x, params, weights, convention, route, rtol, max_memory
     lam_min, label = _label(lam_min, thr, nk > p)
     return Spectrum(np.concatenate([low, top]), nk, p, None, thr, r, float(top[-1]), lam_min,
                     None, "lanczos", vec if eigenvectors else None, label,
-                    computed_dtype=str(dtype).removeprefix("torch."), **meta)
+                    computed_dtype=str(dtype).removeprefix("torch."), **meta)  # type: ignore[arg-type]

@@ -94,9 +94,9 @@ def _patches(m: nn.Module, x: Tensor) -> Tensor:
     conv1d = isinstance(m, nn.Conv1d)
     if conv1d:
         x = x.unsqueeze(2)
-    ks = (1, *m.kernel_size) if conv1d else tuple(m.kernel_size)
-    st = (1, *m.stride) if conv1d else tuple(m.stride)
-    dil = (1, *m.dilation) if conv1d else tuple(m.dilation)
+    ks = (1, *m.kernel_size) if conv1d else tuple(m.kernel_size)  # type: ignore[arg-type, misc]
+    st = (1, *m.stride) if conv1d else tuple(m.stride)  # type: ignore[arg-type, misc]
+    dil = (1, *m.dilation) if conv1d else tuple(m.dilation)  # type: ignore[arg-type, misc]
     if isinstance(m.padding, str):
         pads: list[int] = []
         if m.padding == "same":
@@ -106,7 +106,7 @@ def _patches(m: nn.Module, x: Tensor) -> Tensor:
             x = F.pad(x, pads)
         pad = (0, 0)
     else:
-        pad = (0, *m.padding) if conv1d else tuple(m.padding)
+        pad = (0, *m.padding) if conv1d else tuple(m.padding)  # type: ignore[arg-type, misc]
     cols = F.unfold(x, ks, dilation=dil, padding=pad, stride=st)  # (b, C·kh·kw, T)
     return cols.transpose(1, 2)
 

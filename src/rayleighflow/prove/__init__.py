@@ -5,7 +5,8 @@ in outward-rounded arithmetic, plus the finite length of the flow (issue 10; THE
 ``prove_details`` returns the :class:`Proof` with every constant, the search and the timing.
 """
 
-from .core import Constants, Proof, proof_constants, prove, prove_details, rho_at
+from ._proof import Constants, Proof, rho_at
+from .core import proof_constants, prove, prove_details
 from .models import UnsupportedModel
 
 __all__ = ["Constants", "Proof", "UnsupportedModel", "proof_constants", "prove",

@@ -25,6 +25,8 @@ import numpy as np
 from ..certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from ..desingularizers import CrossEntropy
 from ._arb import arb, down, up
+from ._proof import Phase, Proof, RhoAt, _assumptions, _unavailable
+from ._search import _failed
 
 __all__ = ["prove_ce"]
 
@@ -43,7 +45,6 @@ _SMALLEST_TARGET = 1e-300
 
 
 def rho_at_ce(c, r: float, kl_c: float):
-    from .core import RhoAt
 
     if not r < c.r_cap:
         return RhoAt(r, 0.0, -math.inf, -math.inf, None, math.inf, math.inf, math.inf,
@@ -75,7 +76,6 @@ def rho_at_ce(c, r: float, kl_c: float):
 
 
 def prove_ce(problem, c, grid, target, t0, convention):
-    from .core import Phase, Proof, _assumptions, _failed, _unavailable
 
     data = problem.data
     w = problem.omega(data).detach().cpu().double().numpy()
@@ -124,7 +124,7 @@ def prove_ce(problem, c, grid, target, t0, convention):
     if not path < a.r:
         return _failed(problem, c, searched, target, t0)
     ph = Phase(c.s0, 0.0, a.r, a.rho, a.route, a.lip_f, 0.0, T, 0.0, path)
-    proof = Proof(None, c, [ph], goal, T, path, searched, 0.0, "",  # type: ignore[arg-type]
+    proof = Proof(None, c, [ph], goal, T, path, searched, 0.0, "",
                   f"one ball, radius searched over {len(searched)} values",
                   kind="cross-entropy", kl_c=kl_c)
     tgrid = np.linspace(0.0, T * (1 + 1e-9), 401)   # the horizon just past T (rounding)

@@ -39,10 +39,10 @@ class ModelProbe:
         self.names = list(problem.params)
         self.shapes = [problem.params[n].shape for n in self.names]
         self.theta0 = self.flat(problem.params)
-        w = problem.omega(self.data).to(self.theta0.dtype)
+        w = problem.omega(self.data).to(self.theta0.dtype)  # type: ignore[arg-type]
         self.sqrt_w = w.sqrt()
         f0 = self.f(self.theta0)
-        self.y = problem.targets(self.data, f0)
+        self.y = problem.targets(self.data, f0)  # type: ignore[arg-type]
         self.j0 = self.jac(self.theta0)
         self.f0 = f0
 
@@ -59,7 +59,7 @@ class ModelProbe:
 
     def f(self, theta: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.problem.model(self.unflat(theta), self.data.x)
+            return self.problem.model(self.unflat(theta), self.data.x)  # type: ignore[union-attr]
 
     def jac(self, theta: torch.Tensor) -> torch.Tensor:
         def fn(t):
@@ -124,7 +124,7 @@ def _directions(probe: ModelProbe, radius: float, n: int, g: torch.Generator):
     if units is not None and "out.weight" in sizes:
         a = probe.problem.params["out.weight"].detach().reshape(-1, m)
         top_unit = int(a.norm(dim=0).argmax())
-    x = probe.data.x.to(dtype)
+    x = probe.data.x.to(dtype)  # type: ignore[union-attr]
     for s in range(n):
         v = torch.randn(P, generator=g, dtype=dtype)
         if s % 8 == 7 and top_unit is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .core import Proof, prove_details
+from ._proof import Proof
+from .core import prove_details
 
 __all__ = ["prove_file", "format_proof"]
 

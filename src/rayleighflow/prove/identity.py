@@ -24,7 +24,7 @@ from ..data import Dataset
 from ..problem import Problem
 from ._arb import arb, down, up
 
-__all__ = ["check_structure", "check_identity", "ROUNDING_SLACK"]
+__all__ = ["check_structure", "check_identity", "ROUNDING_SLACK", "UnsupportedModel"]
 
 # torch's float64 f₀ is compared with the proof's ball widened by this relative slack
 # (times 1 + max|f₀|): far above float64 rounding of the small sums proofs handle, far below
@@ -36,8 +36,12 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
                  "_global_backward_pre_hooks")
 
 
+class UnsupportedModel(ValueError):
+    """The model is outside the classes whose constants are known, or is not the function its
+    structure describes: refused with the reason."""
+
+
 def _unsupported(text: str) -> Exception:
-    from .models import UnsupportedModel
     return UnsupportedModel(text)
 
 

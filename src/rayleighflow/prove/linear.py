@@ -19,6 +19,7 @@ import numpy as np
 from ..certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from ..desingularizers import Plateau
 from ._arb import arb, down, gram_bounds, up
+from ._proof import Phase, Proof, _assumptions, _unavailable
 
 __all__ = ["prove_linear_plateau"]
 
@@ -28,7 +29,6 @@ def _ball(mid: float, rad: float) -> arb:
 
 
 def prove_linear_plateau(problem, c, mb, resid, target, t0, convention):
-    from .core import Phase, Proof, _assumptions, _unavailable
 
     J, E = mb.jhat, mb.jerr
     nk, P = J.shape
@@ -74,7 +74,7 @@ def prove_linear_plateau(problem, c, mb, resid, target, t0, convention):
         T = up((arb(L0 - eta) / arb(stop - eta)).log() / arb(mu)) if stop > eta else math.inf
     ph = Phase(c.s0, 0.0, math.inf, down(sig2), "definite (global)", c.norm_j0, 0.0,
                math.inf, 0.0, math.inf)
-    proof = Proof(None, c, [ph], goal, T, math.inf, [], 0.0, "",   # type: ignore[arg-type]
+    proof = Proof(None, c, [ph], goal, T, math.inf, [], 0.0, "",
                   "global (linear least squares)", kind="linear-plateau", eta=eta)
     tgrid = np.linspace(0.0, max(T, 1e-12) * (1 + 1e-9), 401)
     bound = eta + (L0 - eta) * np.exp(-mu * tgrid)

@@ -40,13 +40,9 @@ from ..data import Dataset
 from ..problem import Problem
 from ._arb import U, arb, down, gamma, up
 from .activations import get_activation
-from .identity import check_structure
+from .identity import UnsupportedModel, check_structure
 
 __all__ = ["ModelBounds", "model_bounds", "UnsupportedModel"]
-
-
-class UnsupportedModel(ValueError):
-    """The model is outside the classes whose constants are known: refused with the reason."""
 
 
 @dataclass

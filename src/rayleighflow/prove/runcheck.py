@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from ..problem import Model, Problem
 from ..trajectory import Trajectory
-from .core import Proof
+from ._proof import Proof
 
 __all__ = ["BallTracker", "RunCheck", "check_run", "proven_bound"]
 
@@ -36,9 +36,9 @@ class BallTracker:
         self.names = list(problem.params)
         self.theta0 = {k: v.detach().clone() for k, v in problem.params.items()}
         data = problem.data
-        self.n = data.x.shape[0]
-        self.y = problem.targets(data, problem.model(problem.params, data.x))
-        self.w = problem.omega(data)
+        self.n = data.x.shape[0]  # type: ignore[union-attr]
+        self.y = problem.targets(data, problem.model(problem.params, data.x))  # type: ignore[arg-type, union-attr]
+        self.w = problem.omega(data)  # type: ignore[arg-type]
         self.loss_fn = problem.loss
         self.dist: list[float] = []
         self.loss: list[float] = []
@@ -166,12 +166,12 @@ def check_run(proof: Proof, traj: Trajectory, tracker: BallTracker | None,
         if pick.any():
             rec_d = float(d[pick].max())
             env_ex = float(np.max(d[pick] - envelope(proof, lo[pick]) * (1 + rtol)))
-        if rec_d > proof.radius:
+        if rec_d > proof.radius:  # type: ignore[operator]
             fails.append(f"‖θ_t − θ₀‖ = {rec_d:.6g} > r = {proof.radius:.6g} at a record above "
                          "the target")
         if env_ex > 1e-12:
             fails.append(f"‖θ_t − θ₀‖ at a record exceeds the path-length envelope by "
                          f"{env_ex:.3g}")
     return RunCheck(not fails, not stage, int(t.size), n_rec_pts, rec, rec_d, env_ex, n_ev,
-                    n_after, n_pts, ev_ex, max_d, n_above, n_out, proof.radius, rtol, fails,
+                    n_after, n_pts, ev_ex, max_d, n_above, n_out, proof.radius, rtol, fails,  # type: ignore[arg-type]
                     stage)
