@@ -230,8 +230,11 @@ def gradient_flow(
         if status is FlowStatus.T_MAX:
             status, message = stop.status, stop.message
     traj.close(status.value, message)
-    return FlowResult(traj, state.theta, status, state.t, state.evals, message,
-                      time.perf_counter() - begin)
+    result = FlowResult(traj, state.theta, status, state.t, state.evals, message,
+                        time.perf_counter() - begin)
+    for obs in observers:
+        obs.on_end(result)
+    return result
 
 
 def _after(integrator: Integrator, state: State, row: dict[str, Any], rules) -> None:

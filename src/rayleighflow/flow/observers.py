@@ -19,7 +19,7 @@ from .._types import Params
 from ..data import Dataset
 from ..problem import Problem
 
-__all__ = ["Observer", "Columns", "OnRecord", "Progress", "Checkpoint", "Diagnostic"]
+__all__ = ["Observer", "Columns", "OnRecord", "Progress", "Checkpoint", "Sinks", "Diagnostic"]
 
 Diagnostic = Callable[[Problem, Params, Dataset, int], Mapping[str, float]]
 """Extra per-record columns: called as fn(problem, params, eval_data, record_index)."""
@@ -49,6 +49,10 @@ class Observer:
         return {}
 
     def on_record(self, row: dict[str, Any], params: Params) -> None:
+        return None
+
+    def on_end(self, result: Any) -> None:
+        """Called once with the :class:`~rayleighflow.FlowResult` when the run has ended."""
         return None
 
 
@@ -147,3 +151,49 @@ class Checkpoint(Observer):
         state = {"params": {k: v.detach().clone() for k, v in params.items()},
                  "t": row["t"], "evals": row["grad_evals"]}
         atomic_write(self.path, lambda fh: torch.save(state, fh), binary=True)
+
+
+class Sinks(Observer):
+    """Streams the flow's records into the monitor's sinks (:class:`~rayleighflow.monitor.CSV`,
+    :class:`~rayleighflow.monitor.TensorBoard`, :class:`~rayleighflow.monitor.RichTable` or
+    your own :class:`~rayleighflow.monitor.Sink`): opened at the first record with the
+    trajectory's header, each record written as a ``main`` row with ``step`` = its index, closed
+    with the run's status at the end.
+
+    Example:
+        >>> import tempfile, pathlib, torch, rayleighflow as rf
+        >>> from rayleighflow.monitor import CSV
+        >>> x = torch.linspace(-1, 1, 4, dtype=torch.float64).unsqueeze(1)
+        >>> problem = rf.Problem(rf.Model(torch.nn.Linear(1, 1).double()),
+        ...                      rf.Dataset.from_arrays(x, x), "square")
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=2.0,
+        ...                      records=rf.Every(2), observers=[rf.Sinks(CSV(folder / "f.csv"))])
+        >>> lines = (folder / "f.csv").read_text().splitlines()
+        >>> len(lines), lines[0].split(",")[:3]          # a header and one line per record
+        (4, ['t', 'grad_evals', 'loss'])
+    """
+
+    def __init__(self, *sinks: Any) -> None:
+        self.sinks = sinks
+        self.meta: dict[str, Any] | None = None
+        self.index = 0
+
+    def on_record(self, row, params):
+        if self.meta is None:
+            self.meta = {"columns": {"main": [*row, "step"]}, "groups": [],
+                         "desingularizers": [], "source": "gradient_flow"}
+            for s in self.sinks:
+                s.open(self.meta)
+        out = {**row, "step": self.index}
+        self.index += 1
+        for s in self.sinks:
+            s.write("main", [out])
+
+    def on_end(self, result):
+        if self.meta is None:
+            return
+        for s in self.sinks:
+            s.close({"status": "complete" if result.status.value == "t_max"
+                     else result.status.value, "stop_detail": result.message})
+
