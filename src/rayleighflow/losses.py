@@ -119,6 +119,12 @@ class Loss(abc.ABC):
         """ℓ(f) = Σ_i ω_i ℓ_i(f_i)."""
         return (omega * self.per_sample(f, y)).sum()
 
+    def sample_sums(self, f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(ℓ_i, ‖g_i‖²) per sample, the batch sums the monitor reduces (y already checked);
+        a loss may fuse them (cross-entropy does)."""
+        g = self.functional_grad(f, y)
+        return self.per_sample(f, y), (g * g).sum(-1)
+
 
 @final
 class SquareLoss(Loss):
@@ -222,6 +228,40 @@ class SoftmaxCrossEntropy(Loss):
         # g_y = p_y − 1 = −Σ_{j≠y} p_j, summed without cancellation.
         g_y = -p.scatter(-1, y.unsqueeze(-1), 0.0).sum(-1, keepdim=True)
         return p.scatter(-1, y.unsqueeze(-1), g_y)
+
+    def sample_sums(self, f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Softmax cross-entropy sums with q = p off the true class and s = Σ_j q_j = 1 − p_y
+        summed directly (no cancellation): ‖g_i‖² = ‖q_i‖² + s_i², and ℓ_i = −log1p(−s_i) while
+        s_i < ½ (full relative precision for tiny losses), ℓ_i = logsumexp(f_i) − f_iy otherwise.
+
+        Without autograd (the monitor's per-step path: detached outputs) the (n, k) work is one
+        fused softmax p, its true class zeroed, then s = Σ_{j≠y} p_j and ‖q‖² = Σ_{j≠y} p_j²; and
+        ℓ_i = −log p_y while p_y is a normal number, else (max f − f_y) + log z with 1/z = max_j p_j
+        (never underflows). On a large vocabulary this costs about what the training step's own
+        cross-entropy does."""
+        idx = y.unsqueeze(-1)
+        if f.requires_grad and torch.is_grad_enabled():
+            logp = torch.log_softmax(f, dim=-1)
+            q = logp.exp().scatter(-1, idx, 0.0)   # out of place: autograd needs logp
+            s = q.sum(-1)
+            gsq = torch.linalg.vector_norm(q, dim=-1).square() + s * s
+            wrong = -logp.gather(-1, idx).squeeze(-1)
+        else:
+            p = torch.softmax(f, dim=-1)            # the only (n, k) allocation
+            p_y = p.gather(-1, idx).squeeze(-1)
+            p.scatter_(-1, idx, 0.0)
+            s = p.sum(-1)
+            gsq = torch.linalg.vector_norm(p, dim=-1).square() + s * s
+            under = p_y < torch.finfo(p.dtype).tiny
+            wrong = -p_y.log()
+            # on a CPU the check costs nothing; elsewhere it would be a host synchronization
+            if f.device.type != "cpu" or bool(under.any()):
+                # where p_y underflowed p's max is off the true class, so the zeroing left it
+                lse_gap = (f.amax(-1) - f.gather(-1, idx).squeeze(-1)) - p.amax(-1).log()
+                wrong = torch.where(under, lse_gap, wrong)
+        small = s < 0.5   # the other branch is fed 0, so autograd never sees log1p(-1) = -inf
+        ell = torch.where(small, -torch.log1p(-torch.where(small, s, 0.0)), wrong)
+        return ell, gsq
 
     def functional_kl(self, weights: Tensor, convention: Convention,
                       n_classes: int | None = None) -> FunctionalKL:

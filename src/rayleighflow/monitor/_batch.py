@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._types import Convention
-from ..losses import Loss, SoftmaxCrossEntropy, SquareLoss
+from ..losses import Loss
 from ._ranks import RankGroup
 
 __all__ = ["flatten_batch", "PendingStep", "evaluate_steps", "grad_norms"]
@@ -41,7 +41,7 @@ def flatten_batch(loss: Loss, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         y = y.detach()
     if y.device != out.device:
         y = y.to(out.device, non_blocking=True)
-    if out.dim() == 2 and y.dim() == 1 and not isinstance(loss, SquareLoss) \
+    if out.dim() == 2 and y.dim() == 1 and loss.targets == "labels" \
             and y.shape[0] == out.shape[0]:
         return out, y  # the common (n, k) outputs with (n,) labels: nothing to reshape
     if out.dim() == 0:
@@ -49,7 +49,7 @@ def flatten_batch(loss: Loss, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
                          "the loss")
     if out.dim() == 1:
         out = out.unsqueeze(-1)
-    if isinstance(loss, SquareLoss):
+    if loss.targets == "real":
         if y.dim() == 1 and out.shape[1:] == (1,):
             y = y.unsqueeze(-1)
         if y.shape != out.shape:
@@ -105,49 +105,11 @@ def batch_sums(loss: Loss, f: Tensor, y: Tensor, check: bool = True) -> tuple[Te
         f = f.float()
     if check:
         y = loss.check_targets(f, y)
-    elif isinstance(loss, SquareLoss):
+    elif loss.targets == "real":
         y = y.to(f.dtype)
     else:
         y = y.long()
-    if isinstance(loss, SoftmaxCrossEntropy):
-        return _cross_entropy_sums(f, y)
-    g = loss.functional_grad(f, y)
-    return loss.per_sample(f, y), (g * g).sum(-1)
-
-
-def _cross_entropy_sums(f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax cross-entropy sums with q = p off the true class and s = Σ_j q_j = 1 − p_y
-    summed directly (no cancellation): ‖g_i‖² = ‖q_i‖² + s_i², and ℓ_i = −log1p(−s_i) while
-    s_i < ½ (full relative precision for tiny losses), ℓ_i = logsumexp(f_i) − f_iy otherwise.
-
-    Without autograd (the monitor's per-step path: detached outputs) the (n, k) work is one
-    fused softmax p, its true class zeroed, then s = Σ_{j≠y} p_j and ‖q‖² = Σ_{j≠y} p_j²; and
-    ℓ_i = −log p_y while p_y is a normal number, else (max f − f_y) + log z with 1/z = max_j p_j
-    (never underflows). On a large vocabulary this costs about what the training step's own
-    cross-entropy does."""
-    idx = y.unsqueeze(-1)
-    if f.requires_grad and torch.is_grad_enabled():
-        logp = torch.log_softmax(f, dim=-1)
-        q = logp.exp().scatter(-1, idx, 0.0)   # out of place: autograd needs logp
-        s = q.sum(-1)
-        gsq = torch.linalg.vector_norm(q, dim=-1).square() + s * s
-        wrong = -logp.gather(-1, idx).squeeze(-1)
-    else:
-        p = torch.softmax(f, dim=-1)            # the only (n, k) allocation
-        p_y = p.gather(-1, idx).squeeze(-1)
-        p.scatter_(-1, idx, 0.0)
-        s = p.sum(-1)
-        gsq = torch.linalg.vector_norm(p, dim=-1).square() + s * s
-        under = p_y < torch.finfo(p.dtype).tiny
-        wrong = -p_y.log()
-        # on a CPU the check costs nothing; elsewhere it would be a host synchronization
-        if f.device.type != "cpu" or bool(under.any()):
-            # where p_y underflowed p's max is off the true class, so the zeroing left it
-            lse_gap = (f.amax(-1) - f.gather(-1, idx).squeeze(-1)) - p.amax(-1).log()
-            wrong = torch.where(under, lse_gap, wrong)
-    small = s < 0.5   # the other branch is fed 0, so autograd never sees log1p(-1) = -inf
-    ell = torch.where(small, -torch.log1p(-torch.where(small, s, 0.0)), wrong)
-    return ell, gsq
+    return loss.sample_sums(f, y)
 
 
 def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .._types import Convention
 from ..desingularizers import get_desingularizer
-from ..losses import Loss, SquareLoss, get_loss
+from ..losses import Loss, get_loss
 from ._batch import PendingStep, eager_sums, flatten_batch, grad_norms
 from ._params import ParamLayout
 from ._ranks import RankGroup, unwrap
@@ -430,7 +430,7 @@ class Monitor(ReadBack, Reports):
         if pending.index == 0:
             self._open()
             self._first_step_check()
-            self._fast = not isinstance(self.loss, SquareLoss)
+            self._fast = self.loss.targets == "labels"
         self._due(pending.index)
 
     def _due(self, index: int) -> None:
