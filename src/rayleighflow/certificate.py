@@ -23,6 +23,7 @@ from typing import Any, final
 
 import numpy as np
 
+from ._io import finite_or_none as _num
 from ._time import TIME_RTOL
 from .desingularizers import Desingularizer
 
@@ -409,8 +410,3 @@ class Certificate:
         return d
 
 
-def _num(x: float | None) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from ._io import finite_or_none
 from ._time import within
 from .certificate import (
     Assumption,
@@ -346,10 +347,10 @@ def rank_desingularizers(
             gap = np.log(cert.bound[use] / cert.loss[use]) if use.any() else np.array([])
         rows.append({
             "name": cert.desingularizer.name, "status": cert.status.value,
-            "scope": cert.scope.value, "mu_star": _finite(cert.mu_star),
-            "t_at_min": _finite(cert.t_at_mu_star),
-            "tightness": _finite(float(np.mean(gap))) if gap.size and cert.holds else None,
-            "final_ratio": _finite(cert.bound_final / float(cert.loss[-1]))
+            "scope": cert.scope.value, "mu_star": finite_or_none(cert.mu_star),
+            "t_at_min": finite_or_none(cert.t_at_mu_star),
+            "tightness": finite_or_none(float(np.mean(gap))) if gap.size and cert.holds else None,
+            "final_ratio": finite_or_none(cert.bound_final / float(cert.loss[-1]))
             if cert.loss[-1] > 0 else None,
             "reason": None if cert.reason is None else cert.reason.code})
     held = sorted((r for r in rows if r["status"] == "holds" and r["tightness"] is not None),
@@ -360,5 +361,3 @@ def rank_desingularizers(
     return held + rest
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if x is not None and math.isfinite(x) else None

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .._io import finite_or_none
 from .diagnose import Forecast, forecast, stability
 from .fulldata import full_data_estimate
 
@@ -129,7 +130,7 @@ class Reports:
             "rank": None if probe is None or probe["rank"] is None else int(probe["rank"]),
             "lambda_min": None if probe is None else probe["lambda_min"],
             "lambda_max": None if probe is None else probe["lambda_max"],
-            "rayleigh_min": self._rayleigh_min if math.isfinite(self._rayleigh_min) else None,
+            "rayleigh_min": finite_or_none(self._rayleigh_min),
             "certificates": [],
             "run_time_s": time.perf_counter() - self._begin,
             "versions": versions(),

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, final
 
+from .._io import atomic_write_text
 from ..trajectory import Trajectory
 from ._rundir import monitor_figures
 from .diagnose import Diagnosis
@@ -62,9 +63,8 @@ class RunFolder(Sink):
         figures = monitor_figures(meta["groups"], meta["desingularizers"],
                                   meta.get("full_every") is not None,
                                   meta.get("probe_every") is not None)
-        tmp = self.path / "figures.json.tmp"
-        tmp.write_text(json.dumps(figures, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, self.path / "figures.json")
+        atomic_write_text(self.path / "figures.json",
+                          json.dumps(figures, indent=1, ensure_ascii=False))
         self._traj("main")
 
     def _traj(self, kind: str) -> Trajectory:
@@ -80,7 +80,8 @@ class RunFolder(Sink):
             traj.append(r)
 
     def close(self, summary: dict[str, Any]) -> None:
-        from ..report import render_report, write_summary
+        from ..report import render_report
+        from ..rundir import write_summary
 
         status = summary.get("status", "complete")
         for traj in self._trajs.values():

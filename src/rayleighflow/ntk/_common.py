@@ -18,7 +18,7 @@ from typing import final
 import torch
 from torch import Tensor, nn
 
-from .._types import Convention, Params, effective_weights, parse_enum
+from .._types import Convention, Params, check_weights, effective_weights, parse_enum
 from ..data import Dataset
 from ..problem import Model
 
@@ -167,12 +167,7 @@ def scaling(
             return None
         return torch.full((n,), 1.0 / math.sqrt(n), dtype=like.dtype, device=like.device)
     w = torch.as_tensor(weights).to(device=like.device, dtype=torch.float64)
-    if w.shape != (n,):
-        raise ValueError(f"weights must have shape ({n},), got {tuple(w.shape)}")
-    if not torch.isfinite(w).all() or (w <= 0).any():
-        raise ValueError("weights must be finite and > 0")
-    if abs(float(w.sum()) - 1.0) > 1e-6:
-        raise ValueError(f"weights sum to {float(w.sum())}, not 1: pass probability weights")
+    check_weights(w, n)
     return effective_weights(w, convention).sqrt().to(like.dtype)
 
 

@@ -44,6 +44,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._types import Params
 from ..problem import Model
+from ..seeding import generator as seeded_generator
 from .structured import Layer
 
 PROBE_COUNTS = {"forwards": 0, "backwards": 0}
@@ -416,7 +417,7 @@ def run_probe(model: Model, params: Params, layers: list[Layer], x: Tensor,
 
 def _mixing(out: Tensor, probes: list[list[Tensor]], generator) -> list[bool]:
     """Per layer: does a cotangent on sample 0 alone reach other samples' probes?"""
-    gen = generator or torch.Generator(device="cpu").manual_seed(1234)
+    gen = generator or seeded_generator(1234)
     v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
     v0 = torch.zeros_like(v)
     v0[0] = v[0]

@@ -20,7 +20,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from .._types import Convention, Params, effective_weights
+from .._types import Convention, Params, check_weights, effective_weights
 from ..data import Dataset
 from ..distributed import collective, rank_and_size
 from ..problem import Model
@@ -75,8 +75,7 @@ class ShardedNTKOperator:
             raise ValueError(f"{self.world} ranks for {n} samples: use at most {n} processes")
         w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else \
             torch.as_tensor(weights, dtype=torch.float64)
-        if w.shape != (n,) or (w <= 0).any() or abs(float(w.sum()) - 1) > 1e-6:
-            raise ValueError(f"weights must be ({n},), positive, summing to 1")
+        check_weights(w, n)
         self.start, self.stop = n * self.rank // self.world, n * (self.rank + 1) // self.world
         local_w = w[self.start:self.stop] / w[self.start:self.stop].sum()
         self.local = NTKOperator(model, x[self.start:self.stop], params=params,

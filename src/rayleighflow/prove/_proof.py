@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import finite_or_none
 from ..certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from ..desingularizers import Log
 from ._arb import arb, down, up
@@ -209,13 +210,11 @@ class Proof:
             "search": {"radii": len(self.searched),
                        "r": [a.r for a in self.searched],
                        "rho": [a.rho for a in self.searched],
-                       "target_min": [_fin(a.target_min) for a in self.searched]},
+                       "target_min": [finite_or_none(a.target_min) for a in self.searched]},
             "certificate": self.certificate.to_dict(),
         }
 
 
-def _fin(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def _assumptions(c: Constants, a: RhoAt | None) -> list[Assumption]:
