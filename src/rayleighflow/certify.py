@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from ._checks import _bad_points, _min_at, _ratios
 from ._io import finite_or_none
 from ._time import within
 from .certificate import (
@@ -62,31 +63,6 @@ def kl_ratios(traj: Trajectory, desingularizer: str | Desingularizer) -> np.ndar
         array([ 2.        ,  5.43656366, 14.7781122 , 40.17107385, 109.19630007])
     """
     return _ratios(get_desingularizer(desingularizer), traj["loss"], traj["grad_sq"])
-
-
-def _ratios(phi: Desingularizer, loss: np.ndarray, grad_sq: np.ndarray) -> np.ndarray:
-    ratios = np.asarray(phi.kl_ratio(loss, grad_sq), dtype=np.float64).reshape(loss.shape)
-    above = np.isfinite(loss) & (loss > phi.floor)
-    ratios[above & (grad_sq <= 0)] = 0.0
-    ratios[above & ~np.isfinite(grad_sq)] = np.nan  # _bad_points fails such a point
-    return ratios
-
-
-def _min_at(values: np.ndarray, t: np.ndarray) -> tuple[float, float]:
-    ok = ~np.isnan(values)
-    if not ok.any():
-        return math.nan, math.nan
-    i = int(np.argmin(np.where(ok, values, np.inf)))
-    return float(values[i]), float(t[i])
-
-
-def _bad_points(loss: np.ndarray, grad_sq: np.ndarray, ratios: np.ndarray,
-                phi: Desingularizer) -> np.ndarray:
-    """Checked points where something is not finite: a non-finite loss or gradient norm, or a
-    non-finite ratio above the floor. Such a point fails the certificate."""
-    above = np.isfinite(loss) & (loss > phi.floor)
-    return (~np.isfinite(loss) | ~np.isfinite(grad_sq)
-            | (above & ~np.isfinite(ratios)))
 
 
 def certify(

@@ -11,8 +11,9 @@ from dataclasses import replace
 
 import numpy as np
 
+from ._checks import _min_at, _ratios
 from .certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
-from .certify import _MU_RTOL, _checked_points, _min_at, _ratios, _unavailable, certify
+from .certify import _MU_RTOL, _checked_points, _unavailable, certify
 from .desingularizers import get_desingularizer
 from .losses import FunctionalKL
 from .problem import Problem

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from ._checks import _bad_points
 from ._time import within
 from .certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from .desingularizers import Desingularizer
@@ -86,8 +87,7 @@ def gd_certificate(
     failures: list[tuple[int, Reason, str]] = []  # (iterate index, reason, what)
     if not phi.concave:
         failures.append((0, Reason.NOT_CONCAVE, f"φ = {phi.name} is not concave"))
-    nonfinite = np.flatnonzero(~np.isfinite(loss) | ~np.isfinite(g)
-                               | (np.isfinite(loss) & (loss > phi.floor) & ~np.isfinite(ratios)))
+    nonfinite = np.flatnonzero(_bad_points(loss, g, ratios, phi))
     if nonfinite.size:
         failures.append((int(nonfinite[0]), Reason.NON_FINITE,
                          "non-finite loss, gradient norm or KL ratio"))
