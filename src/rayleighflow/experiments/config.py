@@ -59,6 +59,7 @@ from .schema import (
     FlowConfig,
     GaussianData,
     GradientDescentConfig,
+    ImplicitConfig,
     ImportConfig,
     LogRecordsConfig,
     LossConfig,
@@ -256,10 +257,10 @@ def _check_flow(iss: _Issues, flow: FlowConfig, data: Any) -> None:
         iss.add("flow.integrator.kind", "flow.integrator.kind = 'stochastic-gd' draws fresh "
                 "samples each step: it needs sampler data (data.population = true); for a "
                 "fixed dataset use 'gradient-descent'")
-    if isinstance(flow.records, EveryRecordsConfig) and isinstance(flow.integrator,
-                                                                     Dopri5Config):
+    if isinstance(flow.records, EveryRecordsConfig) and isinstance(
+            flow.integrator, Dopri5Config | ImplicitConfig):
         iss.add("flow.records.kind", "flow.records.kind = 'every' counts steps of a fixed-step "
-                "integrator; with kind = 'dopri5' use records kind = 'log'")
+                f"integrator; with kind = {flow.integrator.kind!r} use records kind = 'log'")
 
 
 def _check_loss_data(iss: _Issues, loss: LossConfig, data: Any) -> None:

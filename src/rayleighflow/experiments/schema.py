@@ -14,6 +14,7 @@ from ..flow import (
     Dopri5,
     Every,
     GradientDescent,
+    Implicit,
     LogSpaced,
     LossBelow,
     MaxEvals,
@@ -199,6 +200,20 @@ class Dopri5Config:
 
 
 @dataclass(frozen=True)
+class ImplicitConfig:
+    """``kind = "implicit"``: scipy's stiff solvers (``method`` LSODA, BDF or Radau) with the
+    exact Hessian as Jacobian, for flows run to their limits (P ≤ 4096)."""
+
+    kind: ClassVar[str] = "implicit"
+    method: str = _spec("string", "LSODA", choices=("LSODA", "BDF", "Radau"))
+    rtol: float = _spec("number", 1e-8, gt=0)
+    atol: float = _spec("number", 1e-12, gt=0)
+
+    def build(self) -> Implicit:
+        return Implicit(self.method, self.rtol, self.atol)
+
+
+@dataclass(frozen=True)
 class LogRecordsConfig:
     """``kind = "log"``: records at t = 0 and ``n − 1`` log-spaced times up to t_max."""
 
@@ -237,10 +252,11 @@ class StopConfig:
         return stops
 
 
-IntegratorConfig = GradientDescentConfig | StochasticGDConfig | Dopri5Config
+IntegratorConfig = GradientDescentConfig | StochasticGDConfig | Dopri5Config | ImplicitConfig
 RecordsConfig = LogRecordsConfig | EveryRecordsConfig
 _INTEGRATORS: dict[str, type] = {"gradient-descent": GradientDescentConfig,
-                                 "stochastic-gd": StochasticGDConfig, "dopri5": Dopri5Config}
+                                 "stochastic-gd": StochasticGDConfig, "dopri5": Dopri5Config,
+                                 "implicit": ImplicitConfig}
 _RECORDS: dict[str, type] = {"log": LogRecordsConfig, "every": EveryRecordsConfig}
 _FLOW_TABLES = ("integrator", "records", "stop")
 

@@ -19,11 +19,12 @@ from .adaptive import Dopri5
 from .base import Integrator, Run, State
 from .driver import FlowResult, Start, gradient_flow
 from .gd import GradientDescent, StochasticGD
+from .implicit import Implicit
 from .observers import Checkpoint, Columns, Diagnostic, Observer, OnRecord, Progress, Sinks
 from .stops import DEFAULT_MAX_EVALS, FlowStatus, Limits, LossBelow, MaxEvals, Stall, Stop
 from .times import TIME_RTOL, Every, LogSpaced, Times, covered, due, log_record_times, within
 
-__all__ = ["Integrator", "GradientDescent", "StochasticGD", "Dopri5", "Run", "State",
+__all__ = ["Integrator", "GradientDescent", "StochasticGD", "Dopri5", "Implicit", "Run", "State",
            "gradient_flow", "FlowResult", "FlowStatus", "Start", "LogSpaced", "Times", "Every",
            "LossBelow", "MaxEvals", "Stall", "Stop", "Limits", "DEFAULT_MAX_EVALS", "Observer",
            "Columns", "OnRecord", "Progress", "Checkpoint", "Sinks", "Diagnostic", "TIME_RTOL",
