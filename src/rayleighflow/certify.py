@@ -145,7 +145,7 @@ def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Cer
     ck_ratios = _ratios(phi, ck_loss, ck_g)
     mu_star, t_star = _min_at(ck_ratios, ck_t)
     n_evals = int(ck["t"].size) - len(traj)
-    base = dict(desingularizer=phi, convention=traj.meta.get("convention", "mean"), t=t,
+    base = dict(convention=traj.meta.get("convention", "mean"), t=t,
                 loss=loss, kl_ratio=ratios, mu_star=mu_star, t_at_mu_star=t_star, rtol=rtol,
                 atol=atol, n_records=len(traj), n_grad_evals=n_evals)
     where = (f"{len(traj)} records" + (f" and {n_evals} gradient evaluations" if n_evals else ""))
@@ -154,9 +154,8 @@ def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Cer
 
     def unavailable(reason: Reason, why: str, mu_value: float = math.nan) -> Certificate:
         assumptions.append(Assumption(f"KL with φ = {phi.name}", False, why))
-        rest = {k: v for k, v in base.items() if k != "desingularizer"}
         return Certificate.unavailable(phi, reason, why, mu=mu_value, mu_source=source,
-                                       assumptions=tuple(assumptions), **rest)
+                                       assumptions=tuple(assumptions), **base)
 
     if not (math.isfinite(loss[0]) and loss[0] > phi.floor):
         return unavailable(Reason.NOTHING_TO_CERTIFY,
@@ -218,7 +217,7 @@ def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Cer
                      f"{traj.meta.get('rtol')}, atol = {traj.meta.get('atol')}, whose global "
                      "error nothing bounds (certify(..., refine=problem) re-runs the flow at "
                      "rtol/100 and compares)")
-    return Certificate(mu=float(mu), mu_source=source,
+    return Certificate(desingularizer=phi, mu=float(mu), mu_source=source,
                        status=CertificateStatus.HOLDS if ok else CertificateStatus.VIOLATED,
                        scope=Scope.PATH if path else Scope.RECORDS, bound=bound,
                        max_bound_violation=max_violation, assumptions=tuple(assumptions),

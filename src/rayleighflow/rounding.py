@@ -50,7 +50,6 @@ def float64_start(problem: Problem, theta: Params, data: Dataset) -> dict[str, f
     first_order = u * float(f.detach().abs().max()) * s * math.sqrt(k * float(w.sum()))
     l64 = float(loss64.detach())
     return {"dtype": str(dtype).removeprefix("torch."), "loss0_float64": l64,  # type: ignore[dict-item]
-            "loss0_recorded": recorded,
             "loss0_rounding": max(abs(recorded - l64), first_order), "loss_unit_roundoff": u}
 
 

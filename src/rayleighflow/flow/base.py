@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -65,7 +65,6 @@ class State:
     t: float
     evals: int
     work: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Integrator(ABC):

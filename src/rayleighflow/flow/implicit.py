@@ -13,7 +13,6 @@ with the delayed check, as for Dopri5).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -97,9 +96,8 @@ class Implicit(Integrator):
             h = hessian(loss_of)(torch.as_tensor(y, dtype=dtype, device=device))
             return -h.detach().cpu().double().numpy()
 
-        state.work = {"fun": fun, "jac": jac, "to_theta": to_theta,
+        state.work = {"fun": fun, "jac": jac, "to_theta": to_theta, "run": run,
                       "y": flatten(like).detach().cpu().double().numpy()}
-        state.extra["run"] = run
         return state
 
     def advance(self, state: State, t_next: float) -> None:
@@ -107,10 +105,9 @@ class Implicit(Integrator):
 
         work: dict[str, Any] = state.work
         solver_cls = getattr(integrate, self.method)
-        kwargs: dict[str, Any] = {"rtol": self.rtol, "atol": self.atol}
-        kwargs["jac"] = work["jac"]
-        solver = solver_cls(work["fun"], state.t, work["y"], float(t_next), **kwargs)
-        run = self._run(state)
+        solver = solver_cls(work["fun"], state.t, work["y"], float(t_next), rtol=self.rtol,
+                            atol=self.atol, jac=work["jac"])
+        run: Run = work["run"]
         while solver.status == "running":
             message = solver.step()
             if solver.status == "failed":
@@ -119,7 +116,7 @@ class Implicit(Integrator):
             if not np.all(np.isfinite(solver.y)):
                 raise Stop(FlowStatus.NON_FINITE,
                            f"non-finite parameters at t = {solver.t:.6g}")
-            if solver.t < float(t_next) and run is not None and run.log is not None:
+            if solver.t < float(t_next) and run.log is not None:
                 # an accepted point of the flow: its gradient, logged like a Dopri5 stage
                 run.limits.spend(state.evals, solver.t)
                 state.evals += 1
@@ -128,8 +125,3 @@ class Implicit(Integrator):
         work["y"] = solver.y.copy()
         state.t = float(t_next)
         state.theta = {k: v.clone() for k, v in work["to_theta"](work["y"]).items()}
-        if not math.isfinite(float(np.abs(work["y"]).max())):
-            raise Stop(FlowStatus.NON_FINITE, f"non-finite parameters at t = {state.t:.6g}")
-
-    def _run(self, state: State) -> Run | None:
-        return state.extra.get("run")
