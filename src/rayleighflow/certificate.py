@@ -149,9 +149,12 @@ class Reason(Enum):
         "target) is not below the ball's radius, so the flow might leave the ball",
         "a higher target, a wider network, or a certificate observed along a run (rf.certify)")
     PROOF_UNSUPPORTED = (
-        "proof_unsupported", "no proof: the model, loss or data is outside what rf.prove covers",
-        "two-layer networks (TwoLayer: tanh, softplus, sigmoid, GELU) and linear models with "
-        "square loss on a finite dataset; otherwise use rf.certify on a run")
+        "proof_unsupported", "no proof: the model, loss or data is outside what rf.prove covers, "
+        "or the module does not compute the function its structure describes",
+        "rf.prove covers two-layer networks (TwoLayer, or Sequential(Linear, activation, "
+        "Linear) with tanh, softplus, sigmoid or exact GELU) and linear models, by exact type and "
+        "without hooks, with square loss or softmax cross-entropy on a finite dataset; the "
+        "reason says what to change; otherwise use rf.certify on a run")
 
 
 @final

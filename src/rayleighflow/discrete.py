@@ -129,7 +129,7 @@ def gd_certificate(
                              f"α = {alpha[k]:.3g} ≤ 0: L went from {cur[k]:.6g} to "
                              f"{nxt[k]:.6g}, a change of {change:.3g} within the loss's "
                              f"{traj.meta.get('dtype', 'float32')} rounding error (≈ "
-                             f"{level[k]:.3g}); the step the loss resolves is not known"))
+                             f"{level[k]:.3g}): the recorded loss cannot resolve this step"))
         else:
             failures.append((k, Reason.NO_SUFFICIENT_DECREASE,
                              f"α = {alpha[k]:.3g} ≤ 0: L went from {cur[k]:.6g} to "
