@@ -17,7 +17,15 @@ from ._types import Convention, Params
 from .certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from .certify import certify, kl_ratios, rank_desingularizers
 from .composition import compose, spectral
-from .data import Dataset, Gaussian, Sampler, TeacherStudent, UniformBox, load_sklearn
+from .data import (
+    Dataset,
+    Gaussian,
+    Sampler,
+    TeacherStudent,
+    UniformBox,
+    load_sklearn,
+    quadrature,
+)
 from .desingularizers import (
     CrossEntropy,
     Custom,
@@ -39,6 +47,7 @@ from .flow import (
     GradientDescent,
     Implicit,
     Integrator,
+    LimitReached,
     LogSpaced,
     LossBelow,
     MaxEvals,
@@ -68,7 +77,8 @@ __all__ = [
     "Columns", "Convention",
     "CrossEntropy", "Custom", "Dataset", "Desingularizer", "Dopri5", "Every", "FlowResult",
     "FlowStatus", "FunctionalKL", "Gaussian", "GradientDescent", "Implicit", "Integrator", "Log",
-    "LogSpaced", "Loss", "LossBelow", "MaxEvals", "Measurement", "Model", "Monitor",
+    "LimitReached", "LogSpaced", "Loss", "LossBelow", "MaxEvals", "Measurement", "Model",
+    "Monitor",
     "NondeterministicModelError", "Observer", "OnRecord", "Params", "Plateau", "Power",
     "Problem", "Progress", "Reason",
     "Reciprocal", "Sampler", "ScaledCrossEntropy", "Scope", "Sinks", "SoftmaxCrossEntropy",
@@ -76,7 +86,7 @@ __all__ = [
     "Stall", "Start", "StochasticGD", "TeacherStudent", "Times", "Trajectory", "UniformBox",
     "__version__", "certify", "compose",
     "get_desingularizer", "get_loss", "gradient_flow", "kl_ratios", "load_sklearn", "measure",
-    "prove", "rank_desingularizers", "spectral", "witness_bound",
+    "prove", "quadrature", "rank_desingularizers", "spectral", "witness_bound",
 ]
 
 

@@ -15,6 +15,7 @@ from ..flow import (
     Every,
     GradientDescent,
     Implicit,
+    LimitReached,
     LogSpaced,
     LossBelow,
     MaxEvals,
@@ -237,16 +238,20 @@ class EveryRecordsConfig:
 
 @dataclass(frozen=True)
 class StopConfig:
-    """Stop rules besides t_max: ``loss_below`` (checked at records), ``max_evals`` (gradient
+    """Stop rules besides t_max: ``loss_below`` (checked at records), ``limit_grad_rtol``
+    (the limit reached: ‖∇L‖² ≤ limit_grad_rtol·L at a record), ``max_evals`` (gradient
     evaluations; adaptive runs default to 1e6)."""
 
     loss_below: float | None = _spec("number", None, gt=0, unset="run to t_max")
+    limit_grad_rtol: float | None = _spec("number", None, gt=0, unset="run to t_max")
     max_evals: int | None = _spec("integer", None, ge=1, unset="no limit (adaptive: 1e6)")
 
-    def build(self) -> list[LossBelow | MaxEvals]:
-        stops: list[LossBelow | MaxEvals] = []
+    def build(self) -> list[LossBelow | LimitReached | MaxEvals]:
+        stops: list[LossBelow | LimitReached | MaxEvals] = []
         if self.loss_below is not None:
             stops.append(LossBelow(self.loss_below))
+        if self.limit_grad_rtol is not None:
+            stops.append(LimitReached(self.limit_grad_rtol))
         if self.max_evals is not None:
             stops.append(MaxEvals(self.max_evals))
         return stops

@@ -1,11 +1,11 @@
 """Gradient flow θ̇ = −∇L(θ), recorded at flow times t (never iteration counts).
 
-One driver loop (:mod:`.driver`) runs any :class:`Integrator`: :class:`GradientDescent`
-(θ_{k+1} = θ_k − η∇L(θ_k) at t = kη, exactly full-batch gradient descent),
-:class:`StochasticGD` (fresh samples of a sampler per step) and :class:`Dopri5` (adaptive
-Runge–Kutta). Records come at the times of :class:`LogSpaced`, :class:`Times` or
+One driver loop (:mod:`.driver`) runs any :class:`Integrator`: :class:`GradientDescent` (θ_{k+1} =
+θ_k − η∇L(θ_k) at t = kη, exactly full-batch gradient descent), :class:`StochasticGD` (fresh samples
+of a sampler per step), :class:`Dopri5` (adaptive Runge–Kutta) and :class:`Implicit` (scipy's stiff
+solvers, exact Hessian). Records come at the times of :class:`LogSpaced`, :class:`Times` or
 :class:`Every`; the run stops at t_max or at the first of its stop rules (:class:`LossBelow`,
-:class:`MaxEvals`, :class:`Stall`), at a non-finite loss, or on Ctrl-C, and
+:class:`LimitReached`, :class:`MaxEvals`, :class:`Stall`), at a non-finite loss, or on Ctrl-C, and
 ``FlowResult.status`` says which and where. Observers (:class:`Columns`, :class:`OnRecord`,
 :class:`Progress`, :class:`Checkpoint`) add columns and see every record.
 
@@ -21,11 +21,21 @@ from .driver import FlowResult, Start, gradient_flow
 from .gd import GradientDescent, StochasticGD
 from .implicit import Implicit
 from .observers import Checkpoint, Columns, Diagnostic, Observer, OnRecord, Progress, Sinks
-from .stops import DEFAULT_MAX_EVALS, FlowStatus, Limits, LossBelow, MaxEvals, Stall, Stop
+from .stops import (
+           DEFAULT_MAX_EVALS,
+           FlowStatus,
+           LimitReached,
+           Limits,
+           LossBelow,
+           MaxEvals,
+           Stall,
+           Stop,
+)
 from .times import TIME_RTOL, Every, LogSpaced, Times, covered, due, log_record_times, within
 
 __all__ = ["Integrator", "GradientDescent", "StochasticGD", "Dopri5", "Implicit", "Run", "State",
            "gradient_flow", "FlowResult", "FlowStatus", "Start", "LogSpaced", "Times", "Every",
-           "LossBelow", "MaxEvals", "Stall", "Stop", "Limits", "DEFAULT_MAX_EVALS", "Observer",
+           "LossBelow", "LimitReached", "MaxEvals", "Stall", "Stop", "Limits",
+           "DEFAULT_MAX_EVALS", "Observer",
            "Columns", "OnRecord", "Progress", "Checkpoint", "Sinks", "Diagnostic", "TIME_RTOL",
            "due", "covered", "within", "log_record_times"]

@@ -104,24 +104,47 @@ class Implicit(Integrator):
         from scipy import integrate
 
         work: dict[str, Any] = state.work
-        solver_cls = getattr(integrate, self.method)
-        solver = solver_cls(work["fun"], state.t, work["y"], float(t_next), rtol=self.rtol,
-                            atol=self.atol, jac=work["jac"])
         run: Run = work["run"]
-        while solver.status == "running":
+        if work.get("solver") is None:
+            # one solver from the start to t_max: records are read off its dense output, so
+            # they do not restart it (a restart repeats the small starting steps)
+            work["solver"] = getattr(integrate, self.method)(
+                work["fun"], state.t, work["y"], run.limits.t_max, rtol=self.rtol,
+                atol=self.atol, jac=work["jac"])
+            work["pending"] = None
+        solver = work["solver"]
+        target = float(t_next)
+        pending, work["pending"] = work["pending"], None
+        if pending is not None:  # the accepted point past the previous record
+            self._log_point(state, run, work, *pending)
+        while solver.t < target and solver.status == "running":
             message = solver.step()
             if solver.status == "failed":
                 raise Stop(FlowStatus.SOLVER_FAILED,
                            f"implicit {self.method} failed after t = {solver.t:.6g}: {message}")
             if not np.all(np.isfinite(solver.y)):
-                raise Stop(FlowStatus.NON_FINITE,
-                           f"non-finite parameters at t = {solver.t:.6g}")
-            if solver.t < float(t_next) and run.log is not None:
-                # an accepted point of the flow: its gradient, logged like a Dopri5 stage
-                run.limits.spend(state.evals, solver.t)
-                state.evals += 1
-                assert run.train is not None
-                evaluate(run.problem, work["to_theta"](solver.y), run.train, solver.t, run.log)
-        work["y"] = solver.y.copy()
-        state.t = float(t_next)
+                raise Stop(FlowStatus.NON_FINITE, f"non-finite parameters at t = {solver.t:.6g}")
+            if solver.t < target:
+                self._log_point(state, run, work, solver.t, solver.y)
+            elif solver.t > target:
+                # logged once the next record interval begins: the log stays in time order
+                work["pending"] = (solver.t, solver.y.copy())
+        if solver.t < target:
+            raise Stop(FlowStatus.SOLVER_FAILED,
+                       f"implicit {self.method} stopped at t = {solver.t:.6g} before "
+                       f"t = {target:.6g} ({solver.status})")
+        y = solver.y if solver.t == target else solver.dense_output()(target)
+        work["y"] = np.array(y, dtype=np.float64)
+        state.t = target
         state.theta = {k: v.clone() for k, v in work["to_theta"](work["y"]).items()}
+
+    @staticmethod
+    def _log_point(state: State, run: Run, work: dict[str, Any], t: float,
+                   y: np.ndarray) -> None:
+        """An accepted point of the flow: its gradient, logged like a Dopri5 stage."""
+        if run.log is None:
+            return
+        run.limits.spend(state.evals, t)
+        state.evals += 1
+        assert run.train is not None
+        evaluate(run.problem, work["to_theta"](y), run.train, t, run.log)

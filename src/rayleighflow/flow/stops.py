@@ -1,8 +1,9 @@
 """When a flow stops, besides t_max: the stop rules and the statuses a run ends with.
 
-:class:`LossBelow` is checked at records (``check(state, row)``); :class:`MaxEvals` and
-:class:`Stall` act at every gradient evaluation, inside the integrator (a budget spent or a
-collapsed step must stop the run mid-interval), and are handed to it as :class:`Limits`.
+:class:`LossBelow` and :class:`LimitReached` are checked at records (``check(state, row)``);
+:class:`MaxEvals` and :class:`Stall` act at every gradient evaluation, inside the integrator
+(a budget spent or a collapsed step must stop the run mid-interval), and are handed to it as
+:class:`Limits`.
 :class:`~rayleighflow.Dopri5` runs get ``MaxEvals(DEFAULT_MAX_EVALS)`` and ``Stall()`` unless
 given.
 
@@ -21,8 +22,8 @@ from typing import Any
 
 from .times import _count, _positive
 
-__all__ = ["FlowStatus", "Stop", "LossBelow", "MaxEvals", "Stall", "StopRule", "Limits",
-           "DEFAULT_MAX_EVALS"]
+__all__ = ["FlowStatus", "Stop", "LossBelow", "LimitReached", "MaxEvals", "Stall", "StopRule",
+           "Limits", "DEFAULT_MAX_EVALS"]
 
 #: Gradient-evaluation budget of :class:`~rayleighflow.Dopri5` runs when no MaxEvals is given.
 DEFAULT_MAX_EVALS = 1_000_000
@@ -30,9 +31,10 @@ DEFAULT_MAX_EVALS = 1_000_000
 
 class FlowStatus(str, Enum):
     """Why a flow stopped: ``t_max`` reached; ``loss_target`` (a :class:`LossBelow` met at a
-    record); ``step_budget`` (:class:`MaxEvals` spent); ``non_finite`` (L or ∇L not finite);
-    ``solver_failed`` (the adaptive step underflowed); ``stalled`` (:class:`Stall`);
-    ``interrupted`` (Ctrl-C, records kept).
+    record); ``limit`` (a :class:`LimitReached` met at a record); ``step_budget``
+    (:class:`MaxEvals` spent); ``non_finite`` (L or ∇L not finite); ``solver_failed`` (the
+    adaptive step underflowed); ``stalled`` (:class:`Stall`); ``interrupted`` (Ctrl-C, records
+    kept).
 
     Example:
         >>> import torch, rayleighflow as rf
@@ -46,6 +48,7 @@ class FlowStatus(str, Enum):
 
     T_MAX = "t_max"
     LOSS_TARGET = "loss_target"
+    LIMIT = "limit"
     STEP_BUDGET = "step_budget"
     NON_FINITE = "non_finite"
     SOLVER_FAILED = "solver_failed"
@@ -82,6 +85,41 @@ class LossBelow:
         if loss <= self.target:
             raise Stop(FlowStatus.LOSS_TARGET,
                        f"loss {loss:.6g} ≤ target {self.target:g} at t = {row['t']:.6g}")
+
+
+@dataclass(frozen=True)
+class LimitReached:
+    """Stop at the first record where the flow sits at its limit to working precision:
+    ‖∇L‖² ≤ ``grad_rtol``·L (the flow has stopped moving: along it dL/dt = −‖∇L‖²), or
+    L ≤ ``loss_floor`` (a zero-loss limit reached). What the limit *is* (a strict minimum, a
+    plateau) is for the caller to read off the run, e.g. with the Hessian at the final θ.
+
+    Example:
+        >>> rule = LimitReached(grad_rtol=1e-12)
+        >>> rule.check(None, {"t": 10.0, "loss": 0.5, "grad_sq": 1e-3})   # still moving
+        >>> rule.check(None, {"t": 20.0, "loss": 0.5, "grad_sq": 1e-14})
+        Traceback (most recent call last):
+        ...
+        rayleighflow.flow.stops.Stop: limit reached at t = 20: ‖∇L‖² = 1e-14 ≤ 1e-12·L (L = 0.5)
+    """
+
+    grad_rtol: float = 1e-12
+    loss_floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("grad_rtol", self.grad_rtol, "LimitReached")
+        if not (math.isfinite(self.loss_floor) and self.loss_floor >= 0):
+            raise ValueError(f"LimitReached: loss_floor must be a finite number ≥ 0 (got "
+                             f"{self.loss_floor!r})")
+
+    def check(self, state: Any, row: dict[str, Any]) -> None:
+        loss, grad_sq, t = row["loss"], row["grad_sq"], row["t"]
+        if grad_sq <= self.grad_rtol * loss:
+            raise Stop(FlowStatus.LIMIT, f"limit reached at t = {t:.6g}: ‖∇L‖² = {grad_sq:.3g} "
+                                         f"≤ {self.grad_rtol:g}·L (L = {loss:.6g})")
+        if loss <= self.loss_floor:
+            raise Stop(FlowStatus.LIMIT, f"limit reached at t = {t:.6g}: L = {loss:.6g} ≤ "
+                                         f"floor {self.loss_floor:g}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +162,7 @@ class Stall:
         """Nothing at records: the adaptive integrator watches its step at every evaluation."""
 
 
-StopRule = LossBelow | MaxEvals | Stall
+StopRule = LossBelow | LimitReached | MaxEvals | Stall
 
 
 @dataclass
@@ -169,12 +207,13 @@ class Limits:
                 "or use GradientDescent(step) with a small step"))
 
 
-def read_stops(stops, adaptive: bool, evals_start: int) -> tuple[list[LossBelow], Limits]:
+def read_stops(stops, adaptive: bool,
+               evals_start: int) -> tuple[list[LossBelow | LimitReached], Limits]:
     """The record-time rules and the per-evaluation limits from a list of stop rules."""
-    at_records: list[LossBelow] = []
+    at_records: list[LossBelow | LimitReached] = []
     limits = Limits()
     for rule in stops:
-        if isinstance(rule, LossBelow):
+        if isinstance(rule, LossBelow | LimitReached):
             at_records.append(rule)
         elif isinstance(rule, MaxEvals):
             limits.budget = rule.n if limits.budget is None else min(limits.budget, rule.n)
@@ -184,8 +223,8 @@ def read_stops(stops, adaptive: bool, evals_start: int) -> tuple[list[LossBelow]
                                  "step cannot collapse; use MaxEvals to bound the run")
             limits.stall = rule
         else:
-            raise TypeError(f"stops take LossBelow(target), MaxEvals(n) and Stall(window, "
-                            f"rtol) (got {rule!r})")
+            raise TypeError(f"stops take LossBelow(target), LimitReached(grad_rtol, "
+                            f"loss_floor), MaxEvals(n) and Stall(window, rtol) (got {rule!r})")
     if adaptive:
         if limits.budget is None:
             limits.budget = evals_start + DEFAULT_MAX_EVALS
