@@ -124,7 +124,7 @@ def test_two_layer(tmp_path_factory):
     _check_folder(out, s)
     assert "lambda_min_zero_where_underparameterized" not in s  # could never be False
     for m, w in s["per_width"].items():
-        assert w["plateaued"] + w["undecided"] == s["seeds"], m
+        assert w["below"] + w["failed"] + w["undecided"] == s["seeds"], m
 
 
 def test_report_rerenders_from_files(demo):

@@ -1,7 +1,6 @@
-"""The two-layer experiment (THEORY.md R3; issue 7 items 9 and 10): plateau detection,
-Clopper–Pearson intervals, and notes that follow the summary's numbers."""
+"""The two-layer experiment (THEORY.md R3; issues 7 and 19): plateau detection, Clopper–Pearson
+intervals, decisions that follow from their evidence, and notes that follow the numbers."""
 
-import math
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from rayleighflow.experiments.plateau import (
     success_interval,
 )
 from rayleighflow.experiments.registry import run_experiment
+from rayleighflow.experiments.two_layer_read import BELOW, FAILED, UNDECIDED
 from rayleighflow.ntk.spectrum import STRUCTURAL_ZERO
 
 # -- plateau detector ---------------------------------------------------------------------------
@@ -82,12 +82,46 @@ def test_undecided_seeds_widen_the_interval():
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    return run_experiment("two-layer", tmp_path_factory.mktemp("tl") / "run", quick=True)
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tl") / "run"
+    return out, run_experiment("two-layer", out, quick=True)
+
+
+@pytest.fixture(scope="module")
+def quick(quick_run):
+    return quick_run[1]
 
 
 def _fmt(x):
     return "—" if x is None else f"{x:.3g}"
+
+
+def _check_decisions(s):
+    """Every decision follows from the evidence recorded with it."""
+    eps, rule = s["eps"], s["decision_rule"]
+    for m in s["widths"]:
+        w = s["per_width"][str(m)]
+        runs = s["runs"][str(m)]
+        assert w["below"] + w["failed"] + w["undecided"] == w["seeds"] == len(runs)
+        for r in runs:
+            if r["decision"] == BELOW:   # a loss checked below ε by the margin
+                assert r["rule"] == "checked loss" and r["flow_status"] == "loss_target"
+                assert r["loss_final"] <= eps * (1 - rule["margin"])
+            elif r["decision"] == FAILED and r["rule"] == "strict minimum":
+                ev = r["evidence"]
+                assert ev["strict_minimum"] and ev["positive_definite"]
+                assert ev["lower_bound"] >= eps and ev["lambda_min"] > 0
+                assert ev["lower_bound"] <= r["loss_final"]
+                assert ev["newton_step"] <= rule["newton_rtol"] * max(1.0, ev["theta_norm"])
+            elif r["decision"] == FAILED:
+                assert r["rule"] == "plateau at t_max" and r["flow_status"] == "t_max"
+                assert r["plateau"]["plateaued"] and r["plateau"]["level"] >= eps
+            assert r["eta"] == r["loss_final"]
+        k = w["below"]
+        assert tuple(w["success_ci95"]) == pytest.approx(
+            success_interval(k, w["undecided"], w["seeds"]))
+        decided = [r["eta"] for r in runs if r["decision"] != UNDECIDED]
+        assert w["eta_median"] == (pytest.approx(float(np.median(decided))) if decided else None)
 
 
 def _check_notes_match(s):
@@ -96,16 +130,14 @@ def _check_notes_match(s):
     for m in s["widths"]:
         w = s["per_width"][str(m)]
         note = next(n for n in notes if n.startswith(f"m = {m} (P = {w['P']},"))
-        assert f"{w['plateaued']} of {w['seeds']} seeds plateaued" in note
-        assert f"{w['successes']} of {w['seeds']} with η < ε = {s['eps']:g}" in note
+        assert (f"{w['below']} of {w['seeds']} seeds decided η < ε = {s['eps']:g}, "
+                f"{w['failed']} decided η ≥ ε, {w['undecided']} undecided") in note
         lo, hi = w["success_ci95"]
-        assert f"[{lo:.2f}, {hi:.2f}] (Clopper–Pearson 95%)" in note
-        if w["plateaued"]:
-            assert f"median η = {_fmt(w['eta_median'])}" in note
-        else:
-            assert "median η" not in note
-        if w["undecided"]:
-            assert f"{w['undecided']} not plateaued by t_max (no η" in note
+        assert f"1 − δ in [{lo:.2f}, {hi:.2f}] (Clopper–Pearson 95%" in note
+        for rule, n in w["decided_by"].items():
+            assert f"{rule} ({n})" in note
+        if w["failed"]:
+            assert f"median {_fmt(w['eta_failed_median'])}" in note
         for counts in w["certificate_counts"].values():
             for status, n in counts.items():
                 assert f"{n} {status}" in note
@@ -114,50 +146,41 @@ def _check_notes_match(s):
         if w["lambda_min_label"] == STRUCTURAL_ZERO:
             assert below_rank and "structural" in note and "not a measurement" in note
         else:
-            assert "by rank" not in note and "structural" not in note and "rank K ≤ P" not in note
-            assert f"min λ_min(K) = {_fmt(w['lambda_min'])}" in note
-    pop = s["population"]
-    ratio_note = next(n for n in notes if n.startswith("n_train / P_max"))
-    assert f"{pop['n_train_over_P_max']:.3g}" in ratio_note
-    assert ("stands in for the population flow" in ratio_note) == pop["population_like"]
-    slope = s["eta_loglog_slope_descriptive"]
-    if slope is None:
-        assert any("no log-log slope" in n for n in notes)
+            assert "structural" not in note and f"min λ_min(K) = {_fmt(w['lambda_min'])}" in note
+    joined = " ".join(notes)
+    first = s["smallest_width_at_level"]
+    if first is None:
+        assert f"At no width does the 95% lower end of 1 − δ reach {s['level']:g}" in joined
     else:
-        assert any(f"{slope:.3g} (descriptive" in n for n in notes)
+        assert f"m = {first} (lower end {s['per_width'][str(first)]['success_ci95'][0]:.3f}" \
+            in joined
+        lows = [s["per_width"][str(m)]["success_ci95"][0] for m in s["widths"]]
+        assert lows[s["widths"].index(first)] >= s["level"]
+        assert all(lo < s["level"] for lo in lows[:s["widths"].index(first)])
+    chk = s["integrator_check"]
+    assert f"is {_fmt(chk['max_rel_diff'])} (margin {chk['margin']:g})" in joined
+    assert chk["max_rel_diff"] == max(c["rel_diff"] for c in chk["per_width"].values())
 
 
-def test_quick_run_summary(quick):
+def test_quick_run_decides_every_seed_and_shows_the_crossing(quick):
     s = quick
-    assert s["status"] == "complete"
-    assert "lambda_min_zero_where_underparameterized" not in s
-    assert s["seeds"] >= 4
-    assert s["population"]["population_like"]  # n_train ≥ 8·P for the largest width
-    assert s["population"]["n_train"] >= 8 * s["population"]["P_max"]
-    for key in ("widths", "eta", "plateaued", "success_fraction", "success_ci95",
-                "eta_loglog_slope_descriptive", "plateau_rule", "per_width", "runs"):
-        assert key in s
-    assert s["max_bound_violation"] is not None and s["max_bound_violation"] <= 0
-    for m in s["widths"]:
+    assert s["status"] == "complete" and s["seeds"] >= 6
+    _check_decisions(s)
+    assert sum(s["undecided"]) == 0
+    small, large = s["widths"][0], s["widths"][-1]
+    assert s["per_width"][str(small)]["failed"] > s["seeds"] / 2   # η ≥ ε for most seeds
+    assert s["per_width"][str(large)]["below"] == s["seeds"]       # η < ε for all
+    assert any("η(m) crosses ε" in n for n in s["notes"])
+    pop = s["population"]   # the rule is the population up to its stated error
+    assert pop["measure"] == "quadrature" and pop["quadrature_error_max"] < 1e-6
+    for m in s["widths"]:   # ... which the independent Monte Carlo sample agrees with
         w = s["per_width"][str(m)]
-        lo, hi = w["success_ci95"]
-        assert 0 <= lo <= w["success_fraction"] <= w["success_fraction_if_undecided_succeed"] <= hi
-        assert w["plateaued"] + w["undecided"] == w["seeds"]
-        runs = s["runs"][str(m)]
-        for r in runs:  # η only where the detector said plateau, on both curves
-            assert (r["eta"] is not None) == r["plateaued"]
-            if r["plateaued"]:
-                assert r["train_plateau"]["rel_change"] <= s["plateau_rule"]["tol"]
-                assert r["test_plateau"]["rel_change"] <= s["plateau_rule"]["tol"]
-                assert r["gap"] == pytest.approx(r["eta"] - r["eta_train"])
-        assert w["eta_median"] == (None if not w["plateaued"] else
-                                   pytest.approx(np.median([r["eta"] for r in runs
-                                                            if r["eta"] is not None])))
-        # every λ_min here is structural: P < nk on the fixed sample
-        assert w["lambda_min_label"] == STRUCTURAL_ZERO and w["lambda_min"] == 0.0
-    for c in s["certificates"]:  # all from Certificate.to_dict (cert_dicts)
-        assert {"scope", "reason", "what_was_checked", "n_grad_evals_checked",
-                "label"} <= set(c)
+        assert w["mc_z_max_abs"] < 5 and w["could_flip"] == 0
+    assert s["integrator_check"]["max_rel_diff"] <= s["integrator_check"]["margin"]
+    assert "PATH" in s["notes"][-1] and "implicit LSODA" in s["notes"][-1]
+    assert s["max_bound_violation"] is not None and s["max_bound_violation"] <= 0
+    for c in s["certificates"]:
+        assert c["scope"] in ("path", "records")
         if c["desingularizer"].startswith("plateau"):
             assert c["mu_source"] == "observed"
 
@@ -166,19 +189,38 @@ def test_quick_run_notes_match_the_numbers(quick):
     _check_notes_match(quick)
 
 
-def test_widths_above_n_do_not_claim_a_structural_zero(tmp_path):
-    # n_train = 12, widths 8 and 16: P = 32, 64 > nk = 12
-    s = run_experiment("two-layer", tmp_path / "wide", quick=True, overrides={
-        "widths": [8, 16], "seeds": 2, "n_train": 12, "n_test": 64, "t_max": 16.0,
-        "n_records": 8})
-    assert s["status"] == "complete"
-    assert not s["population"]["population_like"]
-    for m in s["widths"]:
-        w = s["per_width"][str(m)]
-        assert w["P"] > s["nk"] and w["lambda_min_label"] != STRUCTURAL_ZERO
-        assert w["lambda_min"] is not None and math.isfinite(w["lambda_min"])
-    assert s["lambda_min_label"] != STRUCTURAL_ZERO
-    _check_notes_match(s)
+def test_quick_run_figure_arrays(quick_run):
+    out, s = quick_run
+    with np.load(out / "arrays.npz") as z:
+        failed, below = z["failed_eta"], z["below_eta"]
+        assert failed.size == sum(s["failed"]) and below.size == sum(s["below"])
+        assert bool(np.all(failed >= s["eps"])) and bool(np.all(below < s["eps"]))
+        np.testing.assert_allclose(z["success"], s["success_fraction"])
+
+
+def test_a_monte_carlo_training_sample_reports_its_gap(tmp_path):
+    s = run_experiment("two-layer", tmp_path / "mc", quick=True, overrides={
+        "widths": [8], "seeds": 2, "measure": "sample", "n_train": 96, "n_mc": 1024})
+    assert s["status"] == "complete" and s["population"]["measure"] == "sample"
+    w = s["per_width"]["8"]
+    gaps = [abs(r["mc_loss"] - r["loss_final"]) for r in s["runs"]["8"]]
+    assert w["mc_gap_max_abs"] == pytest.approx(max(gaps))
     joined = " ".join(s["notes"])
-    assert "by rank" not in joined and "λ_min(K) = 0 is structural" not in joined
-    assert "too small to stand in for the population flow" in joined
+    assert "fixed Monte Carlo sample of n = 96" in joined and "held-out" in joined
+    flips = w["could_flip"]
+    eps = s["eps"]
+    assert flips == sum(r["mc_loss"] + 2 * r["mc_se"] >= eps if r["decision"] == BELOW
+                        else r["mc_loss"] - 2 * r["mc_se"] < eps
+                        for r in s["runs"]["8"] if r["decision"] != UNDECIDED)
+    assert (f"for {flips} seed(s)" in joined) == (flips > 0)
+    _check_decisions(s)
+
+
+def test_an_integrator_check_above_the_margin_withdraws_the_below_decisions(tmp_path):
+    s = run_experiment("two-layer", tmp_path / "strict", quick=True, overrides={
+        "widths": [8], "seeds": 2, "margin": 1e-15})
+    chk = s["integrator_check"]
+    assert chk["max_rel_diff"] > 1e-15 and chk["withdrawn_widths"] == [8]
+    assert s["per_width"]["8"]["below"] == 0 and s["per_width"]["8"]["undecided"] == 2
+    assert all(r["rule"] == "integrator check above margin" for r in s["runs"]["8"])
+    assert "the below-ε decisions are withdrawn" in " ".join(s["notes"])

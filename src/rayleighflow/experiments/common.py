@@ -15,6 +15,7 @@ from ..composition import compose
 from ..data import Dataset
 from ..desingularizers import get_desingularizer
 from ..flow import FlowResult
+from ..hessian import strict_minimum
 from ..losses import FunctionalKL
 from ..ntk import ntk_spectrum
 from ..ntk.spectrum import NUMERICAL_ZERO, STRUCTURAL_ZERO, VALUE
@@ -23,7 +24,7 @@ from ..trajectory import Trajectory
 
 __all__ = ["spectrum_diagnostic", "certificates", "certificate_arrays", "loss_figure",
            "kernel_figure", "flow_summary", "finite_or_none", "functional_kl",
-           "lambda_min_label"]
+           "lambda_min_label", "limit_reading", "limit_note"]
 
 
 def functional_kl(problem: Problem, data: Dataset) -> FunctionalKL:
@@ -198,3 +199,43 @@ def flow_summary(problem: Problem, data: Dataset, result: FlowResult,
         "flow_status": result.status.value, "flow_message": result.message,
         "grad_evals": result.n_grad_evals,
     }
+
+
+def _g(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def limit_reading(problem: Problem, data: Dataset, result: FlowResult, grad_rtol: float,
+                  floor: float) -> dict[str, Any]:
+    """Where the flow stopped: its status, time, ‖∇L‖²/L and L/L₀ there, which limit rule
+    stopped it, and, where the gradient rule did, the Hessian's strict-minimum evidence."""
+    loss, grad_sq = result.trajectory["loss"], result.trajectory["grad_sq"]
+    out: dict[str, Any] = {"status": result.status.value, "t": result.t_final,
+                           "message": result.message,
+                           "grad_sq_over_loss": float(grad_sq[-1] / loss[-1]),
+                           "loss_over_initial": float(loss[-1] / loss[0]),
+                           "rule": grad_rtol, "floor": floor, "by": None,
+                           "evidence": None}
+    if result.status.value == "limit":
+        out["by"] = "floor" if loss[-1] <= floor else "gradient"
+        if out["by"] == "gradient":
+            out["evidence"] = strict_minimum(problem, result.params, data).to_dict()
+    return out
+
+
+def limit_note(what: str, r: dict[str, Any]) -> str:
+    """Where the flow ``what`` stopped, from ``r["limit"]`` (:func:`limit_reading`)."""
+    lim = r["limit"]
+    head = f"{what}, by {r['integrator']}: "
+    if lim["by"] == "floor":
+        return head + (f"the zero-loss limit was reached at t = {lim['t']:.3g}: L = "
+                       f"{_g(r['loss_final'])} ≤ {lim['floor']:.3g} (L/L₀ = "
+                       f"{_g(lim['loss_over_initial'])}).")
+    if lim["by"] == "gradient":
+        ev = lim["evidence"]
+        return head + (f"the limit was reached at t = {lim['t']:.3g} (‖∇L‖² ≤ {lim['rule']:g}·L"
+                       f"), at L = {_g(r['loss_final'])}; the Hessian there: {ev['summary']}.")
+    return head + (f"stopped at t = {lim['t']:.3g} ({lim['status']}) with ‖∇L‖²/L = "
+                   f"{_g(lim['grad_sq_over_loss'])} and L/L₀ = "
+                   f"{_g(lim['loss_over_initial'])}: not the limit rule ‖∇L‖² ≤ "
+                   f"{lim['rule']:g}·L; the loss there is where the flow stood, not its limit.")

@@ -14,7 +14,7 @@ import torch
 
 from ..composition import spectral
 from ..data import Dataset
-from ..flow import Columns, Dopri5, LogSpaced
+from ..flow import Columns, Dopri5, Implicit, LimitReached, LogSpaced
 from ..problem import Model, Problem
 from ..theorems.two_layer import TwoLayer
 from .common import (
@@ -23,6 +23,8 @@ from .common import (
     flow_summary,
     functional_kl,
     kernel_figure,
+    limit_note,
+    limit_reading,
     loss_figure,
     spectrum_diagnostic,
 )
@@ -66,14 +68,25 @@ def run(ctx: RunContext) -> dict[str, Any]:
         width = p[f"width_{regime}"]
         net = TwoLayer(p["dim"], width, generator=ctx.generator(3), dtype=ctx.dtype)
         problem = Problem(Model(net.to(ctx.device)), data, "square")
-        result = ctx.flow(regime, problem, label=f"{regime} (m={width})", t_max=p["t_max"],
-                          integrator=Dopri5(p["rtol"], p["atol"]),
-                          records=LogSpaced(p["n_records"]),
-                          observers=[Columns(spectrum_diagnostic(1))])
+        floor = p["limit_loss_floor"] * float(problem.loss_value(problem.params, data))
+        if regime == "over":  # a zero-loss limit: the floor decides where it is reached
+            how: dict[str, Any] = {"t_max": p["t_max"], "integrator": Dopri5(p["rtol"], p["atol"]),
+                                   "records": LogSpaced(p["n_records"]),
+                                   "stops": [LimitReached(p["limit_grad_rtol"], floor)]}
+        else:
+            how = {"t_max": p["under_t_max"],
+                   "stops": [LimitReached(p["limit_grad_rtol"], floor)],
+                   "integrator": Implicit(rtol=p["under_rtol"], atol=p["under_atol"]),
+                   "records": LogSpaced(p["n_records"], t_min=p["under_t_first"])}
+        result = ctx.flow(regime, problem, label=f"{regime} (m={width})",
+                          observers=[Columns(spectrum_diagnostic(1))], **how)
         certs = _certs(result.trajectory, problem, data)
         certs_by_regime[regime] = certs
         ctx.save_arrays(**certificate_arrays(f"{regime}_", certs))
-        regimes[regime] = {"width": width, **flow_summary(problem, data, result, certs)}
+        regimes[regime] = {"width": width, **flow_summary(problem, data, result, certs),
+                           "integrator": how["integrator"].describe(),
+                           "limit": limit_reading(problem, data, result,
+                                                  p["limit_grad_rtol"], floor)}
     ctx.save_figures(_figures(certs_by_regime))
     over, under = regimes["over"], regimes["under"]
     all_certs = [dict(c, label=f"{r}: {c['label']}") for r in REGIMES
@@ -89,6 +102,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         pl_available_over=over["certificates"][0]["status"] == "holds",
         pl_available_under=under["certificates"][0]["status"] == "holds",
         notes=[_note(regime, regimes[regime]) for regime in REGIMES]
+        + [limit_note(f"{regime}-parameterized flow", regimes[regime]) for regime in REGIMES]
         + ["Top-level keys describe the under-parameterized run."])
     return summary
 
@@ -116,6 +130,8 @@ EXPERIMENT = Experiment(
                 "λ_min = 0 and only the Rayleigh certificate in the second.",
     run=run,
     defaults={"n": 20, "dim": 5, "radius": 1.0, "teacher_width": 2, "width_over": 512,
-              "width_under": 2, "t_max": 1000.0, "n_records": 40, "rtol": 1e-7, "atol": 1e-9},
+              "width_under": 2, "t_max": 1000.0, "n_records": 40, "rtol": 1e-7, "atol": 1e-9,
+              "under_t_max": 1e8, "under_t_first": 0.1, "under_rtol": 1e-8, "under_atol": 1e-12,
+              "limit_grad_rtol": 1e-12, "limit_loss_floor": 1e-14},
     quick={"width_over": 128, "t_max": 200.0, "n_records": 20},
 )

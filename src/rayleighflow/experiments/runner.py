@@ -32,9 +32,11 @@ __all__ = ["RunContext", "RunInterrupted", "RunFailed", "Experiment", "execute",
 
 #: Flow statuses that end a flow for good (a resumed run reloads it instead of continuing).
 DONE_STATUSES = {s.value for s in FlowStatus} - {FlowStatus.INTERRUPTED.value}
-#: Flow statuses that finish a flow without reaching what was asked (t_max or the loss target):
+#: Flow statuses that finish a flow without reaching what was asked (t_max, the loss target or
+#: the limit):
 #: the run completes, and says so in the terminal, summary.json ``stopped_early`` and the report.
-EARLY_STOPS = DONE_STATUSES - {FlowStatus.T_MAX.value, FlowStatus.LOSS_TARGET.value}
+EARLY_STOPS = DONE_STATUSES - {FlowStatus.T_MAX.value, FlowStatus.LOSS_TARGET.value,
+                               FlowStatus.LIMIT.value}
 
 
 class RunInterrupted(Exception):
@@ -112,12 +114,14 @@ class RunContext:
         """Run (or, on resume, reload or continue) the flow named ``name``.
 
         A checkpoint of θ_t is saved at every record, so a killed run resumes at its last
-        record. Raises :class:`RunInterrupted` after Ctrl-C, once the records are safe.
+        record. ``start`` (a :class:`Start`, not appended) continues another flow from where it
+        stopped, in a trajectory of its own. Raises :class:`RunInterrupted` after Ctrl-C, once
+        the records are safe.
         """
         path = self.trajectory_path(name)
         ckpt = self.out / "checkpoints" / f"{name}.pt"
         ckpt.parent.mkdir(exist_ok=True)
-        start: Start | None = None
+        start: Start | None = kwargs.pop("start", None)
         if self.resume and path.exists() and ckpt.exists():
             saved = Trajectory.load(path)
             state = torch.load(ckpt, weights_only=True)

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.func import hessian
 
+from ..hessian import MAX_DENSE_PARAMS, hessian_of_flat
 from .base import Integrator, Run, State, evaluate, flatten, unflatten
 from .stops import FlowStatus, Stop
 from .times import _positive
@@ -53,7 +53,7 @@ class Implicit(Integrator):
     name: ClassVar[str] = "adaptive"
     step: ClassVar[None] = None
     #: the largest P whose dense Hessian (P² float64 values) the integrator forms
-    max_params: ClassVar[int] = 4096
+    max_params: ClassVar[int] = MAX_DENSE_PARAMS
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -62,8 +62,12 @@ class Implicit(Integrator):
         _positive("rtol", self.rtol, "Implicit")
         _positive("atol", self.atol, "Implicit")
         if self.jacobian != "dense":
+            # scipy's BDF, Radau and LSODA factor I − hγJ by LU: they need J as a matrix, so a
+            # Newton–Krylov (Hessian-vector product) Jacobian would mean a hand-rolled solver
             raise ValueError(f"Implicit: jacobian must be 'dense' (got {self.jacobian!r}); a "
-                             "Hessian-vector-product (Newton–Krylov) Jacobian is not available")
+                             "Hessian-vector-product (Newton–Krylov) Jacobian is not available: "
+                             "scipy's stiff solvers factor the Jacobian as a matrix. For P > "
+                             f"{MAX_DENSE_PARAMS} use Dopri5 or GradientDescent")
 
     def describe(self) -> str:
         return (f"implicit {self.method} (scipy), rtol {self.rtol:g}, atol {self.atol:g}, dense "
@@ -77,6 +81,7 @@ class Implicit(Integrator):
         if P > self.max_params:
             raise ValueError(f"Implicit(jacobian='dense') forms the P × P Hessian: P = {P} > "
                              f"{self.max_params}; use Dopri5 or GradientDescent for this model")
+        hess = hessian_of_flat(problem, like, train)
         dtype = next(iter(like.values())).dtype
         device = next(iter(like.values())).device
 
@@ -89,11 +94,8 @@ class Implicit(Integrator):
             grad = evaluate(problem, to_theta(y), train, t, None)[1]
             return -flatten(grad).detach().cpu().double().numpy()
 
-        def loss_of(flat: torch.Tensor) -> torch.Tensor:
-            return problem.loss_value(unflatten(flat, like), train)
-
         def jac(t: float, y: np.ndarray) -> np.ndarray:
-            h = hessian(loss_of)(torch.as_tensor(y, dtype=dtype, device=device))
+            h = hess(torch.as_tensor(y, dtype=dtype, device=device))
             return -h.detach().cpu().double().numpy()
 
         state.work = {"fun": fun, "jac": jac, "to_theta": to_theta, "run": run,
