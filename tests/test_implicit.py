@@ -90,3 +90,15 @@ def test_implicit_from_toml():
                         "flow": {"t_max": 1e4, "integrator": {"kind": "implicit",
                                                               "method": "BDF"}}})
     assert cfg.flow.kwargs()["integrator"] == rf.Implicit("BDF")
+
+
+def test_an_rtol_below_what_float32_gradients_resolve_is_refused():
+    x = torch.linspace(-1, 1, 8).unsqueeze(1)
+    problem = rf.Problem(rf.Model(nn.Linear(1, 1)), rf.Dataset.from_arrays(x, 2 * x,
+                                                                            dtype=torch.float32),
+                         "square")
+    with pytest.raises(ValueError, match=r"below what torch.float32 gradients resolve"):
+        rf.gradient_flow(problem, rf.Implicit(rtol=1e-8), t_max=1.0)
+    floor = rf.Implicit.rtol_floor(torch.float32)
+    run = rf.gradient_flow(problem, rf.Implicit(rtol=floor, atol=1e-8), t_max=1e4)
+    assert run.status is rf.FlowStatus.T_MAX and run.trajectory["loss"][-1] < 1e-6

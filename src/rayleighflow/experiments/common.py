@@ -216,6 +216,12 @@ def limit_reading(problem: Problem, data: Dataset, result: FlowResult, grad_rtol
                            "loss_over_initial": float(loss[-1] / loss[0]),
                            "rule": grad_rtol, "floor": floor, "by": None,
                            "evidence": None}
+    t = result.trajectory.t
+    decade = np.flatnonzero((t >= t[-1] / 10) & (t > 0))
+    if decade.size >= 2 and loss[decade[0]] > 0 and loss[-1] > 0 and t[-1] > t[decade[0]]:
+        out["tail_slope"] = float(np.log(loss[-1] / loss[decade[0]])
+                                  / np.log(t[-1] / t[decade[0]]))
+        out["tail_from"] = float(t[decade[0]])
     if result.status.value == "limit":
         out["by"] = "floor" if loss[-1] <= floor else "gradient"
         if out["by"] == "gradient":
@@ -235,7 +241,12 @@ def limit_note(what: str, r: dict[str, Any]) -> str:
         ev = lim["evidence"]
         return head + (f"the limit was reached at t = {lim['t']:.3g} (‖∇L‖² ≤ {lim['rule']:g}·L"
                        f"), at L = {_g(r['loss_final'])}; the Hessian there: {ev['summary']}.")
+    tail = ""
+    if lim.get("tail_slope") is not None:
+        tail = (f"; from t = {lim['tail_from']:.3g} to {lim['t']:.3g} L fell like "
+                f"t^{lim['tail_slope']:.2f}")
     return head + (f"stopped at t = {lim['t']:.3g} ({lim['status']}) with ‖∇L‖²/L = "
                    f"{_g(lim['grad_sq_over_loss'])} and L/L₀ = "
                    f"{_g(lim['loss_over_initial'])}: not the limit rule ‖∇L‖² ≤ "
-                   f"{lim['rule']:g}·L; the loss there is where the flow stood, not its limit.")
+                   f"{lim['rule']:g}·L or L ≤ {lim['floor']:.3g}, so the loss there is where the "
+                   f"flow stood, not its limit{tail}.")

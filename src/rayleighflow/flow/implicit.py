@@ -69,6 +69,11 @@ class Implicit(Integrator):
                              "scipy's stiff solvers factor the Jacobian as a matrix. For P > "
                              f"{MAX_DENSE_PARAMS} use Dopri5 or GradientDescent")
 
+    @staticmethod
+    def rtol_floor(dtype: torch.dtype) -> float:
+        """The smallest rtol worth asking of gradients in ``dtype``: 100·eps."""
+        return 100.0 * torch.finfo(dtype).eps
+
     def describe(self) -> str:
         return (f"implicit {self.method} (scipy), rtol {self.rtol:g}, atol {self.atol:g}, dense "
                 "Hessian Jacobian")
@@ -84,6 +89,12 @@ class Implicit(Integrator):
         hess = hessian_of_flat(problem, like, train)
         dtype = next(iter(like.values())).dtype
         device = next(iter(like.values())).device
+        floor = self.rtol_floor(dtype)
+        if self.rtol < floor:
+            # below it the solver chases the gradients' rounding: ~1e4× more steps, no accuracy
+            raise ValueError(f"Implicit: rtol {self.rtol:g} is below what {dtype} gradients "
+                             f"resolve (100·eps = {floor:.2g}); use rtol ≥ {floor:.2g}, or "
+                             "float64 parameters")
 
         def to_theta(y: np.ndarray) -> dict[str, torch.Tensor]:
             return unflatten(torch.as_tensor(y, dtype=dtype, device=device), like)
