@@ -118,9 +118,9 @@ def test_logistic_slide_form_fails_where_derived_holds(logistic):
     assert np.all(slide[after] < 0) and np.all(bound > 0)
 
 
-def test_two_layer(tmp_path_factory):
+def test_two_layer(two_layer_quick):
     # Through the command line; the summary's science is tested in tests/test_two_layer.py.
-    out, s = _run(tmp_path_factory, "two-layer")
+    out, s = two_layer_quick
     _check_folder(out, s)
     assert "lambda_min_zero_where_underparameterized" not in s  # could never be False
     for m, w in s["per_width"].items():

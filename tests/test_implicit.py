@@ -102,3 +102,14 @@ def test_an_rtol_below_what_float32_gradients_resolve_is_refused():
     floor = rf.Implicit.rtol_floor(torch.float32)
     run = rf.gradient_flow(problem, rf.Implicit(rtol=floor, atol=1e-8), t_max=1e4)
     assert run.status is rf.FlowStatus.T_MAX and run.trajectory["loss"][-1] < 1e-6
+
+
+def test_an_implicit_certificate_names_its_solver_and_refines_with_it():
+    problem, _, _ = _least_squares()
+    run = rf.gradient_flow(problem, rf.Implicit("BDF"), t_max=1e6, records=rf.LogSpaced(30))
+    cert = rf.certify(run.trajectory, "log")
+    assert cert.holds and cert.scope is Scope.PATH          # PATH at most, never PROVEN
+    assert any("numerical solution of implicit BDF (scipy)" in n for n in cert.notes)
+    refined = rf.certify(run.trajectory, "log", refine=problem)  # by BDF at rtol/100: Dopri5
+    assert refined.holds and refined.scope is Scope.PATH        # could not reach t = 1e6
+    assert any("re-integrated at rtol = 1e-10" in a.detail for a in refined.assumptions)

@@ -82,9 +82,8 @@ def test_undecided_seeds_widen_the_interval():
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tl") / "run"
-    return out, run_experiment("two-layer", out, quick=True)
+def quick_run(two_layer_quick):
+    return two_layer_quick
 
 
 @pytest.fixture(scope="module")

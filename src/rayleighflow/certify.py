@@ -213,10 +213,12 @@ def _flow_certificate(traj, phi, mu, evals, rtol, atol, mu_source, extra) -> Cer
     path = ok and evals is not None and delayed.passed
     notes = [_scope_note(evals is not None, delayed, traj.meta.get("method"))]
     if traj.meta.get("method") == "adaptive":
-        notes.append(f"not re-integrated: the checks are about the numerical solution at rtol = "
-                     f"{traj.meta.get('rtol')}, atol = {traj.meta.get('atol')}, whose global "
-                     "error nothing bounds (certify(..., refine=problem) re-runs the flow at "
-                     "rtol/100 and compares)")
+        solver = traj.meta.get("integrator")
+        of = f" of {solver}" if solver else ""
+        notes.append(f"not re-integrated: the checks are about the numerical solution{of} at "
+                     f"rtol = {traj.meta.get('rtol')}, atol = {traj.meta.get('atol')}, whose "
+                     "global error nothing bounds (certify(..., refine=problem) re-runs the flow "
+                     "at rtol/100 and compares)")
     return Certificate(desingularizer=phi, mu=float(mu), mu_source=source,
                        status=CertificateStatus.HOLDS if ok else CertificateStatus.VIOLATED,
                        scope=Scope.PATH if path else Scope.RECORDS, bound=bound,

@@ -50,13 +50,18 @@ def refine(cert: Certificate, traj: Trajectory, problem: Problem,
     if not isinstance(problem, Problem):
         raise TypeError(f"refine needs the Problem the run was made from (got "
                         f"{type(problem).__name__})")
-    from .flow import Dopri5, Start, Times, gradient_flow
+    from .flow import Dopri5, Implicit, Start, Times, gradient_flow
 
     rtol, atol = float(meta["rtol"]), float(meta["atol"])
     fine_rtol, fine_atol = rtol / factor, atol / factor
     t = traj.t
     later = t[1:]
-    run = gradient_flow(problem, Dopri5(fine_rtol, fine_atol), t_max=float(t[-1]),
+    described = str(meta.get("integrator", ""))
+    # the same family: a stiff run is re-integrated by its own solver (Dopri5 could not reach
+    # its horizon), anything else adaptive by Dopri5
+    fine_integrator = (Implicit(described.split()[1], fine_rtol, fine_atol)
+                       if described.startswith("implicit ") else Dopri5(fine_rtol, fine_atol))
+    run = gradient_flow(problem, fine_integrator, t_max=float(t[-1]),
                         records=Times(later, groups=False) if later.size else None,
                         start=Start(t=float(t[0])))
     fine = run.trajectory

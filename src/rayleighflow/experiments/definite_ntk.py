@@ -133,5 +133,6 @@ EXPERIMENT = Experiment(
               "width_under": 2, "t_max": 1000.0, "n_records": 40, "rtol": 1e-7, "atol": 1e-9,
               "under_t_max": 1e8, "under_t_first": 0.1, "under_rtol": 1e-8, "under_atol": 1e-12,
               "limit_grad_rtol": 1e-12, "limit_loss_floor": 1e-14},
-    quick={"width_over": 128, "t_max": 200.0, "n_records": 20},
+    quick={"width_over": 128, "t_max": 200.0, "n_records": 20, "under_rtol": 1e-6,
+           "under_atol": 1e-10},
 )
