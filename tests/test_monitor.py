@@ -493,3 +493,35 @@ def test_distributed_options_without_a_process_group():
     assert Monitor(net, echo=None, distributed=False).ranks is None
     with pytest.raises(ValueError, match="initialized process group"):
         Monitor(net, echo=None, distributed=True)
+
+
+def _diverge(strict: bool, messages: list) -> Monitor:
+    """SGD at a step far past the edge of stability: the loss overflows to inf, then NaN."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    x, y = torch.randn(64, 4), torch.randn(64, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=3.0)
+    mon = Monitor(net, "square", optimizer=opt, probe=(x[:16], y[:16]), probe_every=10,
+                  echo=messages.append, sync_every=5, strict=strict)
+    for _ in range(60):
+        opt.zero_grad()
+        out = net(x)
+        loss = 0.5 * ((out - y) ** 2).sum(-1).mean()
+        loss.backward()
+        mon.step(out, y, loss)
+        opt.step()
+    assert not all(bool(torch.isfinite(p).all()) for p in net.parameters())   # it diverged
+    return mon
+
+
+@pytest.mark.filterwarnings("ignore:the dtype decides the answer")
+def test_a_diverging_run_with_a_probe_never_raises_into_the_loop():
+    messages: list = []
+    mon = _diverge(False, messages)
+    failed = [m for m in messages if "the probe spectrum failed" in m]
+    assert len(failed) == 1 and "training goes on" in failed[0]   # said once, not per probe
+    assert len(mon.probe_rows) == 2                  # steps 0 and 10 were finite, later not
+    notes = mon.close()["notes"]
+    assert "the probe spectrum failed at 4 due step(s)" in notes   # steps 20, 30, 40, 50
+    with pytest.raises((FloatingPointError, torch.linalg.LinAlgError)):
+        _diverge(True, [])

@@ -127,6 +127,9 @@ class Monitor(ReadBack, Reports):
         clip_norm: the max_norm of a gradient clipping that runs before :meth:`step` (better:
             call step before clipping). A clipped ``.grad`` is not ∇L_B: steps whose ‖.grad‖
             reached clip_norm·(1 − 1e-5) get no quotient, and that is said.
+        strict: let a failed full-data estimate or probe spectrum (a non-finite loss, a
+            singular eigenproblem on a diverging run) raise into the training loop. By default
+            it is recorded as a diagnosis, said once, and the run goes on.
     """
 
     def __init__(
@@ -144,13 +147,15 @@ class Monitor(ReadBack, Reports):
         echo: Callable[[str], None] | None = print, keep: int = 100_000,
         name: str = "monitor", max_stored_elements: int = 1 << 22,
         distributed: bool | None = None, process_group: Any = None,
-        all_ranks_write: bool = False, clip_norm: float | None = None,
+        all_ranks_write: bool = False, clip_norm: float | None = None, strict: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor watches an nn.Module, got {type(model).__name__}")
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 (or None), got {clip_norm!r}")
         self.clip_norm = clip_norm
+        self.strict = strict
+        self._periodic_failed: dict[str, int] = {}
         self._clipped = 0
         self.ranks = RankGroup.resolve(model, distributed, process_group)
         model = unwrap(model)
@@ -441,9 +446,9 @@ class Monitor(ReadBack, Reports):
         if due_full or due_probe or len(self._pending) >= self.sync_every:
             self.flush()
         if due_full:
-            self._full(index)
+            self._guarded("full-data estimate", index, self._full)
         if due_probe:
-            self._probe(index)
+            self._guarded("probe spectrum", index, self._probe)
 
     def _first_step_check(self) -> None:
         rows = self.flush()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .._io import finite_or_none
-from .diagnose import Forecast, forecast, stability
+from .diagnose import Diagnosis, Forecast, forecast, stability
 from .fulldata import full_data_estimate
 
 __all__ = ["Reports"]
@@ -26,6 +26,25 @@ class Reports:
     """Full-data estimates, probe spectra, forecasts and summary.json (mixed into Monitor)."""
 
     # -- periodic estimates -----------------------------------------------------------------
+    def _guarded(self, what: str, step: int, run: Any) -> None:
+        """``run(step)``; a failure that the run's state explains (a non-finite loss or
+        parameters, an eigensolver that cannot converge on them) is recorded and said once,
+        and the user's loop goes on, unless ``strict``."""
+        try:
+            run(step)
+        except (FloatingPointError, torch.linalg.LinAlgError, ValueError, RuntimeError) as err:
+            explained = isinstance(err, FloatingPointError | torch.linalg.LinAlgError) or \
+                not all(bool(torch.isfinite(p).all()) for p in self.layout.params)
+            if self.strict or not explained:
+                raise
+            count = self._periodic_failed.get(what, 0)
+            self._periodic_failed[what] = count + 1
+            if not count:   # one message per condition, not one per due step
+                self._emit(Diagnosis(step, "non-finite", (
+                    f"step {step}: the {what} failed ({err}); no row was written and training "
+                    "goes on (Monitor(strict=True) raises instead); later ones are tried again "
+                    "and their failures counted in the summary")))
+
     def _full(self, step: int) -> None:
         est = full_data_estimate(self.model, self.full_data, self.loss,
                                  convention=self.convention, layout=self.layout,
@@ -112,6 +131,8 @@ class Reports:
                  "unequal-rank-batches", "unsynchronized-gradients", "clipped")
         notes = [_SCOPE_NOTE]
         notes += [d.message for d in self.diagnoses if d.kind in kinds]
+        notes += [f"the {what} failed at {n} due step(s)"
+                  for what, n in self._periodic_failed.items()]
         notes.append("t is the optimizer step; loss_final is the last "
                      + ("full-data estimate" if full else "batch loss")
                      + f"; nk = {nk} counts the " + ("full data" if full else "last batch")
