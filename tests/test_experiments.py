@@ -247,3 +247,9 @@ def test_float32_run_and_unavailable_device(tmp_path, capsys):
     if not __import__("torch").cuda.is_available():
         assert main(["run", "toy2d", "--device", "cuda", "--out", str(tmp_path / "c")]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_a_bare_command_prints_help_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    assert "COMMAND" in capsys.readouterr().out and not (tmp_path / "runs").exists()

@@ -303,6 +303,9 @@ def _one_line(text: object) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a bare `rayleighflow` says what it can do; `rayleighflow run` is the demo
+        _parser().print_help()
+        return 0
     # --help, --version and usage errors (one line) exit through SystemExit, as argparse does.
     args = _parser().parse_args(argv)
     if args.command is None:
