@@ -163,6 +163,43 @@ def test_lightning_callback_two_epochs_then_report(tmp_path):
     assert len(acc.Scalars("batch/rayleigh")) == steps
 
 
+@pytest.mark.parametrize("smoothing", [0.02, 0.1])
+def test_lightning_label_smoothing_voids_the_quotient_with_a_message(smoothing):
+    """Issue 22: the callback hands Lightning's loss to the monitor, so a label-smoothed loss
+    (not the declared cross-entropy) gives no quotient, with the cause named."""
+    L = pytest.importorskip("lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from rayleighflow.monitor.lightning import RayleighMonitor
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
+
+    class Smoothed(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self(batch[0]), batch[1], label_smoothing=smoothing)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    said: list[str] = []
+    cb = RayleighMonitor("cross-entropy", echo=said.append)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(Smoothed(), DataLoader(TensorDataset(x, y), batch_size=8))
+    rows = cb.monitor.rows
+    assert len(rows) == 4 and all(math.isnan(r["rayleigh"]) for r in rows)
+    assert any("label smoothing" in m for m in said)
+
+
 def test_lightning_callback_matches_a_plain_loop_with_accumulation(tmp_path):
     """The callback's rows equal a hand-written loop's on the same data, with two micro-batches
     per step (Lightning divides each micro-batch loss by 2)."""

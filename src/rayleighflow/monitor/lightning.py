@@ -72,6 +72,7 @@ class RayleighMonitor(Callback):
         self._handle = None
         self._out: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         opt = trainer.optimizers[0] if trainer.optimizers else None
@@ -86,13 +87,19 @@ class RayleighMonitor(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._y, self._out = self.target(batch), None
 
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        # the loss Lightning backpropagates (already divided under accumulation): the monitor
+        # checks it against the declared loss, so that a loss of another form (label smoothing,
+        # a penalty) voids the quotient with a message instead of giving a wrong R
+        self._loss = loss.detach()
+
     def on_after_backward(self, trainer, pl_module) -> None:
         if self._out is None:
             raise MonitorError("RayleighMonitor saw no forward output in this training step: "
                                "training_step must call self(x), or pass output_of='<name of "
                                "the submodule it calls>'")
-        self.monitor.accumulate(self._out, self._y)
-        self._out = None
+        self.monitor.accumulate(self._out, self._y, self._loss)
+        self._out = self._loss = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.monitor.step()
