@@ -65,11 +65,16 @@ def loss_hessian(problem: Problem, params: Params, data: Dataset | None = None) 
         >>> float(loss_hessian(problem, problem.params)[0, 0])     # Σ w_i x_i² = (1 + 4)/2
         2.5
     """
-    data = problem.data if data is None else data
-    if not isinstance(data, Dataset):
-        raise TypeError("the Hessian needs a finite Dataset: pass data= for sampler problems")
+    finite = _finite_data(problem, data)
     flat = _flat({k: v.detach() for k, v in params.items()})
-    return hessian_of_flat(problem, params, data)(flat).detach()
+    return hessian_of_flat(problem, params, finite)(flat).detach()
+
+
+def _finite_data(problem: Problem, data: Dataset | None) -> Dataset:
+    chosen = problem.data if data is None else data
+    if not isinstance(chosen, Dataset):
+        raise TypeError("the Hessian needs a finite Dataset: pass data= for sampler problems")
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -140,11 +145,11 @@ def strict_minimum(problem: Problem, params: Params, data: Dataset | None = None
         >>> ev.is_strict_minimum, ev.lambda_min, ev.lower_bound
         (True, 2.5, 0.0)
     """
-    data = problem.data if data is None else data
+    finite = _finite_data(problem, data)
     params = {k: v.detach() for k, v in params.items()}
-    h = loss_hessian(problem, params, data).to(torch.float64)
+    h = loss_hessian(problem, params, finite).to(torch.float64)
     theta = _flat(params).to(torch.float64)
-    loss, grad = _loss_grad(problem, params, data)
+    loss, grad = _loss_grad(problem, params, finite)
     eig = torch.linalg.eigvalsh(0.5 * (h + h.T))
     lam_min, lam_max = float(eig[0]), float(eig[-1])
     g_norm = float(grad.norm())
