@@ -7,6 +7,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
 E = TypeVar("E", bound=Enum)
@@ -92,3 +93,17 @@ def check_weights(weights: Any, n: int | None = None) -> None:
     if abs(total - 1.0) > WEIGHT_SUM_TOL:
         raise ValueError(f"weights sum to {total:.15g}, not 1: pass weights normalized to a "
                          "probability distribution (or omit them for uniform weights)")
+
+
+def flatten(params: Params) -> Tensor:
+    """The parameters as one vector, in the dict's order."""
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def unflatten(vec: Tensor, like: Params) -> Params:
+    """A vector back into views shaped like ``like`` (the inverse of :func:`flatten`)."""
+    out, i = {}, 0
+    for k, p in like.items():
+        out[k] = vec[i:i + p.numel()].view_as(p)
+        i += p.numel()
+    return out

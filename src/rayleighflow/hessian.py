@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import hessian
 
-from ._types import Params
+from ._types import Params, flatten, unflatten
 from .data import Dataset
 from .problem import Problem
 
@@ -29,18 +29,6 @@ __all__ = ["MAX_DENSE_PARAMS", "loss_hessian", "hessian_of_flat", "StrictMinimum
 MAX_DENSE_PARAMS = 4096
 
 
-def _flat(params: Params) -> Tensor:
-    return torch.cat([p.reshape(-1) for p in params.values()])
-
-
-def _unflat(vec: Tensor, like: Params) -> Params:
-    out, i = {}, 0
-    for k, p in like.items():
-        out[k] = vec[i:i + p.numel()].view_as(p)
-        i += p.numel()
-    return out
-
-
 def hessian_of_flat(problem: Problem, like: Params, data: Dataset) -> Callable[[Tensor], Tensor]:
     """θ (flat, in the order of ``like``) ↦ ∇²L(θ) on ``data``; refuses P > MAX_DENSE_PARAMS."""
     n_params = sum(p.numel() for p in like.values())
@@ -49,7 +37,7 @@ def hessian_of_flat(problem: Problem, like: Params, data: Dataset) -> Callable[[
                          "Dopri5 or GradientDescent for this model")
 
     def loss_of(flat: Tensor) -> Tensor:
-        return problem.loss_value(_unflat(flat, like), data)
+        return problem.loss_value(unflatten(flat, like), data)
 
     return hessian(loss_of)
 
@@ -66,7 +54,7 @@ def loss_hessian(problem: Problem, params: Params, data: Dataset | None = None) 
         2.5
     """
     finite = _finite_data(problem, data)
-    flat = _flat({k: v.detach() for k, v in params.items()})
+    flat = flatten({k: v.detach() for k, v in params.items()})
     return hessian_of_flat(problem, params, finite)(flat).detach()
 
 
@@ -148,7 +136,7 @@ def strict_minimum(problem: Problem, params: Params, data: Dataset | None = None
     finite = _finite_data(problem, data)
     params = {k: v.detach() for k, v in params.items()}
     h = loss_hessian(problem, params, finite).to(torch.float64)
-    theta = _flat(params).to(torch.float64)
+    theta = flatten(params).to(torch.float64)
     loss, grad = _loss_grad(problem, params, finite)
     eig = torch.linalg.eigvalsh(0.5 * (h + h.T))
     lam_min, lam_max = float(eig[0]), float(eig[-1])

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._types import Params
+from .._types import Params, flatten, unflatten
 from ..data import Dataset
 from ..problem import Problem
 from ..rayleigh import Measurement, loss_and_grad
@@ -122,18 +122,6 @@ class Integrator(ABC):
         """Flush and leave plain tensors in ``state.theta`` (also after a stop; default:
         nothing to flush)."""
         return None
-
-
-def flatten(params: Params) -> Tensor:
-    return torch.cat([p.reshape(-1) for p in params.values()])
-
-
-def unflatten(vec: Tensor, like: Params) -> Params:
-    out, i = {}, 0
-    for k, p in like.items():
-        out[k] = vec[i:i + p.numel()].view_as(p)
-        i += p.numel()
-    return out
 
 
 def evaluate(problem: Problem, theta: Params, data: Dataset, t: float,
