@@ -163,6 +163,28 @@ def test_lightning_callback_two_epochs_then_report(tmp_path):
     assert len(acc.Scalars("batch/rayleigh")) == steps
 
 
+def _tiny_lightning_module(L, smoothing: float = 0.0):
+    """A LightningModule: a 5-6-3 tanh MLP (float64, seed 1) trained by SGD on cross-entropy
+    with the given label smoothing."""
+
+    class Mod(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self(batch[0]), batch[1], label_smoothing=smoothing)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Mod
+
+
 @pytest.mark.parametrize("smoothing", [0.02, 0.1])
 def test_lightning_label_smoothing_voids_the_quotient_with_a_message(smoothing):
     """Issue 22: the callback hands Lightning's loss to the monitor, so a label-smoothed loss
@@ -175,26 +197,13 @@ def test_lightning_label_smoothing_voids_the_quotient_with_a_message(smoothing):
     torch.manual_seed(0)
     x, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
 
-    class Smoothed(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, _):
-            return F.cross_entropy(self(batch[0]), batch[1], label_smoothing=smoothing)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     said: list[str] = []
     cb = RayleighMonitor("cross-entropy", echo=said.append)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.fit(Smoothed(), DataLoader(TensorDataset(x, y), batch_size=8))
+    trainer.fit(_tiny_lightning_module(L, smoothing)(),
+                DataLoader(TensorDataset(x, y), batch_size=8))
     rows = cb.monitor.rows
     assert len(rows) == 4 and all(math.isnan(r["rayleigh"]) for r in rows)
     assert any("label smoothing" in m for m in said)
@@ -211,20 +220,7 @@ def test_lightning_callback_matches_a_plain_loop_with_accumulation(tmp_path):
     torch.manual_seed(0)
     x, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
 
-    class Mod(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(1)
-            self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, _):
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    Mod = _tiny_lightning_module(L)
 
     cb = RayleighMonitor("cross-entropy", echo=None)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False,
