@@ -65,6 +65,7 @@ from .losses import BinaryLogistic, FunctionalKL, Loss, SoftmaxCrossEntropy, Squ
 from .monitor import Monitor
 from .problem import Model, NondeterministicModelError, Problem
 from .rayleigh import Measurement, measure, witness_bound
+from .tables import certificates_frame
 from .trajectory import Trajectory
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ __all__ = [
     "Reciprocal", "Sampler", "ScaledCrossEntropy", "Scope", "Sinks", "SoftmaxCrossEntropy",
     "SquareLoss",
     "Stall", "Start", "StochasticGD", "TeacherStudent", "Times", "Trajectory", "UniformBox",
-    "__version__", "certify", "compose",
+    "__version__", "certificates_frame", "certify", "compose",
     "get_desingularizer", "get_loss", "gradient_flow", "kl_ratios", "load_sklearn", "measure",
     "prove", "quadrature", "rank_desingularizers", "spectral", "witness_bound",
 ]

@@ -382,6 +382,18 @@ class Certificate:
             head += f" (first at t = {self.first_violation[0]:.4g}: {self.first_violation[1]})"
         return head
 
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame of the checked points: t, loss, bound, KL ratio (needs pandas);
+        a set of certificates: :func:`rayleighflow.certificates_frame`."""
+        from .tables import certificate_frame
+
+        return certificate_frame(self)
+
+    def _repr_html_(self) -> str:
+        from .tables import certificate_html
+
+        return certificate_html(self)
+
     def to_dict(self, target: float | None = None) -> dict[str, Any]:
         """JSON form. ``target`` adds the certified and the forecast time to reach it."""
         d: dict[str, Any] = {

@@ -201,6 +201,13 @@ class Trajectory:
     def t(self) -> np.ndarray:
         return self["t"]
 
+    def to_pandas(self, evaluations: bool = False) -> Any:
+        """A pandas DataFrame: one row per record (``evaluations=True``: per logged gradient
+        evaluation); the header in ``attrs["meta"]`` (needs pandas)."""
+        from .tables import trajectory_frame
+
+        return trajectory_frame(self, evaluations)
+
     def iter_rows(self) -> Iterable[dict[str, Any]]:
         return iter(self.rows)
 

@@ -78,6 +78,11 @@ class FlowResult:
     message: str
     wall_time: float
 
+    def _repr_html_(self) -> str:
+        from ..tables import flow_result_html
+
+        return flow_result_html(self)
+
     def load_into(self, module: torch.nn.Module) -> torch.nn.Module:
         """Copy the final parameters into ``module`` in place (names as in ``named_parameters``);
         returns the module."""
