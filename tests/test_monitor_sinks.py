@@ -241,3 +241,55 @@ def test_lightning_callback_matches_a_plain_loop_with_accumulation(tmp_path):
     got = [r["rayleigh"] for r in cb.monitor.rows]
     assert got == pytest.approx([r["rayleigh"] for r in ref.rows], rel=1e-10)
     assert [r["n"] for r in cb.monitor.rows] == [8.0] * 4
+
+
+def test_lightning_loggers_get_the_monitors_own_rows(tmp_path):
+    """Issue 21: every Lightning logger gets rayleigh/R (CSVLogger here), equal to the
+    monitor's own run-folder JSONL, at the optimizer step each row is about."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from rayleighflow.monitor.lightning import RayleighMonitor
+
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 5, dtype=torch.float64), torch.randint(0, 3, (48,))
+    cb = RayleighMonitor("cross-entropy", tmp_path / "run", echo=None, sync_every=4)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb],
+                        logger=CSVLogger(tmp_path / "csv", name="", version=""),
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(_tiny_lightning_module(L)(), DataLoader(TensorDataset(x, y), batch_size=8))
+    with open(tmp_path / "csv" / "metrics.csv") as fh:
+        logged = {int(r["step"]): float(r["rayleigh/R"]) for r in csv.DictReader(fh)
+                  if r.get("rayleigh/R")}
+    own = Trajectory.load(tmp_path / "run" / "trajectories" / "main.jsonl")
+    assert len(own) == 6 and sorted(logged) == [int(s) for s in own["step"]]
+    for step, r in zip(own["step"], own["rayleigh"], strict=True):
+        assert logged[int(step)] == pytest.approx(r, rel=1e-12)
+
+
+def test_the_callback_sink_names_and_steps():
+    from rayleighflow.monitor import Callback
+
+    got: list = []
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    mon = Monitor(net, "cross-entropy", sinks=[Callback(lambda m, s: got.append((s, m)))],
+                  echo=None, sync_every=3)
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        out = net(x)
+        F.cross_entropy(out, y).backward()
+        mon.step(out, y)
+        opt.step()
+    mon.close()
+    assert [s for s, _ in got] == [int(r["step"]) for r in mon.rows]
+    for (_, m), row in zip(got, mon.rows, strict=True):
+        assert m["rayleigh/R"] == row["rayleigh"] and m["rayleigh/loss"] == row["loss"]
+        assert any(k.startswith("rayleigh/layer/") for k in m)
+        assert any(k.startswith("rayleigh/kl/") for k in m)
+    with pytest.raises(TypeError, match="callable"):
+        Callback("wandb")

@@ -4,7 +4,8 @@ diagnoses from the gradients a training step already computed (no second backwar
 * :class:`Monitor` — call ``monitor.step(out, y, loss)`` after ``loss.backward()``.
 * :func:`full_data_estimate` — exact full-data L, ‖∇L‖², ‖∇ℓ‖²_D, R by streaming a loader.
 * sinks: :class:`RunFolder` (``rayleighflow report``), :class:`TensorBoard`, :class:`CSV`,
-  :class:`RichTable`.
+  :class:`RichTable`, :class:`Callback` (every scalar into your own logger's ``log(dict,
+  step)``; the Lightning callback feeds every Lightning logger through it).
 * :mod:`rayleighflow.monitor.lightning` — a Lightning callback (extra ``[lightning]``).
 * :mod:`rayleighflow.monitor.huggingface` — a Hugging Face ``TrainerCallback`` (extra
   ``[huggingface]``).
@@ -18,10 +19,11 @@ from ._monitor import DEFAULT_DESINGULARIZERS, Monitor, MonitorError
 from .diagnose import Diagnosis, Forecast
 from .fulldata import FullDataEstimate, full_data_estimate
 from .probe import ProbeSpectrum
-from .sinks import CSV, RichTable, RunFolder, Sink, TensorBoard
+from .sinks import CSV, Callback, RichTable, RunFolder, Sink, TensorBoard
 
 __all__ = [
     "CSV",
+    "Callback",
     "DEFAULT_DESINGULARIZERS",
     "Diagnosis",
     "Forecast",

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - the standalone package
                           "pip install 'rayleighflow[lightning]'") from e
 
 from ._monitor import Monitor, MonitorError
+from .sinks import Callback as LoggerSink
 
 __all__ = ["RayleighMonitor"]
 
@@ -55,6 +56,10 @@ class RayleighMonitor(Callback):
         target: batch -> targets (default ``batch[1]``).
         output_of: attribute name of the submodule whose output is the model output (default:
             the LightningModule itself); ``output`` maps that output to a tensor.
+        to_loggers: hand every recorded scalar to each of the Trainer's loggers
+            (``logger.log_metrics(metrics, step)``: CSVLogger, TensorBoard, W&B, MLflow, ...),
+            named ``rayleigh/R``, ``rayleigh/layer/<group>``, ``rayleigh/kl/<φ>``, ... and
+            stamped with the optimizer step the row is about (rows arrive at read-backs).
         **monitor_kwargs: passed to :class:`Monitor` (full_data, full_every, probe, ...).
     """
 
@@ -62,12 +67,13 @@ class RayleighMonitor(Callback):
                  target: Callable[[Any], torch.Tensor] | None = None,
                  output_of: str | None = None,
                  output: Callable[[Any], torch.Tensor] | None = None,
-                 **monitor_kwargs: Any) -> None:
+                 to_loggers: bool = True, **monitor_kwargs: Any) -> None:
         super().__init__()
         self.loss, self.log_dir = loss, log
         self.target = target or _second
         self.output_of, self.output = output_of, output
         self.kwargs = monitor_kwargs
+        self.to_loggers = to_loggers
         self.monitor: Monitor | None = None
         self._handle = None
         self._out: torch.Tensor | None = None
@@ -76,7 +82,14 @@ class RayleighMonitor(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         opt = trainer.optimizers[0] if trainer.optimizers else None
-        self.monitor = Monitor(pl_module, self.loss, log=self.log_dir, optimizer=opt, **self.kwargs)
+        kwargs = dict(self.kwargs)
+        if self.to_loggers and trainer.loggers:
+            def log_fn(metrics: dict[str, float], step: int) -> None:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=step)
+
+            kwargs["sinks"] = [*kwargs.get("sinks", ()), LoggerSink(log_fn)]
+        self.monitor = Monitor(pl_module, self.loss, log=self.log_dir, optimizer=opt, **kwargs)
         hooked = pl_module if self.output_of is None else getattr(pl_module, self.output_of)
         self._handle = hooked.register_forward_hook(self._capture)
 

@@ -19,7 +19,7 @@ from ..trajectory import Trajectory
 from ._rundir import monitor_figures
 from .diagnose import Diagnosis
 
-__all__ = ["Sink", "RunFolder", "TensorBoard", "CSV", "RichTable"]
+__all__ = ["Sink", "RunFolder", "TensorBoard", "CSV", "RichTable", "Callback", "metric_name"]
 
 KINDS = ("main", "full", "probe")
 
@@ -130,6 +130,57 @@ class TensorBoard(Sink):
     def close(self, summary: dict[str, Any]) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+def metric_name(kind: str, column: str) -> str:
+    """The name a logger gets: ``rayleigh/R`` (the quotient), ``rayleigh/layer/<group>``,
+    ``rayleigh/kl/<φ>``, ``rayleigh/<column>`` for the rest of a step's row, and
+    ``rayleigh/full/...`` or ``rayleigh/probe/...`` for the full-data and probe rows.
+
+    Example:
+        >>> metric_name("main", "rayleigh"), metric_name("main", "rayleigh[fc1]")
+        ('rayleigh/R', 'rayleigh/layer/fc1')
+        >>> metric_name("full", "kl[log]"), metric_name("probe", "lambda_min")
+        ('rayleigh/full/kl/log', 'rayleigh/probe/lambda_min')
+    """
+    if column == "rayleigh":
+        name = "R"
+    elif column.startswith("rayleigh["):
+        name = f"layer/{column[9:-1]}"
+    elif column.startswith("kl["):
+        name = f"kl/{column[3:-1]}"
+    else:
+        name = column
+    return f"rayleigh/{name}" if kind == "main" else f"rayleigh/{kind}/{name}"
+
+
+@final
+class Callback(Sink):
+    """Every finite recorded scalar handed to ``log_fn(metrics, step)``, one call per row, the
+    names from :func:`metric_name`: the way into a logger of your own (W&B's ``wandb.log``
+    with ``step=``, MLflow's ``log_metrics``, a dict). Rows arrive at each read-back, so a
+    call may carry an earlier step than the optimizer's current one.
+
+    Example:
+        >>> got = []
+        >>> sink = Callback(lambda metrics, step: got.append((step, metrics)))
+        >>> sink.write("main", [{"t": 3, "step": 3, "rayleigh": 0.5, "loss": float("nan")}])
+        >>> got
+        [(3, {'rayleigh/R': 0.5})]
+    """
+
+    def __init__(self, log_fn: Any) -> None:
+        if not callable(log_fn):
+            raise TypeError(f"Callback needs a callable log_fn(metrics, step), got "
+                            f"{type(log_fn).__name__}")
+        self.log_fn = log_fn
+
+    def write(self, kind: str, rows: Sequence[dict[str, Any]]) -> None:
+        for r in rows:
+            metrics = {metric_name(kind, c): float(v) for c, v in r.items()
+                       if c not in ("t", "step") and _numeric(v)}
+            if metrics:
+                self.log_fn(metrics, int(r["step"]))
 
 
 @final
