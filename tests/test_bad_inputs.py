@@ -565,3 +565,68 @@ def test_every_example_toml_loads(example):
     assert cfg.source == example.resolve()
     if cfg.data.kind == "csv":  # examples/data.csv has a TOML that uses it
         assert cfg.data.path.exists()
+
+
+# -- issue 21, item 5: the second round of bad inputs ---------------------------------------------
+
+
+def _line_problem():
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64).unsqueeze(1)
+    return rf.Problem(rf.Model(torch.nn.Linear(1, 1).double()),
+                      rf.Dataset.from_arrays(x, 2 * x), "square")
+
+
+@pytest.mark.parametrize("thing", [torch.nn.Linear(1, 1), "x"])
+def test_measure_of_something_that_is_not_a_problem(thing):
+    with pytest.raises(TypeError, match=r"measure needs a rayleighflow.Problem .*rf.Problem\("):
+        rf.measure(thing)
+
+
+def test_load_into_a_module_of_another_shape_is_refused():
+    run = rf.gradient_flow(_line_problem(), rf.GradientDescent(0.5), t_max=2.0)
+    other = torch.nn.Linear(2, 3).double()
+    before = other.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"other shapes \(weight: \(3, 2\) ≠ \(1, 1\)"):
+        run.load_into(other)
+    assert torch.equal(other.weight.detach(), before)     # nothing half-copied
+
+
+@pytest.mark.parametrize("target", [-1.0, 0.0, float("nan"), float("inf")])
+def test_times_to_an_impossible_target_are_refused(target):
+    run = rf.gradient_flow(_line_problem(), rf.GradientDescent(0.5), t_max=2.0)
+    cert = rf.certify(run.trajectory, "log")
+    with pytest.raises(ValueError, match="target loss must be a finite number > 0"):
+        cert.time_to(target)
+    with pytest.raises(ValueError, match="target loss must be a finite number > 0"):
+        cert.forecast_time_to(target)
+
+
+def test_inputs_without_features_are_refused():
+    with pytest.raises(ValueError, match=r"x has shape \(5, 0\): each sample has no input"):
+        rf.Dataset.from_arrays(torch.zeros(5, 0), torch.zeros(5, 1))
+
+
+@pytest.mark.parametrize("dtype, word", [(torch.complex128, "complex128"),
+                                         (torch.int64, "int64")])
+def test_parameters_that_are_not_real_floats_are_refused(dtype, word):
+    w = torch.ones(1, 1, dtype=dtype)
+    with pytest.raises(TypeError, match=f"parameter 'w' is {word}"):
+        rf.Model(lambda p, x: x @ p["w"], {"w": w})
+
+
+def test_a_fixed_step_run_that_would_never_end_is_refused_before_its_first_step():
+    problem = _line_problem()
+    with pytest.raises(ValueError, match=r"more than 1e308 steps > 1e\+08: .*MaxEvals"):
+        rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=1e308)
+    with pytest.raises(ValueError, match=r"is 2e\+09 steps"):
+        rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=1e9)
+    run = rf.gradient_flow(problem, rf.GradientDescent(0.5), t_max=1e9, stops=[rf.MaxEvals(10)])
+    assert run.status is rf.FlowStatus.STEP_BUDGET and run.n_grad_evals == 10
+
+
+def test_record_counts_that_cannot_be_kept_are_refused():
+    with pytest.raises(ValueError, match=r"LogSpaced: n = 1000000000 records > 1000000"):
+        rf.LogSpaced(10**9)
+    with pytest.raises(ValueError, match=r"Every\(1\) records 2e\+07 times"):
+        rf.gradient_flow(_line_problem(), rf.GradientDescent(0.5), t_max=1e7,
+                         records=rf.Every(1))

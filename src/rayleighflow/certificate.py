@@ -200,6 +200,12 @@ class DelayedCheck:
                 "first_failure": list(self.first_failure) if self.first_failure else None}
 
 
+def _check_target(target: float) -> None:
+    if isinstance(target, bool) or not isinstance(target, int | float | np.floating) or \
+            not (math.isfinite(target) and target > 0):
+        raise ValueError(f"the target loss must be a finite number > 0 (got {target!r})")
+
+
 @final
 @dataclass(frozen=True)
 class Certificate:
@@ -334,6 +340,7 @@ class Certificate:
         Only a HOLDS certificate certifies, and only inside [t₀, horizon]: beyond the last
         checked point nothing was checked (see :meth:`forecast_time_to`).
         """
+        _check_target(target)
         if not self.holds or not self.t.size:
             return None
         if self.discrete:
@@ -349,6 +356,7 @@ class Certificate:
         """Forecast, not certified: when the bound would reach ``target`` if the KL ratio stays
         ≥ μ beyond the horizon (and, for gradient descent, the sufficient decrease stays
         ≥ α_min). None unless the certificate holds."""
+        _check_target(target)
         if not self.holds or not (self.mu > 0) or not self.t.size:
             return None
         b_end = self.bound_final

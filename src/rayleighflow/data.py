@@ -83,6 +83,9 @@ class Dataset:
             raise ValueError(
                 f"weights must have shape ({n},), got {tuple(self.weights.shape)}"
             )
+        if self.x.dim() > 1 and self.x[0].numel() == 0:
+            raise ValueError(f"x has shape {tuple(self.x.shape)}: each sample has no input "
+                             "feature; give the inputs as (n, features, ...)")
         _check_finite("x", self.x)
         _check_finite("y", self.y)
         check_weights(self.weights, n)

@@ -166,6 +166,14 @@ def _check_params(params: Params) -> None:
             raise ValueError(f"parameter {name!r} is on the meta device (it has no values): "
                              "materialize the model first, e.g. module.to_empty(device='cpu') "
                              "and initialize it")
+        if p.is_complex():
+            raise TypeError(f"parameter {name!r} is {str(p.dtype).removeprefix('torch.')}: the "
+                            "losses, kernels and certificates here are real; split a complex "
+                            "parameter into real and imaginary parts (torch.view_as_real)")
+        if not p.is_floating_point():
+            raise TypeError(f"parameter {name!r} is {str(p.dtype).removeprefix('torch.')}: a "
+                            "gradient flow moves real parameters; freeze it "
+                            "(requires_grad=False) or make it float32/float64")
         if p.dtype in (torch.float16, torch.bfloat16):
             raise ValueError(f"parameter {name!r} is {str(p.dtype).removeprefix('torch.')}: a "
                              "gradient flow and its certificates need float32 or float64 (half "

@@ -124,6 +124,10 @@ def measure(
         >>> abs(sum(m.group_rayleigh.values()) - m.rayleigh) <= 1e-12 * m.rayleigh
         True
     """
+    if not isinstance(problem, Problem):
+        raise TypeError(f"measure needs a rayleighflow.Problem (got {type(problem).__name__}): "
+                        "wrap the model, e.g. rf.measure(rf.Problem(rf.Model(net), data, "
+                        "'square'))")
     params = problem.params if params is None else params
     data = _finite_data(problem, data)
     loss, grad, _, g = loss_and_grad(problem, params, data)

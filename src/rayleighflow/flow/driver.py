@@ -25,7 +25,11 @@ from .observers import Observer
 from .stops import FlowStatus, Stop, StopRule, read_stops
 from .times import Every, LogSpaced, Records, Times, covered
 
-__all__ = ["gradient_flow", "FlowResult", "Start"]
+__all__ = ["gradient_flow", "FlowResult", "Start", "MAX_STEPS"]
+
+#: The most steps a fixed-step run takes without an explicit MaxEvals (it is refused before
+#: the first step, with the estimate).
+MAX_STEPS = 10**8
 
 
 @final
@@ -91,6 +95,11 @@ class FlowResult:
         if missing:
             raise ValueError(f"the module has no parameters named {missing}: load into the "
                              "module the flow was run on")
+        wrong = [f"{k}: {tuple(named[k].shape)} ≠ {tuple(v.shape)}" for k, v in self.params.items()
+                 if named[k].shape != v.shape]
+        if wrong:  # copy_ would broadcast a smaller tensor into it without a word
+            raise ValueError(f"the module's parameters have other shapes ({'; '.join(wrong)}): "
+                             "load into the module the flow was run on")
         with torch.no_grad():
             for name, value in self.params.items():
                 named[name].copy_(value)
@@ -185,6 +194,14 @@ def gradient_flow(
     if not t_max > start.t:
         raise ValueError(f"t_max ({t_max}) must exceed the start time ({start.t})")
     at_records, limits = read_stops(stops, integrator.adaptive, start.evals)
+    step = getattr(integrator, "step", None)
+    n_steps = math.inf if step is None else (t_max - start.t) / step
+    if step is not None and limits.budget is None and n_steps > MAX_STEPS:
+        # estimated before running: a fixed step cannot get there faster
+        many = f"{n_steps:.3g}" if math.isfinite(n_steps) else "more than 1e308"
+        raise ValueError(f"t_max = {t_max:g} at step {step:g} is {many} steps > {MAX_STEPS:.0e}: "
+                         "lower t_max, raise the step, or allow it with stops=[rf.MaxEvals(n)] "
+                         "(rf.Implicit reaches long horizons in few steps)")
     generator = generator if generator is not None else seeded_generator(0)
     train, evals_on = _resolve_data(problem, integrator, eval_data, generator)
     records = LogSpaced() if records is None else records

@@ -37,6 +37,10 @@ def _positive(name: str, value: float, what: str) -> None:
         raise ValueError(f"{what}: {name} must be a finite number > 0 (got {value!r})")
 
 
+#: The most records a run keeps (each is a row of every column, in memory and on disk).
+MAX_RECORDS = 1_000_000
+
+
 def _count(name: str, value: int, what: str, least: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"{what}: {name} must be an integer >= {least} (got {value!r})")
@@ -71,6 +75,10 @@ class LogSpaced:
 
     def __post_init__(self) -> None:
         _count("n", self.n, "LogSpaced", least=2)
+        if self.n > MAX_RECORDS:
+            raise ValueError(f"LogSpaced: n = {self.n} records > {MAX_RECORDS}: record fewer "
+                             "times (a log-spaced record per 1e-5 of the run's decades is "
+                             "plenty)")
         if self.t_min is not None:
             _positive("t_min", self.t_min, "LogSpaced")
 
@@ -124,7 +132,12 @@ class Every:
             raise ValueError("Every(steps) needs a fixed-step integrator (GradientDescent or "
                              "StochasticGD); with Dopri5 use LogSpaced or Times")
         gap = self.steps * step
-        n = int(math.floor((t_max - t_start) / gap * (1 + TIME_RTOL)))
+        count = (t_max - t_start) / gap
+        if count > MAX_RECORDS:
+            raise ValueError(f"Every({self.steps}) records {count:.3g} times to t_max = "
+                             f"{t_max:g} > {MAX_RECORDS}: record every more steps, or use "
+                             "LogSpaced(n)")
+        n = int(math.floor(count * (1 + TIME_RTOL)))
         return _clip(t_start + gap * np.arange(1, n + 1, dtype=np.float64), t_start, t_max)
 
 
