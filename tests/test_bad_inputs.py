@@ -630,3 +630,26 @@ def test_record_counts_that_cannot_be_kept_are_refused():
     with pytest.raises(ValueError, match=r"Every\(1\) records 2e\+07 times"):
         rf.gradient_flow(_line_problem(), rf.GradientDescent(0.5), t_max=1e7,
                          records=rf.Every(1))
+
+
+def test_a_toml_file_with_a_byte_order_mark_is_read(tmp_path):
+    text = (Path(__file__).resolve().parent.parent / "examples" / "my_experiment.toml").read_text()
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_config(bom).name == "wine-mlp"
+
+
+def test_a_toml_seed_out_of_range_is_an_error_with_its_line(tmp_path):
+    text = (Path(__file__).resolve().parent.parent / "examples" / "my_experiment.toml").read_text()
+    bad = tmp_path / "seed.toml"
+    bad.write_text(text.replace("seed = 0", "seed = 100000000000000000000"))
+    with pytest.raises(ConfigError, match=r"line 7: seed must be <= 4294967295"):
+        load_config(bad)
+
+
+def test_csv_labels_that_would_make_a_million_classes_are_refused(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("a,b,label\n0.1,0.2,0\n0.3,0.1,1\n0.5,0.9,1000000\n")
+    with pytest.raises(ValueError, match=r"labels \{0, 1, 1000000\} \(3 distinct\) would make "
+                                         r"1000001 classes: renumber them 0..2"):
+        rf.data.load_file(str(path))

@@ -394,6 +394,14 @@ def load_file(path: str, *, target: str | None = None,
         x = np.delete(arr, col, axis=1)
         if np.all(y == np.round(y)) and y.min() >= 0:
             y = y.astype(np.int64)
+            labels = np.unique(y)
+            if labels[-1] >= 2 * labels.size:   # {0, 1, 1000000} would make 1000001 classes
+                shown = ", ".join(str(v) for v in labels[:6]) + (", ..." if labels.size > 6 else "")
+                raise ValueError(
+                    f"{path}: the integer labels {{{shown}}} ({labels.size} distinct) would "
+                    f"make {labels[-1] + 1} classes: renumber them 0..{labels.size - 1} (e.g. "
+                    "np.unique(y, return_inverse=True)), or give real targets as floats "
+                    "(1.0) for a square loss")
         return Dataset.from_arrays(x, y, dtype=dtype)
     raise ValueError(f"{path}: unsupported data file; use .csv or .npz")
 

@@ -250,7 +250,7 @@ class _Table:
         return raw if re.fullmatch(ident, module) else _BAD
 
     def _check(self, path: str, value: Any, raw: Any, kind: str, *, choices=None, gt=None,
-               ge=None, size=None, min_size=None, **_: Any) -> bool:
+               ge=None, le=None, size=None, min_size=None, **_: Any) -> bool:
         if value is None:  # a missing file, already reported
             return False
         if choices is not None and value not in choices:
@@ -277,6 +277,9 @@ class _Table:
             elif (gt is not None and not v > gt) or (ge is not None and not v >= ge):
                 bound = f"> {gt:g}" if gt is not None else f">= {ge:g}"
                 self.issues.add(p, f"{p} must be {bound} (got {_show(shown)})")
+                ok = False
+            elif le is not None and not v <= le:
+                self.issues.add(p, f"{p} must be <= {le} (got {_show(shown)})")
                 ok = False
         return ok
 

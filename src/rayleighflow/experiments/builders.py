@@ -83,7 +83,7 @@ def _fail(cfg: ExperimentConfig, path: str, message: str) -> ConfigError:
     """A ConfigError at ``path``, with its line when the config came from a file."""
     line = None
     if cfg.source is not None and cfg.source.is_file():
-        line = find_line(key_lines(cfg.source.read_text(encoding="utf-8")), path)
+        line = find_line(key_lines(cfg.source.read_text(encoding="utf-8-sig")), path)
     return ConfigError([Issue(path, line, message)], cfg.source)
 
 

@@ -92,7 +92,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")   # a byte-order mark is not TOML: drop it
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the configuration file: {exc}", p) from None
     try:
@@ -110,7 +110,7 @@ def parse_config(raw: Mapping[str, Any], source: str | Path | None = None, *,
     default ``name``; ``text`` (default: read from ``source``) gives error line numbers."""
     src = Path(source).resolve() if source is not None else None
     if text is None and src is not None and src.is_file():
-        text = src.read_text(encoding="utf-8")
+        text = src.read_text(encoding="utf-8-sig")
     issues = _Issues(text)
     base = src.parent if src is not None else Path.cwd()
     top = _Table(issues, "", raw, base)

@@ -82,7 +82,7 @@ def default_run_dir(target: str, root: str | Path = "runs") -> Path:
     if is_toml(target):
         stem = Path(target).stem
         try:
-            doc = tomllib.loads(Path(target).read_text(encoding="utf-8"))
+            doc = tomllib.loads(Path(target).read_text(encoding="utf-8-sig"))
             name = doc.get("experiment", doc.get("name"))
             if isinstance(name, str) and name.strip() and not re.search(r"[/\\]", name):
                 stem = name.strip()
@@ -144,7 +144,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no experiment file {str(path)!r}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         return tomllib.loads(text)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the file: {exc}", path) from None
@@ -284,7 +284,7 @@ def user_experiment_file(path: str | Path, command: str, builtin_hint: str) -> P
     try:
         import tomllib
 
-        builtin = tomllib.loads(path.read_text(encoding="utf-8")).get("experiment")
+        builtin = tomllib.loads(path.read_text(encoding="utf-8-sig")).get("experiment")
     except (OSError, UnicodeDecodeError, ValueError):
         builtin = None
     if builtin:

@@ -334,7 +334,7 @@ class ExperimentConfig:
     data: DataConfig
     loss: LossConfig
     name: str = _spec("string", "experiment")
-    seed: int = _spec("integer", 0, ge=0)
+    seed: int = _spec("integer", 0, ge=0, le=2**32 - 1)  # registry.MAX_SEED, the CLI's range
     dtype: str = _spec("string", "float64", choices=("float64", "float32"))
     device: str = _spec("string", "cpu")
     convention: Convention = _spec("string", Convention.MEAN, choices=("mean", "sum"),
