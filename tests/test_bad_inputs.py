@@ -653,3 +653,25 @@ def test_csv_labels_that_would_make_a_million_classes_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"labels \{0, 1, 1000000\} \(3 distinct\) would make "
                                          r"1000001 classes: renumber them 0..2"):
         rf.data.load_file(str(path))
+
+
+def test_report_on_a_damaged_folder_says_what_is_damaged(tmp_path, capsys):
+    from rayleighflow.report import report_problems
+
+    out = tmp_path / "run"
+    assert main(["run", "toy2d", "--quick", "--out", str(out)]) == 0
+    assert report_problems(out) == ()                     # intact: no complaint
+    summary = (out / "summary.json").read_text()
+    flows = json.loads(summary)["flows"]
+    assert flows and all((out / "trajectories" / f"{n}.jsonl").exists() for n in flows)
+    (out / "summary.json").write_text("{not json")
+    assert any("summary.json could not be read" in p for p in report_problems(out))
+    (out / "summary.json").write_text(summary)
+    traj = out / "trajectories" / f"{flows[0]}.jsonl"
+    traj.write_text("".join(traj.read_text().splitlines(keepends=True)[:3]))   # truncated
+    assert any("has no end line (truncated?)" in p for p in report_problems(out))
+    traj.unlink()
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2                # the command: non-zero, and says it
+    err = capsys.readouterr().err
+    assert f"trajectories/{flows[0]}.jsonl is missing" in err and (out / "report.html").exists()

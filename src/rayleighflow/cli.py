@@ -257,10 +257,16 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def _cmd_report(args) -> int:
-    from .report import report_from_dir
+    from .report import report_from_dir, report_problems
 
     path = report_from_dir(Path(args.run_dir))
+    problems = report_problems(Path(args.run_dir))
     print(f"report: {path}")
+    if problems:  # the page shows what could be read; the damage is said here, and in the code
+        for p in problems:
+            print(f"error: {args.run_dir}: {p}", file=sys.stderr)
+        print("the report shows only what could be read", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

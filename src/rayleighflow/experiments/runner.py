@@ -227,6 +227,8 @@ def execute(experiment: Experiment, ctx: RunContext, config_text: str) -> dict[s
                if st in EARLY_STOPS]
     if stopped:
         summary["stopped_early"] = stopped
+    # the trajectories this run wrote: `rayleighflow report` says when one has gone missing
+    summary["flows"] = sorted({*summary.get("flows", []), *ctx.flows})
     summary.setdefault("description", experiment.description)
     summary["notes"] = list(summary.get("notes", [])) + notes
     write_summary(ctx.out, summary)

@@ -13,7 +13,7 @@ from ..rundir import (  # the run folder's owner; re-exported for the report's c
     write_summary,
 )
 from .figures import RenderedFigure, render_figures, validate_figures_spec
-from .html import format_number, render_report, report_from_dir
+from .html import format_number, render_report, report_from_dir, report_problems
 
 __all__ = [
     "REQUIRED_SUMMARY_KEYS",
@@ -24,6 +24,7 @@ __all__ = [
     "render_figures",
     "render_report",
     "report_from_dir",
+    "report_problems",
     "validate_figures_spec",
     "validate_summary",
     "versions",

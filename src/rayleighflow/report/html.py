@@ -24,8 +24,8 @@ from .._io import atomic_write_text, finite_or_none
 from ..rundir import REQUIRED_SUMMARY_KEYS, RunContents, check_run_dir, load_run, versions
 from .figures import RenderedFigure, render_figures
 
-__all__ = ["render_report", "report_from_dir", "format_number", "certified_reduction",
-           "VACUOUS_FRACTION"]
+__all__ = ["render_report", "report_from_dir", "report_problems", "format_number",
+           "certified_reduction", "VACUOUS_FRACTION"]
 
 #: A holding certificate whose bound at the end is above (1 − this)·L₀ certifies almost no
 #: decrease: it is marked "vacuous".
@@ -407,6 +407,12 @@ def render_report(run_dir: str | Path) -> Path:
     path = run_dir / REPORT_FILE
     atomic_write_text(path, html)
     return path
+
+
+def report_problems(run_dir: str | Path) -> tuple[str, ...]:
+    """The ways the saved files of ``run_dir`` break the run-folder contract (empty when none):
+    an unreadable or invalid summary.json, an unreadable, missing or truncated trajectory."""
+    return load_run(run_dir).problems
 
 
 def report_from_dir(run_dir: str | Path) -> Path:

@@ -232,6 +232,15 @@ def load_run(run_dir: str | Path) -> RunContents:
         except (OSError, ValueError) as e:
             problems.append(f"summary.json could not be read ({e}); "
                             "showing what the trajectories recorded")
+    if summary is not None:
+        for name in summary.get("flows", []):
+            if name not in trajs and not any(p.startswith(f"trajectories/{name}.jsonl")
+                                             for p in problems):
+                problems.append(f"trajectories/{name}.jsonl is missing (summary.json lists it)")
+            elif name in trajs and trajs[name].status is None and \
+                    summary.get("status") == "complete":
+                problems.append(f"trajectories/{name}.jsonl has no end line (truncated?) "
+                                "though the run completed")
     if summary is None:
         if not trajs:
             raise ValueError(f"{str(run_dir)!r}: summary.json is unreadable and no trajectory "
