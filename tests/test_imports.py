@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import rayleighflow
 
 ROOT = Path(rayleighflow.__file__).parent
@@ -183,3 +185,37 @@ def test_prove_is_still_reachable_lazily():
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+def test_version_and_help_load_neither_torch_nor_the_package_modules():
+    """`rayleighflow --version`, `--help` and a bare `rayleighflow` import only the CLI: the
+    package's names are loaded on first use (issue 21: the CLI took seconds to say its version)."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from rayleighflow.cli import main\n"
+        "for argv in (['--version'], ['--help'], []):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'\n"
+        "             or m in ('rayleighflow.problem', 'rayleighflow.flow')))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_public_names_resolve_and_certify_stays_the_function():
+    import importlib
+
+    import rayleighflow as rf
+
+    for name in rf.__all__:
+        assert getattr(rf, name) is not None, name
+    importlib.import_module("rayleighflow.certify")      # the submodule does not rebind it
+    assert callable(rf.certify) and not isinstance(rf.certify, type(rf))
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        _ = rf.nope
