@@ -78,7 +78,18 @@ def _short(cert: Certificate) -> dict[str, Any]:
 def certificates_frame(certs: Sequence[Any]) -> pd.DataFrame:
     """One row per certificate: φ, μ and its source, status, scope, L₀, the bound at the end,
     the reason code and what was checked. ``certs``: certificates, or (label, certificate)
-    pairs as the experiments make them (the label is the index)."""
+    pairs as the experiments make them (the label is the index).
+
+    Example:
+        >>> import numpy as np
+        >>> import rayleighflow as rf
+        >>> traj = rf.Trajectory()
+        >>> for t in np.linspace(0.0, 2.0, 5):  # L = e^(−2t), ‖∇L‖² = 2L: PL with μ = 2
+        ...     traj.append({"t": t, "loss": np.exp(-2 * t), "grad_sq": 2 * np.exp(-2 * t)})
+        >>> table = rf.certificates_frame([("PL", rf.certify(traj, "log"))])
+        >>> table.loc["PL", "status"], round(float(table.loc["PL", "mu"]), 12)
+        ('holds', 2.0)
+    """
     pd_ = _pandas()
     pairs = _labelled(certs)
     rows = [_short(c) for _, c in pairs]
