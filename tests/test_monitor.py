@@ -525,3 +525,31 @@ def test_a_diverging_run_with_a_probe_never_raises_into_the_loop():
     assert "the probe spectrum failed at 4 due step(s)" in notes   # steps 20, 30, 40, 50
     with pytest.raises((FloatingPointError, torch.linalg.LinAlgError)):
         _diverge(True, [])
+
+
+def test_a_rising_loss_is_said_before_it_overflows():
+    d = Diagnoser(get_desingularizer("log"), window=5)
+    rows = [{"step": i, "loss": 1.0 * 1.5 ** max(0, i - 10), "grad_sq": 1.0, "rayleigh": 1.0}
+            for i in range(30)]            # flat, then ×1.5 per step from step 11
+    said = [x for x in d.update(rows, []) if x.kind == "rising"]
+    # L ≥ 4× the floor 1.0 first at step 14 (1.5⁴ = 5.06), after 4 increases; 5 by step 15
+    assert len(said) == 1 and said[0].step == 15 and "lower the learning rate" in said[0].message
+    assert said[0].values["floor"] == 1.0 and said[0].values["loss"] == pytest.approx(1.5 ** 5)
+
+
+def test_mini_batch_noise_is_not_a_rising_loss():
+    rng = np.random.default_rng(0)
+    d = Diagnoser(get_desingularizer("log"), window=20)
+    loss = np.exp(-np.arange(2000) / 400) * rng.lognormal(0.0, 0.5, 2000)   # noisy descent
+    rows = [{"step": i, "loss": float(v), "grad_sq": float(v), "rayleigh": 1.0}
+            for i, v in enumerate(loss)]
+    assert [x for x in d.update(rows, []) if x.kind == "rising"] == []
+
+
+def test_a_diverging_monitored_run_says_rising_before_non_finite():
+    messages: list = []
+    _diverge(False, messages)
+    kinds = [m.split(":")[0] for m in messages]
+    rising = next(i for i, m in enumerate(messages) if "the loss is rising" in m)
+    nonfinite = next(i for i, m in enumerate(messages) if "non-finite values" in m)
+    assert rising < nonfinite, kinds

@@ -126,9 +126,9 @@ class Reports:
         k = self._k or 0
         nk = int(full["n_samples"] * k) if full else int((self._batch_n or 0) * k)
         fc = self.last_forecast if self.target_loss is not None else None
-        kinds = ("collapse", "plateau", "edge-of-stability", "non-finite", "loss-mismatch",
-                 "missing-gradients", "zero-gradient", "frozen", "update-rule", "distributed",
-                 "unequal-rank-batches", "unsynchronized-gradients", "clipped")
+        kinds = ("collapse", "plateau", "rising", "edge-of-stability", "non-finite",
+                 "loss-mismatch", "missing-gradients", "zero-gradient", "frozen", "update-rule",
+                 "distributed", "unequal-rank-batches", "unsynchronized-gradients", "clipped")
         notes = [_SCOPE_NOTE]
         notes += [d.message for d in self.diagnoses if d.kind in kinds]
         notes += [f"the {what} failed at {n} due step(s)"

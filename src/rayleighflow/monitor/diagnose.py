@@ -37,7 +37,7 @@ __all__ = ["Diagnosis", "Forecast", "Diagnoser", "forecast"]
 @final
 @dataclass(frozen=True)
 class Diagnosis:
-    """A message at a step: ``kind`` in {collapse, plateau, edge-of-stability, non-finite,
+    """A message at a step: ``kind`` in {collapse, plateau, rising, edge-of-stability, non-finite,
     loss-mismatch, missing-gradients, frozen, update-rule, forecast}."""
 
     step: int
@@ -139,15 +139,25 @@ class Diagnoser:
     """Stateful stall rules over windows of ``window`` batch records (bounded memory)."""
 
     def __init__(self, phi: Desingularizer, window: int = 50, collapse: float = 0.1,
-                 plateau: float = 0.1) -> None:
+                 plateau: float = 0.1, rise: float = 4.0, rise_steps: int = 5) -> None:
         if window < 2:
             raise ValueError(f"the diagnosis window needs at least 2 records, got {window}")
         if not (0 < collapse < 1 and 0 < plateau < 1):
             raise ValueError("collapse and plateau are fractions in (0, 1): a collapse is R "
                              f"falling below that fraction of its best; got {collapse}, "
                              f"{plateau}")
+        if not (rise > 1 and isinstance(rise_steps, int) and rise_steps >= 2):
+            raise ValueError(f"a rising loss is rise > 1 times its floor over rise_steps ≥ 2 "
+                             f"increasing steps; got rise = {rise}, rise_steps = {rise_steps}")
         self.phi, self.window, self.collapse, self.plateau = phi, window, collapse, plateau
-        self._rows: list[tuple[int, float, float, dict[str, float]]] = []
+        self.rise, self.rise_steps = rise, rise_steps
+        # the rising-loss rule: the lowest level seen (the first loss, then window medians),
+        # the run of consecutive increases, and whether it has been said
+        self._floor: float | None = None
+        self._prev_loss = math.nan
+        self._increases = 0
+        self._rising = False
+        self._rows: list[tuple[int, float, float, dict[str, float], float]] = []
         self.windows: deque[_Window] = deque(maxlen=4)
         self._first_kl: float | None = None
         self._best: _Window | None = None
@@ -168,14 +178,37 @@ class Diagnoser:
                         "or check the inputs"),
                         {"loss": loss, "grad_sq": gsq, "count": self._nonfinite}))
                 continue
+            out += self._rise_rule(r["step"], loss)
             kl = r.get(f"kl[{self.phi.name}]")
             if kl is None:
                 kl = float(self.phi.kl_ratio(loss, gsq)) if loss > 0 else float("nan")
             self._rows.append((r["step"], r.get("rayleigh", float("nan")), kl,
-                               {g: r.get(f"rayleigh[{g}]", float("nan")) for g in groups}))
+                               {g: r.get(f"rayleigh[{g}]", float("nan")) for g in groups}, loss))
             if len(self._rows) >= self.window:
                 out += self._close_window(groups)
         return out
+
+    def _rise_rule(self, step: int, loss: float) -> list[Diagnosis]:
+        """The loss increasing over ``rise_steps`` consecutive steps to ≥ ``rise`` times the
+        lowest level seen: said once, before the run reaches inf (re-armed below 2× the
+        floor). Mini-batch noise rarely rises that far that many steps in a row."""
+        if self._floor is None:
+            self._floor = loss
+        self._increases = self._increases + 1 if loss > self._prev_loss else 0
+        self._prev_loss = loss
+        floor = self._floor
+        if self._rising and loss < 2 * floor:
+            self._rising = False
+        if self._rising or not (self._increases >= self.rise_steps and floor > 0
+                                and loss >= self.rise * floor):
+            return []
+        self._rising = True
+        return [Diagnosis(step, "rising", (
+            f"step {step}: the loss is rising: L = {loss:.4g}, ×{loss / floor:.3g} its lowest "
+            f"level {floor:.4g}, and higher at each of the last {self._increases} steps; a "
+            "step size past the edge of stability does this before the loss overflows: lower "
+            "the learning rate (or clip)"), {"loss": loss, "floor": floor,
+                                              "increases": self._increases})]
 
     def _close_window(self, groups: Sequence[str]) -> list[Diagnosis]:
         rows, self._rows = self._rows, []
@@ -183,6 +216,9 @@ class Diagnoser:
                     {g: _median(np.array([r[3][g] for r in rows])) for g in groups},
                     _median(np.array([r[2] for r in rows])))
         self.windows.append(w)
+        level = _median(np.array([r[4] for r in rows]))
+        if self._floor is not None and math.isfinite(level):
+            self._floor = min(self._floor, level)
         out = []
         if self._first_kl is None and math.isfinite(w.kl):
             self._first_kl = w.kl
