@@ -21,6 +21,7 @@ from torch.func import hessian
 from ._types import Params, flatten, unflatten
 from .data import Dataset
 from .problem import Problem
+from .rayleigh import loss_and_grad
 
 __all__ = ["MAX_DENSE_PARAMS", "loss_hessian", "hessian_of_flat", "StrictMinimum",
            "strict_minimum"]
@@ -137,7 +138,8 @@ def strict_minimum(problem: Problem, params: Params, data: Dataset | None = None
     params = {k: v.detach() for k, v in params.items()}
     h = loss_hessian(problem, params, finite).to(torch.float64)
     theta = flatten(params).to(torch.float64)
-    loss, grad = _loss_grad(problem, params, finite)
+    loss_t, grads, _, _ = loss_and_grad(problem, params, finite)
+    loss, grad = float(loss_t), flatten(grads).to(torch.float64)
     eig = torch.linalg.eigvalsh(0.5 * (h + h.T))
     lam_min, lam_max = float(eig[0]), float(eig[-1])
     g_norm = float(grad.norm())
@@ -149,9 +151,3 @@ def strict_minimum(problem: Problem, params: Params, data: Dataset | None = None
     return StrictMinimum(loss, g_norm, lam_min, lam_max, step, float(theta.norm()), lower,
                          eig_rtol, newton_rtol)
 
-
-def _loss_grad(problem: Problem, params: Params, data: Dataset) -> tuple[float, Tensor]:
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    loss = problem.loss_value(leaves, data)
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads]).to(torch.float64)

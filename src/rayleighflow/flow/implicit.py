@@ -82,11 +82,7 @@ class Implicit(Integrator):
         state = State(run.theta, run.t_start, run.evals_start)
         like, train, problem = run.theta, run.train, run.problem
         assert train is not None
-        P = sum(p.numel() for p in like.values())
-        if P > self.max_params:
-            raise ValueError(f"Implicit(jacobian='dense') forms the P × P Hessian: P = {P} > "
-                             f"{self.max_params}; use Dopri5 or GradientDescent for this model")
-        hess = hessian_of_flat(problem, like, train)
+        hess = hessian_of_flat(problem, like, train)   # refuses P > MAX_DENSE_PARAMS
         dtype = next(iter(like.values())).dtype
         device = next(iter(like.values())).device
         floor = self.rtol_floor(dtype)
