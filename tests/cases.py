@@ -86,6 +86,39 @@ class Conv1dNet(nn.Module):
         return self.fc(torch.tanh(self.c2(h)).flatten(1))
 
 
+class GroupedConvNet(nn.Module):
+    """Conv2d, a depthwise Conv2d (groups = channels), a grouped 1×1 Conv2d, then Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(2, 4, 3, padding=1)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(4, 6, 1, groups=2, bias=False)
+        self.fc = nn.Linear(6 * 2 * 2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.dw(torch.tanh(self.c(x))))
+        return self.fc(F.avg_pool2d(torch.tanh(self.pw(h)), 3).flatten(1))
+
+
+class ResidualNet(nn.Module):
+    """A stem Conv2d, a residual block h + c2(relu(c1(h))), one conv applied twice, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.c1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.twice = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(3 * 3 * 3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.stem(x))
+        h = torch.relu(h + self.c2(torch.relu(self.c1(h))))
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        return self.fc(F.max_pool2d(h, 2).flatten(1))
+
+
 class TokenNet(nn.Module):
     """Embedding + Linear over a sequence (positions) + LayerNorm: exercises the fallback."""
 
@@ -178,6 +211,10 @@ CASES: dict[str, Case] = {c.name: c for c in [
         structured=("0", "2", "4")),
     Case("cnn", _module(SmallCNN), _gauss(2, 8, 8), structured=("c1", "c2", "fc")),
     Case("conv1d", _module(Conv1dNet), _gauss(3, 8), structured=("c", "c2", "fc")),
+    Case("grouped_conv", _module(GroupedConvNet), _gauss(2, 6, 6),
+         structured=("c", "dw", "pw", "fc")),
+    Case("residual", _module(ResidualNet), _gauss(2, 6, 6),
+         structured=("stem", "c1", "c2", "twice", "fc")),
     Case("tokens_layernorm", _module(TokenNet),
          lambda g, n: torch.randint(0, 7, (n, 3), generator=g), structured=("proj", "head")),
     Case("linear", _module(lambda: nn.Linear(5, 3)), _gauss(5), structured=("",)),

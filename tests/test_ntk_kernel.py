@@ -152,6 +152,29 @@ def test_block_symmetric_contraction_matches_dense_reference(name, method, kind,
     assert_close(got, want, what=f"{name}/{method}/{kind}")
 
 
+@pytest.mark.parametrize("use_grad", [False, True])
+@pytest.mark.parametrize("name", ["cnn", "conv1d", "residual", "tokens_layernorm", "mlp_tanh"])
+def test_both_contraction_orders_match_dense_reference(name, use_grad, monkeypatch):
+    # Each structured layer is contracted either from its input-patch and output-signal
+    # Grams or from per-sample gradients; the cost model picks one, both must be exact.
+    from rayleighflow.ntk import plan as plan_mod
+
+    real = plan_mod._layers_of
+
+    def forced(*args):
+        layers = real(*args)
+        for ly in layers:
+            ly.use_grad = use_grad
+        return layers
+
+    monkeypatch.setattr(plan_mod, "_layers_of", forced)
+    monkeypatch.setattr(plan_mod, "_decide_order", lambda ly, outer, grad: ly.use_grad)
+    case = CASES[name]
+    model, x = case.build(), inputs(case, 5)
+    got = empirical_ntk(model, x, convention="sum", method="structured")
+    assert_close(kernel_matrix(got), _ref(model, x), what=f"{name}/use_grad={use_grad}")
+
+
 def test_output_layer_takes_the_identity_shortcut():
     from rayleighflow.ntk._common import as_model
     from rayleighflow.ntk.kernel import _request
@@ -258,3 +281,70 @@ def test_any_sizes_and_blocks_no_divisibility(n1, n2, block, kind, cross):
     want = empirical_ntk(model, x1, second, kind=kind, convention="sum", method="jacobian")
     got = empirical_ntk(model, x1, second, kind=kind, convention="sum", block_size=block)
     assert_close(got, want)
+
+
+def _engine(model, x):
+    from rayleighflow.ntk._common import as_model
+    from rayleighflow.ntk.kernel import _request
+    from rayleighflow.ntk.plan import build_plan
+
+    req = _request(as_model(model), x, None, None, "full", "sum", None, None)
+    return build_plan(req, {"all": list(req.params)}, NTKMethod.STRUCTURED, None, None,
+                      None)[1]
+
+
+@pytest.mark.parametrize("name", ["mlp_tanh", "mlp_relu", "mlp_gelu_single"])
+def test_sequential_chain_route_equals_the_autograd_route_and_the_dense_kernel(name,
+                                                                              monkeypatch):
+    from rayleighflow.ntk import structured
+
+    case = CASES[name]
+    model, x = case.build(), inputs(case, 6)
+    assert _engine(model, x).chain is not None
+    chain = empirical_ntk(model, x, convention="sum", method="structured")
+    monkeypatch.setattr(structured, "chain_of", lambda *a: None)
+    assert _engine(model, x).chain is None
+    general = empirical_ntk(model, x, convention="sum", method="structured")
+    assert_close(kernel_matrix(chain), kernel_matrix(general), what=f"{name} chain/autograd")
+    assert_close(kernel_matrix(chain), _ref(model, x), what=f"{name} chain/dense")
+
+
+class _MySequential(nn.Sequential):
+    pass
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def _lookalikes():
+    def seq(*mods):
+        torch.manual_seed(0)
+        return nn.Sequential(*mods).double()
+
+    hooked = seq(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    hooked[1].register_forward_hook(lambda m, a, out: 3.0 * out)
+    instance = seq(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    inner = instance[2].forward
+    instance[2].forward = lambda x: inner(x) + 1.0
+    torch.manual_seed(0)
+    return {
+        "sequential subclass": _MySequential(nn.Linear(3, 5), nn.Tanh(),
+                                             nn.Linear(5, 2)).double(),
+        "forward hook": hooked,
+        "instance forward": instance,
+        "layer norm inside": seq(nn.Linear(3, 5), nn.LayerNorm(5), nn.Linear(5, 2)),
+        "activation last": seq(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2), nn.Tanh()),
+        "a Linear subclass": seq(nn.Linear(3, 5), nn.Tanh(), _ScaledLinear(5, 2)),
+    }
+
+
+@pytest.mark.parametrize("what", list(_lookalikes()))
+def test_chain_lookalikes_take_the_autograd_route_and_stay_exact(what):
+    net = _lookalikes()[what]
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert _engine(net, x).chain is None
+    model = Model(net)
+    got = empirical_ntk(model, x, convention="sum", method="structured")
+    assert_close(kernel_matrix(got), _ref(model, x), what=what)

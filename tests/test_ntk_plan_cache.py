@@ -84,7 +84,7 @@ def _count_passes(monkeypatch, module: nn.Module | None) -> dict[str, int]:
 
 
 TRACED = ("mlp_tanh", "mlp_relu", "mlp_gelu_single", "cnn", "conv1d", "tokens_layernorm",
-          "linear", "tied", "direct_use")
+          "linear", "tied", "direct_use", "grouped_conv", "residual")
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n != "callable"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -199,11 +200,24 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+_HOST_FREE: list[float] = [-1.0, 0.0]  # (monotonic time read, bytes)
+_HOST_FREE_TTL_S = 0.5
+
+
 def available_bytes(device: torch.device) -> int:
-    """Free memory of a device now: MemAvailable on the host, cudaMemGetInfo on a GPU."""
+    """Free memory of a device now: MemAvailable on the host (read at most every 0.5 s: a
+    small kernel's call should not be spent in /proc), cudaMemGetInfo on a GPU."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    now = time.monotonic()
+    if now - _HOST_FREE[0] < _HOST_FREE_TTL_S:
+        return int(_HOST_FREE[1])
+    _HOST_FREE[:] = [now, float(_host_free())]
+    return int(_HOST_FREE[1])
+
+
+def _host_free() -> int:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

@@ -240,7 +240,7 @@ def build_plan(req: KernelRequest, groups: dict[str, list[str]], method: NTKMeth
         outer = pairs * _outer(ly, k, kind)
         grad = pairs * (k * k if kind is KernelKind.FULL else k) * ly.d_out * (ly.d_in + 1) \
             + n_f * k * ly.positions * ly.d_in * ly.d_out
-        ly.use_grad = grad < outer
+        ly.use_grad = _decide_order(ly, outer, grad)
     rest = {g: [n for n in names if n not in covered] for g, names in groups.items()}
     rest = {g: v for g, v in rest.items() if v}
     costs = {
@@ -311,6 +311,12 @@ def build_plan(req: KernelRequest, groups: dict[str, list[str]], method: NTKMeth
                    if method is NTKMethod.STRUCTURED else (),
                    tuple(rejected), probed, key, (result.forwards, result.backwards))
     return plan, engine
+
+
+def _decide_order(ly, outer: float, grad: float) -> bool:
+    """Per-sample gradients (True) or input/output Grams (False); grouped convolutions have
+    only the first."""
+    return grad < outer or getattr(ly.module, "groups", 1) != 1
 
 
 def _outer(ly, k: int, kind: KernelKind) -> float:

@@ -354,7 +354,7 @@ def run_probe(model: Model, params: Params, layers: list[Layer], x: Tensor,
                 if isinstance(mod, nn.Linear):
                     shapes[i].append((math.prod(a.shape[1:-1]), a.shape[-1], out.shape[-1]))
                 else:
-                    din = mod.in_channels * math.prod(mod.kernel_size)  # type: ignore[arg-type, operator]
+                    din = mod.in_channels // mod.groups * math.prod(mod.kernel_size)  # type: ignore[arg-type, operator]
                     shapes[i].append((math.prod(out.shape[2:]), din, out.shape[1]))
                 p = torch.zeros_like(out, requires_grad=True)
                 probes[i].append(p)

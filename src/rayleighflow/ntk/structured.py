@@ -40,6 +40,7 @@ from ._terms import (
     outer_pair_cost,
     outer_pair_temp,
 )
+from .chain import chain_matches, chain_of
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -78,7 +79,7 @@ def find_layers(model: Model, params: Params) -> list[Layer]:
         cls = _base(m)
         if cls is None:
             continue
-        if cls is not nn.Linear and (m.groups != 1 or m.padding_mode != "zeros"):
+        if cls is not nn.Linear and m.padding_mode != "zeros":
             continue
         prefix = f"{path}." if path else ""
         w = prefix + "weight"
@@ -89,8 +90,8 @@ def find_layers(model: Model, params: Params) -> list[Layer]:
     return layers
 
 
-def _patches(m: nn.Module, x: Tensor) -> Tensor:
-    """Conv input (b, C, *spatial) → im2col patches (b, T, C·prod(kernel))."""
+def _unfold(m: nn.Module, x: Tensor) -> Tensor:
+    """Conv input (b, C, *spatial) → im2col columns (b, C·prod(kernel), T), F.unfold's layout."""
     conv1d = isinstance(m, nn.Conv1d)
     if conv1d:
         x = x.unsqueeze(2)
@@ -107,8 +108,7 @@ def _patches(m: nn.Module, x: Tensor) -> Tensor:
         pad = (0, 0)
     else:
         pad = (0, *m.padding) if conv1d else tuple(m.padding)  # type: ignore[arg-type, misc]
-    cols = F.unfold(x, ks, dilation=dil, padding=pad, stride=st)  # (b, C·kh·kw, T)
-    return cols.transpose(1, 2)
+    return F.unfold(x, ks, dilation=dil, padding=pad, stride=st)
 
 
 @dataclass
@@ -117,7 +117,6 @@ class _Capture:
 
     layers: list[Layer]
     batch: int
-    probe: bool = True
     inputs: list[list[Tensor]] = field(default_factory=list)
     probes: list[list[Tensor]] = field(default_factory=list)
     bad: set[int] = field(default_factory=set)
@@ -139,21 +138,15 @@ class _Capture:
             if x is None or x.dim() < 2 or x.shape[0] != self.batch or out.shape[0] != self.batch:
                 self.bad.add(i)
                 return None
-            a = _patches(mod, x) if isinstance(mod, nn.Conv1d | nn.Conv2d) else x
-            self.inputs[i].append(a.detach().reshape(self.batch, -1, a.shape[-1]))
-            if not self.probe:
-                return None
+            self.inputs[i].append(x.detach())
             p = torch.zeros_like(out, requires_grad=True)
             self.probes[i].append(p)
             return out + p
         return hook
 
 
-def _to_positions(mod: nn.Module, g: Tensor, batched: bool) -> Tensor:
-    lead = 2 if batched else 1
-    if isinstance(mod, nn.Conv1d | nn.Conv2d):
-        return g.flatten(lead + 1).transpose(-1, -2)
-    return g.reshape(*g.shape[:lead], -1, g.shape[-1])
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv1d | nn.Conv2d)
 
 
 def _is_eye(d: Tensor) -> bool:
@@ -165,6 +158,97 @@ def _is_eye(d: Tensor) -> bool:
     return bool(torch.equal(d.view(b, k, k), eye.expand(b, k, k)))
 
 
+def _conv_grads(m: nn.Module, cols: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample gradients of a convolution's weight (b, j, numel) and bias (b, j, C_out)
+    for j outputs, from its im2col columns (b, C_in·kk, T) and δ = g (j, b, C_out, ...).
+
+    G_ic = Σ_t δ_ict ⊗ patch_it: one batched GEMM per sample (and group) contracting the T
+    positions, on the layouts unfold and autograd produce (for j > 1, δ is copied once with
+    j and b swapped).
+    """
+    j, b, c_out = g.shape[:3]
+    t = cols.shape[-1]
+    d = g.reshape(j, b, c_out, t)
+    groups = int(m.groups)  # type: ignore[arg-type]
+    if groups == 1:
+        lhs = d[0] if j == 1 else d.transpose(0, 1).reshape(b, j * c_out, t)
+        w = torch.bmm(lhs, cols.transpose(1, 2))
+    else:
+        cg, dg = c_out // groups, cols.shape[1] // groups
+        dd = d.view(j, b, groups, cg, t).permute(1, 2, 0, 3, 4).reshape(b * groups, j * cg, t)
+        w = torch.bmm(dd, cols.view(b * groups, dg, t).transpose(1, 2))
+        w = w.view(b, groups, j, cg * dg).transpose(1, 2)
+    return w.reshape(b, j, -1), d.sum(-1).transpose(0, 1)
+
+
+def _linear_grads(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample gradients of a Linear applied at T positions for j outputs: x (b, ..., d_in),
+    δ = g (j, b, ..., d_out) → weight (b, j, d_out·d_in), bias (b, j, d_out)."""
+    j, b, m = g.shape[0], g.shape[1], g.shape[-1]
+    d = g.reshape(j, b, -1, m)
+    a = x.reshape(b, -1, x.shape[-1])
+    w = torch.einsum("cbtm,btn->bcmn", d, a)
+    return w.reshape(b, j, -1), d.sum(2).transpose(0, 1)
+
+
+def _outer_inputs(m: nn.Module, x: Tensor) -> Tensor:
+    """Layer inputs at their positions, (b, T, d_in)."""
+    if _is_conv(m):
+        return _unfold(m, x).transpose(1, 2)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _outer_deltas(m: nn.Module, g: Tensor) -> Tensor:
+    """δ = g (j, b, d_out, *spatial) or (j, b, ..., d_out) → (b, j, T, d_out)."""
+    if _is_conv(m):
+        g = g.flatten(3).transpose(-1, -2)
+    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]).transpose(0, 1)
+
+
+class _LayerSums:
+    """One layer's features, filled output by output (or all k at once) from its δs."""
+
+    def __init__(self, ly: Layer, xs: list[Tensor], k: int) -> None:
+        self.ly, self.k = ly, k
+        m = ly.module
+        if ly.use_grad:
+            self.ins = [_unfold(m, x) for x in xs] if _is_conv(m) else xs
+            self.w: Tensor | None = None
+            self.b: Tensor | None = None
+        else:
+            self.a = torch.cat([_outer_inputs(m, x) for x in xs], dim=1)
+            self.d = self.a.new_empty((self.a.shape[0], k, self.a.shape[1], ly.d_out))
+
+    def add(self, c: slice, gs: list[Tensor]) -> None:
+        """δ for outputs c: one (j, b, *out) tensor per call of the layer's forward."""
+        m = self.ly.module
+        if not self.ly.use_grad:
+            d = torch.cat([_outer_deltas(m, g) for g in gs], dim=2)
+            self.d[:, c] = d
+            return
+        for call, (x, g) in enumerate(zip(self.ins, gs, strict=True)):
+            w, b = _conv_grads(m, x, g) if _is_conv(m) else _linear_grads(x, g)
+            if self.w is None or self.b is None:
+                self.w = w.new_empty((w.shape[0], self.k, w.shape[2]))
+                self.b = b.new_empty((b.shape[0], self.k, b.shape[2]))
+            if call == 0:
+                self.w[:, c], self.b[:, c] = w, b
+            else:  # a layer applied several times: its gradient is the sum over calls
+                self.w[:, c] += w
+                self.b[:, c] += b
+
+    def terms(self) -> list[Term]:
+        gw, gb = self.ly.groups
+        if not self.ly.use_grad:
+            return [OuterTerm(gw, gb, self.a, self.d, _is_eye(self.d))]
+        out: list[Term] = []
+        if gw is not None:
+            out.append(GradTerm(gw, self.w))  # type: ignore[arg-type]
+        if gb is not None:
+            out.append(GradTerm(gb, self.b))  # type: ignore[arg-type]
+        return out
+
+
 class StructuredEngine:
     """Features of a chunk: OuterTerms/GradTerms of verified layers + Jacobian fallback terms."""
 
@@ -172,7 +256,13 @@ class StructuredEngine:
                  fallback) -> None:
         self.model, self.params, self.layers, self.k = model, params, layers, k
         self.fallback = fallback  # a JacobianEngine over the remaining parameters, or None
-        self.batched_backward = True  # vmapped backward over the k outputs, until it fails
+        # one vmapped backward over the k outputs (until an operator lacks a batching rule),
+        # except for convolutions, whose backward vmap runs as a loop over the k outputs
+        # anyway: there k plain backwards, each δ consumed at once, are faster and smaller
+        self.batched_backward = not any(_is_conv(ly.module) for ly in layers)
+        self.chain = chain_of(model, params, [ly.path for ly in layers]) \
+            if layers and all(not ly.use_grad and ly.positions == 1 for ly in layers) else None
+        self._chain_ok: bool | None = None  # checked against the model on the first chunk
         item = next(iter(params.values())).element_size()
         feat = 0
         for ly in layers:
@@ -185,34 +275,38 @@ class StructuredEngine:
     n_passes = 1
 
     def features(self, x: Tensor, index: int | None = None) -> list[Term]:
+        if self.chain is not None and x.dim() == 2:
+            if self._chain_ok is None:
+                self._chain_ok = chain_matches(self.chain, self.model, self.params, x[:3])
+            if self._chain_ok:
+                return self._chain_terms(x)
         terms: list[Term] = []
         if self.layers:
-            a_list, d_list = self._capture(x)
-            for ly, a, d in zip(self.layers, a_list, d_list, strict=True):
-                gw, gb = ly.groups
-                if not ly.use_grad:
-                    terms.append(OuterTerm(gw, gb, a, d, _is_eye(d)))
-                    continue
-                b = x.shape[0]
-                if gw is not None:
-                    g = torch.einsum("bctm,btn->bcmn", d, a).reshape(b, self.k, -1)
-                    terms.append(GradTerm(gw, g))
-                if gb is not None:
-                    terms.append(GradTerm(gb, d.sum(2)))
+            for sums in self._capture(x):
+                terms += sums.terms()
         if self.fallback is not None:
             terms += self.fallback.features(x)
         return terms
 
-    def _capture(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def _chain_terms(self, x: Tensor) -> list[Term]:
+        assert self.chain is not None
+        ins, ders, _ = self.chain.run(self.params, x)
+        ds = self.chain.deltas(self.params, ders, x.shape[0], self.k)
+        last = len(self.layers) - 1
+        return [OuterTerm(*ly.groups, a.unsqueeze(1), d, i == last)
+                for i, (ly, a, d) in enumerate(zip(self.layers, ins, ds, strict=True))]
+
+    def _capture(self, x: Tensor) -> list[_LayerSums]:
+        """Per layer, its features from its inputs and δ = ∂f_c/∂(output), for every c."""
         b, k = x.shape[0], self.k
         with _Capture(self.layers, b) as cap, torch.enable_grad():
             out = self.model(self.params, x)
         if cap.bad:
             names = [self.layers[i].path for i in sorted(cap.bad)]
             raise RuntimeError(f"structured layers {names} changed behaviour after the probe")
+        sums = [_LayerSums(ly, xs, k) for ly, xs in zip(self.layers, cap.inputs, strict=True)]
         flat = [p for ps in cap.probes for p in ps]
         basis = torch.eye(k, dtype=out.dtype, device=out.device)
-        grads = None
         if self.batched_backward:
             cot = basis.unsqueeze(1).expand(k, b, k)
             try:
@@ -220,24 +314,28 @@ class StructuredEngine:
                                             allow_unused=True, retain_graph=True)
             except RuntimeError:  # an operator without a batching rule: k plain backwards
                 self.batched_backward = False
-        if grads is None:
-            per_c = [torch.autograd.grad(out, flat, basis[c].expand(b, k), retain_graph=True,
-                                         allow_unused=True) for c in range(k)]
-            grads = tuple(torch.stack([pc[j] if pc[j] is not None else torch.zeros_like(p)
-                                       for pc in per_c]) for j, p in enumerate(flat))
-        a_list, d_list, pos = [], [], 0
-        for ly, ins, probes in zip(self.layers, cap.inputs, cap.probes, strict=True):
-            ds = []
-            for p in probes:
+            else:
+                self._spread(sums, cap.probes, grads, slice(0, k), k)
+                return sums
+        for c in range(k):
+            grads = torch.autograd.grad(out, flat, basis[c].expand(b, k), allow_unused=True,
+                                        retain_graph=c < k - 1)
+            self._spread(sums, cap.probes, tuple(None if g is None else g.unsqueeze(0)
+                                                 for g in grads), slice(c, c + 1), 1)
+        return sums
+
+    @staticmethod
+    def _spread(sums: list[_LayerSums], probes: list[list[Tensor]], grads: tuple, c: slice,
+                j: int) -> None:
+        pos = 0
+        for layer, ps in zip(sums, probes, strict=True):
+            gs = []
+            for p in ps:
                 g = grads[pos]
                 pos += 1
-                g = torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
-                ds.append(_to_positions(ly.module, g, batched=True))  # (k, b, T, d_out)
-            d = ds[0] if len(ds) == 1 else torch.cat(ds, dim=2)
-            a = ins[0] if len(ins) == 1 else torch.cat(ins, dim=1)
-            a_list.append(a)
-            d_list.append(d.permute(1, 0, 2, 3).contiguous())
-        return a_list, d_list
+                gs.append(torch.zeros((j, *p.shape), dtype=p.dtype, device=p.device)
+                          if g is None else g)
+            layer.add(c, gs)
 
     def contract(self, f1: list[Term], f2: list[Term], kind: KernelKind,
                  acc: dict[str, Tensor]) -> None:
