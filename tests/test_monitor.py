@@ -553,3 +553,33 @@ def test_a_diverging_monitored_run_says_rising_before_non_finite():
     rising = next(i for i, m in enumerate(messages) if "the loss is rising" in m)
     nonfinite = next(i for i, m in enumerate(messages) if "non-finite values" in m)
     assert rising < nonfinite, kinds
+
+
+def test_every_kth_step_equals_measure_at_those_steps_and_says_so():
+    net = _net()
+    x, y = _data(loss="cross-entropy")
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    lines: list[str] = []
+    mon = Monitor(net, "cross-entropy", optimizer=opt, sync_every=2, every=3,
+                  full_data=[(x, y)], full_every=4, echo=lines.append)
+    refs = {}
+    for i in range(10):
+        xb, yb = x[2 * i:2 * i + 6], y[2 * i:2 * i + 6]
+        out = net(xb)
+        lv = F.cross_entropy(out, yb)
+        opt.zero_grad()
+        lv.backward()
+        if i % 3 == 0:
+            refs[i] = _reference(net, xb, yb, "cross-entropy", "mean")
+        mon.step(out, yb, lv)
+        opt.step()
+    summary = mon.close()
+    assert [r["step"] for r in mon.rows] == [0, 3, 6, 9]
+    for row in mon.rows:
+        _assert_matches(row, refs[row["step"]])
+    assert [r["step"] for r in mon.full_rows] == [0, 4, 8]   # their own schedule
+    assert summary["steps"] == 10 and summary["steps_measured"] == 4
+    assert any("measured one optimizer step in 3 (steps 0, 3, 6, …)" in n
+               for n in summary["notes"])
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        Monitor(net, "cross-entropy", every=0)

@@ -130,6 +130,10 @@ class Monitor(ReadBack, Reports):
         strict: let a failed full-data estimate or probe spectrum (a non-finite loss, a
             singular eigenproblem on a diverging run) raise into the training loop. By default
             it is recorded as a diagnosis, said once, and the run goes on.
+        every: measure one optimizer step in ``every`` (steps 0, every, 2·every, …; default
+            1, each step). The other calls return at once, reading nothing; rows keep the
+            optimizer step index, and the log, the summary and the rules say that only those
+            steps were measured. Full-data estimates and probe spectra keep their own schedule.
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class Monitor(ReadBack, Reports):
         name: str = "monitor", max_stored_elements: int = 1 << 22,
         distributed: bool | None = None, process_group: Any = None,
         all_ranks_write: bool = False, clip_norm: float | None = None, strict: bool = False,
+        every: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor watches an nn.Module, got {type(model).__name__}")
@@ -162,7 +167,7 @@ class Monitor(ReadBack, Reports):
         if self.ranks is not None and self.ranks.rank != 0 and not all_ranks_write:
             log, sinks, echo = None, (), None   # rank 0 writes; every rank keeps the rows
         for what, v in (("sync_every", sync_every), ("full_every", full_every),
-                        ("probe_every", probe_every)):
+                        ("probe_every", probe_every), ("every", every)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{what} must be a positive integer number of steps, got {v!r}")
         if (full_data is None) != (full_every is None):
@@ -183,7 +188,8 @@ class Monitor(ReadBack, Reports):
         self.name = name
         self.max_stored = max_stored_elements
         self.sinks: list[Sink] = ([RunFolder(log)] if log is not None else []) + list(sinks)
-        self.diagnoser = Diagnoser(self.phi, window)
+        self.every = every
+        self.diagnoser = Diagnoser(self.phi, window, every=every)
         self.probe: ProbeSet | None = None
         if probe is not None:
             px, py = probe if isinstance(probe, tuple | list) else (probe, None)
@@ -260,6 +266,12 @@ class Monitor(ReadBack, Reports):
                 f"the {lay.n_params} trainable values"), {"frozen": list(lay.frozen)}), echo=True)
         _, sentence = self.update_rule()
         self._emit(Diagnosis(0, "update-rule", sentence), echo=False)
+        if self.every > 1:
+            k = self.every
+            self._emit(Diagnosis(0, "sampled", (
+                f"measured one optimizer step in {k} (steps 0, {k}, {2 * k}, …): the rows, "
+                "rules and forecasts see those steps only; the gradients of the others are not "
+                "read"), {"every": k}), echo=False)
         if self.ranks is not None:
             w = self.ranks.world
             self._emit(Diagnosis(0, "distributed", (
@@ -294,7 +306,7 @@ class Monitor(ReadBack, Reports):
                 "update_rule": self.update_rule()[1],
                 "frozen": list(self.layout.frozen), "full_every": self.full_every,
                 "world_size": 1 if self.ranks is None else self.ranks.world,
-                "probe_every": self.probe_every, "versions": versions(),
+                "probe_every": self.probe_every, "every": self.every, "versions": versions(),
                 "columns": {"main": main, "full": full, "probe": probe}}
 
     def _open(self) -> None:
@@ -348,6 +360,9 @@ class Monitor(ReadBack, Reports):
         ``scale``: the loss that was backpropagated is ``scale`` × the declared loss L_B (e.g.
         a sum divided by another count than the batch's): the passed loss is divided by it and
         ‖∇L_B‖² = ‖.grad‖² / scale²."""
+        if self.every > 1 and self._step % self.every:
+            self._skip()
+            return
         if self._fast and scale is None and self._fast_step(out, y, loss):
             return
         self._check_open()
@@ -387,6 +402,17 @@ class Monitor(ReadBack, Reports):
         pending.scale = scale
         self._micro, self._eager = [], None
         self._push(pending)
+
+    def _skip(self) -> None:
+        """A step that ``every`` leaves unmeasured: counted, its micro-batches dropped; a
+        full-data estimate or probe spectrum due at it still runs."""
+        self._check_open()
+        self._micro, self._eager = [], None
+        i = self._step
+        self._step = i + 1
+        if self._periodic and ((self.full_every is not None and i % self.full_every == 0)
+                               or (self.probe_every is not None and i % self.probe_every == 0)):
+            self._due(i)
 
     def _fast_step(self, out: Tensor, y: Tensor, loss: Tensor | float | None) -> bool:
         """The common step in fewer operations, or False to take the general path: one batch

@@ -128,7 +128,8 @@ class Reports:
         fc = self.last_forecast if self.target_loss is not None else None
         kinds = ("collapse", "plateau", "rising", "edge-of-stability", "non-finite",
                  "loss-mismatch", "missing-gradients", "zero-gradient", "frozen", "update-rule",
-                 "distributed", "unequal-rank-batches", "unsynchronized-gradients", "clipped")
+                 "distributed", "unequal-rank-batches", "unsynchronized-gradients", "clipped",
+                 "sampled")
         notes = [_SCOPE_NOTE]
         notes += [d.message for d in self.diagnoses if d.kind in kinds]
         notes += [f"the {what} failed at {n} due step(s)"
@@ -160,6 +161,7 @@ class Reports:
                            "loss): diagnostics, not certificates",
             "notes": notes,
             "steps": self._step,
+            "steps_measured": -(-self._step // self.every),
             "update_rule": self.update_rule()[1],
             "forecast": None if fc is None else fc.as_dict(),
             "diagnoses": [{"step": d.step, "kind": d.kind, "message": d.message}

@@ -38,7 +38,7 @@ __all__ = ["Diagnosis", "Forecast", "Diagnoser", "forecast"]
 @dataclass(frozen=True)
 class Diagnosis:
     """A message at a step: ``kind`` in {collapse, plateau, rising, edge-of-stability, non-finite,
-    loss-mismatch, missing-gradients, frozen, update-rule, forecast}."""
+    loss-mismatch, missing-gradients, frozen, update-rule, sampled, forecast}."""
 
     step: int
     kind: str
@@ -139,7 +139,8 @@ class Diagnoser:
     """Stateful stall rules over windows of ``window`` batch records (bounded memory)."""
 
     def __init__(self, phi: Desingularizer, window: int = 50, collapse: float = 0.1,
-                 plateau: float = 0.1, rise: float = 4.0, rise_steps: int = 5) -> None:
+                 plateau: float = 0.1, rise: float = 4.0, rise_steps: int = 5,
+                 every: int = 1) -> None:
         if window < 2:
             raise ValueError(f"the diagnosis window needs at least 2 records, got {window}")
         if not (0 < collapse < 1 and 0 < plateau < 1):
@@ -151,6 +152,7 @@ class Diagnoser:
                              f"increasing steps; got rise = {rise}, rise_steps = {rise_steps}")
         self.phi, self.window, self.collapse, self.plateau = phi, window, collapse, plateau
         self.rise, self.rise_steps = rise, rise_steps
+        self._unit = "steps" if every == 1 else f"recorded steps (one in {every})"
         # the rising-loss rule: the lowest level seen (the first loss, then window medians),
         # the run of consecutive increases, and whether it has been said
         self._floor: float | None = None
@@ -205,7 +207,7 @@ class Diagnoser:
         self._rising = True
         return [Diagnosis(step, "rising", (
             f"step {step}: the loss is rising: L = {loss:.4g}, ×{loss / floor:.3g} its lowest "
-            f"level {floor:.4g}, and higher at each of the last {self._increases} steps; a "
+            f"level {floor:.4g}, and higher at each of the last {self._increases} {self._unit}; a "
             "step size past the edge of stability does this before the loss overflows: lower "
             "the learning rate (or clip)"), {"loss": loss, "floor": floor,
                                               "increases": self._increases})]
