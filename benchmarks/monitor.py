@@ -9,6 +9,9 @@ give the median training step, the median and the mean call, and the median per-
 The marginal overhead compares the median full step with the call against the median step
 without it: same model, optimizer and memory, so it also counts the cache effects the call has
 on the rest of the step.
+A second comparison (``marginal_arms``, mlp-digits) interleaves four arms of whole steps:
+no call, the monitor, the cheapest gradient read (``torch._foreach_norm``) and the monitor
+with ``every=4``; it gives the marginal costs against the floor of any per-step read.
 The full-data estimate is timed against one pass of forward + backward over the same batches
 (its cost in gradient-equivalents). Everything runs in one process. Writes JSON with the
 environment::
@@ -205,6 +208,66 @@ def run_case(name: str, device: str, steps: int, warmup: int, full_batches: int,
     return rec
 
 
+def marginal_arms(name: str, device: str, steps: int, every: int = 4, block: int = 10,
+                  sync_every: int = 20) -> dict:
+    """Whole training steps in four arms, blocks of ``block`` steps in rotating order, same
+    model and optimizer: ``plain`` (no call), ``monitor`` (each step measured),
+    ``gradient_read`` (the cheapest possible read of the gradients: ``torch._foreach_norm`` of
+    every ``.grad``, the norms kept and read back every ``sync_every`` steps, as the monitor
+    keeps them: the floor of any per-step gradient diagnostic) and ``monitor_every`` (one step
+    in ``every`` measured, ``Monitor(every=...)``). Marginal cost of an arm = its median step
+    over the plain arm's median step − 1."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model, batch, loss_fn = case(name, device, gen)
+    model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    mon = Monitor(model, "cross-entropy", optimizer=opt, echo=None, sync_every=sync_every)
+    mon_k = Monitor(model, "cross-entropy", optimizer=opt, echo=None, sync_every=sync_every,
+                    every=every)
+    params = [p for p in model.parameters() if p.requires_grad]
+    kept: list = []
+
+    def read(out, y, loss) -> None:
+        kept.append(torch._foreach_norm([p.grad for p in params]))
+        if len(kept) >= sync_every:
+            torch.stack([torch.stack(n) for n in kept]).tolist()
+            kept.clear()
+
+    calls = {"plain": None, "monitor": mon.step, "gradient_read": read,
+             "monitor_every": mon_k.step}
+    times: dict[str, list[float]] = {a: [] for a in calls}
+    order = list(calls)
+    rounds = -(-steps // block)
+    for r in range(rounds + 2):   # two warm-up rounds
+        for arm in order[r % 4:] + order[:r % 4]:
+            call = calls[arm]
+            for _ in range(block):
+                x, y = batch()
+                _sync(device)
+                t0 = time.perf_counter()
+                out = model(x)
+                loss = loss_fn(out, y)
+                opt.zero_grad()
+                loss.backward()
+                if call is not None:
+                    call(out, y, loss)
+                opt.step()
+                _sync(device)
+                if r >= 2:
+                    times[arm].append(time.perf_counter() - t0)
+    mon.close()
+    summary_k = mon_k.close()
+    med = {a: statistics.median(t) for a, t in times.items()}
+    return {"case": name, "steps_per_arm": len(times["plain"]), "block": block,
+            "every": every, "sync_every": sync_every,
+            "step_median_s": med,
+            "step_mean_s": {a: statistics.fmean(t) for a, t in times.items()},
+            "marginal_median_fraction": {a: med[a] / med["plain"] - 1 for a in calls
+                                         if a != "plain"},
+            "monitor_every_steps_measured": summary_k["steps_measured"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="mlp-digits,resnet-cifar,transformer-tokens")
@@ -216,11 +279,19 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true",
                     help="skip the blocks of steps without the monitor (marginal overhead)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--arms-steps", type=int, default=1000,
+                    help="steps per arm of the marginal-cost comparison (mlp-digits)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.warmup, args.full_batches = 30, 5, 2
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"monitor-{args.device}.json")
     report = {"environment": environment(args.device), "cases": []}
+    if "mlp-digits" in args.cases.split(","):
+        arms = marginal_arms("mlp-digits", args.device, 100 if args.quick else args.arms_steps)
+        report["marginal_arms"] = arms
+        print("mlp-digits marginal cost (median step vs plain): " + ", ".join(
+            f"{a} {100 * v:.2g}%" for a, v in arms["marginal_median_fraction"].items()),
+            flush=True)
     for name in args.cases.split(","):
         rec = run_case(name, args.device, args.steps, args.warmup, args.full_batches,
                        not args.no_plain)

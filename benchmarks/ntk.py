@@ -74,6 +74,52 @@ class CifarCNN(nn.Module):
         return self.f2(torch.relu(self.f1(h.flatten(1))))
 
 
+class FullResCNN(nn.Module):
+    """Two 32-channel 3×3 convolutions at the full 32×32 resolution, one max-pool, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.f = nn.Linear(32 * 16 * 16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.f(F.max_pool2d(h, 2).flatten(1))
+
+
+class ResBlockCNN(nn.Module):
+    """A stem convolution, a ResNet-style block h + c2(relu(c1(h))) at 16×16, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.f = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.max_pool2d(torch.relu(self.stem(x)), 2)
+        h = torch.relu(h + self.c2(torch.relu(self.c1(h))))
+        return self.f(F.max_pool2d(h, 2).flatten(1))
+
+
+class DepthwiseCNN(nn.Module):
+    """MobileNet-style at 32×32: a convolution, a depthwise 3×3 (groups = 32), a pointwise
+    1×1, one 4×4 max-pool, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 32, 3, padding=1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.pw = nn.Conv2d(32, 32, 1)
+        self.f = nn.Linear(32 * 8 * 8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.pw(torch.relu(self.dw(torch.relu(self.c(x))))))
+        return self.f(F.max_pool2d(h, 4).flatten(1))
+
+
 CASES: dict[str, dict] = {
     "mlp784": dict(desc="MLP 784-512-512-10, n = 128 (1280 × 1280 kernel)",
                    build=lambda: mlp([784, 512, 512, 10]), shape=(784,), n=128, quick_n=32,
@@ -83,6 +129,18 @@ CASES: dict[str, dict] = {
                     quick_n=4, widths=[3072, 2048, 2048, 2048, 8]),
     "cnn": dict(desc="CIFAR-shaped CNN (3×32×32; conv16-pool-conv32-pool-fc128-fc10), n = 64",
                 build=CifarCNN, shape=(3, 32, 32), n=64, quick_n=8),
+    "cnn_fullres": dict(desc="CNN at full resolution (3×32×32; conv32-conv32 at 32×32, one "
+                        "pool, fc10), n = 64", build=FullResCNN, shape=(3, 32, 32), n=64,
+                        quick_n=8),
+    "resblock": dict(desc="ResNet-style block (conv16-pool, h + conv16(relu(conv16(h))) at "
+                     "16×16, pool, fc10), n = 64", build=ResBlockCNN, shape=(3, 32, 32), n=64,
+                     quick_n=8),
+    "depthwise": dict(desc="MobileNet-style (conv32, depthwise 3×3, pointwise 1×1 at 32×32, "
+                      "pool, fc10), n = 64", build=DepthwiseCNN, shape=(3, 32, 32), n=64,
+                      quick_n=8),
+    "mlp784_f64": dict(desc="MLP 784-512-512-10, n = 16, float64 (160 × 160 kernel)",
+                       build=lambda: mlp([784, 512, 512, 10]), shape=(784,), n=16, quick_n=8,
+                       widths=[784, 512, 512, 10], dtype=torch.float64),
     "big": dict(desc="20,000 × 20,000 kernel: MLP 784-2048-2048-10, n = 2,000, library only",
                 build=lambda: mlp([784, 2048, 2048, 10]), shape=(784,), n=2000, quick_n=400,
                 widths=[784, 2048, 2048, 10], library_only=True),
@@ -93,9 +151,11 @@ TUTORIAL = ("tutorial_jacobian", "tutorial_kvp")
 def setup(case: str, device: str, quick: bool) -> tuple[nn.Module, Tensor]:
     spec = CASES[case]
     torch.manual_seed(0)
-    net = spec["build"]().to(device).eval()
+    dtype = spec.get("dtype", torch.float32)
+    net = spec["build"]().to(device, dtype).eval()
     n = spec["quick_n"] if quick else spec["n"]
-    x = torch.randn(n, *spec["shape"], generator=torch.Generator().manual_seed(1)).to(device)
+    x = torch.randn(n, *spec["shape"], generator=torch.Generator().manual_seed(1),
+                    dtype=dtype).to(device)
     return net, x
 
 

@@ -17,6 +17,7 @@ from rayleighflow.ntk import (
     extreme_eigenpairs,
     kernel_matrix,
 )
+from rayleighflow.problem import Model
 from rayleighflow.reference import dense_gram
 
 DIST_CASES = ("mlp_tanh", "cnn", "tokens_layernorm")  # MLP, CNN, a model with fallback layers
@@ -137,3 +138,23 @@ def smoke(rank: int, world: int, init: str, out_dir: str) -> None:
            "smoke K v")
     import torch.distributed as dist
     dist.destroy_process_group()
+
+
+def nccl_kernels(rank: int, world: int, init: str, out_dir: str) -> None:
+    """One CUDA device per rank: kernels sharded over NCCL equal this rank's own kernel."""
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    init_distributed("nccl", init_method=init, rank=rank, world_size=world, timeout_s=60)
+    for name in DIST_CASES:
+        case = CASES[name]
+        module = case.build().module
+        assert module is not None
+        model = Model(module.to(device))
+        x = inputs(case, 7).to(device)
+        ref = empirical_ntk(model, x, block_size=2)
+        got = empirical_ntk(model, x, block_size=2, executor=DistributedExecutor("all"))
+        _close(got, ref, 1e-12, f"{name} NCCL all vs 1 process")
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+    open(os.path.join(out_dir, f"nccl-ok-{rank}"), "w").close()
