@@ -270,7 +270,9 @@ class StructuredEngine:
             feat += k * dout * (din + 1) if ly.use_grad else t * din + k * t * dout
         self.feat_bytes = item * feat + (fallback.feat_bytes_all if fallback else 0)
         acts = sum(ly.positions * (ly.d_in + ly.d_out) for ly in layers) * item
-        self.work_bytes = (k + 2) * acts + (fallback.work_bytes if fallback else 0)
+        # the vmapped backward holds k cotangents of every activation; streamed, one at a time
+        live = k + 2 if self.batched_backward else 4
+        self.work_bytes = live * acts + (fallback.work_bytes if fallback else 0)
 
     n_passes = 1
 
