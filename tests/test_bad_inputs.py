@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -221,6 +222,9 @@ CLI_CASES = [
     (["run", "demo", "surplus"], ["unrecognized arguments"]),
     (["run", "--bogus"], ["unrecognized arguments"]),
     (["frobnicate"], ["invalid choice"]),
+    (["run", "toy2d", "--device", "meta"], ["unknown device 'meta'", "cuda:N"]),
+    (["run", "toy2d", "--device", "cuda:x"], ["unknown device 'cuda:x'"]),
+    (["run", "toy2d", "--device", "cpu:0"], ["unknown device 'cpu:0'"]),
     (["report", "nowhere"], ["does not exist"]),
     (["report", "a_file"], ["not a folder"]),
     (["report", "emptydir"], ["not a run folder"]),
@@ -675,3 +679,13 @@ def test_report_on_a_damaged_folder_says_what_is_damaged(tmp_path, capsys):
     assert main(["report", str(out)]) == 2                # the command: non-zero, and says it
     err = capsys.readouterr().err
     assert f"trajectories/{flows[0]}.jsonl is missing" in err and (out / "report.html").exists()
+
+
+def test_a_truncated_npz_is_refused_naming_the_file(tmp_path):
+    good = tmp_path / "d.npz"
+    np.savez(good, x=np.ones((4, 2)), y=np.arange(4) % 2)
+    bad = tmp_path / "cut.npz"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut\.npz: not a readable NPZ archive .*truncated"):
+        rf.data.load_file(str(bad))
+    assert rf.data.load_file(str(good)).n == 4

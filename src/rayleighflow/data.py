@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import final
@@ -375,12 +376,21 @@ def load_file(path: str, *, target: str | None = None,
               dtype: torch.dtype = torch.float64) -> Dataset:
     """Load a CSV (y is the column named ``target``, default the last) or an NPZ with x, y."""
     if path.endswith(".npz"):
-        with np.load(path) as z:
-            missing = {"x", "y"} - set(z.files)
-            if missing:
-                raise ValueError(f"{path}: NPZ must contain arrays 'x' and 'y' (missing {missing})")
-            w = z["weights"] if "weights" in z.files else None
-            return Dataset.from_arrays(z["x"], z["y"], w, dtype=dtype)
+        try:
+            with np.load(path) as z:
+                missing = {"x", "y"} - set(z.files)
+                if missing:
+                    raise ValueError(f"{path}: NPZ must contain arrays 'x' and 'y' (missing "
+                                     f"{missing})")
+                x, y = z["x"], z["y"]
+                w = z["weights"] if "weights" in z.files else None
+        except (zipfile.BadZipFile, EOFError, OSError) as err:
+            if isinstance(err, FileNotFoundError | IsADirectoryError):
+                raise
+            raise ValueError(f"{path}: not a readable NPZ archive ({type(err).__name__}: "
+                             f"{err}); the file is truncated or not made by np.savez: write it "
+                             "again with np.savez(path, x=x, y=y)") from None
+        return Dataset.from_arrays(x, y, w, dtype=dtype)
     if path.endswith(".csv"):
         with open(path) as fh:
             header = [h.strip() for h in fh.readline().split(",")]

@@ -257,10 +257,15 @@ def resume_run(run_dir: str | Path, *, experiment: str | None = None, seed: int 
 
 
 def _check_device(device: str) -> None:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N (N a device "
+                         "index)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here: use cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} requested but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s): use cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
 
 
 def user_experiment_file(path: str | Path, command: str, builtin_hint: str) -> Path:

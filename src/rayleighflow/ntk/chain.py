@@ -56,12 +56,9 @@ class Chain:
             for act in acts:
                 if type(act) is nn.Identity:
                     continue
-                z = h.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    y = act(z)
-                    (d,) = torch.autograd.grad(y, z, torch.ones_like(y))
+                y, d = _with_derivative(act, h)
                 der = d if der is None else der * d
-                h = y.detach()
+                h = y
             ders.append(der)
         return ins, ders, h
 
@@ -81,6 +78,21 @@ class Chain:
             d = g * der.unsqueeze(1) if der is not None else g.contiguous()
             out.insert(0, d.unsqueeze(2))
         return out
+
+
+def _with_derivative(act: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(σ(z), σ'(z)): ReLU and tanh in closed form (the formulas of their autograd
+    backward), any other elementwise module by its own autograd derivative."""
+    if type(act) is nn.ReLU:
+        return torch.relu(z), (z > 0).to(z.dtype)
+    if type(act) is nn.Tanh:
+        y = torch.tanh(z)
+        return y, 1 - y * y
+    zz = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = act(zz)
+        (d,) = torch.autograd.grad(y, zz, torch.ones_like(y))
+    return y.detach(), d
 
 
 def chain_of(model: Model, params: Params, paths: list[str]) -> Chain | None:
