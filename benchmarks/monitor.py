@@ -11,7 +11,7 @@ without it: same model, optimizer and memory, so it also counts the cache effect
 on the rest of the step.
 A second comparison (``marginal_arms``, mlp-digits) interleaves four arms of whole steps:
 no call, the monitor, the cheapest gradient read (``torch._foreach_norm``) and the monitor
-with ``every=4``; it gives the marginal costs against the floor of any per-step read.
+with ``every=8``; it gives the marginal costs against the floor of any per-step read.
 The full-data estimate is timed against one pass of forward + backward over the same batches
 (its cost in gradient-equivalents). Everything runs in one process. Writes JSON with the
 environment::
@@ -208,7 +208,7 @@ def run_case(name: str, device: str, steps: int, warmup: int, full_batches: int,
     return rec
 
 
-def marginal_arms(name: str, device: str, steps: int, every: int = 4, block: int = 10,
+def marginal_arms(name: str, device: str, steps: int, every: int = 8, block: int = 10,
                   sync_every: int = 20) -> dict:
     """Whole training steps in four arms, blocks of ``block`` steps in rotating order, same
     model and optimizer: ``plain`` (no call), ``monitor`` (each step measured),
