@@ -2,7 +2,9 @@
 
 Any ``nn.Module`` works unchanged: it is called through ``torch.func.functional_call`` with a
 ``dict[str, Tensor]`` of parameters. A plain function ``f(params, x)`` works too. Outputs are
-always viewed as (n, k).
+always viewed as (n, k). Inputs are a tensor (n, ...), passed as ``module(x)``, or a mapping of
+named tensors sharing dimension 0 (Hugging Face style), passed as ``module(**x)``; an output
+object with a ``logits`` tensor (a Hugging Face ``ModelOutput``) is read as its logits.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import final
+from typing import Any, final
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +78,12 @@ class Model:
         >>> linear = rf.Model(lambda p, x: x @ p["w"], {"w": torch.ones(3, 1)})   # f(params, x)
         >>> linear.n_params
         3
+
+    Inputs: a tensor (n, ...), called as ``module(x)``, or a mapping of tensors that share
+    the batch dimension 0 (``{"input_ids": ids, "attention_mask": mask}``), called as
+    ``module(**x)`` (a plain function gets the mapping). The module may return a tensor or an
+    object with a ``logits`` tensor (a Hugging Face ``ModelOutput``); for another field,
+    wrap it in a module whose forward returns the tensor.
     """
 
     def __init__(
@@ -142,11 +150,17 @@ class Model:
         kinds = {p.dtype for p in self.params.values() if p.is_floating_point()}
         return kinds.pop() if len(kinds) == 1 else None
 
-    def __call__(self, params: Params, x: Tensor) -> Tensor:
+    def __call__(self, params: Params, x: Tensor | Mapping[str, Tensor]) -> Tensor:
         if self.module is not None:
-            out = functional_call(self.module, (params, self.buffers), (x,))
+            if isinstance(x, Tensor) or not isinstance(x, Mapping):
+                out = functional_call(self.module, (params, self.buffers), (x,))
+            else:  # named inputs: module(**x)
+                out = functional_call(self.module, (params, self.buffers), (),
+                                      x if type(x) is dict else dict(x))
         else:
-            out = self._fn(params, x)
+            out = self._fn(params, x)  # type: ignore[arg-type]
+        if not isinstance(out, Tensor):
+            out = output_tensor(out)
         if out.dim() == 1:
             out = out.unsqueeze(-1)
         return out.reshape(out.shape[0], -1)
@@ -158,6 +172,23 @@ class Model:
             self.buffers = self._fixed()
         self.params = {k: v.to(device=device, dtype=dtype) for k, v in self.params.items()}
         return self
+
+
+def output_tensor(out: Any) -> Tensor:
+    """The tensor of a model's output: itself, or the ``logits`` of an output object (a Hugging
+    Face ``ModelOutput``); anything else is refused with the fix."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(f"the model returned a {type(out).__name__}, not a Tensor: its forward "
+                    "must return the outputs (n, k), or an object with a `logits` tensor (a "
+                    "Hugging Face ModelOutput); for another field, wrap the module in one "
+                    "whose forward returns that tensor, e.g. "
+                    "`forward(self, **inputs): return self.net(**inputs).last_hidden_state[:, 0]`")
 
 
 def _check_params(params: Params) -> None:
@@ -348,7 +379,7 @@ class Problem:
             b64 = {k: v.detach().to("cpu", torch.float64) if v.is_floating_point() else v.cpu()
                    for k, v in self.model.buffers.items()}
             with torch.no_grad():
-                out = functional_call(self.model.module, (p64, b64), (x,))
+                out = output_tensor(functional_call(self.model.module, (p64, b64), (x,)))
         else:
             with torch.no_grad():
                 out = self.model._fn(p64, x)

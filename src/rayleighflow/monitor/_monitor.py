@@ -112,7 +112,8 @@ class Monitor(ReadBack, Reports):
             ``full_every`` steps for the exact full-data L, ‖∇L‖², ‖∇ℓ‖²_D and R.
         full_every: the steps between full-data estimates (with ``full_data``).
         probe: a probe set (x or (x, y)) whose NTK spectrum is taken every
-            ``probe_every`` steps.
+            ``probe_every`` steps; x is a tensor (n, ...) or a mapping of named inputs
+            sharing dimension 0 (a Hugging Face batch, passed as ``model(**x)``).
         probe_every: the steps between probe spectra (with ``probe``).
         target_loss: forecast the step at which the loss reaches it (if the ratio stays ≥ μ).
         window: records per diagnosis window.
@@ -146,7 +147,8 @@ class Monitor(ReadBack, Reports):
         sync_every: int = 20,
         full_data: Iterable[Any] | None = None, full_every: int | None = None,
         split: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
-        probe: Tensor | tuple[Tensor, Tensor] | None = None, probe_every: int | None = None,
+        probe: Tensor | Mapping[str, Tensor] | tuple[Tensor | Mapping[str, Tensor], Tensor]
+        | None = None, probe_every: int | None = None,
         target_loss: float | None = None, window: int = 50,
         echo: Callable[[str], None] | None = print, keep: int = 100_000,
         name: str = "monitor", max_stored_elements: int = 1 << 22,

@@ -4,21 +4,29 @@
 nk > P (rank K ≤ P < nk, no computation needed), ``numerical`` when it lies below the stated
 rank threshold, ``positive`` otherwise. A probe set is a subset of the data: its kernel does not
 certify the full-data kernel (interlacing gives only λ_min(K) ≤ (|S|/n) λ_min(K_S)).
+
+The probe inputs are a tensor (n, ...) or a mapping of named tensors sharing dimension 0 (a
+Hugging Face batch, ``{"input_ids": ..., "attention_mask": ...}``, passed as
+``module(**x)``; an output object is read through its ``logits``). For named inputs
+R(K; ∇ℓ) = ‖J*∇ℓ‖²/‖∇ℓ‖²_D is taken by one VJP (``NTKOperator.rayleigh``), the same
+quotient ``rayleighflow.measure`` gives on a tensor probe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import final
 
 import torch
 from torch import Tensor, nn
 
-from .._types import Convention
+from .._types import Convention, effective_weights
 from ..data import Dataset
 from ..losses import Loss
-from ..ntk import ntk_spectrum
-from ..problem import Model, Problem
+from ..ntk import NTKOperator, ntk_spectrum
+from ..ntk._batch import Batch, as_batch
+from ..problem import Model, Problem, output_tensor
 from ..rayleigh import measure
 from ._batch import flatten_batch
 from ._params import ParamLayout, eval_mode
@@ -59,10 +67,17 @@ class ProbeSet:
     """A fixed probe set (x, optional y) and the machinery to take its spectrum repeatedly."""
 
     def __init__(self, module: nn.Module, layout: ParamLayout, loss: Loss,
-                 convention: Convention, x: Tensor, y: Tensor | None = None) -> None:
+                 convention: Convention, x: Tensor | Mapping[str, Tensor],
+                 y: Tensor | None = None) -> None:
         self.module, self.layout, self.loss, self.convention = module, layout, loss, convention
         dev = layout.params[0].device
-        self.x = x.to(dev)
+        if isinstance(x, Tensor):
+            self.x: Tensor | Batch = x.to(dev)
+        elif isinstance(x, Mapping):
+            self.x = as_batch(x, "probe").to(dev)
+        else:
+            raise TypeError(f"the probe inputs must be a Tensor or a mapping of named input "
+                            f"tensors, got {type(x).__name__}")
         self.y = None if y is None else y.to(dev)
         self._problem: Problem | None = None
         self._model: Model | None = None
@@ -79,7 +94,9 @@ class ProbeSet:
             spec = ntk_spectrum(self._model, self.x, params=params,
                                 convention=self.convention)
             rayleigh = loss = None
-            if self.y is not None:
+            if self.y is not None and isinstance(self.x, Batch):
+                rayleigh, loss = self._named_rayleigh(params)
+            elif self.y is not None:
                 if self._problem is None:
                     with torch.no_grad():
                         out = self.module(self.x)
@@ -104,3 +121,21 @@ class ProbeSet:
         return ProbeSpectrum(spec.size, self.layout.n_params, spec.rank, spec.threshold,
                              float(spec.lambda_max), max(float(lam), 0.0), label,
                              spec.lambda_min_nonzero, rayleigh, loss)
+
+    def _named_rayleigh(self, params: dict[str, Tensor]) -> tuple[float, float]:
+        """(R(K; ∇ℓ), L) on named probe inputs: R = ‖J*g‖²/‖g‖²_ω with g_i = ∂ℓ_i/∂f_i."""
+        assert isinstance(self.x, Batch) and self.y is not None and self._model is not None
+        n = self.x.shape[0]
+        with torch.no_grad():
+            out = output_tensor(self.module(**self.x))
+        f, y = flatten_batch(self.loss, out, self.y)
+        if f.shape[0] != n:
+            raise ValueError("the probe set's R(K; ∇ℓ) needs one output vector per input; "
+                             f"the model gave {f.shape[0]} for {n}")
+        y = self.loss.check_targets(f, y)
+        weights = torch.full((n,), 1.0 / n, dtype=torch.float64, device=f.device)
+        omega = effective_weights(weights, self.convention).to(f.dtype)
+        loss = float(self.loss.value(f, y, omega))
+        g = self.loss.functional_grad(f, y)
+        op = NTKOperator(self._model, self.x, params=params, convention=self.convention)
+        return op.rayleigh(g), loss

@@ -10,7 +10,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .._types import Convention, Params, check_weights, effective_weights, parse_enum
 from ..data import Dataset
 from ..problem import Model
+from ._batch import Batch, Inputs, as_batch
 
 
 class KernelTooLargeError(ValueError):
@@ -137,13 +138,18 @@ def param_device(params: Params) -> torch.device:
     return next(iter(params.values())).device
 
 
-def prepare_x(x: Tensor | Dataset, params: Params, name: str) -> tuple[Tensor, Tensor | None]:
-    """(inputs on the parameters' device and dtype, weights if x was a Dataset)."""
+def prepare_x(x: Tensor | Mapping[str, Tensor] | Dataset, params: Params, name: str
+              ) -> tuple[Inputs, Tensor | None]:
+    """(inputs on the parameters' device and dtype, weights if x was a Dataset). A mapping of
+    named inputs becomes a checked :class:`~rayleighflow.ntk._batch.Batch`."""
     w = None
     if isinstance(x, Dataset):
         x, w = x.x, x.weights  # type: ignore[attr-defined]
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a Tensor or a Dataset, got {type(x).__name__}")
+        if isinstance(x, Mapping):
+            return as_batch(x, name).to(param_device(params), param_dtype(params)), w
+        raise TypeError(f"{name} must be a Tensor, a Mapping of named input tensors or a "
+                        f"Dataset, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} is empty: give at least one sample (shape (n, ...), n >= 1)")
     dev = param_device(params)
@@ -151,12 +157,32 @@ def prepare_x(x: Tensor | Dataset, params: Params, name: str) -> tuple[Tensor, T
     return x, w
 
 
-def check_pair(x1: Tensor, x2: Tensor | None) -> None:
-    if x2 is not None and x1.shape[1:] != x2.shape[1:]:
+def check_pair(x1: Inputs, x2: Inputs | None) -> None:
+    if x2 is None:
+        return
+    if isinstance(x1, Batch) or isinstance(x2, Batch):
+        _check_named_pair(x1, x2)
+        return
+    if x1.shape[1:] != x2.shape[1:]:
         raise ValueError(
             f"x1 and x2 have different feature shapes {tuple(x1.shape[1:])} and "
             f"{tuple(x2.shape[1:])}: a cross kernel needs inputs of the same kind"
         )
+
+
+def _check_named_pair(x1: Inputs, x2: Inputs) -> None:
+    if not (isinstance(x1, Batch) and isinstance(x2, Batch)):
+        raise ValueError("x1 and x2 must both be tensors or both be mappings of named inputs: "
+                         "a cross kernel needs inputs of the same kind")
+    if list(x1) != list(x2):
+        raise ValueError(f"x1 has the inputs {list(x1)} but x2 has {list(x2)}: a cross kernel "
+                         "needs the same named inputs (in the same order)")
+    for key in x1:
+        a, b = x1[key], x2[key]
+        if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+            raise ValueError(f"x1[{key!r}] is {tuple(a.shape[1:])} {a.dtype} per sample but "
+                             f"x2[{key!r}] is {tuple(b.shape[1:])} {b.dtype}: a cross kernel "
+                             "needs inputs of the same kind (pad both to the same length)")
 
 
 def scaling(
@@ -248,8 +274,8 @@ class KernelRequest:
 
     model: Model
     params: Params
-    x1: Tensor
-    x2: Tensor | None
+    x1: Inputs
+    x2: Inputs | None
     s1: Tensor | None
     s2: Tensor | None
     kind: KernelKind
@@ -280,7 +306,7 @@ class KernelRequest:
         return (self.n1, self.n2, self.k)
 
 
-def output_width(model: Model, params: Params, x: Tensor) -> int:
+def output_width(model: Model, params: Params, x: Inputs) -> int:
     with torch.no_grad():
         out = model(params, x[:1])
     if not torch.is_floating_point(out):

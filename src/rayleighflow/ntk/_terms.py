@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ._batch import Inputs
 from ._common import KernelKind
 
 
@@ -55,7 +56,7 @@ class Engine(Protocol):
     feat_bytes: int  # feature bytes per sample (one pass)
     work_bytes: int  # transient bytes per sample while computing features
 
-    def features(self, x: Tensor, index: int | None = None) -> list: ...
+    def features(self, x: Inputs, index: int | None = None) -> list: ...
 
     def contract(self, f1: list, f2: list, kind: KernelKind, acc: dict[str, Tensor]) -> None: ...
 

@@ -150,6 +150,7 @@ def contrast_report(
                         route=route, rtol=rtol, max_memory=max_memory)
     op = NTKOperator(model, data.x, params=params, weights=data.weights, convention=conv,
                      max_memory=max_memory)
+    assert isinstance(op.x, Tensor)  # a Dataset holds a tensor of inputs
     g = _functional_grad(model, params, op.x, data.y, loss)
     rayleigh = op.rayleigh(g) if bool(g.any()) else float("nan")
     return ContrastReport(spec.n_params or op.n_params, spec.size, spec.rank, spec.lambda_max,

@@ -3,7 +3,9 @@
 Jacobian contraction: per-sample Jacobians J_i = ∂f(x_i)/∂θ by ``vmap(jacrev)`` over one chunk
 of samples, restricted to one chunk of parameters at a time, then
 K(x_i, x_j) = Σ_p J_i[:, p] J_j[:, p]ᵀ, contracted parameter group by parameter group. The
-whole J is never held unless it fits the memory budget.
+whole J is never held unless it fits the memory budget. A model whose forward branches on its
+inputs' values (``vmap`` refuses data-dependent control flow: Hugging Face's attention-mask
+shortcuts) gets its per-sample Jacobians one sample at a time instead, the same arithmetic.
 
 Kernel-vector products: K(x1, x2) = J(x1) (J(x2)ᵀ E) with E the basis of the x2 chunk's
 outputs: one VJP per basis vector (vmapped), then one JVP over the x1 chunk per vector.
@@ -20,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._types import Params
 from ..problem import Model
+from ._batch import Inputs
 from ._common import KernelKind
 from ._terms import GradTerm, Term, contract_all, grad_pair_cost
 
@@ -52,10 +55,17 @@ def jvp_any(f, primals: tuple, tangents: tuple, state: dict) -> Tensor:
 def _single(model: Model, params: Params, names: Sequence[str]):
     fixed = {k: v for k, v in params.items() if k not in names}
 
-    def f(sub: Params, x: Tensor) -> Tensor:
-        return model({**fixed, **sub}, x.unsqueeze(0))[0]
+    def f(sub: Params, x: Tensor | dict[str, Tensor]) -> Tensor:
+        one = x.unsqueeze(0) if isinstance(x, Tensor) else \
+            {k: v.unsqueeze(0) for k, v in x.items()}
+        return model({**fixed, **sub}, one)[0]
 
     return f
+
+
+def data_dependent(err: BaseException) -> bool:
+    """vmap's refusal of ``.item()`` or of control flow on a batched tensor's values."""
+    return isinstance(err, RuntimeError) and "data-dependent control flow" in str(err)
 
 
 def chunk_names(params: Params, names: Sequence[str], max_width: int) -> list[list[str]]:
@@ -95,20 +105,34 @@ class JacobianEngine:
         max_chunk = max(sum(params[n].numel() for n in c) for _, c in chunks)
         # vmap(jacrev): k cotangents through the graph of one sample, plus this chunk's J.
         self.work_bytes = k * (3 * act_bytes + 2 * max_chunk * item)
+        self.loop = False  # per-sample Jacobians one by one (the forward defeats vmap)
 
-    def features(self, x: Tensor, index: int | None = None) -> list[Term]:
+    def features(self, x: Inputs, index: int | None = None) -> list[Term]:
         """Terms of pass ``index`` (default: every pass) for the inputs x."""
         chunks = [c for p in self.passes for c in p] if index is None else self.passes[index]
         terms: list[Term] = []
         for group, names in chunks:
             f = _single(self.model, self.params, names)
             sub = {n: self.params[n] for n in names}
-            jac = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
+            jac = self._jacobians(f, sub, x)
             b = x.shape[0]
             flat = [jac[n].reshape(b, self.k, -1) for n in names]
             g = flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
             terms.append(GradTerm(group, g))
         return terms
+
+    def _jacobians(self, f, sub: Params, x: Inputs) -> dict[str, Tensor]:
+        xs = x if isinstance(x, Tensor) else x.as_dict()
+        if not self.loop:
+            try:
+                return vmap(jacrev(f), in_dims=(None, 0))(sub, xs)
+            except RuntimeError as err:
+                if not data_dependent(err):
+                    raise
+                self.loop = True  # remembered: later chunks skip the failing vmap
+        rows = [jacrev(f)(sub, x[i] if isinstance(x, Tensor) else x.sample(i))
+                for i in range(x.shape[0])]
+        return {n: torch.stack([r[n] for r in rows]) for n in sub}
 
     def contract(self, f1: list[Term], f2: list[Term], kind: KernelKind,
                  acc: dict[str, Tensor]) -> None:
@@ -124,7 +148,7 @@ class JacobianEngine:
 class KVPFeatures:
     """A chunk's inputs; its Jacobian (as VJPs of the output basis) is formed on first use."""
 
-    def __init__(self, x: Tensor) -> None:
+    def __init__(self, x: Inputs) -> None:
         self.x = x
         self.vjps: dict[str, Tensor] | None = None
 
@@ -144,7 +168,7 @@ class KVPEngine:
 
     n_passes = 1
 
-    def features(self, x: Tensor, index: int | None = None) -> list[KVPFeatures]:
+    def features(self, x: Inputs, index: int | None = None) -> list[KVPFeatures]:
         return [KVPFeatures(x)]
 
     def _vjps(self, feat: KVPFeatures) -> dict[str, Tensor]:

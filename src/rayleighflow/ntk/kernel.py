@@ -98,7 +98,8 @@ def _share(executor, out_file) -> float:
 
 
 def empirical_ntk(
-    model: Model | nn.Module, x1: Tensor | Dataset, x2: Tensor | Dataset | None = None, *,
+    model: Model | nn.Module, x1: Tensor | Mapping[str, Tensor] | Dataset,
+    x2: Tensor | Mapping[str, Tensor] | Dataset | None = None, *,
     params: Params | None = None, kind: KernelKind | str = "full",
     convention: Convention | str = "mean", weights1: Tensor | None = None,
     weights2: Tensor | None = None, method: NTKMethod | str = "auto",
@@ -122,8 +123,14 @@ def empirical_ntk(
     Args:
         model: a :class:`rayleighflow.problem.Model`, or an ``nn.Module`` (wrapped; refused when
             dropout or batch-norm is in training mode).
-        x1: inputs (n1, ...), or a Dataset (whose weights are used).
-        x2: optional second inputs (n2, ...) or Dataset, for a cross kernel (default x1).
+        x1: inputs (n1, ...); or a mapping of named inputs whose tensors share the batch
+            dimension 0 (Hugging Face style, ``{"input_ids": ids, "attention_mask": mask}``),
+            passed to the module as ``module(**x1)``; or a Dataset (whose weights are used).
+            Integer entries (token ids, masks) are inputs, never differentiated; floating ones
+            are cast to the parameters' dtype. An output object with a ``logits`` tensor (a
+            Hugging Face ``ModelOutput``) is read as its logits.
+        x2: optional second inputs (n2, ...), mapping or Dataset, for a cross kernel (default
+            x1); a mapping needs the names and per-sample shapes of x1's.
         params: parameters θ (default ``model.params``).
         kind: ``"full"`` (exact, default), ``"trace"`` or ``"diagonal"`` (approximations).
         convention: ``"mean"`` (L²(D), default) or ``"sum"`` (Euclidean), see below.
@@ -159,6 +166,20 @@ def empirical_ntk(
         (torch.Size([5, 5, 2, 2]), torch.Size([10, 10]))
         >>> bool(torch.allclose(empirical_ntk(net, x, convention="sum"), 5 * K))   # G = n·K
         True
+
+        Named inputs, as a Hugging Face model takes them:
+
+        >>> class Tagger(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 2)
+        ...     def forward(self, input_ids, attention_mask):
+        ...         m = attention_mask.unsqueeze(-1).to(self.emb.weight.dtype)
+        ...         return self.head((self.emb(input_ids) * m).sum(1) / m.sum(1))
+        >>> batch = {"input_ids": torch.randint(0, 10, (5, 6)),
+        ...          "attention_mask": torch.ones(5, 6, dtype=torch.long)}
+        >>> empirical_ntk(Tagger().double(), batch).shape
+        torch.Size([5, 5, 2, 2])
     """
     req = _request(model, x1, x2, params, kind, convention, weights1, weights2)
     executor = current_executor() if executor is None else executor
@@ -171,7 +192,8 @@ def empirical_ntk(
 
 
 def group_ntk(
-    model: Model | nn.Module, x1: Tensor | Dataset, x2: Tensor | Dataset | None = None, *,
+    model: Model | nn.Module, x1: Tensor | Mapping[str, Tensor] | Dataset,
+    x2: Tensor | Mapping[str, Tensor] | Dataset | None = None, *,
     groups: Mapping[str, Sequence[str]] | None = None, params: Params | None = None,
     kind: KernelKind | str = "full", convention: Convention | str = "mean",
     weights1: Tensor | None = None, weights2: Tensor | None = None,
@@ -207,7 +229,8 @@ def group_ntk(
 
 
 def plan_ntk(
-    model: Model | nn.Module, x1: Tensor | Dataset, x2: Tensor | Dataset | None = None, *,
+    model: Model | nn.Module, x1: Tensor | Mapping[str, Tensor] | Dataset,
+    x2: Tensor | Mapping[str, Tensor] | Dataset | None = None, *,
     params: Params | None = None, kind: KernelKind | str = "full",
     method: NTKMethod | str = "auto", max_memory: int | str | None = None,
     block_size: int | None = None, out_device=None,

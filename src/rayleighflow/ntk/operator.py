@@ -16,7 +16,7 @@ that state what ``matvec`` is: ``is_symmetric`` (M = Mᵀ as a matrix on R^{nk})
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Protocol, final, runtime_checkable
 
 import numpy as np
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .._types import Convention, Params, effective_weights
 from ..data import Dataset
 from ..problem import Model
+from ._batch import Inputs, sample_numel
 from ._common import (
     as_model,
     float32_policy,
@@ -84,7 +85,9 @@ class NTKOperator:
     ``is_psd``: see :class:`KernelOperator`); :meth:`weighted_matvec` applies K = G Ω itself.
 
     Args:
-        model: a Model or an nn.Module. x: inputs (n, ...) or a Dataset (its weights are used).
+        model: a Model or an nn.Module. x: inputs (n, ...), a mapping of named inputs sharing
+            dimension 0 (``{"input_ids": ids, "attention_mask": mask}``, passed as
+            ``module(**x)``), or a Dataset (its weights are used).
         params: θ (default ``model.params``); ``param_names`` restricts to a parameter block
             b, giving K_b = J_b J_b* (THEORY.md T2); K = Σ_b K_b.
         weights: data weights w (default uniform); convention: "mean" (ω = w) or "sum"
@@ -114,7 +117,8 @@ class NTKOperator:
     is_psd: ClassVar[bool] = True         # M is a Gram matrix
 
     def __init__(
-        self, model: Model | nn.Module, x: Tensor | Dataset, *, params: Params | None = None,
+        self, model: Model | nn.Module, x: Tensor | Mapping[str, Tensor] | Dataset, *,
+        params: Params | None = None,
         weights: Tensor | None = None, convention: Convention | str = "mean",
         param_names: Sequence[str] | None = None, batch_size: int | None = None,
         max_memory: int | str | None = None, allow_tf32: bool = False,
@@ -141,8 +145,9 @@ class NTKOperator:
         self._fixed = {n: v for n, v in self.params.items() if n not in names}
         self._sub = {n: self.params[n] for n in names}
         if batch_size is None:
-            item = self.x.element_size() if self.x.is_floating_point() else 4
-            per = max(1, 64 * item * (self.x[0].numel() + self.k))
+            item = self.x.element_size() if isinstance(self.x, Tensor) and \
+                self.x.is_floating_point() else 4
+            per = max(1, 64 * item * (sample_numel(self.x) + self.k))
             batch_size = max(1, int(working_budget(max_memory, self.x.device) // (4 * per)))
         self.batch_size = min(int(batch_size), self.n)
         self.n_products = 0
@@ -158,7 +163,7 @@ class NTKOperator:
         for s in range(0, self.n, self.batch_size):
             yield s, min(s + self.batch_size, self.n)
 
-    def _f(self, sub: Params, x: Tensor) -> Tensor:
+    def _f(self, sub: Params, x: Inputs) -> Tensor:
         return self.model({**self._fixed, **sub}, x)
 
     def pullback(self, u: Tensor) -> Params:

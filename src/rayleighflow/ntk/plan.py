@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .._types import Params, parse_enum
 from ..problem import Model
+from ._batch import Inputs
 from ._common import (
     KernelKind,
     KernelRequest,
@@ -127,18 +128,21 @@ _LOCK = threading.Lock()
 _STATS = {"hits": 0, "misses": 0}
 
 
-def _probe_key(module: nn.Module, params: Params, x: Tensor) -> tuple:
+def _probe_key(module: nn.Module, params: Params, x: Inputs) -> tuple:
     structure = tuple((name, type(m).__module__, type(m).__qualname__, m.training)
                       for name, m in module.named_modules())
     # ties between parameters are structure: the same tensor under two names
     ties = tuple(id(p) for _, p in module.named_parameters(remove_duplicate=False))
     shapes = tuple((n, tuple(v.shape), str(v.dtype), str(v.device)) for n, v in params.items())
-    return (structure, ties, shapes, tuple(x.shape), str(x.dtype), str(x.device))
+    if isinstance(x, Tensor):
+        return (structure, ties, shapes, tuple(x.shape), str(x.dtype), str(x.device))
+    return (structure, ties, shapes, x.signature())  # named inputs: names, shapes, dtypes
 
 
-def cached_probe(model: Model, params: Params, x: Tensor) -> tuple[ProbeResult, str, tuple]:
+def cached_probe(model: Model, params: Params, x: Inputs) -> tuple[ProbeResult, str, tuple]:
     """(probe result, "probed"/"cached", key): one traced forward on ``x[:3]`` per key (see
-    :mod:`rayleighflow.ntk.probe`); a model that is a plain function is probed every time."""
+    :mod:`rayleighflow.ntk.probe`); a model that is a plain function is probed every time.
+    For named inputs the key holds every entry's name, shape, dtype and device."""
     probe = x[: min(x.shape[0], 3)]
     module = model.module
     if module is None:

@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_leaves
 from .._types import Params
 from ..problem import Model
 from ..seeding import generator as seeded_generator
+from ._batch import Inputs, rows_of, sample_numel
 from .structured import Layer
 
 PROBE_COUNTS = {"forwards": 0, "backwards": 0}
@@ -176,10 +177,10 @@ def _index_keeps_rows(idx, ndim: int) -> bool:
 class _RowTracer(TorchFunctionMode):
     """Rows through the forward (see the module docstring) and candidate parameter uses."""
 
-    def __init__(self, b: int, x: Tensor, owner: dict[int, int]) -> None:
+    def __init__(self, b: int, inputs: list[Tensor], owner: dict[int, int]) -> None:
         super().__init__()
         self.b = b
-        self.rows: dict[int, Tensor] = {id(x): x}  # strong references keep the ids valid
+        self.rows: dict[int, Tensor] = {id(x): x for x in inputs}  # strong refs: ids valid
         self.broken: str | None = None  # the first function that ended the row proof
         self.owner = owner  # id(parameter tensor) → candidate index
         self.active: list[int] = []  # candidates whose forward is running, innermost last
@@ -309,9 +310,10 @@ def _expected_dims(m: nn.Module) -> int | None:
     return None
 
 
-def run_probe(model: Model, params: Params, layers: list[Layer], x: Tensor,
+def run_probe(model: Model, params: Params, layers: list[Layer], x: Inputs,
               generator: torch.Generator | None = None) -> tuple[ProbeResult, list[Layer]]:
-    """One traced forward on ``x`` (the probe batch); see the module docstring.
+    """One traced forward on ``x`` (the probe batch; every entry of named inputs is rows);
+    see the module docstring.
 
     Returns the result and the verified layers (``layers`` with positions and widths set).
     """
@@ -325,7 +327,7 @@ def run_probe(model: Model, params: Params, layers: list[Layer], x: Tensor,
         for n in (ly.weight, ly.bias):
             if n is not None:
                 owner[id(leaves[n])] = i
-    tracer = _RowTracer(b, x, owner)
+    tracer = _RowTracer(b, rows_of(x), owner)
     shapes: list[list[tuple[int, int, int]]] = [[] for _ in layers]
     probes: list[list[Tensor]] = [[] for _ in layers]
     bad: set[int] = set()
@@ -381,8 +383,9 @@ def run_probe(model: Model, params: Params, layers: list[Layer], x: Tensor,
         raise ValueError("the model's output is not floating point: no tangent kernel")
     k = int(out.shape[1])
     item = out.element_size()
-    act = (max(1, count[0] // b) + x[0].numel()) * item if mods else \
-        16 * item * (x[0].numel() + 16)
+    per_sample = sample_numel(x)
+    act = (max(1, count[0] // b) + per_sample) * item if mods else \
+        16 * item * (per_sample + 16)
     rejected: list[str] = []
     ok: list[int] = []
     for i, ly in enumerate(layers):

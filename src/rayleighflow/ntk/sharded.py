@@ -12,7 +12,7 @@ and the slices are all-gathered. No rank ever holds the kernel, nor the Jacobian
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, final
 
 import numpy as np
@@ -24,6 +24,7 @@ from .._types import Convention, Params, check_weights, effective_weights
 from ..data import Dataset
 from ..distributed import collective, rank_and_size
 from ..problem import Model
+from ._batch import as_batch
 from .operator import NTKOperator
 
 __all__ = ["ShardedNTKOperator"]
@@ -33,7 +34,8 @@ __all__ = ["ShardedNTKOperator"]
 class ShardedNTKOperator:
     """K on L²(D; R^k) with the data split across the ranks of a process group.
 
-    Every rank passes the same full inputs ``x`` (and weights); each keeps its slice. Same
+    Every rank passes the same full inputs ``x`` (a tensor, a mapping of named inputs or a
+    Dataset, as for :class:`NTKOperator`; and weights); each keeps its slice. Same
     conventions and vector layout (sample-major, length n·k) as :class:`NTKOperator`;
     :meth:`matvec` takes and returns the full vector on every rank, so SciPy's eigsh/LOBPCG
     (:func:`extreme_eigenpairs`) run identically on all ranks. Without a process group
@@ -61,13 +63,16 @@ class ShardedNTKOperator:
     is_psd: ClassVar[bool] = True
 
     def __init__(
-        self, model: Model | nn.Module, x: Tensor | Dataset, *, params: Params | None = None,
+        self, model: Model | nn.Module, x: Tensor | Mapping[str, Tensor] | Dataset, *,
+        params: Params | None = None,
         weights: Tensor | None = None, convention: Convention | str = "mean",
         param_names: Sequence[str] | None = None, batch_size: int | None = None,
         max_memory: int | str | None = None, allow_tf32: bool = False, group=None,
     ) -> None:
         if isinstance(x, Dataset):
             x, weights = x.x, (weights if weights is not None else x.weights)  # type: ignore[attr-defined]
+        elif not isinstance(x, Tensor) and isinstance(x, Mapping):
+            x = as_batch(x, "x")  # named inputs: each rank keeps its rows of every entry
         n = int(x.shape[0])
         self.group = group
         self.rank, self.world = rank_and_size(group)

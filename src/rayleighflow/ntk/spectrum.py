@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import final
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from .._types import Convention, Params
 from ..data import Dataset
 from ..problem import Model
+from ._batch import as_batch
 from ._common import (
     KernelTooLargeError,
     as_model,
@@ -226,9 +228,9 @@ def _dtype_check(spec: Spectrum, nk: int, p: int, low: torch.dtype) -> Spectrum:
 
 
 def dual_gram(
-    model: Model | nn.Module, x: Tensor | Dataset, *, params: Params | None = None,
-    weights: Tensor | None = None, convention: Convention | str = "mean",
-    max_memory: int | str | None = None,
+    model: Model | nn.Module, x: Tensor | Mapping[str, Tensor] | Dataset, *,
+    params: Params | None = None, weights: Tensor | None = None,
+    convention: Convention | str = "mean", max_memory: int | str | None = None,
 ) -> Tensor:
     """Φ = Jᵀ Ω J = Σ_i ω_i J_iᵀ J_i (P × P, float64): same nonzero eigenvalues as K.
 
@@ -335,10 +337,10 @@ def extreme_eigenpairs(
 
 
 def ntk_spectrum(
-    model: Model | nn.Module, x: Tensor | Dataset, *, params: Params | None = None,
-    weights: Tensor | None = None, convention: Convention | str = "mean",
-    route: SpectrumRoute | str = "auto", rtol: float | None = None,
-    max_memory: int | str | None = None, eigenvectors: bool = False,
+    model: Model | nn.Module, x: Tensor | Mapping[str, Tensor] | Dataset, *,
+    params: Params | None = None, weights: Tensor | None = None,
+    convention: Convention | str = "mean", route: SpectrumRoute | str = "auto",
+    rtol: float | None = None, max_memory: int | str | None = None, eigenvectors: bool = False,
     accumulate_float64: bool = True,
 ) -> Spectrum:
     """Eigenvalues, numerical rank, λ_max, λ_min (≥ 0, labelled) and smallest nonzero
@@ -346,7 +348,9 @@ def ntk_spectrum(
 
     K is the operator on L²(D) ("mean", default) or the Euclidean Gram ("sum"); see
     :func:`empirical_ntk`. A model in a dtype below float64 is evaluated in float64 unless
-    ``accumulate_float64=False``.
+    ``accumulate_float64=False``. ``x`` is a tensor (n, ...), a mapping of named inputs
+    sharing dimension 0 (passed as ``module(**x)``, as for :func:`empirical_ntk`) or a
+    Dataset.
 
     Example:
         >>> import torch
@@ -369,8 +373,10 @@ def ntk_spectrum(
         model = _as_float64(model)
         if isinstance(x, Dataset):
             x = x.to(dtype=torch.float64)
-        elif x.is_floating_point():
-            x = x.double()
+        elif isinstance(x, Tensor):
+            x = x.double() if x.is_floating_point() else x
+        elif isinstance(x, Mapping):
+            x = as_batch(x, "x").to(dtype=torch.float64)
         weights = None if weights is None else weights.double()
     spec = _ntk_spectrum(model, x, params, weights, convention, route, rtol, max_memory,
                          eigenvectors)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .._types import Params
 from ..problem import Model
+from ._batch import Inputs
 from ._common import KernelKind
 from ._terms import (
     GradTerm,
@@ -276,8 +277,8 @@ class StructuredEngine:
 
     n_passes = 1
 
-    def features(self, x: Tensor, index: int | None = None) -> list[Term]:
-        if self.chain is not None and x.dim() == 2:
+    def features(self, x: Inputs, index: int | None = None) -> list[Term]:
+        if self.chain is not None and isinstance(x, Tensor) and x.dim() == 2:
             if self._chain_ok is None:
                 self._chain_ok = chain_matches(self.chain, self.model, self.params, x[:3])
             if self._chain_ok:
@@ -298,7 +299,7 @@ class StructuredEngine:
         return [OuterTerm(*ly.groups, a.unsqueeze(1), d, i == last)
                 for i, (ly, a, d) in enumerate(zip(self.layers, ins, ds, strict=True))]
 
-    def _capture(self, x: Tensor) -> list[_LayerSums]:
+    def _capture(self, x: Inputs) -> list[_LayerSums]:
         """Per layer, its features from its inputs and δ = ∂f_c/∂(output), for every c."""
         b, k = x.shape[0], self.k
         with _Capture(self.layers, b) as cap, torch.enable_grad():
