@@ -9,10 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 SETUP = [
-    'python3 -m venv .venv && . .venv/bin/activate && pip install "torch==2.13.0" -e . && '
-    "rayleighflow run",
     'python3 -m venv .venv && . .venv/bin/activate && pip install "torch==2.13.0" -e '
-    '".[test,lightning,tensorboard]" && python -m pytest',
+    '".[report,data]" && rayleighflow run',
+    'python3 -m venv .venv && . .venv/bin/activate && pip install "torch==2.13.0" -e '
+    '".[test,report,prove,data,lightning,tensorboard]" && python -m pytest',
 ]
 
 

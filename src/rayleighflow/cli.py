@@ -2,8 +2,9 @@
 
 Every failure ends in one line on stderr (``error: ...``; a configuration with several problems
 lists one per line) and a non-zero exit code: 2 for bad input (options, files, configuration,
-folders), 1 when the run itself failed (summary.json then has status "failed"), 130 after an
-interrupt (Ctrl-C or SIGTERM; the resume command is printed). Never a traceback.
+folders, an optional extra not installed: the line says which to install), 1 when the run
+itself failed (summary.json then has status "failed"), 130 after an interrupt (Ctrl-C or
+SIGTERM; the resume command is printed). Never a traceback.
 """
 
 from __future__ import annotations
@@ -257,6 +258,9 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def _cmd_report(args) -> int:
+    from ._optional import require_extra
+
+    require_extra("report", "rayleighflow report")
     from .report import report_from_dir, report_problems
 
     path = report_from_dir(Path(args.run_dir))
@@ -294,6 +298,9 @@ def _cmd_ntk(args) -> int:
 
 
 def _cmd_prove(args) -> int:
+    from ._optional import require_extra
+
+    require_extra("prove", "rayleighflow prove")
     from .prove.file import format_proof, prove_file
 
     proof = prove_file(args.experiment, radius=args.radius, target=args.target,
@@ -318,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(["run", *argv])
     commands = {"run": _cmd_run, "demo": _cmd_run, "report": _cmd_report, "list": _cmd_list,
                 "ntk": _cmd_ntk, "prove": _cmd_prove}
+    from ._optional import MissingExtra
     from .experiments._toml import ConfigError
     from .experiments.registry import NothingToResume
     from .experiments.runner import RunFailed
@@ -329,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except ConfigError as err:
         print(f"error: {err.one_line()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MissingExtra as err:  # an optional feature without its extra: the pip command
+        print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunFailed as err:
         print(f"error: the run failed: {_one_line(err)}; what was recorded is in {err.out} "

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._optional import require
 from ._types import check_weights
 from .seeding import numpy_rng
 
@@ -346,17 +347,10 @@ def load_sklearn(
         >>> iris2.n, sorted(set(iris2.y.tolist()))             # relabelled 0..k−1
         (20, [0, 1])
     """
-    from sklearn import datasets as skd
-
-    loaders = {
-        "iris": skd.load_iris,
-        "wine": skd.load_wine,
-        "breast_cancer": skd.load_breast_cancer,
-        "digits": skd.load_digits,
-    }
-    if name not in loaders:
+    if name not in SKLEARN_DATASETS:
         raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(SKLEARN_DATASETS)}")
-    bunch = loaders[name]()
+    skd = require("sklearn.datasets", "data", f"the dataset {name!r} (load_sklearn)")
+    bunch = getattr(skd, f"load_{name}")()
     x = np.asarray(bunch.data, dtype=np.float64)
     y = np.asarray(bunch.target, dtype=np.int64)
     if classes is not None:

@@ -98,4 +98,5 @@ EXPERIMENT = Experiment(
               "rtol": 1e-8, "atol": 1e-12, "spectrum_every": 3, "limit_grad_rtol": 1e-12,
               "limit_loss_floor": 1e-14},
     quick={"t_max": 1e3, "n_records": 20, "spectrum_every": 5},
+    extras=("data",),
 )

@@ -272,4 +272,5 @@ EXPERIMENT = Experiment(
               "atol": 1e-10, "slack_rtol": 1e-6, "slack_atol": 0.0},
     quick={"t_max": 1e7, "t_max_adversarial": 10.0, "n_records": 40, "gd_t_max": 1e2,
            "gd_warm_t_max": 4e3},
+    extras=("data",),
 )

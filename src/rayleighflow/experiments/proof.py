@@ -16,9 +16,6 @@ import numpy as np
 
 from ..flow import Dopri5, LogSpaced
 from ..problem import Model, Problem
-from ..prove import prove_details
-from ..prove.falsify import falsify_proof
-from ..prove.runcheck import BallTracker, check_run, envelope, proven_bound
 from ..theorems.two_layer import TwoLayer
 from .common import cert_dicts, finite_or_none
 from .definite_ntk import _data
@@ -63,6 +60,12 @@ def _figures(regimes: dict[str, Any]) -> list[dict]:
 
 
 def _run_width(ctx: RunContext, regime: str, width: int, data) -> tuple[dict, list]:
+    # rayleighflow.prove needs the [prove] extra: imported here, so that the registry (and
+    # `rayleighflow list`) does not; run_experiment checks the extra before the run starts.
+    from ..prove import prove_details
+    from ..prove.falsify import falsify_proof
+    from ..prove.runcheck import BallTracker, check_run, envelope, proven_bound
+
     p = ctx.params
     net = TwoLayer(p["dim"], width, generator=ctx.generator(3), dtype=ctx.dtype)
     problem = Problem(Model(net.to(ctx.device)), data, "square")
@@ -180,4 +183,5 @@ EXPERIMENT = Experiment(
               "width_narrow": 2, "t_max": 100.0, "n_records": 40, "rtol": 1e-7, "atol": 1e-9,
               "check_rtol": 1e-6, "samples": 24},
     quick={"t_max": 20.0, "n_records": 20, "samples": 8},
+    extras=("prove",),
 )

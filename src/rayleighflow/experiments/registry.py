@@ -15,7 +15,7 @@ from ..rundir import is_run_folder, prepare_out
 from ..rundir import out_path as _out_path
 from . import definite_ntk, demo, logistic, proof, toy2d, two_layer
 from ._toml import ConfigError, Issue, is_toml, toml_value
-from .runner import Experiment, RunContext, execute
+from .runner import Experiment, RunContext, check_extras, execute
 
 __all__ = ["EXPERIMENTS", "get_experiment", "run_experiment", "builtin_config_text",
            "resume_run", "resume_conflicts", "prepare_out", "default_run_dir", "check_seed",
@@ -130,6 +130,7 @@ def run_experiment(
     _check_device(device)
     params = _resolve(exp, quick, overrides or {})
     settings = {"seed": seed, "device": device, "dtype": dtype, "quick": quick}
+    check_extras(exp.name, exp.extras)
     prepare_out(out, resume=resume, overwrite=overwrite)
     ctx = RunContext(out, params, seed=seed, device=device, dtype=_DTYPES[dtype], resume=resume,
                      progress=progress)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, final
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write, atomic_write_text
+from .._optional import require_extra
 from .._time import covered
 from ..flow import FlowResult, FlowStatus, OnRecord, Progress, Start, gradient_flow
 from ..problem import Problem
@@ -28,7 +29,7 @@ from ..seeding import generator as seeded_generator
 from ..trajectory import Trajectory
 
 __all__ = ["RunContext", "RunInterrupted", "RunFailed", "Experiment", "execute",
-           "DONE_STATUSES", "EARLY_STOPS"]
+           "check_extras", "DONE_STATUSES", "EARLY_STOPS"]
 
 #: Flow statuses that end a flow for good (a resumed run reloads it instead of continuing).
 DONE_STATUSES = {s.value for s in FlowStatus} - {FlowStatus.INTERRUPTED.value}
@@ -52,6 +53,18 @@ class RunFailed(RuntimeError):
         self.out, self.summary = out, summary
 
 
+#: what each optional extra does for a run (the error's wording)
+_EXTRA_USE = {"report": "its figures and report.html", "prove": "its proofs",
+              "data": "its dataset"}
+
+
+def check_extras(name: str, extras: Sequence[str] = ()) -> None:
+    """Before a run touches its folder: the [report] extra (every run renders its report) and
+    ``extras``, or :class:`~rayleighflow._optional.MissingExtra` naming the missing one."""
+    for extra in ("report", *extras):
+        require_extra(extra, f"rayleighflow run {name} ({_EXTRA_USE[extra]})")
+
+
 @final
 @dataclass(frozen=True)
 class Experiment:
@@ -60,6 +73,8 @@ class Experiment:
     run: Callable[[RunContext], dict[str, Any]]
     defaults: Mapping[str, Any]
     quick: Mapping[str, Any]
+    #: the optional extras it needs besides [report] (rayleighflow._optional.EXTRAS)
+    extras: tuple[str, ...] = ()
 
 
 @final

@@ -23,7 +23,7 @@ from .common import (
     spectrum_diagnostic,
 )
 from .config import ExperimentConfig, LogRecordsConfig, config_to_toml, load_config
-from .runner import Experiment, RunContext, execute
+from .runner import Experiment, RunContext, check_extras, execute
 
 __all__ = ["run_user_experiment", "ntk_summary", "apply_overrides"]
 
@@ -129,6 +129,7 @@ def run_user_experiment(path: Path, out: Path, *, seed=None, device=None, dtype=
     """Validate the file, build the problem, and only then create the run folder: a
     configuration or model error leaves nothing behind."""
     cfg = apply_overrides(load_config(path), seed=seed, device=device, dtype=dtype, quick=quick)
+    check_extras(cfg.name, ("data",) if cfg.data.kind == "sklearn" else ())
     built = build_problem(cfg)
     exp = Experiment(name=cfg.name, description=f"user experiment from {path}",
                      run=_run(cfg, built), defaults={}, quick={})

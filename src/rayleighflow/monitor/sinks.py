@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any, final
 
 from .._io import atomic_write_text
+from .._optional import require_extra
 from ..trajectory import Trajectory
 from ._rundir import monitor_figures
 from .diagnose import Diagnosis
@@ -49,9 +50,12 @@ def _numeric(v: Any) -> bool:
 class RunFolder(Sink):
     """A run folder that ``rayleighflow report RUN_DIR`` renders: trajectories/*.jsonl streamed
     as they grow, figures.json at the start (an interrupted run still renders), summary.json at
-    the end. ``render=True`` renders figures and report.html at close."""
+    the end. ``render=True`` renders figures and report.html at close (extra ``[report]``,
+    checked here, before training; without it ``rayleighflow report RUN_DIR`` renders later)."""
 
     def __init__(self, path: str | os.PathLike, *, render: bool = False) -> None:
+        if render:
+            require_extra("report", "RunFolder(render=True) (figures and report.html)")
         self.path = Path(path)
         self.render = render
         self._meta: dict[str, Any] = {}
@@ -80,7 +84,6 @@ class RunFolder(Sink):
             traj.append(r)
 
     def close(self, summary: dict[str, Any]) -> None:
-        from ..report import render_report
         from ..rundir import write_summary
 
         status = summary.get("status", "complete")
@@ -89,6 +92,8 @@ class RunFolder(Sink):
                        summary.get("stop_detail", ""))
         write_summary(self.path, summary)
         if self.render:
+            from ..report import render_report
+
             render_report(self.path)
 
 

@@ -19,7 +19,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from flint import arb, ctx
+
+from .._optional import guard
+
+# Every proof is built on these balls: importing rayleighflow.prove without python-flint is the
+# one error naming the extra (``import rayleighflow`` never imports this package).
+with guard("prove", "rf.prove (proof-grade certificates)"):
+    from flint import arb, ctx
 
 __all__ = ["arb", "up", "down", "U", "gamma", "gram_bounds", "norm_up", "ball", "sqrt_nonneg"]
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import mpmath as mp
-
+from .._optional import guard
 from ..activations import ACTIVATIONS
 from ..data import Dataset
 from ..problem import Problem
 
 __all__ = ["reference_constants"]
+
+with guard("prove", "the proofs' mpmath reference (rayleighflow.prove.reference)"):
+    import mpmath as mp
 
 def _sigma(name: str):
     """σ in mpmath, from the activation registry's reference form."""

@@ -26,14 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, final
 
-import matplotlib
 import numpy as np
-from matplotlib import colors as mcolors
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .._io import atomic_write
+from .._optional import REPORT_FEATURE, guard
 from .figspec import (
     RunData,
     figure_problems,
@@ -41,6 +37,15 @@ from .figspec import (
     series_problems,
     validate_figures_spec,
 )
+
+# This module draws: it is imported only by the report (extra [report]), never by
+# ``import rayleighflow`` or the monitor; without matplotlib the error names the extra.
+with guard("report", REPORT_FEATURE):
+    import matplotlib
+    from matplotlib import colors as mcolors
+    from matplotlib.axes import Axes
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
 __all__ = ["RenderedFigure", "render_figures", "validate_figures_spec", "PALETTE"]
 

@@ -17,12 +17,16 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
-import jinja2
-from markupsafe import Markup, escape
-
 from .._io import atomic_write_text, finite_or_none
+from .._optional import REPORT_FEATURE, guard
 from ..rundir import REQUIRED_SUMMARY_KEYS, RunContents, check_run_dir, load_run, versions
 from .figures import RenderedFigure, render_figures
+
+# The page's template and escaping: imported only by the report (extra [report]); without
+# jinja2 (which brings markupsafe) the error names the extra.
+with guard("report", REPORT_FEATURE):
+    import jinja2
+    from markupsafe import Markup, escape
 
 __all__ = ["render_report", "report_from_dir", "report_problems", "format_number",
            "certified_reduction", "VACUOUS_FRACTION"]

@@ -472,7 +472,9 @@ def sklearn_separable(name: str = "iris") -> LabeledData:
     (178 × 14, 3 classes). ``"digits01"``: digits 0 vs 1 (360 × 65; constant pixels give zero
     columns). Separability of each is checked by the tests with :func:`max_margin_separator`.
     """
-    from sklearn import datasets
+    from .._optional import require
+
+    datasets = require("sklearn.datasets", "data", f"the dataset {name!r} (sklearn_separable)")
 
     if name == "iris":
         data = datasets.load_iris()
