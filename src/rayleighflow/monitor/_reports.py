@@ -129,7 +129,7 @@ class Reports:
         kinds = ("collapse", "plateau", "rising", "edge-of-stability", "non-finite",
                  "loss-mismatch", "missing-gradients", "zero-gradient", "frozen", "update-rule",
                  "distributed", "unequal-rank-batches", "unsynchronized-gradients", "clipped",
-                 "sampled")
+                 "voided", "sampled")
         notes = [_SCOPE_NOTE]
         notes += [d.message for d in self.diagnoses if d.kind in kinds]
         notes += [f"the {what} failed at {n} due step(s)"
