@@ -112,6 +112,54 @@ def test_gradient_accumulation_is_the_union_batch():
     assert not [d for d in mon.diagnoses if d.kind == "loss-mismatch"]
 
 
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_clip_check_reads_the_real_grad_norm_not_the_scaled_one(scale):
+    """The backpropagated loss is scale·L_B; clip_grad_norm_ acts on ‖.grad‖ = scale·‖∇L_B‖.
+    With scale 2 and max_norm between ‖∇L_B‖ and 2‖∇L_B‖ the step is clipped (its ‖.grad‖/scale
+    is below max_norm: dividing first would miss it); with scale 1/2 and max_norm between
+    ‖∇L_B‖/2 and ‖∇L_B‖ nothing is clipped (‖.grad‖/scale is above max_norm: dividing first
+    would void a step whose quotient is exact)."""
+    net = _net()
+    x, y = _data(n=12)
+    ref = _reference(net, x, y, "cross-entropy", "mean")
+    g = math.sqrt(ref.grad_sq)
+    clip = g * (1.5 if scale > 1 else 0.75)
+    mon = Monitor(net, "cross-entropy", clip_norm=clip, echo=None)
+    out = net(x)
+    lv = scale * F.cross_entropy(out, y)
+    lv.backward()
+    pre = float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip))
+    assert pre == pytest.approx(scale * g, rel=1e-12)
+    mon.step(out, y, lv, scale=scale)
+    row = mon.rows[-1]
+    clipped = [d for d in mon.diagnoses if d.kind == "clipped"]
+    if scale > 1:
+        assert math.isnan(row["rayleigh"]) and len(clipped) == 1
+        assert "‖.grad‖ = " in clipped[0].message
+        assert float(clipped[0].message.split("‖.grad‖ = ")[1].split()[0]) <= clip
+    else:
+        assert not clipped
+        _assert_matches(row, ref)
+
+
+def test_a_step_voided_by_the_caller_gets_no_quotient_and_its_reason():
+    net = _net()
+    x, y = _data(n=8)
+    mon = Monitor(net, "cross-entropy", echo=None)
+    for void in (None, "weighted micro-batches", "weighted micro-batches"):
+        net.zero_grad()
+        out = net(x)
+        lv = F.cross_entropy(out, y)
+        lv.backward()
+        mon.step(out, y, lv, void=void)
+    mon.flush()
+    r = [row["rayleigh"] for row in mon.rows]
+    assert math.isfinite(r[0]) and math.isnan(r[1]) and math.isnan(r[2])
+    said = [d for d in mon.diagnoses if d.kind == "voided"]
+    assert len(said) == 1 and "weighted micro-batches" in said[0].message
+    assert said[0].step == 1
+
+
 def test_token_outputs_count_tokens_as_samples():
     torch.manual_seed(0)
     net = nn.Linear(4, 5).double()

@@ -174,3 +174,287 @@ def test_clipped_steps_get_no_quotient_and_label_smoothing_is_refused(tmp_path):
         transformers.Trainer(model=_gpt2(), args=_args(tmp_path, label_smoothing_factor=0.1),
                              train_dataset=_tokens(),
                              callbacks=[RayleighCallback(echo=None)]).train()
+
+
+# -- accumulation, clipping and extra forwards against a float64 reference (issue 22) ---------
+class Recorder(transformers.Trainer):
+    """The Trainer, recording each training_step's inputs and the loss it backpropagated (the
+    value training_step returns) per optimizer step, and the parameters at
+    on_pre_optimizer_step: the test's own view of a step, independent of the callback."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.steps, self._current = [], []
+        self.add_callback(_StepEnd(self))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        kept = {k: v.detach().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._current.append((kept, float(loss)))
+        return loss
+
+
+class _StepEnd(transformers.TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        t = self.trainer
+        params = {k: v.detach().clone() for k, v in t.model.named_parameters()}
+        t.steps.append({"micro": t._current, "params": params})
+        t._current = []
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=16, num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg).double()
+
+
+def _sentences(n=16):
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 60, (6,), generator=g),
+             "labels": torch.randint(0, 3, (), generator=g)} for _ in range(n)]
+
+
+def _gpt2_small():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).double()
+
+
+def _token_data(n=16, t=8):
+    g = torch.Generator().manual_seed(2)
+    data = []
+    for i in range(n):
+        ids = torch.randint(0, 50, (t,), generator=g)
+        labels = ids.clone()
+        labels[t - 1 - i % 4:] = -100          # padding at the end: ignored positions
+        data.append({"input_ids": ids, "labels": labels})
+    return data
+
+
+def _reference(model, step, causal=False):
+    """Float64 reference of one optimizer step from its parameters and union batch: L_B (the
+    mean cross-entropy over the union's counted targets), ∇L_B by autograd, ‖∇ℓ‖²_D =
+    (1/n) Σ_i ‖softmax(f_i) − e_{y_i}‖², R = ‖∇L_B‖² / ‖∇ℓ‖²_D; and the scale of what the
+    Trainer backpropagated (the sum of training_step's returned losses) against L_B."""
+    params = {k: v.clone().requires_grad_(True) for k, v in step["params"].items()}
+    fs, ys = [], []
+    for inputs, _ in step["micro"]:
+        logits = torch.func.functional_call(model, params, (),
+                                            {"input_ids": inputs["input_ids"]}).logits
+        labels = inputs["labels"]
+        if causal:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        f, y = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        keep = y != -100
+        fs.append(f[keep])
+        ys.append(y[keep])
+    f, y = torch.cat(fs), torch.cat(ys)
+    loss = F.cross_entropy(f, y)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    grad_sq = sum(float((g * g).sum()) for g in grads if g is not None)
+    gi = torch.softmax(f.detach(), -1) - F.one_hot(y, f.shape[-1]).double()
+    fgrad_sq = float((gi * gi).sum(-1).mean())
+    backprop = sum(v for _, v in step["micro"])
+    return {"loss": float(loss), "grad_sq": grad_sq, "fgrad_sq": fgrad_sq,
+            "rayleigh": grad_sq / fgrad_sq, "n": int(y.numel()),
+            "scale": backprop / float(loss)}
+
+
+def _train(tmp_path, model, data, callbacks=(), trainer=Recorder, **kw):
+    cb = RayleighCallback(echo=None, sync_every=3)
+    t = trainer(model=model, args=_args(tmp_path, **{"max_steps": 4, **kw}), train_dataset=data,
+                callbacks=[cb, *callbacks])
+    t.train()
+    return cb, t
+
+
+def _rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_bert_classifier_under_accumulation_equals_the_union_batch_reference(tmp_path,
+                                                                            accumulation):
+    """BertForSequenceClassification accepts **kwargs, so the Trainer passes num_items_in_batch
+    and skips its division by the accumulation steps; the model ignores the count, so .grad is
+    the sum of the micro-batch means (2·∇L_B of the union mean with 2 micro-batches). The
+    callback finds that from the model's loss, says it once and divides; every step equals the
+    float64 reference. max_grad_norm is set (large): the clip check runs and passes."""
+    model = _bert()
+    cb, t = _train(tmp_path, model, _sentences(), gradient_accumulation_steps=accumulation,
+                   max_grad_norm=1e6)
+    rows = list(cb.monitor.rows)
+    assert len(rows) == 4 == len(t.steps)
+    ref_model = _bert()
+    errors = []
+    for row, step in zip(rows, t.steps, strict=True):
+        assert len(step["micro"]) == accumulation
+        ref = _reference(ref_model, step)
+        assert row["n"] == ref["n"] == 4 * accumulation
+        for key in ("loss", "grad_sq", "fgrad_sq", "rayleigh"):
+            errors.append(_rel(row[key], ref[key]))
+            assert row[key] == pytest.approx(ref[key], rel=1e-10), key
+        assert row["loss_passed"] == pytest.approx(ref["loss"], rel=1e-10)
+        if t.model_accepts_loss_kwargs:   # the Trainer's count reached a model that ignores it
+            assert ref["scale"] == pytest.approx(accumulation, rel=1e-12)
+    kinds = [d.kind for d in cb.monitor.diagnoses]
+    assert not {"loss-mismatch", "clipped", "voided"} & set(kinds)
+    said = [d.message for d in cb.monitor.diagnoses if d.kind == "huggingface-normalization"]
+    if accumulation == 2 and t.model_accepts_loss_kwargs:
+        assert len(said) == 1 and "ignores num_items_in_batch" in said[0]
+    print(f"bert accumulation={accumulation}: max relative error {max(errors):.3g}")
+
+
+def test_bert_unequal_micro_batch_means_get_no_quotient_and_are_said(tmp_path):
+    """14 samples in micro-batches of 4: the epoch's second step has micro-batches of 4 and 2.
+    Their means weigh a sample 1/4 or 1/2, not 1/6: no quotient, said; the full steps match."""
+    model = _bert()
+    cb, t = _train(tmp_path, model, _sentences(14), gradient_accumulation_steps=2)
+    rows = list(cb.monitor.rows)
+    ref_model = _bert()
+    for row, step in zip(rows, t.steps, strict=True):
+        sizes = [int(m[0]["labels"].numel()) for m in step["micro"]]
+        if t.model_accepts_loss_kwargs and sizes == [4, 2]:
+            assert math.isnan(row["rayleigh"])
+        else:
+            assert row["rayleigh"] == pytest.approx(_reference(ref_model, step)["rayleigh"],
+                                                    rel=1e-10)
+    if t.model_accepts_loss_kwargs:
+        voided = [d for d in cb.monitor.diagnoses if d.kind == "voided"]
+        assert len(voided) == 1 and "unequal sizes (4, 2 targets)" in voided[0].message
+
+
+@pytest.mark.parametrize("accumulation,clip", [(1, 0.42), (2, 0.65)])
+def test_bert_clipping_voids_exactly_the_clipped_steps_by_the_real_grad_norm(tmp_path,
+                                                                            accumulation, clip):
+    """max_grad_norm between the steps' ‖.grad‖: a step is clipped iff the norm of what the
+    Trainer backpropagated, scale·‖∇L_B‖ (scale 2 with 2 micro-batches), exceeds it. Clipped
+    steps get no quotient and one message (whose ‖.grad‖ is the clipped one, ≤ max_grad_norm:
+    dividing by the scale first would have let them pass); the others equal the reference."""
+    model = _bert()
+    cb, t = _train(tmp_path, model, _sentences(), gradient_accumulation_steps=accumulation,
+                   max_grad_norm=clip, max_steps=8, learning_rate=0.5)
+    rows = list(cb.monitor.rows)
+    ref_model = _bert()
+    clipped, errors = [], []
+    for row, step in zip(rows, t.steps, strict=True):
+        ref = _reference(ref_model, step)
+        pre = ref["scale"] * math.sqrt(ref["grad_sq"])    # the norm clip_grad_norm_ saw
+        clipped.append(pre > clip)
+        if pre > clip:
+            assert math.isnan(row["rayleigh"])
+            assert math.sqrt(row["grad_sq"]) * ref["scale"] <= clip * (1 + 1e-9)
+        else:
+            errors.append(_rel(row["rayleigh"], ref["rayleigh"]))
+            assert row["rayleigh"] == pytest.approx(ref["rayleigh"], rel=1e-10)
+    assert any(clipped) and not all(clipped)
+    print(f"bert clipping accumulation={accumulation}: {sum(clipped)} of {len(clipped)} "
+          f"steps clipped, max relative error of the others {max(errors):.3g}")
+    said = [d for d in cb.monitor.diagnoses if d.kind == "clipped"]
+    assert len(said) == 1
+    assert float(said[0].message.split("‖.grad‖ = ")[1].split()[0]) <= clip
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_gpt2_under_accumulation_equals_the_union_batch_reference(tmp_path, accumulation):
+    """A causal LM divides its summed token loss by num_items_in_batch (the Trainer's count,
+    which may count unshifted labels: then scale ≠ 1); labels shifted by one, −100 dropped.
+    transformers' causal-LM loss casts the logits to float32, hence 1e-6."""
+    model = _gpt2_small()
+    cb, t = _train(tmp_path, model, _token_data(), gradient_accumulation_steps=accumulation,
+                   per_device_train_batch_size=3, max_grad_norm=1e6)
+    rows = list(cb.monitor.rows)
+    assert len(rows) == 4
+    ref_model = _gpt2_small()
+    errors = []
+    for row, step in zip(rows, t.steps, strict=True):
+        ref = _reference(ref_model, step, causal=True)
+        assert row["n"] == ref["n"]
+        for key in ("loss", "grad_sq", "fgrad_sq", "rayleigh"):
+            errors.append(_rel(row[key], ref[key]))
+            assert row[key] == pytest.approx(ref[key], rel=1e-6), key
+    assert not [d for d in cb.monitor.diagnoses if d.kind in ("loss-mismatch", "voided")]
+    print(f"gpt2 accumulation={accumulation}: max relative error {max(errors):.3g}")
+
+
+def test_gpt2_unclipped_step_with_scale_below_one_gets_its_quotient(tmp_path):
+    """The Trainer's count here exceeds the predicted tokens (scale < 1): with max_grad_norm
+    between ‖.grad‖ and ‖.grad‖/scale nothing is clipped, and the step gets its quotient
+    (‖.grad‖/scale ≥ max_grad_norm would have voided it)."""
+    cb, t = _train(tmp_path, _gpt2_small(), _token_data(), gradient_accumulation_steps=2,
+                   per_device_train_batch_size=3, max_steps=1, max_grad_norm=1e6)
+    ref = _reference(_gpt2_small(), t.steps[0], causal=True)
+    if not ref["scale"] < 0.99:
+        pytest.skip("this transformers counts the shifted labels: scale 1")
+    raw = ref["scale"] * math.sqrt(ref["grad_sq"])
+    clip = raw * (1 + (1 / ref["scale"] - 1) / 2)
+    cb, t = _train(tmp_path, _gpt2_small(), _token_data(), gradient_accumulation_steps=2,
+                   per_device_train_batch_size=3, max_steps=1, max_grad_norm=clip)
+    (row,) = cb.monitor.rows
+    assert not [d for d in cb.monitor.diagnoses if d.kind == "clipped"]
+    assert row["rayleigh"] == pytest.approx(ref["rayleigh"], rel=1e-6)
+
+
+class _ExtraForwardCallback(transformers.TrainerCallback):
+    """A reference computation of a callback: a training-mode forward with autograd on and no
+    labels at each step begin, never backpropagated."""
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.model = model
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.model.train()
+        ids = torch.randint(0, 60, (2, 6))
+        self.out = self.model(input_ids=ids).logits.sum()
+
+
+class _ExtraForwardTrainer(Recorder):
+    """A compute_loss override with an extra training forward (with labels) whose loss is only
+    logged, not backpropagated."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.logged = model(input_ids=inputs["input_ids"], labels=inputs["labels"]).loss.item()
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_extra_training_forwards_are_ignored_and_said_once(tmp_path):
+    model = _bert()
+    cb, t = _train(tmp_path, model, _sentences(), callbacks=[_ExtraForwardCallback()],
+                   trainer=_ExtraForwardTrainer, gradient_accumulation_steps=2)
+    rows = list(cb.monitor.rows)
+    assert len(rows) == 4
+    ref_model = _bert()
+    for row, step in zip(rows, t.steps, strict=True):
+        ref = _reference(ref_model, step)
+        assert row["n"] == ref["n"] == 8
+        assert row["rayleigh"] == pytest.approx(ref["rayleigh"], rel=1e-10)
+    said = [d.message for d in cb.monitor.diagnoses if d.kind == "huggingface-ignored"]
+    assert len(said) == 1 and "did not reach its backward" in said[0]
+    assert not [d for d in cb.monitor.diagnoses if d.kind in ("loss-mismatch", "voided")]
+
+
+def test_a_grad_scaler_factor_is_taken_out_only_once_grad_is_unscaled():
+    """Under fp16 the backward runs on S·loss, so the gradient reaching the model's loss carries
+    S: it cancels while .grad is still scaled (no clipping) and is divided out once accelerate's
+    clipping has unscaled .grad. (A stand-in for accelerate's AcceleratedOptimizer, which needs
+    an initialized Accelerator: its ``optimizer`` and ``scaler`` attributes.)"""
+    from types import SimpleNamespace
+
+    from rayleighflow.monitor.huggingface import _unscaled_by
+
+    net = nn.Linear(3, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = SimpleNamespace(optimizer=torch.optim.SGD(net.parameters(), lr=0.1), scaler=scaler)
+    scaler.scale(net(torch.ones(1, 3)).sum()).backward()
+    assert _unscaled_by(opt) is None
+    scaler.unscale_(opt.optimizer)
+    assert float(_unscaled_by(opt)) == 1024.0
+    assert _unscaled_by(SimpleNamespace(optimizer=opt.optimizer, scaler=None)) is None

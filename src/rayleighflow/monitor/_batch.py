@@ -83,6 +83,7 @@ class PendingStep:
     missing_grads: tuple[str, ...] = ()     # parameters without .grad at this step
     computed: tuple[Tensor, Tensor, Tensor] | None = None  # (Σℓ_i, Σ‖g_i‖², n) if eager
     scale: Tensor | None = None             # backpropagated loss = scale · L_B (0-d)
+    void: str | None = None                 # why .grad is not scale·∇L_B (the caller knows)
 
 
 def grad_norms(grads: list[Tensor | None]) -> list[Tensor]:
@@ -120,6 +121,8 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,
     are combined by one all-gather into those of the union batch; ``unequal`` flags steps whose
     ranks had different batch sizes and ``spread`` is the largest difference of a squared
     gradient norm between ranks, relative to ‖.grad‖² (0 when DDP synchronized the gradients).
+    ``raw_grad_sq`` is ‖.grad‖² as read, before a step's ``scale`` (or the sum convention's W²)
+    corrects it into ‖∇L_B‖²: the norm a gradient clipping acted on.
     """
     n = len(steps)
     norms = torch.stack([g for s in steps for g in s.grad_norms]).double()
@@ -156,6 +159,7 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,
             owner = torch.tensor([i for i, s in with_loss for _ in s.losses], device=device)
             passed.index_fill_(0, torch.tensor([i for i, _ in with_loss], device=device), 0.0)
             passed.index_add_(0, owner, flat)
+    raw_sq = param_sq.sum(0)   # ‖.grad‖² as it is, before any correction: the clip check's
     scaled = [(i, s.scale) for i, s in enumerate(steps) if s.scale is not None]
     if scaled:   # .grad = scale·∇L_B and the passed loss is scale·L_B
         c = torch.ones(n, dtype=torch.float64, device=device)
@@ -166,7 +170,8 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,
         if convention is Convention.MEAN:
             sums[:2] /= sums[2]
         packed = torch.cat([sums, passed[None], param_sq, torch.zeros(2, n, dtype=sums.dtype,
-                                                                      device=device)])
+                                                                      device=device),
+                            raw_sq[None]])
     else:
         g = ranks.gather(torch.cat([sums, passed[None], param_sq]))   # (W, 4 + m, n)
         count, w = g[:, 2], ranks.world
@@ -182,13 +187,13 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,
         spread = (g[:, 4:] - g[0:1, 4:]).abs().amax(dim=(0, 1)) / total.clamp_min(1e-300)
         unequal = (count.amax(0) != count.amin(0)).to(sums.dtype)
         packed = torch.cat([both, count.sum(0)[None], passed[None], psq, unequal[None],
-                            spread[None]])
+                            spread[None], raw_sq[None]])
     rows = packed.T.cpu().tolist()
     return {
         "loss": [r[0] for r in rows], "fgrad_sq": [r[1] for r in rows],
         "n": [r[2] for r in rows], "loss_passed": [r[3] for r in rows],
-        "param_sq": [r[4:-2] for r in rows], "unequal": [r[-2] for r in rows],
-        "spread": [r[-1] for r in rows],
+        "param_sq": [r[4:-3] for r in rows], "unequal": [r[-3] for r in rows],
+        "spread": [r[-2] for r in rows], "raw_grad_sq": [r[-1] for r in rows],
     }
 
 

@@ -127,7 +127,9 @@ class Monitor(ReadBack, Reports):
         all_ranks_write: under DDP, let every rank write its sinks and echo (default rank 0).
         clip_norm: the max_norm of a gradient clipping that runs before :meth:`step` (better:
             call step before clipping). A clipped ``.grad`` is not ∇L_B: steps whose ‖.grad‖
-            reached clip_norm·(1 − 1e-5) get no quotient, and that is said.
+            (the norm of the gradients in ``.grad``, before a ``scale`` correction: the norm
+            the clipping acted on) reached clip_norm·(1 − 1e-5) − 1e-6 get no quotient, and
+            that is said.
         strict: let a failed full-data estimate or probe spectrum (a non-finite loss, a
             singular eigenproblem on a diverging run) raise into the training loop. By default
             it is recorded as a diagnosis, said once, and the run goes on.
@@ -164,6 +166,7 @@ class Monitor(ReadBack, Reports):
         self.strict = strict
         self._periodic_failed: dict[str, int] = {}
         self._clipped = 0
+        self._voided: dict[str, int] = {}
         self.ranks = RankGroup.resolve(model, distributed, process_group)
         model = unwrap(model)
         if self.ranks is not None and self.ranks.rank != 0 and not all_ranks_write:
@@ -355,17 +358,22 @@ class Monitor(ReadBack, Reports):
             self._micro.append((f, yf, lt))
 
     def step(self, out: Tensor | None = None, y: Tensor | None = None,
-             loss: Tensor | float | None = None, *, scale: Tensor | float | None = None) -> None:
+             loss: Tensor | float | None = None, *, scale: Tensor | float | None = None,
+             void: str | None = None) -> None:
         """Record one optimizer step: the outputs, targets and loss of its (last) micro-batch,
         and the gradients now in ``.grad``. Call it before ``optimizer.zero_grad()``.
 
         ``scale``: the loss that was backpropagated is ``scale`` × the declared loss L_B (e.g.
         a sum divided by another count than the batch's): the passed loss is divided by it and
-        ‖∇L_B‖² = ‖.grad‖² / scale²."""
+        ‖∇L_B‖² = ‖.grad‖² / scale². The clipping check (``clip_norm``) reads ‖.grad‖ itself.
+
+        ``void``: the reason the caller knows ``.grad`` is not ``scale``·∇L_B at this step (e.g.
+        micro-batches weighted unequally): the step is recorded with no quotient and the reason
+        is said (the first time, then every 100th step voided for it)."""
         if self.every > 1 and self._step % self.every:
             self._skip()
             return
-        if self._fast and scale is None and self._fast_step(out, y, loss):
+        if self._fast and scale is None and void is None and self._fast_step(out, y, loss):
             return
         self._check_open()
         if scale is not None:
@@ -402,6 +410,7 @@ class Monitor(ReadBack, Reports):
                                  "supported: use equal micro-batch sizes")
             pending.computed = tuple(self._eager)
         pending.scale = scale
+        pending.void = void
         self._micro, self._eager = [], None
         self._push(pending)
 

@@ -14,7 +14,7 @@ from .._types import Convention
 from ._batch import PendingStep, evaluate_steps
 from .diagnose import Diagnosis
 
-__all__ = ["ReadBack", "LOSS_RTOL"]
+__all__ = ["ReadBack", "LOSS_RTOL", "clip_threshold"]
 
 # Relative tolerance of the loss-consistency check, by the outputs' dtype.
 LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
@@ -22,6 +22,15 @@ LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
 
 # Largest relative difference of ‖.grad‖² pieces between ranks still read as synchronized.
 _RANK_SPREAD = 1e-6
+
+
+def clip_threshold(clip_norm: float) -> float:
+    """The ‖.grad‖ from which a step counts as clipped by ``clip_grad_norm_(max_norm=clip_norm)``.
+
+    torch scales by max_norm / (‖g‖ + 1e-6) when that is < 1, so a clipped ``.grad`` has norm
+    max_norm·‖g‖/(‖g‖ + 1e-6) > max_norm − 1e-6 and an unclipped one ‖g‖ ≤ max_norm − 1e-6;
+    1e-5 relative covers the rounding of the norm (float32 gradients)."""
+    return clip_norm * (1 - 1e-5) - 1e-6
 
 
 class ReadBack:
@@ -61,16 +70,20 @@ class ReadBack:
         ok = True
         if self.ranks is not None:
             ok = self._rank_checks(p.index, vals["spread"][i], bool(vals["unequal"][i]))
-        if ok and self.clip_norm is not None and math.sqrt(grad_sq) >= self.clip_norm * (1 - 1e-5):
+        raw = math.sqrt(vals["raw_grad_sq"][i])   # ‖.grad‖ itself, before any scale correction
+        if ok and self.clip_norm is not None and raw >= clip_threshold(self.clip_norm):
             ok = False
             self._clipped += 1
             if self._clipped == 1 or self._clipped % 100 == 0:
                 self._emit(Diagnosis(p.index, "clipped", (
-                    f"step {p.index}: ‖.grad‖ = {math.sqrt(grad_sq):.6g} reached the clipping "
+                    f"step {p.index}: ‖.grad‖ = {raw:.6g} reached the clipping "
                     f"norm {self.clip_norm:g}: .grad was (or may have been) rescaled, so it is "
                     f"not ∇L_B and ‖∇L‖² = R·‖∇ℓ‖²_D does not hold; {self._clipped} such step(s) "
                     "get no quotient (measure before clipping, or max_grad_norm=0)"),
                     {"clip_norm": self.clip_norm}))
+        if ok and p.void is not None:
+            ok = False
+            self._void_step(p.index, p.void)
         if ok and p.losses and math.isfinite(passed) and math.isfinite(loss):
             eps = 10 * torch.finfo(torch.float32 if self._rtol > 1e-9 else torch.float64).eps
             ok = abs(passed - loss) <= self._rtol * abs(loss) + eps
@@ -141,6 +154,16 @@ class ReadBack:
             key = f"kl[{d.name}]"
             for r, v in zip(rows, kl, strict=True):
                 r[key] = v
+
+    def _void_step(self, step: int, reason: str) -> None:
+        """A step the caller voided (``step(void=...)``): the reason said the first time it is
+        given and every 100th step voided for it."""
+        seen = self._voided.get(reason, 0) + 1
+        self._voided[reason] = seen
+        if seen == 1 or seen % 100 == 0:
+            self._emit(Diagnosis(step, "voided", (
+                f"step {step}: {reason}; ‖∇L‖² = R·‖∇ℓ‖²_D does not hold, so {seen} such "
+                "step(s) get no quotient"), {"reason": reason}))
 
     def _mismatch(self, step: int, passed: float, loss: float) -> None:
         self._mismatches += 1

@@ -129,7 +129,8 @@ class Reports:
         kinds = ("collapse", "plateau", "rising", "edge-of-stability", "non-finite",
                  "loss-mismatch", "missing-gradients", "zero-gradient", "frozen", "update-rule",
                  "distributed", "unequal-rank-batches", "unsynchronized-gradients", "clipped",
-                 "sampled")
+                 "voided", "sampled", "huggingface-normalization", "huggingface-ignored",
+                 "huggingface-unchecked")
         notes = [_SCOPE_NOTE]
         notes += [d.message for d in self.diagnoses if d.kind in kinds]
         notes += [f"the {what} failed at {n} due step(s)"

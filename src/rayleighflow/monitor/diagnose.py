@@ -38,7 +38,8 @@ __all__ = ["Diagnosis", "Forecast", "Diagnoser", "forecast"]
 @dataclass(frozen=True)
 class Diagnosis:
     """A message at a step: ``kind`` in {collapse, plateau, rising, edge-of-stability, non-finite,
-    loss-mismatch, missing-gradients, frozen, update-rule, sampled, forecast}."""
+    loss-mismatch, clipped, voided, missing-gradients, frozen, update-rule, sampled, forecast,
+    ...} (the distributed checks and the Hugging Face callback add their own)."""
 
     step: int
     kind: str
