@@ -67,15 +67,16 @@ class Chain:
         last = params[self.linears[-1][0]]
         eye = torch.eye(k, dtype=last.dtype, device=last.device)
         out = [eye.expand(b, k, k).reshape(b, k, 1, k)]
-        g = None  # W_{l+1}ᵀ δ_{l+1} for the layer below, (b, k, d_l)
         for i in range(len(self.linears) - 2, -1, -1):
-            w_next = params[self.linears[i + 1][0]]
-            if g is None:   # δ_{L} = e_c: W_Lᵀ e_c is row c of W_L, for every sample
-                g = w_next.unsqueeze(0).expand(b, k, w_next.shape[1])
-            else:
-                g = (out[0].reshape(b * k, -1) @ w_next).view(b, k, w_next.shape[1])
-            der = ders[i]
-            d = g * der.unsqueeze(1) if der is not None else g.contiguous()
+            w_next, der = params[self.linears[i + 1][0]], ders[i]
+            if i == len(self.linears) - 2:  # δ_L = e_c: W_Lᵀ e_c is row c of W_L, every sample
+                rows = w_next.unsqueeze(0)
+                d = rows * der.unsqueeze(1) if der is not None else \
+                    rows.expand(b, k, w_next.shape[1]).contiguous()
+            else:  # W_{l+1}ᵀ δ_{l+1}, masked in place: a fresh GEMM output, no second buffer
+                d = (out[0].reshape(b * k, -1) @ w_next).view(b, k, w_next.shape[1])
+                if der is not None:
+                    d.mul_(der.unsqueeze(1))
             out.insert(0, d.unsqueeze(2))
         return out
 
