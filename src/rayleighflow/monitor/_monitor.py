@@ -21,7 +21,7 @@ from ._params import ParamLayout
 from ._ranks import RankGroup, unwrap
 from ._readback import LOSS_RTOL, ReadBack
 from ._reports import Reports
-from .diagnose import Diagnoser, Diagnosis, Forecast
+from .diagnose import Diagnoser, Diagnosis, Forecast, Thresholds
 from .probe import ProbeSet
 from .sinks import RunFolder, Sink
 
@@ -137,6 +137,8 @@ class Monitor(ReadBack, Reports):
             1, each step). The other calls return at once, reading nothing; rows keep the
             optimizer step index, and the log, the summary and the rules say that only those
             steps were measured. Full-data estimates and probe spectra keep their own schedule.
+        thresholds: the diagnosis rules' thresholds (:class:`~rayleighflow.monitor.diagnose.
+            Thresholds`: plateau span and decrease, saddle rate, collapse, rise, stability).
     """
 
     def __init__(
@@ -156,7 +158,7 @@ class Monitor(ReadBack, Reports):
         name: str = "monitor", max_stored_elements: int = 1 << 22,
         distributed: bool | None = None, process_group: Any = None,
         all_ranks_write: bool = False, clip_norm: float | None = None, strict: bool = False,
-        every: int = 1,
+        every: int = 1, thresholds: Thresholds | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor watches an nn.Module, got {type(model).__name__}")
@@ -194,7 +196,7 @@ class Monitor(ReadBack, Reports):
         self.max_stored = max_stored_elements
         self.sinks: list[Sink] = ([RunFolder(log)] if log is not None else []) + list(sinks)
         self.every = every
-        self.diagnoser = Diagnoser(self.phi, window, every=every)
+        self.diagnoser = Diagnoser(self.phi, window, thresholds, every=every)
         self.probe: ProbeSet | None = None
         if probe is not None:
             px, py = probe if isinstance(probe, tuple | list) else (probe, None)
