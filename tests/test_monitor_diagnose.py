@@ -59,16 +59,16 @@ def _said(mon, *kinds):
 
 # -- plateau under SGD noise ----------------------------------------------------------------
 
-def test_an_sgd_plateau_is_said_within_450_steps_of_settling():
+def test_an_sgd_plateau_is_said_by_step_500():
     """Half the labels random: the linear model's batch loss settles at ≈ 1.9 by step 150
     (window medians 2.04, 1.94, 1.90, … under batch-64 noise). With the default thresholds
-    (a decrease < 2% over 300 steps) the plateau is said by step 600 — at step 449 here —
+    (a decrease < 2% over 300 steps) the plateau is said by step 500 — at step 449 here —
     naming the level, the span and the rate; never as a saddle (the batch gradients are large)."""
     torch.manual_seed(0)
     x, y = _data(noise=0.5)
     mon = _sgd(nn.Linear(10, 10), x, y, 0.5, 600, target_loss=1.0)
     said = _said(mon, "plateau", "saddle")
-    assert [d.kind for d in said] == ["plateau"] and said[0].step <= 600
+    assert [d.kind for d in said] == ["plateau"] and said[0].step <= 500
     d = said[0]
     medians = [float(np.median([r["loss"] for r in mon.rows][i:i + 50])) for i in (0, 550)]
     assert d.values["level"] == pytest.approx(1.9, abs=0.1)
@@ -117,9 +117,10 @@ def _deep_linear(scale):
 
 def test_a_saddle_at_ln10_is_said_within_350_steps():
     """A three-layer linear net initialised at 0.0065 × the default scale sits at the saddle
-    θ = 0: L = ln 10 for ≈ 1500 steps (escape measured at ~1500 steps with this seed, not
-    run here). The tiny gradient is said at the first window (step 49), the saddle once the
-    loss has been flat for 300 steps (step 349), with its level ln 10 and its rate."""
+    θ = 0: L = ln 10 for ≈ 1500 steps (the full-data loss first falls below 2.2 at step 1450
+    with these seeds, measured once outside the test, which stops at 400). The tiny gradient
+    is said at the first window (step 49), the saddle once the loss has been flat for 300
+    steps (step 349), with its level ln 10 and its rate."""
     x, y = _data(noise=0.0)
     mon = _sgd(_deep_linear(0.0065), x, y, 0.5, 400)
     tiny, saddle = _said(mon, "tiny-gradient"), _said(mon, "saddle")
@@ -128,6 +129,27 @@ def test_a_saddle_at_ln10_is_said_within_350_steps():
     assert saddle[0].values["rate"] < 1e-4 and f"{math.log(10):.4g}" in saddle[0].message
     rate = tiny[0].values["rate"]
     assert f"≈ {1 / rate:.3g} steps" in tiny[0].message and _said(mon, "plateau") == []
+
+
+def test_under_adam_the_vanishing_gradient_is_not_judged():
+    """Adam normalizes its steps, so η‖∇L‖²/L does not measure them: at the same saddle no
+    tiny-gradient or saddle message."""
+    x, y = _data(noise=0.0)
+    net = _deep_linear(0.0065)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    mon = Monitor(net, "cross-entropy", optimizer=opt, echo=None)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        idx = torch.randint(0, x.shape[0], (64,), generator=g)
+        out = net(x[idx])
+        loss = F.cross_entropy(out, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        mon.step(out, y[idx], loss)
+        opt.step()
+    mon.flush()
+    assert mon.diagnoser.step_scale is None
+    assert _said(mon, "tiny-gradient", "saddle") == []
 
 
 def test_the_same_net_at_the_default_scale_is_no_saddle():
@@ -201,7 +223,8 @@ def test_a_raised_learning_rate_is_past_the_edge_of_stability_at_its_first_probe
     assert f"= {eos[0].values['eta_lambda_max']:.4g}" in eos[0].message
 
 
-def test_gauss_newton_sharpness_equals_the_hessian_part_built_from_jacobians():
+@pytest.mark.parametrize("name, k", [("cross-entropy", 4), ("logistic", 1)])
+def test_gauss_newton_sharpness_equals_the_hessian_part_built_from_jacobians(name, k):
     """λ_max(H^½KH^½) against λ_max(Σ_i (1/n) J_iᵀ H_i J_i) from torch.func Jacobians and
     Hessians of ℓ in f (float64, 1e-10)."""
     from rayleighflow._types import Convention
@@ -210,12 +233,12 @@ def test_gauss_newton_sharpness_equals_the_hessian_part_built_from_jacobians():
     from rayleighflow.monitor.probe import ProbeSet
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, k)).double()
     x = torch.randn(6, 3, dtype=torch.float64)
-    y = torch.randint(0, 4, (6,))
+    y = torch.randint(0, max(k, 2), (6,))
     layout = ParamLayout.of(net)
-    probe = ProbeSet(net, layout, get_loss("cross-entropy"), Convention.MEAN, x, y)
-    got = gauss_newton_sharpness(probe, "cross-entropy")
+    probe = ProbeSet(net, layout, get_loss(name), Convention.MEAN, x, y)
+    got = gauss_newton_sharpness(probe, name)
     names = [n for n, _ in net.named_parameters()]
     params = {n: p.detach() for n, p in net.named_parameters()}
 
@@ -223,10 +246,15 @@ def test_gauss_newton_sharpness_equals_the_hessian_part_built_from_jacobians():
         return torch.func.functional_call(net, dict(zip(names, flat, strict=True)), (x,))
 
     jac = torch.func.jacrev(f, argnums=tuple(range(len(names))))(*params.values())
-    j = torch.cat([a.reshape(6, 4, -1) for a in jac], -1)           # (n, k, P)
+    j = torch.cat([a.reshape(6, k, -1) for a in jac], -1)           # (n, k, P)
     out = f(*params.values())
-    hess = torch.func.vmap(torch.func.hessian(lambda o, t: F.cross_entropy(o[None], t[None])))(
-        out, y)
+
+    def ell(o, t):
+        if name == "logistic":
+            return F.binary_cross_entropy_with_logits(o[0], t.double())
+        return F.cross_entropy(o[None], t[None])
+
+    hess = torch.func.vmap(torch.func.hessian(ell))(out, y)
     g = torch.einsum("nkp,nkl,nlq->pq", j, hess, j) / 6
     assert got == pytest.approx(float(torch.linalg.eigvalsh(g)[-1]), rel=1e-10)
 

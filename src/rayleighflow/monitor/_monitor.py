@@ -32,6 +32,17 @@ DEFAULT_DESINGULARIZERS = ("log", "reciprocal", "cross-entropy")
 _GRAD, _LR = attrgetter("grad"), itemgetter("lr")
 
 
+def _step_scale(opt: torch.optim.Optimizer | None) -> float | None:
+    """η‖∇L‖² → the first-order decrease of an SGD step: 1/(1 − β) with momentum β; None for
+    adaptive optimizers, whose steps it does not measure (no optimizer: no η either way)."""
+    if opt is None:
+        return 1.0
+    if not isinstance(opt, torch.optim.SGD):
+        return None
+    beta = float(opt.param_groups[0].get("momentum", 0.0))
+    return 1.0 / (1.0 - beta) if beta < 1 else None
+
+
 class MonitorError(RuntimeError):
     """The monitor was used in a way that makes its numbers meaningless (e.g. no gradients)."""
 
@@ -196,7 +207,8 @@ class Monitor(ReadBack, Reports):
         self.max_stored = max_stored_elements
         self.sinks: list[Sink] = ([RunFolder(log)] if log is not None else []) + list(sinks)
         self.every = every
-        self.diagnoser = Diagnoser(self.phi, window, thresholds, every=every)
+        self.diagnoser = Diagnoser(self.phi, window, thresholds, every=every,
+                                   step_scale=_step_scale(optimizer))
         self.probe: ProbeSet | None = None
         if probe is not None:
             px, py = probe if isinstance(probe, tuple | list) else (probe, None)

@@ -3,7 +3,8 @@
 Thresholds are a :class:`Thresholds` (``Monitor(thresholds=Thresholds(flat_steps=500))``).
 The level rules read the full-data rows when a ``full_data`` loader is given (exact L, ‖∇L‖²),
 else medians over windows of batch records (robust to mini-batch noise). The *rate*
-η‖∇L‖²/L is the fraction of the loss a plain gradient step would remove (first order).
+η‖∇L‖²/L is the fraction of the loss a plain gradient step would remove (first order; with
+heavy-ball momentum β, η/(1 − β) in place of η; not judged for adaptive optimizers).
 
 * **forecast** (if the ratio stays ≥ μ): with μ̂ the smallest KL ratio φ'(L)‖∇L‖² over the last
   window and η_eff the observed effective step (loss decrease per step per unit ‖∇L‖²), the KL
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, final
 
@@ -230,11 +231,14 @@ class _Level:
 class Diagnoser:
     """Stateful stall rules over windows of ``window`` batch records and over full-data rows
     (bounded memory). ``thresholds`` (default :class:`Thresholds`); keyword overrides of its
-    fields (``collapse=0.2``) are accepted too."""
+    fields (``collapse=0.2``) are accepted too. ``step_scale``: the factor from η‖∇L‖² to the
+    first-order decrease of the optimizer's step (1 for plain SGD, 1/(1 − β) with heavy-ball
+    momentum β), or None where η‖∇L‖² does not measure it (Adam and other adaptive methods):
+    then no rule judges whether the gradient vanishes."""
 
     def __init__(self, phi: Desingularizer, window: int = 50,
                  thresholds: Thresholds | None = None, every: int = 1,
-                 **overrides: Any) -> None:
+                 step_scale: float | None = 1.0, **overrides: Any) -> None:
         if window < 2:
             raise ValueError(f"the diagnosis window needs at least 2 records, got {window}")
         known = {f.name for f in fields(Thresholds)}
@@ -243,6 +247,7 @@ class Diagnoser:
                             f"thresholds are {sorted(known)}")
         t = replace(thresholds or Thresholds(), **overrides)
         self.thresholds = t
+        self.step_scale = step_scale
         self.phi, self.window, self.collapse, self.plateau = phi, window, t.collapse, t.plateau
         self.rise, self.rise_steps = t.rise, t.rise_steps
         self._unit = "steps" if every == 1 else f"recorded steps (one in {every})"
@@ -288,7 +293,7 @@ class Diagnoser:
             lr = r.get("lr", math.nan)
             if math.isfinite(lr):
                 self._lr = lr
-            dec = r.get("gd_decrease", math.nan)
+            dec = r.get("gd_decrease", math.nan) * (self.step_scale or math.nan)
             rate = dec / loss if loss > 0 and math.isfinite(dec) else math.nan
             self._rows.append((r["step"], r.get("rayleigh", float("nan")), kl,
                                {g: r.get(f"rayleigh[{g}]", float("nan")) for g in groups}, loss,
@@ -303,7 +308,8 @@ class Diagnoser:
         loss, gsq = row["loss"], row["grad_sq"]
         if not (math.isfinite(loss) and math.isfinite(gsq) and loss > 0):
             return []
-        lv = _Level(row["step"], row["step"], loss, self._lr * gsq / loss,
+        scale = self.step_scale or math.nan
+        lv = _Level(row["step"], row["step"], loss, scale * self._lr * gsq / loss,
                     row.get("rayleigh", math.nan))
         if not self._full:
             self._first_level = loss   # the rows the rules read from now on define the start
@@ -357,6 +363,9 @@ class Diagnoser:
                       "size too large for the curvature (full_data= tells them apart)"
                       if source.startswith("median") else
                       "a step size too large for the curvature, or mini-batch noise"))
+        elif self.step_scale is None:
+            why = (" (the optimizer is adaptive: η‖∇L‖² does not measure its steps, so a "
+                   "vanishing gradient is not judged)")
         else:
             why = " (no learning rate known: pass optimizer= to tell a saddle from noise)"
         return [Diagnosis(now.last, "plateau", f"plateau: {said}{why}{rr}", values)]
@@ -374,7 +383,8 @@ class Diagnoser:
             f"{lv.rate:.2g} of the loss per step ({source} of η‖∇L‖²/L, below {t.tiny_rate:g}; "
             f"L = {lv.loss:.4g}{rr}); at that rate the loss needs {need} steps to fall by a "
             "factor e: the run starts in a flat region or at a saddle (weights near zero in a "
-            "deep network?)"), {"rate": lv.rate, "loss": lv.loss, "rayleigh": lv.rayleigh})]
+            f"deep network?), or the step size η = {self._lr:.3g} is too small for this "
+            "gradient"), {"rate": lv.rate, "loss": lv.loss, "rayleigh": lv.rayleigh})]
 
     def _rise_rule(self, step: int, loss: float) -> list[Diagnosis]:
         """The loss increasing over ``rise_steps`` consecutive steps to ≥ ``rise`` times the
@@ -542,14 +552,13 @@ def gauss_newton_sharpness(probe: Any, loss_name: str, max_size: int = 4096) -> 
 
     K the probe set's tangent kernel (n·k × n·k, with the weights ω) and H = blockdiag(H_i).
     None for losses whose Hessian in f is not written here, or above ``max_size`` = n·k."""
-    from ..ntk import empirical_ntk, kernel_matrix
+    from ..ntk import KernelTooLargeError, empirical_ntk, kernel_matrix
     from ..problem import output_tensor
     from ._params import eval_mode
 
     x = probe.x
     with eval_mode(probe.module), torch.no_grad():
-        out = output_tensor(probe.module(**x) if isinstance(x, dict) or hasattr(x, "keys")
-                            else probe.module(x))
+        out = output_tensor(probe.module(**x) if isinstance(x, Mapping) else probe.module(x))
     if out.dim() > 2:   # token outputs: the kernel's samples are not the probe's rows
         return None
     f = out.double() if out.dim() == 2 else out.double()[:, None]
@@ -558,9 +567,12 @@ def gauss_newton_sharpness(probe: Any, loss_name: str, max_size: int = 4096) -> 
     root = _hessian_sqrt(loss_name, f)
     if root is None:
         return None
-    with eval_mode(probe.module):
-        kern = kernel_matrix(empirical_ntk(probe.module, x, params=probe._params(),
-                                           convention=probe.convention)).double()
+    try:
+        with eval_mode(probe.module):
+            kern = kernel_matrix(empirical_ntk(probe.module, x, params=probe._params(),
+                                               convention=probe.convention)).double()
+    except (KernelTooLargeError, MemoryError, torch.OutOfMemoryError):
+        return None   # the stability rule falls back to the bound c·λ_max(K)
     s = torch.block_diag(*root.unbind(0))
     m = s @ kern.to(s.device) @ s
     return float(torch.linalg.eigvalsh((m + m.T) / 2)[-1])
