@@ -88,11 +88,16 @@ class Reports:
             g0 = opt.param_groups[0]
             lr = max(float(g["lr"]) for g in opt.param_groups)
             adaptive = not isinstance(opt, torch.optim.SGD)
-            sharp = (None if self.loss.name == "square" else
-                     gauss_newton_sharpness(self.probe, self.loss.name))
-            d = stability(step, lr, 0.0 if adaptive else float(g0.get("momentum", 0.0)),
-                          adaptive, spec.lambda_max, self.loss.name, sharp,
-                          self.diagnoser.thresholds.stability)
+            beta = 0.0 if adaptive else float(g0.get("momentum", 0.0))
+            margin = self.diagnoser.thresholds.stability
+            d = stability(step, lr, beta, adaptive, spec.lambda_max, self.loss.name,
+                          margin=margin)
+            if d is not None and self.loss.name != "square":
+                # past the worst-case bound: measure the curvature the loss has (one kernel)
+                sharp = gauss_newton_sharpness(self.probe, self.loss.name)
+                if sharp is not None:
+                    d = stability(step, lr, beta, adaptive, spec.lambda_max, self.loss.name,
+                                  sharp, margin)
             if d is not None and not self._unstable:
                 self._emit(d)
             self._unstable = d is not None
