@@ -16,7 +16,7 @@ descent or flow; forecasts are named "forecast (if the ratio stays ≥ μ)".
 """
 
 from ._monitor import DEFAULT_DESINGULARIZERS, Monitor, MonitorError
-from .diagnose import Diagnosis, Forecast
+from .diagnose import Diagnosis, Forecast, Thresholds
 from .fulldata import FullDataEstimate, full_data_estimate
 from .probe import ProbeSpectrum
 from .sinks import CSV, Callback, RichTable, RunFolder, Sink, TensorBoard
@@ -35,5 +35,6 @@ __all__ = [
     "RunFolder",
     "Sink",
     "TensorBoard",
+    "Thresholds",
     "full_data_estimate",
 ]

@@ -21,7 +21,7 @@ from ._params import ParamLayout
 from ._ranks import RankGroup, unwrap
 from ._readback import LOSS_RTOL, ReadBack
 from ._reports import Reports
-from .diagnose import Diagnoser, Diagnosis, Forecast
+from .diagnose import Diagnoser, Diagnosis, Forecast, Thresholds
 from .probe import ProbeSet
 from .sinks import RunFolder, Sink
 
@@ -30,6 +30,17 @@ __all__ = ["Monitor", "MonitorError", "DEFAULT_DESINGULARIZERS"]
 DEFAULT_DESINGULARIZERS = ("log", "reciprocal", "cross-entropy")
 
 _GRAD, _LR = attrgetter("grad"), itemgetter("lr")
+
+
+def _step_scale(opt: torch.optim.Optimizer | None) -> float | None:
+    """η‖∇L‖² → the first-order decrease of an SGD step: 1/(1 − β) with momentum β; None for
+    adaptive optimizers, whose steps it does not measure (no optimizer: no η either way)."""
+    if opt is None:
+        return 1.0
+    if not isinstance(opt, torch.optim.SGD):
+        return None
+    beta = float(opt.param_groups[0].get("momentum", 0.0))
+    return 1.0 / (1.0 - beta) if beta < 1 else None
 
 
 class MonitorError(RuntimeError):
@@ -137,6 +148,8 @@ class Monitor(ReadBack, Reports):
             1, each step). The other calls return at once, reading nothing; rows keep the
             optimizer step index, and the log, the summary and the rules say that only those
             steps were measured. Full-data estimates and probe spectra keep their own schedule.
+        thresholds: the diagnosis rules' thresholds (:class:`~rayleighflow.monitor.diagnose.
+            Thresholds`: plateau span and decrease, saddle rate, collapse, rise, stability).
     """
 
     def __init__(
@@ -156,7 +169,7 @@ class Monitor(ReadBack, Reports):
         name: str = "monitor", max_stored_elements: int = 1 << 22,
         distributed: bool | None = None, process_group: Any = None,
         all_ranks_write: bool = False, clip_norm: float | None = None, strict: bool = False,
-        every: int = 1,
+        every: int = 1, thresholds: Thresholds | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor watches an nn.Module, got {type(model).__name__}")
@@ -194,7 +207,8 @@ class Monitor(ReadBack, Reports):
         self.max_stored = max_stored_elements
         self.sinks: list[Sink] = ([RunFolder(log)] if log is not None else []) + list(sinks)
         self.every = every
-        self.diagnoser = Diagnoser(self.phi, window, every=every)
+        self.diagnoser = Diagnoser(self.phi, window, thresholds, every=every,
+                                   step_scale=_step_scale(optimizer))
         self.probe: ProbeSet | None = None
         if probe is not None:
             px, py = probe if isinstance(probe, tuple | list) else (probe, None)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .._io import finite_or_none
-from .diagnose import Diagnosis, Forecast, forecast, stability
+from .diagnose import Diagnosis, Forecast, forecast, gauss_newton_sharpness, stability
 from .fulldata import full_data_estimate
 
 __all__ = ["Reports"]
@@ -63,6 +63,8 @@ class Reports:
         self.full_rows.append(row)
         for s in self.sinks:
             s.write("full", [row])
+        for d in self.diagnoser.update_full(row):
+            self._emit(d)
         if self.target_loss is not None:
             self._update_forecast()
 
@@ -86,8 +88,16 @@ class Reports:
             g0 = opt.param_groups[0]
             lr = max(float(g["lr"]) for g in opt.param_groups)
             adaptive = not isinstance(opt, torch.optim.SGD)
-            d = stability(step, lr, 0.0 if adaptive else float(g0.get("momentum", 0.0)),
-                          adaptive, spec.lambda_max, self.loss.name)
+            beta = 0.0 if adaptive else float(g0.get("momentum", 0.0))
+            margin = self.diagnoser.thresholds.stability
+            d = stability(step, lr, beta, adaptive, spec.lambda_max, self.loss.name,
+                          margin=margin)
+            if d is not None and self.loss.name != "square":
+                # past the worst-case bound: measure the curvature the loss has (one kernel)
+                sharp = gauss_newton_sharpness(self.probe, self.loss.name)
+                if sharp is not None:
+                    d = stability(step, lr, beta, adaptive, spec.lambda_max, self.loss.name,
+                                  sharp, margin)
             if d is not None and not self._unstable:
                 self._emit(d)
             self._unstable = d is not None
@@ -107,11 +117,11 @@ class Reports:
             return forecast(self.phi, target, [r["step"] for r in recent],
                             [r["loss"] for r in recent], [r["grad_sq"] for r in recent],
                             f"full-data estimates at steps {recent[0]['step']}–"
-                            f"{recent[-1]['step']}")
+                            f"{recent[-1]['step']}", self.diagnoser.floor)
         rec = list(self._recent)
         src = (f"batch records, steps {rec[0][0]}–{rec[-1][0]}" if rec else "no batch record")
         return forecast(self.phi, target, [r[0] for r in rec], [r[1] for r in rec],
-                        [r[2] for r in rec], src)
+                        [r[2] for r in rec], src, self.diagnoser.floor)
 
     def _update_forecast(self) -> None:
         self.last_forecast = self.forecast()
@@ -126,8 +136,9 @@ class Reports:
         k = self._k or 0
         nk = int(full["n_samples"] * k) if full else int((self._batch_n or 0) * k)
         fc = self.last_forecast if self.target_loss is not None else None
-        kinds = ("collapse", "plateau", "rising", "edge-of-stability", "non-finite",
-                 "loss-mismatch", "missing-gradients", "zero-gradient", "frozen", "update-rule",
+        kinds = ("collapse", "plateau", "saddle", "tiny-gradient", "rising",
+                 "edge-of-stability", "non-finite", "loss-mismatch", "missing-gradients",
+                 "zero-gradient", "frozen", "update-rule",
                  "distributed", "unequal-rank-batches", "unsynchronized-gradients", "clipped",
                  "voided", "sampled", "huggingface-normalization", "huggingface-ignored",
                  "huggingface-unchecked")
