@@ -427,6 +427,9 @@ def _context(run: RunContents, figures: list[RenderedFigure],
     headline, banner_text = _banner(s, run, monitored)
     certs = _certificates(s)
     notes = [str(n) for n in s.get("notes") or [] if n is not None]
+    if monitored:   # the diagnoses have their own table: not twice
+        said = {d["message"] for d in _diagnoses(s)}
+        notes = [n for n in notes if n not in said]
     run_versions = s.get("versions") if isinstance(s.get("versions"), Mapping) else {}
     return {
         "title": str(s.get("experiment") or run.run_dir.name),
