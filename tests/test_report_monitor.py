@@ -93,6 +93,7 @@ def test_monitored_report_speaks_in_steps_not_flows(monitored):
     assert (f"Steps recorded {STEPS}; full-data evaluations {n_full}; diagnoses 1."
             in html)
     assert "steps from → to" in html and "Last step" in html
+    assert "NTK spectrum" in html and "not measured" in html and "NTK rank" not in html
     assert re.search(r"<h2>Diagnoses<span class=\"count\">2</span>", html)  # + update rule
     assert "loss-mismatch" in html and "Learning rate and gradient norm" in html
     assert (monitored / "figures" / "training.png").exists()

@@ -267,6 +267,10 @@ def _summary_rows(s: Mapping[str, Any], monitored: bool = False
         ("Convention", _CONVENTIONS.get(s.get("convention"), format_number(s.get("convention"))),
          "constants are stated in this convention", ""),
     ]
+    if monitored and s.get("lambda_max") is None and s.get("rank") is None:
+        # no probe set: the spectrum was not measured, and five "—" rows would not say so
+        rows = [r for r in rows if r[0] not in ("NTK rank",) and "λ<sub>" not in str(r[0])]
+        rows.insert(2, ("NTK spectrum", "not measured", "give the Monitor a probe set", ""))
     if "max_bound_violation" in s:
         v = finite_or_none(s["max_bound_violation"])
         held = None if v is None else v <= 0
