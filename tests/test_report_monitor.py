@@ -99,6 +99,17 @@ def test_monitored_report_speaks_in_steps_not_flows(monitored):
     assert (monitored / "figures" / "training.png").exists()
 
 
+def test_interrupted_monitored_run_is_still_a_monitored_report(monitored, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(monitored, run)
+    (run / "summary.json").unlink()  # killed before close: trajectories only
+    html = render_report(run).read_text()
+    assert "Interrupted" in html and "up to step 29" in html
+    assert "diagnoses not saved (no summary.json)" in html
+    assert "--resume" not in html and "Flow time" not in html and "Certificates" not in html
+    assert "stopped before monitor.close()" in html
+
+
 def test_diagnoses_marked_dead_layer_shown_and_layer_colours_distinct(monitored):
     main = Trajectory.load(monitored / "trajectories" / "main.jsonl")
     fig, notes = _figure(monitored, "kernel")

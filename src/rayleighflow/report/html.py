@@ -211,10 +211,9 @@ def _monitor_cards(s: Mapping[str, Any], run: RunContents) -> list[dict[str, Any
     main = _traj(run, "main")
     l0, l1 = finite_or_none(s.get("loss_initial")), finite_or_none(s.get("loss_final"))
     ratio = l1 / l0 if l0 and l1 is not None else None
-    last = "full-data estimate" if fulls else "batch loss"
     cards = [
         {"label": "Loss, final ÷ initial", "value": format_number(ratio, 3),
-         "sub": Markup("{} → {} (last {})").format(format_number(l0), format_number(l1), last),
+         "sub": Markup("{} → {}").format(format_number(l0), format_number(l1)),
          "tone": "good" if ratio is not None and ratio < 1 else "neutral"},
         {"label": "Steps recorded", "value": format_number(steps),
          "sub": Markup("steps {} → {} · {} of run time").format(
@@ -227,7 +226,10 @@ def _monitor_cards(s: Mapping[str, Any], run: RunContents) -> list[dict[str, Any
         {"label": "Diagnoses", "value": format_number(marked),
          "sub": ("marked on the plots at their steps" if marked else "none during the run")
                 + (f"; {setup} set-up note{'s' if setup != 1 else ''}" if setup else ""),
-         "tone": "bad" if marked else "good"},
+         "tone": "bad" if marked else "good"} if "diagnoses" in s else
+        {"label": "Diagnoses", "value": "not saved",
+         "sub": "they are written to summary.json at close, which this run never reached",
+         "tone": "neutral"},
         {"label": "min R(K; ∇ℓ)", "value": format_number(s.get("rayleigh_min")),
          "sub": "smallest batch Rayleigh quotient recorded", "tone": "neutral"},
     ]
@@ -384,7 +386,8 @@ def _banner(s: Mapping[str, Any], run: RunContents, monitored: bool = False
         until = (Markup(" up to step {}").format(format_number(t_final))
                  if t_final is not None else "")
         steps, fulls, marked, _ = _monitor_counts(run)
-        text += (f" Steps recorded {steps}; full-data evaluations {fulls}; diagnoses {marked}.")
+        said = marked if "diagnoses" in s else "not saved (no summary.json)"
+        text += f" Steps recorded {steps}; full-data evaluations {fulls}; diagnoses {said}."
     elif len(trajs) > 1 and status != "complete":
         done = sum(t.status not in (None, "interrupted", "failed") for t in trajs)
         running = s.get("recorded_flow")
@@ -398,7 +401,7 @@ def _banner(s: Mapping[str, Any], run: RunContents, monitored: bool = False
     body = Markup(escape(text)).replace("{until}", until)
     if status == "failed" and isinstance(s.get("error"), str):
         body += Markup(" <span class=\"error\">Error: {}</span>").format(s["error"])
-    if status == "interrupted":
+    if status == "interrupted" and not monitored:   # a user's loop has no --resume
         body += Markup(" Continue it with <code>rayleighflow run --resume {}</code>.").format(
             run.run_dir)
     for stop in s.get("stopped_early") or []:
@@ -408,6 +411,11 @@ def _banner(s: Mapping[str, Any], run: RunContents, monitored: bool = False
                                                            stop.get("message"))
     return headline, body
 
+
+_MONITOR_UNCLOSED = ("summary.json was not written: the training loop stopped before "
+                     "monitor.close() (killed?). The values here are read from the recorded "
+                     "rows of trajectories/main.jsonl; the diagnoses, written at close, were "
+                     "not saved.")
 
 _FOOTNOTE_MARKS = ("masked on the log axis", "no finite values recorded",
                    "not recorded in this run", "outside the plotted range",
@@ -434,6 +442,9 @@ def _context(run: RunContents, figures: list[RenderedFigure],
     if monitored:   # the diagnoses have their own table: not twice
         said = {d["message"] for d in _diagnoses(s)}
         notes = [n for n in notes if n not in said]
+    if monitored and run.from_trajectories:   # the generic note speaks of flows and --resume
+        notes = [_MONITOR_UNCLOSED if n.startswith("summary.json was not written") else n
+                 for n in notes]
     run_versions = s.get("versions") if isinstance(s.get("versions"), Mapping) else {}
     return {
         "title": str(s.get("experiment") or run.run_dir.name),
