@@ -273,3 +273,15 @@ def test_report_table_has_no_overflow_in_headless_chromium(tmp_path):
             browser.close()
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert overflow == []
+
+
+def test_events_share_a_line_per_step_and_close_labels_do_not_overprint(monitored):
+    events = [[12, "plateau"], [12, "collapse"], [12.2, "rising"], [20, "plateau"]]
+    spec = {"name": "loss", "panels": [{"xlabel": "optimizer step", "events": events,
+                                        "series": [{"kind": "line", "x": "traj:main:t",
+                                                    "y": "traj:main:loss"}]}]}
+    ax = _draw(spec, RunData(monitored), [], parse_math=True).axes[0]
+    xs = sorted(float(ln.get_xdata()[0]) for ln in ax.get_lines() if ln.get_linestyle() == "--")
+    assert xs == [12.0, 12.2, 20.0]   # one line per distinct step
+    labels = [t.get_text().strip() for t in ax.texts]
+    assert labels == ["plateau, collapse", "plateau"]   # 12.2 is 0.7 % of the range away

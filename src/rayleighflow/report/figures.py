@@ -19,7 +19,7 @@ Conventions beyond docs/RUN_FOLDER.md (see also ``figspec``):
   breaks there) with a note; with the panel's ``zero_row``, values exactly 0 are drawn as
   markers on a row labelled "0" at the bottom of the panel instead (a dead layer's R = 0).
 * ``events`` (panel): a dashed vertical line at each x with its label at the top; events at
-  the same x share one line.
+  the same x share one line, and a label that would overprint the previous one is left out.
 * a ``symlog`` x-axis over data that never goes below 0 starts at 0 (no negative ticks).
 """
 
@@ -461,7 +461,14 @@ def _draw_events(ax: Axes, panel: Mapping[str, Any], notes: list[str], where: st
         if label not in names:
             names.append(label)
     top = blended_transform_factory(ax.transData, ax.transAxes)
+    lo, hi = ax.get_xlim()
+    gap = 0.025 * abs(hi - lo)   # labels closer than that would print over each other
+    last: tuple[float, str] | None = None
     for x, labels in sorted(at.items()):
         ax.axvline(x, color="0.3", linestyle="--", linewidth=0.9, alpha=0.75, zorder=1.5)
-        ax.text(x, 0.985, " " + ", ".join(labels), transform=top, rotation=90, ha="right",
-                va="top", fontsize=7.5, color="0.2", clip_on=False)
+        text = ", ".join(labels)
+        if last is not None and x - last[0] < gap:
+            continue   # the line is drawn; its label would overprint the previous one
+        ax.text(x, 0.985, " " + text, transform=top, rotation=90, ha="right", va="top",
+                fontsize=7.5, color="0.2", clip_on=False)
+        last = (x, text)
