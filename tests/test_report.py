@@ -413,13 +413,14 @@ def test_certificates_show_reduction_scope_and_vacuous(tmp_path):
     html = render_report(run).read_text()
     assert "0.8841 → 0.01" in html and "vacuous" in html
     assert html.count('class="pill vacuous"') == 1  # only the 0.8838 bound
-    assert html.count("scope: ") == 3 and "scope: path" in html and "scope: records" in html
+    assert html.count('class="scope"') == 3 and ">path</span>" in html \
+        and html.count(">records</span>") == 2
     assert "the KL ratio is not bounded below" in html and "record longer" in html
     assert "checked up to t = 20" in html
     assert "Certificates holding (not vacuous)" in html and "1 of 3" in html
     # old run folders without the new keys still render, scope "not stated"
     old = make_run(tmp_path / "old")
-    assert "scope: not stated" in render_report(old).read_text()
+    assert ">not stated</span>" in render_report(old).read_text()
 
 
 def test_failed_and_stopped_early_endings_in_the_report(tmp_path):

@@ -85,6 +85,7 @@ for cert, style in ((observed, "--"), (composed, ":")):
     ax.plot(t, cert.bound_at_records, style,
             label=f"{cert.mu_source} bound, μ = {cert.mu:.3g} ({cert.status.value})")
 ax.set_xscale("symlog", linthresh=1.0)
+ax.set_xlim(left=0.0)
 ax.set_yscale("log")
 ax.set_xlabel("flow time t")
 ax.legend()
@@ -100,8 +101,9 @@ for col in layers:
     ax.plot(t, traj[col], label=f"layer {col[9:-1]}: R(K_b; ∇ℓ)")
 ax.axhline(spec.lambda_min, color="r", lw=1, label=f"λ_min(K_θ₀) = {spec.lambda_min:.3g}")
 ax.set_xscale("symlog", linthresh=1.0)
+ax.set_xlim(left=0.0)  # time starts at 0: no negative symlog ticks
 ax.set_xlabel("flow time t")
-ax.legend()
+ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # beside, not on R
 ax.set_title(f"R(K; ∇ℓ) ≥ {np.nanmin(traj['rayleigh']):.3g} along the flow; layers sum to it "
              f"within {gap:.1e}")
 save(fig, "rayleigh.png",

@@ -2,8 +2,10 @@
 
 This module only checks specs and reads the data their REFs name; ``figures.py`` draws them.
 Beyond the contract it accepts a few optional keys, all listed in the ``*_KEYS`` tables below:
-figure ``caption``; panel ``xlim``/``ylim`` (``[lo, hi]``, either may be null); series
-``marker``, ``alpha`` and ``linewidth``.
+figure ``caption``; panel ``xlim``/``ylim`` (``[lo, hi]``, either may be null), ``events``
+(``[[x, label], ...]``: vertical marker lines with their labels, e.g. a monitor's diagnoses at
+their steps) and ``zero_row`` (on a log y-axis, values exactly 0 are drawn on a row marked "0"
+at the bottom instead of being masked); series ``marker``, ``alpha`` and ``linewidth``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ REQUIRED_BY_KIND: dict[str, tuple[str, ...]] = {
 STYLE_KEYS = ("label", "style", "color", "marker", "alpha", "linewidth", "role")
 FIGURE_KEYS = ("name", "title", "panels", "caption")
 PANEL_KEYS = ("title", "xlabel", "ylabel", "xscale", "yscale", "equal_aspect", "xlim", "ylim",
-              "series")
+              "events", "zero_row", "series")
 REF_KEYS = ("x", "y", "y2", "yerr")
 
 # A figure name becomes a file name: no path separators, no leading dot.
@@ -95,8 +97,12 @@ def panel_problems(p: Any) -> list[str]:
     for key in ("xscale", "yscale"):
         if key in p and p[key] not in SCALES:
             problems.append(f"{key!r} must be one of {list(SCALES)}, got {p[key]!r}")
-    if "equal_aspect" in p and not isinstance(p["equal_aspect"], bool):
-        problems.append(f"'equal_aspect' must be true or false, got {p['equal_aspect']!r}")
+    for key in ("equal_aspect", "zero_row"):
+        if key in p and not isinstance(p[key], bool):
+            problems.append(f"{key!r} must be true or false, got {p[key]!r}")
+    if "events" in p and events_of(p) is None:
+        problems.append(f"'events' must be [[x, label], ...] (a number and a string each), "
+                        f"got {p['events']!r}")
     for key in ("xlim", "ylim"):
         v = p.get(key)
         if key in p and not (isinstance(v, list | tuple) and len(v) == 2
@@ -105,6 +111,20 @@ def panel_problems(p: Any) -> list[str]:
     if not isinstance(p.get("series"), list):
         problems.append("'series' must be a list")
     return problems
+
+
+def events_of(panel: Mapping[str, Any]) -> list[tuple[float, str]] | None:
+    """The panel's ``events`` as (x, label) pairs ([] when absent), or None if malformed."""
+    raw = panel.get("events", [])
+    if not isinstance(raw, list | tuple):
+        return None
+    out = []
+    for e in raw:
+        if not (isinstance(e, list | tuple) and len(e) == 2 and _is_num(e[0])
+                and isinstance(e[1], str)):
+            return None
+        out.append((float(e[0]), e[1]))
+    return out
 
 
 def figure_problems(f: Any) -> list[str]:

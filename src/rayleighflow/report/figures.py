@@ -7,21 +7,27 @@ is a note on the :class:`RenderedFigure` that the HTML report shows next to the 
 Conventions beyond docs/RUN_FOLDER.md (see also ``figspec``):
 
 * colors: series without ``color`` take the next color of a colorblind-safe cycle (Okabe–Ito;
-  ``"C0"``… name the same cycle), skipping colors the panel names explicitly; a ``band``
+  ``"C0"``… name the same cycle), skipping colors the panel names explicitly; a panel with
+  more auto-colored series than that cycle holds (e.g. one curve per layer) takes tab20's
+  twenty colors instead, and past twenty the line style changes with each round; a ``band``
   without ``color`` takes the color of the series just before it in its panel, so
   ``[line, band]`` pairs match; ``hline`` defaults to gray. An invalid color is a note.
 * ``style`` is a matplotlib line style (``"-"``, ``"--"``, ``":"``, ``"-."``) for line, hline
   and errorbar (default: none, markers only); ``marker`` sets scatter and errorbar markers.
 * rows where x or y is NaN (a column recorded only at some records) are dropped, so sparse
   columns draw as connected curves; non-positive values on a log axis are masked (the curve
-  breaks there) with a note.
+  breaks there) with a note; with the panel's ``zero_row``, values exactly 0 are drawn as
+  markers on a row labelled "0" at the bottom of the panel instead (a dead layer's R = 0).
+* ``events`` (panel): a dashed vertical line at each x with its label at the top; events at
+  the same x share one line, and a label that would overprint the previous one is left out.
+* a ``symlog`` x-axis over data that never goes below 0 starts at 0 (no negative ticks).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, final
@@ -32,6 +38,7 @@ from .._io import atomic_write
 from .._optional import REPORT_FEATURE, guard
 from .figspec import (
     RunData,
+    events_of,
     figure_problems,
     panel_problems,
     series_problems,
@@ -46,12 +53,18 @@ with guard("report", REPORT_FEATURE):
     from matplotlib.axes import Axes
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.transforms import blended_transform_factory
 
 __all__ = ["RenderedFigure", "render_figures", "validate_figures_spec", "PALETTE"]
 
 #: Okabe–Ito, reordered so the first colors are the most distinct on white.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000",
            "#F0E442")
+#: For panels with more auto-colored curves than PALETTE holds: matplotlib's tab20, dark
+#: shades first so that up to ten curves stay far apart; past twenty the line style changes.
+MANY = (*(f"tab20:{i}" for i in range(0, 20, 2)), *(f"tab20:{i}" for i in range(1, 20, 2)))
+MANY_STYLES = ("-", "--", "-.", ":")
+ZERO_ROW = 0.03  # axes fraction of the row where exact zeros sit on a log y-axis
 DPI = 110
 TINY = 1e-300  # values at or below it are masked on a log axis (zero or underflow)
 PANEL_SIZE = (5.5, 4.0)  # inches per panel
@@ -86,8 +99,14 @@ class RenderedFigure:
         return self.png is not None
 
 
-def render_figures(run_dir: str | Path) -> list[RenderedFigure]:
-    """Draw every figure of ``RUN_DIR/figures.json`` (none if the file is absent)."""
+def render_figures(run_dir: str | Path,
+                   adapt: Callable[[list[Any]], list[Any]] | None = None
+                   ) -> list[RenderedFigure]:
+    """Draw every figure of ``RUN_DIR/figures.json`` (none if the file is absent).
+
+    ``adapt`` maps the parsed spec to the one drawn (the report uses it to add a monitored
+    run's diagnoses and panels); figures.json itself is left as it is.
+    """
     run_dir = Path(run_dir)
     path = run_dir / "figures.json"
     if not path.exists():
@@ -98,6 +117,8 @@ def render_figures(run_dir: str | Path) -> list[RenderedFigure]:
         return [_failed("figures.json", f"figures.json could not be read: {e}")]
     if not isinstance(spec, list):
         return [_failed("figures.json", "figures.json must be a list of figures")]
+    if adapt is not None:
+        spec = adapt(spec)
     out_dir = run_dir / "figures"
     out_dir.mkdir(exist_ok=True)
     data = RunData(run_dir)
@@ -211,7 +232,10 @@ def _draw_panel(ax: Axes, panel: Any, data: RunData, notes: list[str], where: st
     ax.set_ylabel(str(panel.get("ylabel", "")))
     series = panel.get("series") if isinstance(panel.get("series"), list) else []
     drawn, labelled, last_color = 0, 0, None
-    auto = _auto_colors(series)
+    auto = _auto_styles(series)
+    # exact zeros drawn on the zero row, counted per series (None: the panel masks them)
+    zeros: list[int] | None = [] if panel.get("zero_row") is True and scales["y"] == "log" \
+        else None
     extent: dict[str, list[float]] = {"x": [], "y": []}  # data series only, for the limits
     references = 0
     for k, s in enumerate(series):
@@ -232,10 +256,12 @@ def _draw_panel(ax: Axes, panel: Any, data: RunData, notes: list[str], where: st
         elif color is None and s["kind"] == "hline":
             color = "0.35"
         elif color is None:
-            color = next(auto)
+            color, restyle = next(auto)
+            if restyle is not None and s["kind"] in ("line", "errorbar"):
+                s = {**s, "style": restyle}
         reference = s.get("role") == "reference"
         why = _draw_series(ax, s, data, scales, color, notes, name,
-                           None if reference else extent)
+                           None if reference else extent, zeros)
         if why is not None:
             notes.append(f"{name}: {why}; skipped")
             continue
@@ -253,6 +279,16 @@ def _draw_panel(ax: Axes, panel: Any, data: RunData, notes: list[str], where: st
         lim = panel.get(f"{axis}lim")
         if isinstance(lim, list | tuple) and len(lim) == 2 and drawn:
             getattr(ax, f"set_{axis}lim")(*lim)
+    if scales["x"] == "symlog" and drawn and "xlim" not in panel and extent["x"] \
+            and min(extent["x"]) >= 0:
+        # symlog pads below the first record into negative values (ticks at −10⁰, −10¹);
+        # time starts at 0, and so does the axis
+        ax.set_xlim(left=0.0)
+    if zeros:
+        ax.set_ylim(*ax.get_ylim())  # the zero row sits in axes coordinates: freeze the data's
+        ax.text(-0.01, ZERO_ROW, "0", transform=ax.transAxes, ha="right", va="center",
+                fontsize=9, color="0.25")
+    _draw_events(ax, panel, notes, where)
     if panel.get("equal_aspect") is True:
         ax.set_aspect("equal", adjustable="datalim")
     if labelled > LEGEND_INSIDE:
@@ -290,18 +326,34 @@ def _legend_rows(panel: Any) -> int:
     return -(-n // _legend_cols(panel)) if n > LEGEND_INSIDE else 0
 
 
-def _auto_colors(series: list[Any]) -> Iterator[str]:
-    """The palette minus colors the panel names explicitly, so "C0" and an auto color differ."""
-    used = {mcolors.to_hex(s["color"]) for s in series if isinstance(s, Mapping)
-            and isinstance(s.get("color"), str) and mcolors.is_color_like(s["color"])}
-    return itertools.cycle([c for c in PALETTE if c.lower() not in used] or PALETTE)
+def _auto_styles(series: list[Any]) -> Iterator[tuple[str, str | None]]:
+    """(color, line style or None) for the series without a color: the palette minus colors
+    the panel names explicitly, so "C0" and an auto color differ; when the panel has more such
+    series than that, tab20's colors, with a new line style for each round past twenty."""
+    named = [s for s in series if isinstance(s, Mapping)]
+    used = {mcolors.to_hex(s["color"]) for s in named
+            if isinstance(s.get("color"), str) and mcolors.is_color_like(s["color"])}
+    wanting = sum(s.get("kind") not in ("band", "hline") and not isinstance(s.get("color"), str)
+                  for s in named)
+    palette = [c for c in PALETTE if c.lower() not in used] or list(PALETTE)
+    if wanting <= len(palette):
+        return ((c, None) for c in itertools.cycle(palette))
+    many = [mcolors.to_hex(matplotlib.colormaps["tab20"](int(c.split(":")[1]))) for c in MANY]
+    # a tab20 color close to one the panel names would look like it: left out
+    near = [np.asarray(mcolors.to_rgb(u)) for u in used]
+    many = [c for c in many
+            if all(np.abs(np.asarray(mcolors.to_rgb(c)) - u).sum() > 0.3 for u in near)] or many
+    return ((c, None if k < len(many) else MANY_STYLES[(k // len(many)) % len(MANY_STYLES)])
+            for k, c in enumerate(itertools.cycle(many)))
 
 
 def _draw_series(ax: Axes, s: Mapping[str, Any], data: RunData, scales: dict[str, str],
                  color: str, notes: list[str], name: str,
-                 extent: dict[str, list[float]] | None = None) -> str | None:
+                 extent: dict[str, list[float]] | None = None,
+                 zeros: list[int] | None = None) -> str | None:
     """Draw one series; return why it was skipped, or None when drawn. ``extent`` collects
-    the finite x and y range of a data series."""
+    the finite x and y range of a data series; ``zeros`` (a log y-axis with a zero row)
+    collects how many exact zeros of y were drawn on that row."""
     kind = s["kind"]
     label = s.get("label") or None
     alpha = float(s["alpha"]) if isinstance(s.get("alpha"), int | float) else None
@@ -332,6 +384,10 @@ def _draw_series(ax: Axes, s: Mapping[str, Any], data: RunData, scales: dict[str
         return "no finite values recorded"
     cols = {k: v[keep] for k, v in cols.items()}
     masked = 0
+    zero_x = np.empty(0)
+    if zeros is not None and kind in ("line", "scatter"):
+        zero_x = cols["x"][cols["y"] == 0.0]
+        cols["y"] = np.where(cols["y"] == 0.0, np.nan, cols["y"])  # not masked: on the row
     for key, axis in (("x", "x"), ("y", "y"), ("y2", "y")):
         if key in cols and scales[axis] == "log":
             # ≤ 0 cannot be drawn; below 1e-300 is underflow that would stretch the axis
@@ -339,11 +395,19 @@ def _draw_series(ax: Axes, s: Mapping[str, Any], data: RunData, scales: dict[str
             bad = cols[key] <= TINY
             masked += int(bad.sum())
             cols[key] = np.where(bad, np.nan, cols[key])
-    if masked:
-        if all(np.isnan(v).all() for k, v in cols.items() if k != "yerr"):
+    if zero_x.size:
+        zeros.append(int(zero_x.size))  # type: ignore[union-attr]  # zero_x needs zeros
+        ax.plot(zero_x, np.full(zero_x.size, ZERO_ROW), color=color, linestyle="none",
+                marker="v", markersize=4.5, alpha=alpha, clip_on=False,
+                transform=blended_transform_factory(ax.transData, ax.transAxes))
+        notes.append(f"{name}: {zero_x.size} value(s) equal to 0 drawn on the row marked 0 "
+                     "at the bottom (a log axis has no 0)")
+    if masked or zero_x.size:
+        if not zero_x.size and all(np.isnan(v).all() for k, v in cols.items() if k != "yerr"):
             return "no values above 1e-300 to draw on a log axis (masked on the log axis)"
-        notes.append(f"{name}: {masked} value(s) ≤ {TINY:g} (zero or underflow) masked on "
-                     "the log axis")
+        if masked:
+            notes.append(f"{name}: {masked} value(s) ≤ {TINY:g} (zero or underflow) masked "
+                         "on the log axis")
     x, y = cols["x"], cols["y"]
     if extent is not None:
         for axis, v in (("x", x), ("y", y)):
@@ -381,3 +445,30 @@ def _alt_text(spec: Mapping[str, Any]) -> str:
             text += "; curves: " + ", ".join(labels)
         parts.append(text)
     return ". ".join(parts) + "."
+
+
+def _draw_events(ax: Axes, panel: Mapping[str, Any], notes: list[str], where: str) -> None:
+    """The panel's events: a dashed line at each x, labelled at the top (one line per x)."""
+    events = events_of(panel)
+    if not events:
+        return
+    at: dict[float, list[str]] = {}
+    for x, label in events:
+        if not np.isfinite(x):
+            notes.append(f"{where}: event {label!r} at x = {x} cannot be drawn; skipped")
+            continue
+        names = at.setdefault(x, [])
+        if label not in names:
+            names.append(label)
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    lo, hi = ax.get_xlim()
+    gap = 0.025 * abs(hi - lo)   # labels closer than that would print over each other
+    last: tuple[float, str] | None = None
+    for x, labels in sorted(at.items()):
+        ax.axvline(x, color="0.3", linestyle="--", linewidth=0.9, alpha=0.75, zorder=1.5)
+        text = ", ".join(labels)
+        if last is not None and x - last[0] < gap:
+            continue   # the line is drawn; its label would overprint the previous one
+        ax.text(x, 0.985, " " + text, transform=top, rotation=90, ha="right", va="top",
+                fontsize=7.5, color="0.2", clip_on=False)
+        last = (x, text)

@@ -21,6 +21,7 @@ from .._io import atomic_write_text, finite_or_none
 from .._optional import REPORT_FEATURE, guard
 from ..rundir import REQUIRED_SUMMARY_KEYS, RunContents, check_run_dir, load_run, versions
 from .figures import RenderedFigure, render_figures
+from .monitored import adapt_monitor_figures, diagnosis_events, is_monitored
 
 # The page's template and escaping: imported only by the report (extra [report]); without
 # jinja2 (which brings markupsafe) the error names the extra.
@@ -190,7 +191,58 @@ def _set_cards(s: Mapping[str, Any], cards: list[dict[str, Any]],
     return cards
 
 
-def _summary_rows(s: Mapping[str, Any]) -> list[tuple[Any, Any, Any, str]]:
+def _traj(run: RunContents, name: str) -> Any:
+    return next((t for t in run.trajectories if t.name == name), None)
+
+
+def _monitor_counts(run: RunContents) -> tuple[int, int, int, int]:
+    """(steps recorded, full-data evaluations, diagnoses marked, set-up notes) of a
+    monitored run, from its trajectories and summary."""
+    main, full = _traj(run, "main"), _traj(run, "full")
+    events = diagnosis_events(run.summary)
+    diagnoses = [d for d in run.summary.get("diagnoses") or [] if isinstance(d, Mapping)]
+    return (main.records if main else 0, full.records if full else 0, len(events),
+            len(diagnoses) - len(events))
+
+
+def _monitor_cards(s: Mapping[str, Any], run: RunContents) -> list[dict[str, Any]]:
+    """The cards of a monitored run: steps, not flow time; diagnoses, not certificates."""
+    steps, fulls, marked, setup = _monitor_counts(run)
+    main = _traj(run, "main")
+    l0, l1 = finite_or_none(s.get("loss_initial")), finite_or_none(s.get("loss_final"))
+    ratio = l1 / l0 if l0 and l1 is not None else None
+    cards = [
+        {"label": "Loss, final ÷ initial", "value": format_number(ratio, 3),
+         "sub": Markup("{} → {}").format(format_number(l0), format_number(l1)),
+         "tone": "good" if ratio is not None and ratio < 1 else "neutral"},
+        {"label": "Steps recorded", "value": format_number(steps),
+         "sub": Markup("steps {} → {} · {} of run time").format(
+             format_number(main.t_first if main else None),
+             format_number(main.t_last if main else None),
+             format_duration(s.get("run_time_s"))), "tone": "neutral"},
+        {"label": "Full-data evaluations", "value": format_number(fulls),
+         "sub": "exact loss and R(K; ∇ℓ) on all the data" if fulls else
+                "no full_data loader was given", "tone": "neutral"},
+        {"label": "Diagnoses", "value": format_number(marked),
+         "sub": ("marked on the plots at their steps" if marked else "none during the run")
+                + (f"; {setup} set-up note{'s' if setup != 1 else ''}" if setup else ""),
+         "tone": "bad" if marked else "good"} if "diagnoses" in s else
+        {"label": "Diagnoses", "value": "not saved",
+         "sub": "they are written to summary.json at close, which this run never reached",
+         "tone": "neutral"},
+        {"label": "min R(K; ∇ℓ)", "value": format_number(s.get("rayleigh_min")),
+         "sub": "smallest batch Rayleigh quotient recorded", "tone": "neutral"},
+    ]
+    if s.get("lambda_max") is not None:
+        cards.append({"label": Markup("λ<sub>min</sub>(K), probe set"),
+                      "value": _lambda_min(s),
+                      "sub": Markup("λ<sub>max</sub> = {}").format(
+                          format_number(s.get("lambda_max"))), "tone": "neutral"})
+    return cards
+
+
+def _summary_rows(s: Mapping[str, Any], monitored: bool = False
+                  ) -> list[tuple[Any, Any, Any, str]]:
     """(label, value, hint, tone) rows; tone is "good", "bad" or "" (a CSS class)."""
     rank_hint = (Markup("threshold {}").format(format_number(s["rank_threshold"]))
                  if s.get("rank_threshold") is not None else Markup(""))
@@ -210,11 +262,17 @@ def _summary_rows(s: Mapping[str, Any]) -> list[tuple[Any, Any, Any, str]]:
          Markup("{} / {}").format(format_number(l1), format_number(l0)),
          Markup("ratio {}").format(format_number(l1 / l0, 3)) if l0 and l1 is not None else "",
          ""),
-        (Markup("Flow time t<sub>final</sub>"), format_number(s.get("t_final")), "", ""),
+        (("Last step", format_number(s.get("t_final")), "the optimizer step of the last record",
+          "") if monitored else
+         (Markup("Flow time t<sub>final</sub>"), format_number(s.get("t_final")), "", "")),
         ("Run time", format_duration(s.get("run_time_s")), "", ""),
         ("Convention", _CONVENTIONS.get(s.get("convention"), format_number(s.get("convention"))),
          "constants are stated in this convention", ""),
     ]
+    if monitored and s.get("lambda_max") is None and s.get("rank") is None:
+        # no probe set: the spectrum was not measured, and five "—" rows would not say so
+        rows = [r for r in rows if r[0] not in ("NTK rank",) and "λ<sub>" not in str(r[0])]
+        rows.insert(2, ("NTK spectrum", "not measured", "give the Monitor a probe set", ""))
     if "max_bound_violation" in s:
         v = finite_or_none(s["max_bound_violation"])
         held = None if v is None else v <= 0
@@ -318,12 +376,19 @@ def _figure(f: RenderedFigure) -> dict[str, Any]:
             "svg": f"figures/{f.svg.name}" if f.svg is not None else None}
 
 
-def _banner(s: Mapping[str, Any], run: RunContents) -> tuple[str, Any]:
+def _banner(s: Mapping[str, Any], run: RunContents, monitored: bool = False
+            ) -> tuple[str, Any]:
     status = str(s.get("status") or "unknown")
     headline, text = _BANNERS.get(status, (status.capitalize(), "Unknown run status{until}."))
     t_final = finite_or_none(s.get("t_final"))
     trajs = run.trajectories
-    if len(trajs) > 1 and status != "complete":
+    if monitored:   # one loop, counted in steps; its records are not flows
+        until = (Markup(" up to step {}").format(format_number(t_final))
+                 if t_final is not None else "")
+        steps, fulls, marked, _ = _monitor_counts(run)
+        said = marked if "diagnoses" in s else "not saved (no summary.json)"
+        text += f" Steps recorded {steps}; full-data evaluations {fulls}; diagnoses {said}."
+    elif len(trajs) > 1 and status != "complete":
         done = sum(t.status not in (None, "interrupted", "failed") for t in trajs)
         running = s.get("recorded_flow")
         until = Markup(": {} of {} flows had finished").format(done, len(trajs))
@@ -336,7 +401,7 @@ def _banner(s: Mapping[str, Any], run: RunContents) -> tuple[str, Any]:
     body = Markup(escape(text)).replace("{until}", until)
     if status == "failed" and isinstance(s.get("error"), str):
         body += Markup(" <span class=\"error\">Error: {}</span>").format(s["error"])
-    if status == "interrupted":
+    if status == "interrupted" and not monitored:   # a user's loop has no --resume
         body += Markup(" Continue it with <code>rayleighflow run --resume {}</code>.").format(
             run.run_dir)
     for stop in s.get("stopped_early") or []:
@@ -347,20 +412,39 @@ def _banner(s: Mapping[str, Any], run: RunContents) -> tuple[str, Any]:
     return headline, body
 
 
+_MONITOR_UNCLOSED = ("summary.json was not written: the training loop stopped before "
+                     "monitor.close() (killed?). The values here are read from the recorded "
+                     "rows of trajectories/main.jsonl; the diagnoses, written at close, were "
+                     "not saved.")
+
 _FOOTNOTE_MARKS = ("masked on the log axis", "no finite values recorded",
-                   "not recorded in this run", "outside the plotted range")
+                   "not recorded in this run", "outside the plotted range",
+                   "drawn on the row marked 0")
 
 
 def _is_footnote(note: str) -> bool:
     return any(mark in note for mark in _FOOTNOTE_MARKS)
 
 
-def _context(run: RunContents, figures: list[RenderedFigure]) -> dict[str, Any]:
+def _diagnoses(s: Mapping[str, Any]) -> list[dict[str, str]]:
+    return [{"step": format_number(d.get("step")), "kind": str(d.get("kind") or "?"),
+             "message": str(d.get("message") or "")}
+            for d in s.get("diagnoses") or [] if isinstance(d, Mapping)]
+
+
+def _context(run: RunContents, figures: list[RenderedFigure],
+             monitored: bool = False) -> dict[str, Any]:
     s = run.summary
     status = str(s.get("status") or "unknown")
-    headline, banner_text = _banner(s, run)
+    headline, banner_text = _banner(s, run, monitored)
     certs = _certificates(s)
     notes = [str(n) for n in s.get("notes") or [] if n is not None]
+    if monitored:   # the diagnoses have their own table: not twice
+        said = {d["message"] for d in _diagnoses(s)}
+        notes = [n for n in notes if n not in said]
+    if monitored and run.from_trajectories:   # the generic note speaks of flows and --resume
+        notes = [_MONITOR_UNCLOSED if n.startswith("summary.json was not written") else n
+                 for n in notes]
     run_versions = s.get("versions") if isinstance(s.get("versions"), Mapping) else {}
     return {
         "title": str(s.get("experiment") or run.run_dir.name),
@@ -371,9 +455,10 @@ def _context(run: RunContents, figures: list[RenderedFigure]) -> dict[str, Any]:
         "early_stop": bool(s.get("stopped_early")),
         "traceback": s.get("traceback") if isinstance(s.get("traceback"), str) else None,
         "from_trajectories": run.from_trajectories,
-        "highlights": _highlights(s, certs, run.trajectories),
-        "summary_rows": _summary_rows(s),
-        "show_assumptions": any(c["assumptions"] for c in certs),
+        "monitored": monitored, "diagnoses": _diagnoses(s) if monitored else [],
+        "highlights": (_monitor_cards(s, run) if monitored
+                       else _highlights(s, certs, run.trajectories)),
+        "summary_rows": _summary_rows(s, monitored),
         "vacuous_fraction": f"{VACUOUS_FRACTION:.0%}",
         "certificates": certs, "empirical": EMPIRICAL, "extras": _extras(s),
         "notes": notes, "problems": list(run.problems),
@@ -405,9 +490,13 @@ def _template() -> jinja2.Template:
 def render_report(run_dir: str | Path) -> Path:
     """Draw the figures, then write ``RUN_DIR/report.html``; return its path."""
     run_dir = check_run_dir(run_dir)
-    figures = render_figures(run_dir)
     run = load_run(run_dir)
-    html = _template().render(**_context(run, figures))
+    monitored = is_monitored(run_dir, run.summary)
+    main = _traj(run, "main")
+    columns = main.columns if main is not None else ()
+    figures = render_figures(run_dir, (lambda spec: adapt_monitor_figures(
+        spec, run.summary, columns)) if monitored else None)
+    html = _template().render(**_context(run, figures, monitored))
     path = run_dir / REPORT_FILE
     atomic_write_text(path, html)
     return path
