@@ -97,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     ntk.add_argument("experiment", help="a .toml experiment file (or a run folder of one)")
     ntk.add_argument("--max-samples", type=_positive_int, default=None,
                      help="use at most this many samples (the kernel is (n k)^2)")
+    ntk.add_argument("--max-memory", default=None, metavar="SIZE",
+                     help="memory budget, e.g. 4GB (default: 80%% of free memory); a larger "
+                          "kernel is refused before anything is built")
+    ntk.add_argument("--force", action="store_true",
+                     help="run even when the estimate exceeds the budget")
 
     prove = sub.add_parser("prove", help="a proof (scope proven) that gradient flow from the "
                                          "experiment's initialization converges; exit 0 when "
@@ -291,7 +296,9 @@ def _cmd_ntk(args) -> int:
     with torchrun_session() as main:  # under torchrun: kernel tiles over the ranks
         path = user_experiment_file(Path(args.experiment), "ntk", "its report shows its "
                                     "spectrum: rayleighflow run {name}")
-        text = ntk_summary(path, max_samples=args.max_samples)
+        text = ntk_summary(path, max_samples=args.max_samples, force=args.force,
+                           max_memory=args.max_memory,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
     if main:
         print(text)
     return 0

@@ -151,6 +151,20 @@ def build_problem(cfg: ExperimentConfig) -> tuple[Problem, dict[str, Any]]:
     return problem, info
 
 
+def problem_size(cfg: ExperimentConfig) -> tuple[int | None, int, int]:
+    """(samples, None for a sampler; output width k; parameter count P) without building the
+    Problem, whose validation runs the model on all the data: what a cost estimate needs."""
+    dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
+    raw, _, n_classes = _raw_data(cfg, dtype)
+    probe = raw if isinstance(raw, Dataset) else raw.sample(8, make_generator(cfg, "probe"))
+    k = _output_width(cfg, probe, n_classes)
+    shape = tuple(cfg.model.input_shape) if isinstance(cfg.model, CNNConfig) \
+        and cfg.model.input_shape else tuple(probe.x.shape[1:]) or (1,)
+    module, _ = _module(cfg, shape, k)
+    p = sum(t.numel() for t in module.parameters() if t.requires_grad)
+    return (raw.n if isinstance(raw, Dataset) else None), k, p
+
+
 def _device(cfg: ExperimentConfig) -> torch.device:
     device = torch.device(cfg.device)
     if device.type == "cuda":
