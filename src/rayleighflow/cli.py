@@ -113,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="the loss to reach (0: convergence to zero; default: the "
                             "strongest statement the bounds allow)")
     prove.add_argument("--json", default=None, help="also write the proof as JSON here")
+    prove.add_argument("--max-memory", default=None, metavar="SIZE",
+                       help="memory budget, e.g. 4GB (default: 80%% of free memory)")
+    prove.add_argument("--force", action="store_true",
+                       help="prove even when the size estimate exceeds the budget")
     return parser
 
 
@@ -311,7 +315,8 @@ def _cmd_prove(args) -> int:
     from .prove.file import format_proof, prove_file
 
     proof = prove_file(args.experiment, radius=args.radius, target=args.target,
-                       json_out=args.json)
+                       json_out=args.json, force=args.force, max_memory=args.max_memory,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_proof(proof))
     return 0 if proof.certificate.holds else EXIT_NO_PROOF
 

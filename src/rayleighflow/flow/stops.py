@@ -202,10 +202,11 @@ class Limits:
             typical = (t_now - self.t_start) / max(evals, 1)   # the run's mean step so far
             reach = t_now + step * left
             if step < 1e-3 * typical:
-                cause = ("the adaptive step collapsed (steps of ~{:.2g} against {:.2g} earlier), "
+                cause = (f"the adaptive step collapsed (steps of ~{step:.2g} against "
+                         f"{typical:.2g} earlier), "
                          "as for a stiff or exploding model (outputs or weights at a huge "
                          "scale): rescale the model, or integrate it with rf.Implicit "
-                         "([flow.integrator] kind = 'implicit')").format(step, typical)
+                         "([flow.integrator] kind = 'implicit')")
             else:
                 cause = (f"the step did not collapse (steps of ~{step:.2g} throughout): t_max "
                          f"is beyond what the budget reaches (about t = {reach:.3g}); lower "
