@@ -689,3 +689,193 @@ def test_a_truncated_npz_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"cut\.npz: not a readable NPZ archive .*truncated"):
         rf.data.load_file(str(bad))
     assert rf.data.load_file(str(good)).n == 4
+
+
+# estimates and messages (round 2) ----------------------------------------------------------------
+
+FACTORIES_2 = '''
+import torch
+from torch import nn
+
+
+class Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.count = nn.Parameter(torch.tensor(3), requires_grad=False)   # frozen integer
+        self.register_buffer("steps", torch.tensor(0))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x).detach()
+
+
+def complex_net():
+    return nn.Linear(4, 3).to(torch.complex64)
+'''
+
+
+@pytest.fixture
+def ws2(ws):
+    (ws / "factories2.py").write_text(FACTORIES_2)
+    return ws
+
+
+def _write(ws, name, text):
+    (ws / name).write_text(text)
+    return name
+
+
+def test_ntk_refuses_a_kernel_above_the_budget_before_building(ws, capsys, monkeypatch):
+    import rayleighflow.experiments.user as user
+
+    built = []
+    monkeypatch.setattr(user, "build_problem", lambda *a: built.append(a))
+    _write(ws, "w64.toml", toml('kind = "mlp"\nwidths = [64]'))     # P = 515 > nk = 90
+    code, out, err = cli(capsys, "ntk", "w64.toml", "--max-memory", "100kB")
+    assert_one_line(code, err, "the 90 × 90 kernel", "259 kB", "budget of 100 kB",
+                    "--max-samples 18", "--force")
+    assert code == 2 and out == "" and built == []          # refused before the forward
+    # the default budget is read from free memory (psutil, else /proc)
+    from rayleighflow.ntk import _common
+
+    monkeypatch.setattr(_common, "available_bytes", lambda device: 200_000)
+    code, _, err = cli(capsys, "ntk", "w64.toml")
+    assert_one_line(code, err, "budget of 160 kB (80% of the 200 kB free on cpu)")
+    assert built == []
+
+
+def test_ntk_estimate_of_a_17m_parameter_kernel_is_refused():
+    from rayleighflow.ntk._common import SpectrumEstimate, fmt_bytes
+
+    e = SpectrumEstimate(100_000, 1, 17_051_649)     # widths [4096, 4096] on 64 features
+    assert e.route == "dense" and fmt_bytes(e.bytes) == "320 GB"
+    assert e.samples_within(2 * 10**9) == 7905 and 32 * 7905**2 <= 2e9 < 32 * 7906**2
+
+
+def test_ntk_forced_runs_and_says_nothing_when_small(ws, capsys):
+    _write(ws, "w64.toml", toml('kind = "mlp"\nwidths = [64]'))
+    code, out, err = cli(capsys, "ntk", "w64.toml", "--max-memory", "100kB", "--force")
+    assert code == 0 and "tangent kernel" in out and err == ""
+
+
+def test_available_bytes_reads_psutil(monkeypatch):
+    psutil = pytest.importorskip("psutil")
+    from rayleighflow.ntk import _common
+
+    assert abs(_common._host_free() - psutil.virtual_memory().available) < 2**30
+
+
+def test_prove_refuses_a_proof_above_its_budget_with_the_estimate(ws, capsys):
+    pytest.importorskip("flint")
+    name = _write(ws, "pr.toml", toml(data='kind = "sklearn"\nname = "iris"\nn_samples = 30'))
+    code, out, err = cli(capsys, "prove", name, "--max-memory", "10kB")
+    assert_one_line(code, err, "J₀ is 90 × 35", "memory budget of 10 kB", "--force")
+    assert code == 2 and out == ""
+
+
+def test_prove_work_budget(ws, capsys, monkeypatch):
+    pytest.importorskip("flint")
+    import importlib
+
+    pf = importlib.import_module("rayleighflow.prove.file")
+    monkeypatch.setattr(pf, "PROOF_WORK_BUDGET", 10.0)
+    code, _, err = cli(capsys, "prove", "ok.toml")
+    assert_one_line(code, err, "multiply-adds", "work budget of 1e+01", "--force")
+
+
+def test_printed_bounds_are_rounded_outward():
+    from rayleighflow.prove._print import fmt_below, fmt_down, fmt_up
+
+    assert fmt_up(0.0562341) == "0.05624" and fmt_down(0.0562341) == "0.05623"
+    a, b = fmt_below(0.0562341, 0.05623412)       # was printed "0.0562341 < r = 0.05623"
+    assert float(a) >= 0.0562341 and float(b) <= 0.05623412 and float(a) < float(b)
+    assert fmt_up(100.0) == "100" and fmt_up(1234567.0) == "1.235e+06"
+
+
+def test_a_stall_says_the_time_reached_and_why(ws, capsys):
+    name = _write(ws, "far.toml", toml(flow="t_max = 1e12\n[flow.records]\nkind = \"log\"\nn = 4"))
+    code, _, err = cli(capsys, "run", name, "--out", "far")
+    assert code == 0
+    assert "stopped at t = " in err and "the step did not collapse" in err
+    assert "[flow] t_max" in err and "[flow.stop] max_evals" in err
+    assert "max_steps" not in err and "euler" not in err and "collapsed, as" not in err
+
+
+def test_a_frozen_integer_parameter_is_left_alone(ws2, capsys):
+    name = _write(ws2, "cnt.toml", toml('kind = "import"\nfactory = "factories2.py:Counted"\n'
+                                        "init_scale = 0.5"))
+    code, _, err = cli(capsys, "run", name, "--out", "cnt")
+    assert code == 0, err
+    s = json.loads((ws2 / "cnt" / "summary.json").read_text())
+    assert s["P"] == 15 and s["loss_final"] < s["loss_initial"]
+
+
+def test_a_trainable_integer_parameter_is_refused():
+    with pytest.raises(TypeError, match="parameter 'w' is int64: a gradient flow moves real"):
+        rf.Model(lambda p, x: x * p["w"], {"w": torch.tensor([3])})
+
+
+def test_a_detaching_forward_is_refused_with_one_line(ws2, capsys):
+    data = rf.load_sklearn("iris", n_samples=20)
+
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            return self.lin(x).detach()
+
+    with pytest.raises(ValueError, match=r"does not depend on its parameters .*\.detach\(\)"):
+        rf.Problem(Detached(), data, "cross-entropy")
+    name = _write(ws2, "det.toml", toml('kind = "import"\nfactory = "factories2.py:Detached"'))
+    before = _listing(ws2)
+    code, _, err = cli(capsys, "run", name, "--out", "det")
+    assert_one_line(code, err, "does not depend on its parameters", ".detach()")
+    assert code == 2 and _listing(ws2) == before
+
+
+@pytest.mark.parametrize("factory, needle", [
+    ("os:system", "os:system is a builtin_function_or_method"),
+    ("subprocess:Popen", "a class that is not an nn.Module"),
+    ("builtins:print", "builtins:print is a builtin_function_or_method")])
+def test_a_factory_that_is_not_a_model_builder_is_not_called(ws, capsys, factory, needle):
+    name = _write(ws, "sys.toml", toml(f'kind = "import"\nfactory = "{factory}"\n'
+                                       '[model.kwargs]\ncommand = "touch pwned"'))
+    before = _listing(ws)
+    code, _, err = cli(capsys, "run", name, "--out", "sys")
+    assert_one_line(code, err, needle, "it was not called")
+    assert code == 2 and _listing(ws) == before and not (ws / "pwned").exists()
+
+
+def test_negative_labels_are_not_class_indices(ws, capsys):
+    (ws / "neg.csv").write_text("a,b,label\n0.1,0.2,0\n0.3,0.1,1\n0.5,0.9,-1\n0.2,0.2,1\n")
+    name = _write(ws, "neg.toml", toml(data='kind = "csv"\npath = "neg.csv"'))
+    code, _, err = cli(capsys, "run", name, "--out", "neg")
+    assert_one_line(code, err, "labels include -1", "negative labels are not class indices")
+    assert "real-valued" not in err
+
+
+def test_a_directory_is_said_to_be_a_directory(ws, capsys):
+    (ws / "sub.csv").mkdir()
+    name = _write(ws, "dir.toml", toml(data='kind = "csv"\npath = "sub.csv"', loss="square"))
+    code, _, err = cli(capsys, "run", name, "--out", "dir")
+    assert_one_line(code, err, "sub.csv is a directory, not a file")
+    assert "not found" not in err
+    with pytest.raises(IsADirectoryError, match="is a directory, not a data file"):
+        rf.data.load_file(str(ws / "sub.csv"))
+
+
+def test_complex_factory_parameters_are_refused_before_any_cast(ws2, capsys):
+    name = _write(ws2, "cx.toml", toml('kind = "import"\nfactory = "factories2.py:complex_net"'))
+    code, _, err = cli(capsys, "run", name, "--out", "cx")
+    assert_one_line(code, err, "parameter 'weight' is complex64", "view_as_real")

@@ -34,7 +34,8 @@ def _check(out, s):
             assert r["run_check"]["passed"]
     assert narrow["P"] < narrow["nk"] and narrow["zero_loss_proof"]["status"] == "unavailable"
     # the notes are built from the numbers
-    assert f"{wide['proof']['rho']:.4g}" in s["notes"][0]
+    from rayleighflow.prove._print import fmt_down
+    assert fmt_down(wide['proof']['rho']) in s["notes"][0]
     assert "obeys" in s["notes"][0] and "finds a counterexample" in s["notes"][0]
     labels = [c["label"] for c in s["certificates"]]
     assert any(lbl.startswith("wide: proven") for lbl in labels)

@@ -97,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     ntk.add_argument("experiment", help="a .toml experiment file (or a run folder of one)")
     ntk.add_argument("--max-samples", type=_positive_int, default=None,
                      help="use at most this many samples (the kernel is (n k)^2)")
+    ntk.add_argument("--max-memory", default=None, metavar="SIZE",
+                     help="memory budget, e.g. 4GB (default: 80%% of free memory); a larger "
+                          "kernel is refused before anything is built")
+    ntk.add_argument("--force", action="store_true",
+                     help="run even when the estimate exceeds the budget")
 
     prove = sub.add_parser("prove", help="a proof (scope proven) that gradient flow from the "
                                          "experiment's initialization converges; exit 0 when "
@@ -108,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="the loss to reach (0: convergence to zero; default: the "
                             "strongest statement the bounds allow)")
     prove.add_argument("--json", default=None, help="also write the proof as JSON here")
+    prove.add_argument("--max-memory", default=None, metavar="SIZE",
+                       help="memory budget, e.g. 4GB (default: 80%% of free memory)")
+    prove.add_argument("--force", action="store_true",
+                       help="prove even when the size estimate exceeds the budget")
     return parser
 
 
@@ -291,7 +300,9 @@ def _cmd_ntk(args) -> int:
     with torchrun_session() as main:  # under torchrun: kernel tiles over the ranks
         path = user_experiment_file(Path(args.experiment), "ntk", "its report shows its "
                                     "spectrum: rayleighflow run {name}")
-        text = ntk_summary(path, max_samples=args.max_samples)
+        text = ntk_summary(path, max_samples=args.max_samples, force=args.force,
+                           max_memory=args.max_memory,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
     if main:
         print(text)
     return 0
@@ -304,7 +315,8 @@ def _cmd_prove(args) -> int:
     from .prove.file import format_proof, prove_file
 
     proof = prove_file(args.experiment, radius=args.radius, target=args.target,
-                       json_out=args.json)
+                       json_out=args.json, force=args.force, max_memory=args.max_memory,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_proof(proof))
     return 0 if proof.certificate.holds else EXIT_NO_PROOF
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
+import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -369,6 +370,9 @@ def load_sklearn(
 def load_file(path: str, *, target: str | None = None,
               dtype: torch.dtype = torch.float64) -> Dataset:
     """Load a CSV (y is the column named ``target``, default the last) or an NPZ with x, y."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a data file: name the .csv or "
+                                ".npz file in it")
     if path.endswith(".npz"):
         try:
             with np.load(path) as z:

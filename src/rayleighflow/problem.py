@@ -355,7 +355,24 @@ class Problem:
                 "is random (dropout? sampling?) and no certificate applies; make it "
                 "deterministic or pass allow_nondeterministic=True to Model"
             )
-        self._checked[data] = self.loss.check_targets(f, data.y)
+        targets = self.loss.check_targets(f, data.y)
+        self._check_differentiable(data)
+        self._checked[data] = targets
+
+    def _check_differentiable(self, data: Dataset) -> None:
+        """The output must carry gradients to θ: a forward that detaches (``.detach()``,
+        ``torch.no_grad()``, a NumPy round trip) passes every value check and fails in the
+        flow. One sample's forward and backward."""
+        params = {k: v.detach().requires_grad_(True) for k, v in self.model.params.items()}
+        with torch.enable_grad():
+            out = self.model(params, data.x[:1])
+            grads = torch.autograd.grad(out.sum(), list(params.values()), allow_unused=True) \
+                if out.requires_grad else ()
+        if not any(g is not None for g in grads):
+            raise ValueError("the model's output does not depend on its parameters through "
+                             "autograd (no gradient reaches θ: does forward call .detach(), "
+                             "run under torch.no_grad() or go through NumPy?): remove that, so "
+                             "that the output carries gradients")
 
     def targets(self, data: Dataset, f: Tensor) -> Tensor:
         """Targets in the loss's form; checked once per validated dataset, else every call."""

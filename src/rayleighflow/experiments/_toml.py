@@ -233,6 +233,11 @@ class _Table:
     def _resolve(self, path: str, raw: str) -> Path | None:
         p = Path(raw).expanduser()
         p = (p if p.is_absolute() else self.base / p).resolve()
+        if p.is_dir():
+            self.issues.add(path, f"{path}: {p} is a directory, not a file: name the data "
+                                  "file in it (relative paths are resolved against the TOML "
+                                  f"file's folder {self.base})")
+            return None
         if not p.is_file():
             self.issues.add(path, f"{path}: file not found: {p} (relative paths are resolved "
                                   f"against the TOML file's folder {self.base})")

@@ -151,6 +151,20 @@ def build_problem(cfg: ExperimentConfig) -> tuple[Problem, dict[str, Any]]:
     return problem, info
 
 
+def problem_size(cfg: ExperimentConfig) -> tuple[int | None, int, int]:
+    """(samples, None for a sampler; output width k; parameter count P) without building the
+    Problem, whose validation runs the model on all the data: what a cost estimate needs."""
+    dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
+    raw, _, n_classes = _raw_data(cfg, dtype)
+    probe = raw if isinstance(raw, Dataset) else raw.sample(8, make_generator(cfg, "probe"))
+    k = _output_width(cfg, probe, n_classes)
+    shape = tuple(cfg.model.input_shape) if isinstance(cfg.model, CNNConfig) \
+        and cfg.model.input_shape else tuple(probe.x.shape[1:]) or (1,)
+    module, _ = _module(cfg, shape, k)
+    p = sum(t.numel() for t in module.parameters() if t.requires_grad)
+    return (raw.n if isinstance(raw, Dataset) else None), k, p
+
+
 def _device(cfg: ExperimentConfig) -> torch.device:
     device = torch.device(cfg.device)
     if device.type == "cuda":
@@ -242,6 +256,11 @@ def _file_data(cfg: ExperimentConfig, d: FileData, dtype: torch.dtype):
 def _output_width(cfg: ExperimentConfig, probe: Dataset, n_classes: int | None) -> int:
     loss, y = cfg.loss, probe.y
     if loss.name != "square" or loss.one_hot:
+        if n_classes is None and _negative_whole(y):
+            raise _fail(cfg, "loss.name", f"loss {loss.name!r} needs class labels 0..k-1, but "
+                        f"the data's labels include {float(y.min()):g}: negative labels are "
+                        "not class indices; renumber them 0..k-1 (e.g. np.unique(y, "
+                        "return_inverse=True)), or use loss 'square' for real targets")
         if n_classes is None:
             raise _fail(cfg, "loss.name", f"loss {loss.name!r}{' with one_hot' * loss.one_hot} "
                         "needs integer class labels 0..k-1, but the data's targets are "
@@ -257,6 +276,11 @@ def _output_width(cfg: ExperimentConfig, probe: Dataset, n_classes: int | None) 
         raise _fail(cfg, "model.output_dim", f"model.output_dim = {given} but loss "
                     f"{loss.name!r} on this data needs {k}; remove it to infer it")
     return k
+
+
+def _negative_whole(y: torch.Tensor) -> bool:
+    """Whole-number targets with a negative one: labels such as −1/1, not real values."""
+    return bool(y.numel()) and bool((y == y.round()).all()) and float(y.min()) < 0
 
 
 # ----------------------------------------------------------------------------- models
@@ -277,10 +301,24 @@ def _module(cfg: ExperimentConfig, shape: tuple[int, ...], k: int) -> tuple[nn.M
             module, desc = _cnn(cfg, m, shape, k)
         else:
             module, desc = _call_factory(cfg, m, factory)
-    with torch.no_grad():
+    _refuse_complex(cfg, module)
+    with torch.no_grad():  # integer (frozen) parameters and buffers are left as they are
         for p in module.parameters():
-            p.mul_(m.init_scale)
+            if p.is_floating_point() and m.init_scale != 1:
+                p.mul_(m.init_scale)
     return module, desc + (f", init ×{m.init_scale:g}" if m.init_scale != 1 else "")
+
+
+def _refuse_complex(cfg: ExperimentConfig, module: nn.Module) -> None:
+    """Before the cast to the configured dtype, which would drop imaginary parts silently."""
+    tensors = [("parameter", *nt) for nt in module.named_parameters()] + \
+        [("buffer", *nt) for nt in module.named_buffers()]
+    for kind, name, t in tensors:
+        if t.is_complex():
+            raise _fail(cfg, "model", f"model: {kind} {name!r} is "
+                        f"{str(t.dtype).removeprefix('torch.')}: the losses, kernels and "
+                        "certificates here are real; split it into real and imaginary parts "
+                        "(torch.view_as_real)")
 
 
 def _mlp(m: MLPConfig, shape: tuple[int, ...], k: int) -> tuple[nn.Module, str]:
@@ -356,6 +394,15 @@ def _load_factory(cfg: ExperimentConfig) -> Callable[..., Any]:
     if not callable(obj):
         raise _fail(cfg, "model.factory", f"model.factory: {spec} is a "
                     f"{type(obj).__name__}, not a function returning an nn.Module")
+    # Checked before any call: a factory is code the configuration runs, so only what is
+    # plainly meant to build a model (an nn.Module class, a def-defined function) is called.
+    is_module_class = inspect.isclass(obj) and issubclass(obj, nn.Module)
+    if not (is_module_class or inspect.isfunction(obj)):
+        what = "a class that is not an nn.Module" if inspect.isclass(obj) else \
+            f"a {type(obj).__name__}"
+        raise _fail(cfg, "model.factory", f"model.factory: {spec} is {what}, not an nn.Module "
+                    "class or a Python function (def) returning one; it was not called: name "
+                    "your own model-building function, e.g. \"my_model.py:build\"")
     return obj
 
 

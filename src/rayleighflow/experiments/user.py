@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,11 @@ import torch
 
 from ..data import Dataset
 from ..flow import Columns
-from ..ntk import contrast_report
+from ..ntk import KernelTooLargeError, contrast_report
+from ..ntk._common import SpectrumEstimate, fmt_bytes, memory_budget
 from ..rundir import prepare_out, recorded_summary
 from ..seeding import generator as seeded_generator
-from .builders import build_problem, flow_kwargs
+from .builders import build_problem, flow_kwargs, problem_size
 from .common import (
     certificate_arrays,
     certificates,
@@ -139,19 +141,38 @@ def run_user_experiment(path: Path, out: Path, *, seed=None, device=None, dtype=
     return execute(exp, ctx, config_to_toml(cfg))
 
 
-def ntk_summary(path: Path, *, max_samples: int | None = None) -> str:
+def ntk_summary(path: Path, *, max_samples: int | None = None, force: bool = False,
+                max_memory: int | str | None = None, log: Any = None) -> str:
     """The paper's contrast at initialization for a TOML experiment's model and data.
 
     ``path`` is a user experiment file, as ``registry.user_experiment_file`` resolves it (a
-    run folder to its config.toml)."""
+    run folder to its config.toml). The kernel's memory is estimated before anything is
+    built and refused above the budget (``max_memory``, else 80% of free memory) unless
+    ``force``; ``log(line)`` receives the estimate and progress of a long request."""
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"--max-samples must be at least 1 (got {max_samples})")
     cfg = load_config(path)
+    n, k, p = problem_size(cfg)
+    n = min(n if n is not None else (max_samples or 512), max_samples or n or 512)
+    estimate = SpectrumEstimate(n, k, p)
+    budget, said = memory_budget(max_memory, torch.device(cfg.device))
+    if estimate.bytes > budget and not force:
+        fit = estimate.samples_within(budget)
+        fewer = f"--max-samples {fit} (fits), " if 0 < fit < n else ""
+        raise KernelTooLargeError(
+            f"ntk: {estimate.describe()}, above the budget of {fmt_bytes(budget)} ({said}): "
+            f"use {fewer}--max-memory SIZE to set the budget, or --force to try anyway")
+    long = estimate.bytes > 2**30 or estimate.flops > 1e11
+    say = log if (log is not None and long) else (lambda _line: None)
+    begin = time.perf_counter()
+    say(f"ntk: {estimate.describe()} (budget {fmt_bytes(budget)}); building the problem")
     problem, info = build_problem(cfg)
     data = problem.data
     if not isinstance(data, Dataset):
         data = data.sample(max_samples or 512, seeded_generator(cfg.seed))
     if max_samples is not None and data.n > max_samples:
         data = data.subset(torch.arange(max_samples))
-    report = contrast_report(problem, data)
+    say(f"ntk: forming the kernel and its spectrum ({time.perf_counter() - begin:.1f} s)")
+    report = contrast_report(problem, data, max_memory=max_memory)
+    say(f"ntk: done in {time.perf_counter() - begin:.1f} s")
     return f"{cfg.name}: {info.get('model')} on {info.get('data')}\n{report}"

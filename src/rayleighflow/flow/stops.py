@@ -198,13 +198,26 @@ class Limits:
         left = (self.budget or 0) - evals
         needed = math.inf if advance <= 0 else (self.t_max - t_now) / advance * len(recent)
         if advance < floor and needed > left:
+            step = advance / len(recent)
+            typical = (t_now - self.t_start) / max(evals, 1)   # the run's mean step so far
+            reach = t_now + step * left
+            if step < 1e-3 * typical:
+                cause = (f"the adaptive step collapsed (steps of ~{step:.2g} against "
+                         f"{typical:.2g} earlier), "
+                         "as for a stiff or exploding model (outputs or weights at a huge "
+                         "scale): rescale the model, or integrate it with rf.Implicit "
+                         "([flow.integrator] kind = 'implicit')")
+            else:
+                cause = (f"the step did not collapse (steps of ~{step:.2g} throughout): t_max "
+                         f"is beyond what the budget reaches (about t = {reach:.3g}); lower "
+                         "t_max ([flow] t_max), raise the budget (rf.MaxEvals(n); [flow.stop] "
+                         "max_evals), or integrate with rf.Implicit ([flow.integrator] kind = "
+                         "'implicit'), which takes long steps")
             raise Stop(FlowStatus.STALLED, (
-                f"stalled near t = {t_now:.6g}: the last {len(recent)} gradient evaluations "
-                f"advanced the flow by {advance:.3g}; at that rate reaching t_max = "
-                f"{self.t_max:g} needs ~{needed:.2g} more, beyond the {left} left in the "
-                "budget. The adaptive step collapsed, as for a stiff or exploding model "
-                "(outputs or weights at a huge scale): rescale the model, raise MaxEvals(n), "
-                "or use GradientDescent(step) with a small step"))
+                f"stopped at t = {t_now:.6g} of t_max = {self.t_max:g}: the last "
+                f"{len(recent)} gradient evaluations advanced the flow by {advance:.3g}; at "
+                f"that rate t_max needs ~{needed:.2g} more, beyond the {left} left in the "
+                f"budget; {cause}"))
 
 
 def read_stops(stops, adaptive: bool,

@@ -231,8 +231,9 @@ _HOST_FREE_TTL_S = 0.5
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory of a device now: MemAvailable on the host (read at most every 0.5 s: a
-    small kernel's call should not be spent in /proc), cudaMemGetInfo on a GPU."""
+    """Free memory of a device now: psutil's available memory on the host (else MemAvailable
+    from /proc; read at most every 0.5 s: a small kernel's call should not be spent there),
+    cudaMemGetInfo on a GPU."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -244,6 +245,12 @@ def available_bytes(device: torch.device) -> int:
 
 
 def _host_free() -> int:
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -265,6 +272,60 @@ def working_budget(max_memory: int | float | str | None, device: torch.device) -
     if device.type == "cuda":
         return int(0.6 * free)
     return int(min(DEFAULT_CPU_CAP, 0.5 * free))
+
+
+@final
+@dataclass(frozen=True)
+class SpectrumEstimate:
+    """What a dense spectrum of K (n samples, k outputs, P parameters) costs, before it runs.
+
+    The smaller of the nk × nk kernel and the P × P dual Gram, float64, with the
+    eigensolver's copy and workspace (as ``ntk_spectrum``'s route AUTO counts them), and the
+    multiply-adds of forming it and of the eigendecomposition.
+
+    Example:
+        >>> e = SpectrumEstimate(100_000, 1, 17_000_000)
+        >>> e.route, fmt_bytes(e.bytes), e.samples_within(2 * 10**9)
+        ('dense', '320 GB', 7905)
+    """
+
+    n: int
+    k: int
+    p: int
+
+    @property
+    def route(self) -> str:
+        return "dual" if 3 * self.p ** 2 < 4 * (self.n * self.k) ** 2 else "dense"
+
+    @property
+    def bytes(self) -> int:
+        nk = self.n * self.k
+        return 8 * min(3 * self.p ** 2, 4 * nk * nk)
+
+    @property
+    def flops(self) -> float:
+        nk, p = self.n * self.k, self.p
+        m = min(nk, p)
+        return float(nk) * float(m) * p + float(m) ** 3
+
+    def samples_within(self, budget: int) -> int:
+        """The most samples whose dense kernel fits ``budget`` bytes (0 if none)."""
+        return max(0, math.isqrt(max(budget, 0) // 32) // self.k)
+
+    def describe(self) -> str:
+        what = (f"the {self.p} × {self.p} dual Gram" if self.route == "dual" else
+                f"the {self.n * self.k} × {self.n * self.k} kernel")
+        return (f"{what} (n = {self.n}, k = {self.k}, P = {self.p}) needs about "
+                f"{fmt_bytes(self.bytes)} and {self.flops:.2g} multiply-adds")
+
+
+def memory_budget(max_memory: int | float | str | None, device: torch.device) -> tuple[int, str]:
+    """(bytes a whole request may use, how that was decided): ``max_memory`` when given,
+    else 80% of the device's free memory now."""
+    if max_memory is not None:
+        return parse_bytes(max_memory), "max_memory"
+    free = available_bytes(device)
+    return int(0.8 * free), f"80% of the {fmt_bytes(free)} free on {device}"
 
 
 @final

@@ -25,6 +25,7 @@ import numpy as np
 from ..certificate import Assumption, Certificate, CertificateStatus, Reason, Scope
 from ..desingularizers import CrossEntropy
 from ._arb import arb, down, up
+from ._print import fmt_below, fmt_down, fmt_up
 from ._proof import Phase, Proof, RhoAt, _assumptions, _unavailable
 from ._search import _failed
 
@@ -140,13 +141,13 @@ def prove_ce(problem, c, grid, target, t0, convention):
                    f"k = {k} (CERTIFICATES.md §4)"),
         Assumption(f"R(K_θ; ∇ℓ) ≥ ρ = {a.rho:.6g} on B(θ₀, {a.r:.4g}) ∩ {{L ≤ L₀}}", True,
                    f"{a.route} route: ρ = {formula}; ‖∇ℓ(f) − ∇ℓ(f′)‖ ≤ ½‖f − f′‖"),
-        Assumption(f"path length ≤ {path:.6g} < r = {a.r:.4g}", True,
+        Assumption("path length ≤ {} < r = {}".format(*fmt_below(path, a.r, 6)), True,
                    "(log(e^(L₀) − 1) − log(e^(L_target) − 1))/√(cρ)"),
     ]
-    statement = (f"proven: from θ₀ the gradient flow reaches L ≤ {goal:.4g} by t = {T:.4g} "
-                 f"without leaving B(θ₀, {a.r:.4g}) (path length ≤ {path:.4g}); until then "
-                 f"φ(L_t) ≤ φ(L₀) − μt with the cross-entropy φ and μ = cρ = {mu_f:.4g}; L "
-                 f"stays ≤ {goal:.4g} afterwards")
+    statement = (f"proven: from θ₀ the gradient flow reaches L ≤ {fmt_up(goal)} by t = "
+                 f"{fmt_up(T)} without leaving B(θ₀, {fmt_up(a.r)}) (path length ≤ "
+                 f"{fmt_up(path)}); until then φ(L_t) ≤ φ(L₀) − μt with the cross-entropy φ "
+                 f"and μ = cρ = {fmt_down(mu_f)}; L stays ≤ {fmt_up(goal)} afterwards")
     seconds = time.perf_counter() - t0
     cert = Certificate(
         desingularizer=CrossEntropy(), mu=mu_f,

@@ -34,6 +34,7 @@ from ..data import Dataset
 from ..desingularizers import Log
 from ..problem import Problem
 from ._arb import arb, down, gamma, gram_bounds, norm_up, sqrt_nonneg, up
+from ._print import fmt_below, fmt_down, fmt_up
 from ._proof import Constants, Phase, Proof, _assumptions, _unavailable, rho_at
 from ._search import _chain, _failed, _single_phase
 from .ce import prove_ce
@@ -237,8 +238,8 @@ def _holds(problem, c: Constants, phases: list[Phase], target: float, searched, 
         assumptions.append(Assumption(
             f"phase {idx}/{len(phases)}: R(K_θ; ∇ℓ) ≥ ρ = {ph.rho:.6g} on B(θ₀, {ph.r:.4g}) "
             f"while L ∈ ({lo}, {ph.loss_top:.4g}]", True,
-            f"{ph.route} route: ρ = {formula}; path {ph.path_start:.4g} → {ph.path_end:.4g} "
-            f"< r; {ends}"))
+            f"{ph.route} route: ρ = {formula}; path {fmt_down(ph.path_start)} → "
+            "{} < r = {}; {}".format(*fmt_below(ph.path_end, ph.r), ends)))
         del k
     if len(phases) > len(shown):
         assumptions.append(Assumption(
@@ -247,15 +248,17 @@ def _holds(problem, c: Constants, phases: list[Phase], target: float, searched, 
             f" to {max(p.rho for p in phases):.4g}, r from {min(p.r for p in phases):.4g} to "
             f"{r_max:.4g}"))
     if target > 0:
-        statement = (f"proven: from θ₀ the gradient flow reaches L ≤ {target:.4g} by t = {T:.4g} "
-                     f"without leaving B(θ₀, {r_max:.4g}) (path length ≤ {path:.4g}; "
-                     f"{method}); until then L_t ≤ L₀e^(−2ρt) with ρ = {rho:.4g}"
+        statement = (f"proven: from θ₀ the gradient flow reaches L ≤ {fmt_up(target)} by t = "
+                     f"{fmt_up(T)} without leaving B(θ₀, {fmt_up(r_max)}) (path length ≤ "
+                     f"{fmt_up(path)}; {method}); until then L_t ≤ L₀e^(−2ρt) with ρ = "
+                     f"{fmt_down(rho)}"
                      + (", the smallest phase rate (the piecewise bound is tighter)"
                         if len(phases) > 1 else "")
-                     + f"; L stays ≤ {target:.4g} afterwards")
+                     + f"; L stays ≤ {fmt_up(target)} afterwards")
     else:
-        statement = (f"proven: from θ₀ the gradient flow stays in B(θ₀, {r_max:.4g}) forever "
-                     f"(path length ≤ {path:.4g}) and L_t ≤ {c.loss0:.4g}·e^(−2·{rho:.4g}·t) "
+        statement = (f"proven: from θ₀ the gradient flow stays in B(θ₀, {fmt_up(r_max)}) "
+                     f"forever (path length ≤ {fmt_up(path)}) and L_t ≤ "
+                     f"{fmt_up(c.loss0)}·e^(−2·{fmt_down(rho)}·t) "
                      f"for every t ≥ 0: convergence to zero loss ({method}; ≤ 1e-8·L₀ by "
                      f"t = {T:.4g})")
     seconds = time.perf_counter() - t0
