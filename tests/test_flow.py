@@ -31,6 +31,7 @@ def _least_squares(n=20, d=4, k=2, seed=0):
     return pb, exact
 
 
+@pytest.mark.oldest
 def test_adaptive_flow_matches_closed_form():
     pb, exact = _least_squares()
     res = gradient_flow(pb, integrator=rf.Dopri5(rtol=1e-11, atol=1e-13), t_max=30.0)
@@ -42,6 +43,7 @@ def test_adaptive_flow_matches_closed_form():
     assert torch.allclose(res.params["W"], w_ref, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.oldest
 def test_euler_converges_at_order_one():
     pb, exact = _least_squares()
     t_end = 2.0

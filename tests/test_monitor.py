@@ -56,6 +56,7 @@ def _assert_matches(row, ref, groups=None):
     assert per_layer == pytest.approx(row["rayleigh"], rel=1e-12)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("loss", ["cross-entropy", "square"])
 @pytest.mark.parametrize("convention", ["mean", "sum"])
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
@@ -90,6 +91,7 @@ def test_batch_quotient_equals_measure(loss, convention, optim):
     assert ("not −η∇L" in sentence) == (optim == "adam")
 
 
+@pytest.mark.oldest
 def test_gradient_accumulation_is_the_union_batch():
     net = _net()
     x, y = _data(n=12)

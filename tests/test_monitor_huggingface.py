@@ -458,3 +458,74 @@ def test_a_grad_scaler_factor_is_taken_out_only_once_grad_is_unscaled():
     scaler.unscale_(opt.optimizer)
     assert float(_unscaled_by(opt)) == 1024.0
     assert _unscaled_by(SimpleNamespace(optimizer=opt.optimizer, scaler=None)) is None
+
+
+def _jsonl_rows(path):
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return {r["step"]: r for r in lines if isinstance(r, dict) and "rayleigh" in r}
+
+
+def test_attached_callback_feeds_the_trainers_log_history_and_trainer_state(tmp_path):
+    """attach(trainer): at every log event (logging_steps=1) the Trainer's log_history gets the
+    step's rayleigh/R, rayleigh/layer/<group> and rayleigh/kl/<φ>, equal to the monitor's own
+    JSONL row of that step; trainer_state.json after save_state holds the same values."""
+    model = _bert()
+    t = transformers.Trainer(model=model, train_dataset=_sentences(),
+                             args=_args(tmp_path, max_steps=4, logging_strategy="steps",
+                                        logging_steps=1))
+    cb = RayleighCallback(log=tmp_path / "run", echo=None, sync_every=3).attach(t)
+    assert cb in t.callback_handler.callbacks
+    t.train()
+    t.save_state()
+    own = _jsonl_rows(tmp_path / "run" / "trajectories" / "main.jsonl")
+    assert sorted(own) == [0, 1, 2, 3]
+    logged = [e for e in t.state.log_history if "rayleigh/R" in e]
+    assert [e["step"] for e in logged] == [1, 2, 3, 4]
+    seen_kl = False
+    for e in logged:
+        row = own[e["step"] - 1]
+        assert e["rayleigh/R"] == row["rayleigh"]
+        layers = {k[len("rayleigh["):-1]: v for k, v in row.items()
+                  if k.startswith("rayleigh[") and isinstance(v, float)}
+        assert layers and {k: e[f"rayleigh/layer/{k}"] for k in layers} == layers
+        kls = {k[3:-1]: v for k, v in row.items() if k.startswith("kl[") and isinstance(v, float)
+               and math.isfinite(v)}
+        assert all(e[f"rayleigh/kl/{k}"] == v for k, v in kls.items())
+        seen_kl = seen_kl or bool(kls)
+    assert seen_kl, "no step logged a finite KL ratio"
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    saved = [e for e in state["log_history"] if "rayleigh/R" in e]
+    assert [(e["step"], e["rayleigh/R"]) for e in saved] == \
+        [(e["step"], own[e["step"] - 1]["rayleigh"]) for e in logged]
+
+
+def test_unattached_callback_leaves_the_trainers_logs_alone_and_attach_checks_its_argument(
+        tmp_path):
+    t = transformers.Trainer(model=_bert(), train_dataset=_sentences(),
+                             args=_args(tmp_path, max_steps=2, logging_strategy="steps",
+                                        logging_steps=1),
+                             callbacks=[RayleighCallback(echo=None)])
+    t.train()
+    assert not any(k.startswith("rayleigh/") for e in t.state.log_history for k in e)
+    with pytest.raises(TypeError, match="needs a transformers Trainer"):
+        RayleighCallback().attach(object())
+
+
+def test_attached_callback_reaches_wandb_offline(tmp_path, monkeypatch):
+    """report_to="wandb" in offline mode: the W&B run's summary holds the last rayleigh/R."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        pytest.skip("wandb is not installed (pip install wandb to run this check)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = transformers.Trainer(model=_bert(), train_dataset=_sentences(),
+                             args=_args(tmp_path, max_steps=2, logging_strategy="steps",
+                                        logging_steps=1, report_to="wandb"))
+    cb = RayleighCallback(echo=None).attach(t)
+    t.train()
+    import wandb
+    summary = dict(wandb.run.summary) if wandb.run is not None else {}
+    wandb.finish()
+    assert summary.get("train/rayleigh/R") == cb.monitor.rows[-1]["rayleigh"]

@@ -32,6 +32,7 @@ def _ref(model, x1, x2=None):
     return dense_gram(model, model.params, x1, x2)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_symmetric_kernel_matches_dense_reference(name, method):

@@ -42,6 +42,16 @@ Trainer backpropagates: refused. A loss the model did not compute (``compute_los
 the mean over the targets (over ``num_items_in_batch`` when the Trainer counted), as said once;
 a step that backpropagated the model's loss of some forwards and only the outputs of others
 (R-drop, a consistency penalty) gets no quotient.
+
+Into the Trainer's logs: ``RayleighCallback(...).attach(trainer)`` adds the callback and, at
+each of the Trainer's log events (``logging_steps``), reads the monitor back and passes the
+current step's scalars to ``trainer.log``, so every ``report_to`` logger (W&B, MLflow,
+TensorBoard) and ``state.log_history`` / ``trainer_state.json`` get them, named as the
+:class:`~rayleighflow.monitor.sinks.Callback` sink names them: ``rayleigh/R``,
+``rayleigh/layer/<group>``, ``rayleigh/kl/<φ>``, ... Steps between log events stay in the
+monitor's own log only. Passed in ``callbacks=[...]`` without ``attach``, nothing reaches the
+Trainer's logs (a callback is not handed the trainer, and loggers listed before it have already
+written the log event).
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from ._monitor import Monitor, MonitorError
 from ._readback import LOSS_RTOL
 from .diagnose import Diagnosis
+from .sinks import Callback
 
 __all__ = ["RayleighCallback", "default_targets"]
 
@@ -187,6 +198,35 @@ class RayleighCallback(TrainerCallback):
         self._world_scale = 1
         self._normalizer: str | None = None   # how the model's loss is normalized, once seen
         self._said: set[str] = set()
+        self._trainer: Any = None
+        self._latest: dict[int, dict[str, float]] = {}   # monitor step -> its logger metrics
+        self._logging = False
+
+    def attach(self, trainer: Any) -> RayleighCallback:
+        """Add this callback to ``trainer`` and send the monitor's scalars to its logs."""
+        if not hasattr(trainer, "log") or not hasattr(trainer, "add_callback"):
+            raise TypeError(f"RayleighCallback.attach needs a transformers Trainer, got "
+                            f"{type(trainer).__name__}")
+        self._trainer = trainer
+        trainer.add_callback(self)
+        return self
+
+    def _collect(self, metrics: dict[str, float], step: int) -> None:
+        self._latest.setdefault(step, {}).update(metrics)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._trainer is None or self._logging or self.monitor is None:
+            return
+        self.monitor.flush()
+        # the monitor counts optimizer steps from 0; the Trainer's global_step from 1
+        metrics = self._latest.pop(state.global_step - 1, None)
+        self._latest.clear()
+        if metrics:
+            self._logging = True   # trainer.log calls on_log again
+            try:
+                self._trainer.log(dict(metrics))
+            finally:
+                self._logging = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if getattr(args, "label_smoothing_factor", 0.0):
@@ -197,10 +237,13 @@ class RayleighCallback(TrainerCallback):
             raise MonitorError("RayleighCallback: the Trainer passed no model to on_train_begin")
         clip = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
         self._optimizer = optimizer
+        kwargs = dict(self.kwargs)
+        if self._trainer is not None:
+            kwargs["sinks"] = [*kwargs.get("sinks", ()), Callback(self._collect)]
         self.monitor = Monitor(model, "cross-entropy", log=self.log_dir,
                                optimizer=_torch_optimizer(optimizer),
                                clip_norm=clip if clip > 0 else None,
-                               **{"name": "huggingface", **self.kwargs})
+                               **{"name": "huggingface", **kwargs})
         world = int(getattr(args, "world_size", 1))
         if world > 1 and getattr(args, "average_tokens_across_devices", False):
             self._world_scale = world   # the Trainer multiplies the loss by the world size
