@@ -111,12 +111,12 @@ def test_tensorboard_scalars_read_back(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"batch/rayleigh", "layer_rayleigh/0", "layer_rayleigh/2", "kl/cross-entropy",
-            "full/rayleigh", "probe/lambda_max"} <= set(tags)
-    got = [(e.step, e.value) for e in acc.Scalars("batch/rayleigh")]
+    assert {"rayleigh/R", "rayleigh/layer/0", "rayleigh/layer/2", "rayleigh/kl/cross-entropy",
+            "rayleigh/full/R", "rayleigh/probe/lambda_max"} <= set(tags)
+    got = [(e.step, e.value) for e in acc.Scalars("rayleigh/R")]
     assert [s for s, _ in got] == list(range(12))
     assert [v for _, v in got] == pytest.approx([r["rayleigh"] for r in mon.rows], rel=1e-6)
-    full = [e.value for e in acc.Scalars("full/loss")]
+    full = [e.value for e in acc.Scalars("rayleigh/full/loss")]
     assert full == pytest.approx([r["loss"] for r in mon.full_rows], rel=1e-6)
 
 
@@ -160,7 +160,7 @@ def test_lightning_callback_two_epochs_then_report(tmp_path):
     assert (tmp_path / "lit" / "figures" / "kernel.png").exists()
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
-    assert len(acc.Scalars("batch/rayleigh")) == steps
+    assert len(acc.Scalars("rayleigh/R")) == steps
 
 
 def _tiny_lightning_module(L, smoothing: float = 0.0):

@@ -12,6 +12,7 @@ so a step costs one multi-tensor norm of the gradients and no host synchronizati
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from .._types import Convention
 from ..losses import Loss
 from ._ranks import RankGroup
 
-__all__ = ["flatten_batch", "PendingStep", "evaluate_steps", "grad_norms"]
+__all__ = ["flatten_batch", "PendingStep", "evaluate_steps", "grad_norms", "grad_check_sums"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -84,6 +85,33 @@ class PendingStep:
     computed: tuple[Tensor, Tensor, Tensor] | None = None  # (Σℓ_i, Σ‖g_i‖², n) if eager
     scale: Tensor | None = None             # backpropagated loss = scale · L_B (0-d)
     void: str | None = None                 # why .grad is not scale·∇L_B (the caller knows)
+    gcheck: Tensor | None = None            # grad_check_sums of the step's checked outputs
+
+
+def grad_check_sums(loss: Loss, f: Tensor, y: Tensor, grad: Tensor) -> Tensor:
+    """The sums that compare G = ∂(backpropagated loss)/∂f, read by a hook during the backward,
+    with the declared loss's g_i = ∂ℓ_i/∂f_i, in float64 (a difference of near-equal sums):
+
+        [⟨G, g⟩, ‖g‖², ‖G‖², floor, ⟨G, u⟩, ⟨g, u⟩, n]
+
+    with u_i = e_{y_i} − 1/k for cross-entropy (label smoothing moves G by ε·u; NaN for other
+    losses) and ``floor`` the size of the rounding of G itself (n for label losses, whose G has
+    entries of size ≤ 1; Σ‖f_i‖² for the square loss, whose G is a difference f − y)."""
+    f64 = f.double()
+    y = y.long() if loss.targets == "labels" else y.to(torch.float64)
+    g = loss.functional_grad(f64, y)
+    G = grad.reshape(g.shape).double()
+    n = float(g.shape[0])
+    floor = torch.tensor(n, dtype=torch.float64, device=g.device) if loss.targets == "labels" \
+        else (f64 * f64).sum()
+    if loss.name == "cross-entropy" and g.shape[-1] > 1:
+        idx = y.unsqueeze(-1)
+        Gu = G.gather(-1, idx).sum() - G.mean(-1).sum()
+        gu = g.gather(-1, idx).sum() - g.mean(-1).sum()
+    else:
+        Gu = gu = torch.tensor(math.nan, dtype=torch.float64, device=g.device)
+    return torch.stack([(G * g).sum(), (g * g).sum(), (G * G).sum(), floor, Gu, gu,
+                        torch.tensor(n, dtype=torch.float64, device=g.device)])
 
 
 def grad_norms(grads: list[Tensor | None]) -> list[Tensor]:
@@ -188,12 +216,18 @@ def evaluate_steps(loss: Loss, steps: list[PendingStep], convention: Convention,
         unequal = (count.amax(0) != count.amin(0)).to(sums.dtype)
         packed = torch.cat([both, count.sum(0)[None], passed[None], psq, unequal[None],
                             spread[None], raw_sq[None]])
+    check = torch.full((7, n), math.nan, dtype=torch.float64, device=device)
+    for i, s in enumerate(steps):
+        if s.gcheck is not None:
+            check[:, i] = s.gcheck.to(device)
+    packed = torch.cat([packed, check])
     rows = packed.T.cpu().tolist()
     return {
         "loss": [r[0] for r in rows], "fgrad_sq": [r[1] for r in rows],
         "n": [r[2] for r in rows], "loss_passed": [r[3] for r in rows],
-        "param_sq": [r[4:-3] for r in rows], "unequal": [r[-3] for r in rows],
-        "spread": [r[-2] for r in rows], "raw_grad_sq": [r[-1] for r in rows],
+        "param_sq": [r[4:-10] for r in rows], "unequal": [r[-10] for r in rows],
+        "spread": [r[-9] for r in rows], "raw_grad_sq": [r[-8] for r in rows],
+        "gcheck": [r[-7:] for r in rows],
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import attrgetter, itemgetter
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from .._types import Convention
 from ..desingularizers import get_desingularizer
 from ..losses import Loss, get_loss
-from ._batch import PendingStep, eager_sums, flatten_batch, grad_norms
+from ._batch import PendingStep, eager_sums, flatten_batch, grad_check_sums, grad_norms
 from ._params import ParamLayout
 from ._ranks import RankGroup, unwrap
 from ._readback import LOSS_RTOL, ReadBack
@@ -30,6 +31,39 @@ __all__ = ["Monitor", "MonitorError", "DEFAULT_DESINGULARIZERS"]
 DEFAULT_DESINGULARIZERS = ("log", "reciprocal", "cross-entropy")
 
 _GRAD, _LR = attrgetter("grad"), itemgetter("lr")
+
+# autograd nodes that keep an output's values in order (``out = model(x).squeeze(-1)``): the
+# gradient read on the model's output is then that of the tensor passed to step()
+_ORDER_KEEPING = ("ViewBackward", "UnsafeViewBackward", "SqueezeBackward", "UnsqueezeBackward",
+                  "ReshapeAliasBackward", "AliasBackward")
+
+
+def _no_hook(module: nn.Module, args: Any, output: Any) -> None:
+    """What a copy of the model keeps in place of the monitor's forward hook."""
+
+
+def _no_hook_factory() -> Callable[..., None]:
+    return _no_hook
+
+
+class _OutputHook:
+    """The forward hook that has the monitor watch the model's output. It holds the monitor
+    weakly, and a deep copy or a pickle of the model (an EMA copy, ``torch.save(model)``) gets
+    :func:`_no_hook` instead: the copy is not the monitored model."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = weakref.ref(monitor)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        monitor = self._monitor()
+        if monitor is not None and type(output) is Tensor:
+            monitor.watch(output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return _no_hook
+
+    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
+        return _no_hook_factory, ()
 
 
 def _step_scale(opt: torch.optim.Optimizer | None) -> float | None:
@@ -63,9 +97,13 @@ class Monitor(ReadBack, Reports):
     step. Values stay on the device and are read back every ``sync_every`` steps.
 
     The identity ‖∇L‖² = R·‖∇ℓ‖²_D holds only if ``.grad`` is the gradient of the declared loss
-    on these outputs: pass the loss you backpropagated and the monitor compares it with the
-    declared loss recomputed from the outputs; a penalty, label smoothing or another reduction
-    shows up as a mismatch, and those steps get no quotient (NaN) and a diagnosis.
+    on these outputs. Two checks, and a step failing either gets no quotient (NaN) and a
+    diagnosis naming the likely cause and the fix: (1) a hook on the model's output reads the
+    gradient G that reached it in the backward, and G must equal ω_i·∂ℓ_i/∂f_i of the declared
+    loss (label smoothing, a penalty on the outputs, an undivided micro-batch loss or another
+    reduction change G even where they leave the loss value almost unchanged, as near
+    initialisation); (2) the loss you pass must equal the declared loss recomputed from the
+    outputs (this also catches a penalty on the parameters).
 
     Under DistributedDataParallel (``torch.distributed`` initialized with more than one rank,
     or ``distributed=True``) a step's batch is the union of the ranks' batches. DDP already
@@ -150,6 +188,11 @@ class Monitor(ReadBack, Reports):
             steps were measured. Full-data estimates and probe spectra keep their own schedule.
         thresholds: the diagnosis rules' thresholds (:class:`~rayleighflow.monitor.diagnose.
             Thresholds`: plateau span and decrease, saddle rate, collapse, rise, stability).
+        grad_check: hook the model's forward (tensor outputs, forwards with autograd on) to
+            read the gradient that reaches its output in the backward and compare it with the
+            declared loss's (default True). It applies when the ``out`` passed to :meth:`step`
+            is that output or a reshape of it; otherwise only the loss value is checked (said
+            once). Integrations call :meth:`watch` on the outputs they pass.
     """
 
     def __init__(
@@ -169,7 +212,7 @@ class Monitor(ReadBack, Reports):
         name: str = "monitor", max_stored_elements: int = 1 << 22,
         distributed: bool | None = None, process_group: Any = None,
         all_ranks_write: bool = False, clip_norm: float | None = None, strict: bool = False,
-        every: int = 1, thresholds: Thresholds | None = None,
+        every: int = 1, thresholds: Thresholds | None = None, grad_check: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor watches an nn.Module, got {type(model).__name__}")
@@ -230,6 +273,8 @@ class Monitor(ReadBack, Reports):
         self._batch_n: float | None = None
         self._rtol: float | None = None
         self._mismatches = 0
+        self._mismatch_causes: dict[str, int] = {}
+        self._amp_said = False
         self._unsynced = 0
         self._unequal_said = False
         self._gd_since_full = 0.0
@@ -244,6 +289,13 @@ class Monitor(ReadBack, Reports):
         self._params = self.layout.params
         self._lr_groups = None if optimizer is None else optimizer.param_groups
         self._periodic = full_every is not None or probe_every is not None
+        self._watched: dict[int, list[Any]] = {}   # id(output) -> [weakref, gradient read]
+        self._watching = True          # False during the monitor's own forwards
+        self._gsum: Tensor | None = None   # the step's grad_check_sums so far
+        self._gcount = 0
+        self._unchecked_said = False
+        self._forward_hook = model.register_forward_hook(_OutputHook(self)) if grad_check \
+            else None
         self._say_setup(all_ranks_write)
 
     # -- setup ------------------------------------------------------------------------------
@@ -335,6 +387,62 @@ class Monitor(ReadBack, Reports):
             for s in self.sinks:
                 s.open(meta)
 
+    # -- the gradient that reaches the outputs ---------------------------------------------------
+    def watch(self, out: Tensor) -> None:
+        """Read the gradient that reaches ``out`` in the coming backward (a tensor hook), for the
+        check that ``.grad`` is the declared loss's gradient; kept until the next step. The
+        model's forward hook calls it on the model's output."""
+        if not (self._watching and torch.is_grad_enabled() and out.requires_grad):
+            return
+        key = id(out)
+        entry = self._watched.get(key)
+        if entry is not None and entry[0]() is out:
+            return
+        entry = [weakref.ref(out), None]
+
+        def read(grad: Tensor, entry: list[Any] = entry) -> None:
+            entry[1] = grad
+
+        try:
+            out.register_hook(read)
+        except RuntimeError:   # a tensor autograd will not hook (inside a torch.func transform)
+            return
+        self._watched[key] = entry
+
+    def _out_grad(self, out: Tensor) -> Tensor | None:
+        """The gradient read on ``out``, or on the watched tensor it is a reshape of."""
+        entry = self._watched.pop(id(out), None)
+        if entry is not None and entry[0]() is out:
+            return entry[1]
+        node, hops = out.grad_fn, 0
+        while node is not None and hops < 4 and type(node).__name__.startswith(_ORDER_KEEPING):
+            node, hops = node.next_functions[0][0], hops + 1
+            for key, (ref, grad) in self._watched.items():
+                t = ref()
+                if t is not None and t.grad_fn is node and t.numel() == out.numel():
+                    del self._watched[key]
+                    return grad
+        return None
+
+    def _check_sums(self, out: Tensor, f: Tensor, yf: Tensor) -> Tensor | None:
+        """grad_check_sums of this micro-batch, or None (no gradient read for these outputs)."""
+        grad = self._out_grad(out) if self._watched else None
+        if grad is None:
+            if out.grad_fn is not None and self._forward_hook is not None \
+                    and not self._unchecked_said:
+                self._unchecked_said = True
+                self._emit(Diagnosis(self._step, "loss-check", (
+                    f"step {self._step}: the outputs passed are not the tensor the model "
+                    "returned (nor a reshape of it), so the gradient that reached them was not "
+                    "read: only the loss value is checked against the declared loss (pass the "
+                    "model's output, or call monitor.watch(out) before backward)")), echo=False)
+            return None
+        if f.numel() > self.max_stored:
+            return None   # float64 copies of very large outputs: the loss value is checked
+        if not self._targets_checked:
+            yf = self.loss.check_targets(f, yf)
+        return grad_check_sums(self.loss, f, yf, grad)
+
     # -- per step ---------------------------------------------------------------------------
     def accumulate(self, out: Tensor, y: Tensor, loss: Tensor | float | None = None) -> None:
         """Add one micro-batch's outputs, targets and (optionally) the loss it backpropagated.
@@ -362,6 +470,10 @@ class Monitor(ReadBack, Reports):
                 # a loss computed in lower precision than the outputs is checked to its precision
                 self._loss_dtype = lt.dtype
                 self._rtol = max(self._rtol, LOSS_RTOL.get(lt.dtype, 1e-4))
+        gs = self._check_sums(out, f, yf)
+        if gs is not None:
+            self._gsum = gs if self._gsum is None else self._gsum + gs
+            self._gcount += 1
         if f.numel() * self.sync_every > self.max_stored:
             sums = eager_sums(self.loss, f, yf, check=not self._targets_checked)
             self._targets_checked = True
@@ -425,6 +537,10 @@ class Monitor(ReadBack, Reports):
             pending.computed = tuple(self._eager)
         pending.scale = scale
         pending.void = void
+        if self._gcount == len(self._micro):   # every micro-batch's gradient was read
+            pending.gcheck = self._gsum
+        self._gsum, self._gcount = None, 0
+        self._watched.clear()
         self._micro, self._eager = [], None
         self._push(pending)
 
@@ -433,6 +549,8 @@ class Monitor(ReadBack, Reports):
         full-data estimate or probe spectrum due at it still runs."""
         self._check_open()
         self._micro, self._eager = [], None
+        self._gsum, self._gcount = None, 0
+        self._watched.clear()
         i = self._step
         self._step = i + 1
         if self._periodic and ((self.full_every is not None and i % self.full_every == 0)
@@ -461,8 +579,12 @@ class Monitor(ReadBack, Reports):
             norms = torch._foreach_norm(list(map(_GRAD, self._params)))
         except TypeError:   # a .grad is None: the general path says which
             return False
+        f = out.detach()
+        gcheck = self._check_sums(out, f, y) if self._watched or out.grad_fn is not None \
+            else None
+        self._watched.clear()
         i = self._step
-        self._pending.append((i, norms, out.detach(), y, losses, self._lrs()))
+        self._pending.append((i, norms, f, y, losses, self._lrs(), gcheck))
         self._step = i + 1
         if self._periodic or len(self._pending) >= self.sync_every:
             self._due(i)
@@ -496,10 +618,16 @@ class Monitor(ReadBack, Reports):
         due_probe = self.probe_every is not None and index % self.probe_every == 0
         if due_full or due_probe or len(self._pending) >= self.sync_every:
             self.flush()
-        if due_full:
-            self._guarded("full-data estimate", index, self._full)
-        if due_probe:
-            self._guarded("probe spectrum", index, self._probe)
+        if not (due_full or due_probe):
+            return
+        self._watching = False   # the monitor's own forwards are not the training's
+        try:
+            if due_full:
+                self._guarded("full-data estimate", index, self._full)
+            if due_probe:
+                self._guarded("probe spectrum", index, self._probe)
+        finally:
+            self._watching = True
 
     def _first_step_check(self) -> None:
         rows = self.flush()
@@ -539,6 +667,10 @@ class Monitor(ReadBack, Reports):
             self._update_forecast()
         summary = self.summary(status)
         self._closed = True
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+        self._watched.clear()
         self._fast = False   # step() then reaches the closed check
         if not self._opened:
             self._open()

@@ -42,7 +42,8 @@ class ReadBack:
         diagnosis; returns the new per-step rows."""
         if not self._pending:
             return []
-        pending = [p if type(p) is PendingStep else PendingStep(p[0], p[1], [p[2]], [p[3]], *p[4:])
+        pending = [p if type(p) is PendingStep else PendingStep(p[0], p[1], [p[2]], [p[3]], p[4],
+                                                                p[5], gcheck=p[6])
                    for p in self._pending]   # _fast_step queues tuples
         self._pending = []
         if not self._targets_checked and any(p.computed is None for p in pending):
@@ -84,11 +85,13 @@ class ReadBack:
         if ok and p.void is not None:
             ok = False
             self._void_step(p.index, p.void)
+        if ok and p.gcheck is not None:
+            ok = self._gradient_matches(p, vals["gcheck"][i], bool(p.losses))
         if ok and p.losses and math.isfinite(passed) and math.isfinite(loss):
             eps = 10 * torch.finfo(torch.float32 if self._rtol > 1e-9 else torch.float64).eps
             ok = abs(passed - loss) <= self._rtol * abs(loss) + eps
             if not ok:
-                self._mismatch(p.index, passed, loss)
+                self._mismatch(p.index, passed, loss, len(p.outputs), n)
         if fg > 0 and ok:
             row["rayleigh"] = grad_sq / fg
             row.update({f"rayleigh[{g}]": v / fg for g, v in group_sq.items()})
@@ -165,14 +168,131 @@ class ReadBack:
                 f"step {step}: {reason}; ‖∇L‖² = R·‖∇ℓ‖²_D does not hold, so {seen} such "
                 "step(s) get no quotient"), {"reason": reason}))
 
-    def _mismatch(self, step: int, passed: float, loss: float) -> None:
+    def _say_mismatch(self, step: int, cause: str, text: str, data: dict[str, Any]) -> None:
+        """A step voided because .grad is not the declared loss's gradient: said the first time
+        for each cause and every 100th step for it."""
         self._mismatches += 1
-        if self._mismatches == 1 or self._mismatches % 100 == 0:
+        seen = self._mismatch_causes.get(cause, 0) + 1
+        self._mismatch_causes[cause] = seen
+        if seen == 1 or seen % 100 == 0:
+            what, _, fix = text.partition(". Fix: ")
             self._emit(Diagnosis(step, "loss-mismatch", (
-                f"step {step}: the loss passed ({passed:.8g}) differs from the declared "
-                f"{self.loss.name} loss ({self.convention.value} convention) recomputed from the "
-                f"outputs ({loss:.8g}; relative {abs(passed - loss) / max(abs(loss), 1e-300):.2g}"
-                f" > {self._rtol:g}): .grad is not the gradient of the declared loss (a penalty, "
-                f"label smoothing, another reduction?), so ‖∇L‖² = R·‖∇ℓ‖²_D does not hold; "
-                f"{self._mismatches} such step(s) get no quotient"),
-                {"passed": passed, "declared": loss}))
+                f"step {step}: {what}; so .grad is not ∇L_B of the declared loss, "
+                f"‖∇L‖² = R·‖∇ℓ‖²_D does not hold and {seen} such step(s) get no quotient. "
+                f"Fix: {fix}"), {"cause": cause, **data}))
+
+    def _grad_tolerance(self) -> tuple[float, float]:
+        """(relative tolerance, rounding unit) of the output-gradient check, by the precision
+        of the outputs and the loss (float64 1e-6, float32 1e-4, half precision 1e-2)."""
+        if self._rtol <= 1e-9:
+            return 1e-6, float(torch.finfo(torch.float64).eps)
+        if self._rtol <= 1e-4:
+            return 1e-4, float(torch.finfo(torch.float32).eps)
+        return 1e-2, float(torch.finfo(torch.float16).eps)
+
+    def _gradient_matches(self, p: PendingStep, sums: list[float], with_loss: bool) -> bool:
+        """Is the gradient G read on the outputs ω·g of the declared loss (``scale`` times)?
+
+        ‖G − λg‖² = ‖G‖² − 2λ⟨G, g⟩ + λ²‖g‖² from float64 sums; it may be tol²·‖G‖² plus the
+        rounding of G itself (4·eps·λ per sample: G's entries are differences such as p − 1).
+        A factor 2^j from a GradScaler (G is read before unscale_) is accepted when the loss is
+        passed (its value check then catches a reduction that happens to be 2^j) or ≥ 256."""
+        a, b, c, floor, _, _, n_loc = sums
+        if not all(math.isfinite(v) for v in (a, b, c)) or (b == 0 and c == 0):
+            return True   # non-finite steps have their own diagnosis
+        w = (1.0 / n_loc if self.convention is Convention.MEAN else 1.0) \
+            * (1.0 if p.scale is None else float(p.scale))
+        tol, eps = self._grad_tolerance()
+
+        def fits(lam: float) -> bool:
+            return c - 2 * lam * a + lam * lam * b <= tol * tol * c + (4 * eps * lam) ** 2 * floor
+
+        if fits(w):
+            return True
+        kappa = a / (w * b) if b > 0 else math.nan
+        if kappa >= 2 and (with_loss or kappa >= 256):
+            j = round(math.log2(kappa))
+            if fits(w * 2.0 ** j):
+                if not self._amp_said:
+                    self._amp_said = True
+                    self._emit(Diagnosis(p.index, "loss-check", (
+                        f"step {p.index}: the gradient that reached the outputs is 2^{j} × the "
+                        "declared loss's: read as a GradScaler's scale (.grad unscaled before "
+                        "step)"), {"factor": 2.0 ** j}), echo=False)
+                return True
+        self._grad_mismatch(p, sums, w, kappa, fits(w * kappa) if b > 0 else False, tol)
+        return False
+
+    def _grad_mismatch(self, p: PendingStep, sums: list[float], w: float, kappa: float,
+                       proportional: bool, tol: float) -> None:
+        """Say why the output gradient differs, from the shape of the difference d = G/w − g."""
+        a, b, c, _, Gu, gu, n_loc = sums
+        m = len(p.outputs)
+        name, conv = self.loss.name, self.convention.value
+        rel = math.sqrt(max(c - 2 * w * a + w * w * b, 0.0) / c) if c > 0 else math.inf
+        head = (f"the gradient that reached the outputs in the backward differs from that of "
+                f"the declared {name} loss ({conv} convention) by {rel:.3g} relative "
+                f"(tolerance {tol:g})")
+        declare = ("declare the loss the training uses (Monitor(model, loss=<its rf.Loss>)) or "
+                   f"train on the declared {name}")
+        k = self._k or 1
+        smoothing = math.nan
+        if math.isfinite(Gu) and k > 1:
+            uu = n_loc * (1 - 1 / k)                      # ‖u‖², u_i = e_{y_i} − 1/k
+            dd = (c - 2 * w * a + w * w * b) / (w * w)    # ‖d‖²
+            eps_hat = (Gu / w - gu) / uu
+            if 0 < eps_hat < 1 and dd - eps_hat * eps_hat * uu <= 1e-2 * dd:
+                smoothing = eps_hat
+        if proportional and m > 1 and abs(kappa - m) <= 1e-3 * m:
+            cause, text = "undivided-micro-batches", (
+                f"{head}: it is {kappa:.6g} × the declared gradient with {m} micro-batches in the "
+                f"step: each micro-batch's loss was backpropagated undivided. Fix: pass loss/N "
+                f"(N = {m}) to backward and to accumulate")
+        elif proportional and self.convention is Convention.MEAN and n_loc > 1 \
+                and abs(kappa - n_loc) <= 1e-3 * n_loc:
+            cause, text = "sum-reduction", (
+                f"{head}: it is {kappa:.6g} = n × the declared gradient: the loss was summed over "
+                "the batch, not averaged. Fix: Monitor(..., convention='sum'), or reduce by the "
+                "mean")
+        elif proportional and self.convention is Convention.SUM and n_loc > 1 \
+                and abs(kappa * n_loc - 1) <= 1e-3:
+            cause, text = "mean-reduction", (
+                f"{head}: it is 1/n × the declared gradient: the loss was averaged, not summed. "
+                "Fix: Monitor(..., convention='mean'), or reduce by the sum")
+        elif math.isfinite(smoothing):
+            cause, text = "label-smoothing", (
+                f"{head}: the difference is that of label smoothing, targets (1 − ε)·onehot + "
+                f"ε/k with ε ≈ {smoothing:.4g}. Fix: {declare} (label_smoothing=0)")
+        elif proportional:
+            cause, text = "factor", (
+                f"{head}: it is {kappa:.6g} × the declared gradient (another reduction or a loss "
+                f"scale). Fix: {declare}, or pass step(..., scale={kappa:.6g}) if the factor is "
+                "meant")
+        else:
+            cause, text = "other-loss", (
+                f"{head}: the training loss is not the declared one (label smoothing, a penalty "
+                f"on the outputs, another loss or reduction?). Fix: {declare}")
+        self._say_mismatch(p.index, cause, text, {"relative": rel})
+
+    def _mismatch(self, step: int, passed: float, loss: float, micro: int, n: float) -> None:
+        ratio = passed / loss if loss else math.nan
+        close = lambda v: abs(ratio - v) <= 10 * self._rtol * v  # noqa: E731
+        if micro > 1 and close(micro):
+            cause, hint = "undivided-micro-batches", (
+                f"it is {ratio:.6g} × the declared loss with {micro} micro-batches in the step: "
+                f"each micro-batch's loss was passed (and backpropagated?) undivided. Fix: pass "
+                f"loss/N (N = {micro}) to backward and to accumulate")
+        elif self.convention is Convention.MEAN and n > 1 and close(n):
+            cause, hint = "sum-reduction", (
+                f"it is {ratio:.6g} = n × the declared loss: the loss was summed, not averaged. "
+                "Fix: Monitor(..., convention='sum'), or reduce by the mean")
+        else:
+            cause, hint = "loss-value", (
+                "a penalty, label smoothing, another reduction?. Fix: declare the loss the "
+                "training uses (Monitor(model, loss=<its rf.Loss>)) or train on the declared "
+                f"{self.loss.name}")
+        self._say_mismatch(step, cause, (
+            f"the loss passed ({passed:.8g}) differs from the declared {self.loss.name} loss "
+            f"({self.convention.value} convention) recomputed from the outputs ({loss:.8g}; "
+            f"relative {abs(passed - loss) / max(abs(loss), 1e-300):.2g} > {self._rtol:g}): "
+            f"{hint}"), {"passed": passed, "declared": loss})

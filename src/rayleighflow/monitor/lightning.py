@@ -11,8 +11,11 @@ feeds each micro-batch after its backward and records the step in ``on_before_op
 there Lightning has unscaled AMP gradients and not yet clipped them. With
 ``accumulate_grad_batches`` Lightning divides each micro-batch loss by the count, which is the
 union-batch mean the monitor assumes for equal micro-batches. The training_step's loss must be
-the declared loss of that output (not checked here: Lightning does not hand the loss to this
-hook).
+the declared loss of that output, and it is checked twice: the loss Lightning backpropagates
+(``on_before_backward``) against the declared loss recomputed from the output, and the gradient
+that reached the output in the backward (a tensor hook) against the declared loss's, so that
+label smoothing or a penalty on the output voids every step, from the first, with its cause
+named.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class RayleighMonitor(Callback):
     def _capture(self, module, args, output) -> None:
         if module.training and torch.is_grad_enabled():
             self._out = output if self.output is None else self.output(output)
+            if isinstance(self._out, torch.Tensor) and self.monitor is not None:
+                self.monitor.watch(self._out)   # the gradient the backward brings to it
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._y, self._out = self.target(batch), None

@@ -14,6 +14,7 @@ quotient ``rayleighflow.measure`` gives on a tensor probe.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import final
@@ -32,6 +33,8 @@ from ._batch import flatten_batch
 from ._params import ParamLayout, eval_mode
 
 __all__ = ["ProbeSpectrum", "ProbeSet"]
+
+_DTYPE_NOTE = "the dtype decides the answer"   # the ntk.spectrum warning, said once here
 
 
 @final
@@ -81,6 +84,7 @@ class ProbeSet:
         self.y = None if y is None else y.to(dev)
         self._problem: Problem | None = None
         self._model: Model | None = None
+        self._dtype_said: set[str] = set()
 
     def _params(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in zip(self.layout.names, self.layout.params,
@@ -91,8 +95,11 @@ class ProbeSet:
         with eval_mode(self.module), torch.autocast(self.x.device.type, enabled=False):
             if self._model is None:
                 self._model = Model(self.module, params)
-            spec = ntk_spectrum(self._model, self.x, params=params,
-                                convention=self.convention)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                spec = ntk_spectrum(self._model, self.x, params=params,
+                                    convention=self.convention)
+            self._rewarn(caught)
             rayleigh = loss = None
             if self.y is not None and isinstance(self.x, Batch):
                 rayleigh, loss = self._named_rayleigh(params)
@@ -121,6 +128,21 @@ class ProbeSet:
         return ProbeSpectrum(spec.size, self.layout.n_params, spec.rank, spec.threshold,
                              float(spec.lambda_max), max(float(lam), 0.0), label,
                              spec.lambda_min_nonzero, rayleigh, loss)
+
+    def _rewarn(self, caught: list[warnings.WarningMessage]) -> None:
+        """Pass the spectrum's warnings on, the dtype note once per model dtype: its numbers
+        move a little from probe to probe, so Python's own once-per-text filter repeats it."""
+        for w in caught:
+            text = str(w.message)
+            if text.startswith(_DTYPE_NOTE):
+                key = text.split("'s threshold", 1)[0]
+                if key in self._dtype_said:
+                    continue
+                self._dtype_said.add(key)
+                w.message = type(w.message)(
+                    f"{text} (said once for this probe set; later spectra where the dtype would "
+                    "decide again are not warned)")
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     def _named_rayleigh(self, params: dict[str, Tensor]) -> tuple[float, float]:
         """(R(K; ∇ℓ), L) on named probe inputs: R = ‖J*g‖²/‖g‖²_ω with g_i = ∂ℓ_i/∂f_i."""

@@ -16,6 +16,7 @@ from typing import IO, Any, final
 
 from .._io import atomic_write_text
 from .._optional import require_extra
+from ..rundir.folder import is_run_folder
 from ..trajectory import Trajectory
 from ._rundir import monitor_figures
 from .diagnose import Diagnosis
@@ -57,6 +58,11 @@ class RunFolder(Sink):
         if render:
             require_extra("report", "RunFolder(render=True) (figures and report.html)")
         self.path = Path(path)
+        if is_run_folder(self.path):   # refused before training, as `rayleighflow run` does
+            raise ValueError(
+                f"the run folder {str(self.path)!r} already holds a run (trajectories/, "
+                "summary.json): a second run would mix with it; choose another log= folder or "
+                "delete that one")
         self.render = render
         self._meta: dict[str, Any] = {}
         self._trajs: dict[str, Trajectory] = {}
@@ -99,11 +105,20 @@ class RunFolder(Sink):
 
 @final
 class TensorBoard(Sink):
-    """Scalars through ``torch.utils.tensorboard`` (extra ``[tensorboard]``): ``batch/*``,
-    ``layer_rayleigh/<group>``, ``kl/<φ>``, ``full/*``, ``probe/*``; diagnoses as text."""
+    """Scalars through ``torch.utils.tensorboard`` (extra ``[tensorboard]``) under the names
+    the :class:`Callback` sink gives loggers (:func:`metric_name`): ``rayleigh/R``,
+    ``rayleigh/layer/<group>``, ``rayleigh/kl/<φ>``, ``rayleigh/<column>`` per step, and the
+    same under ``rayleigh/full/`` and ``rayleigh/probe/`` for full-data and probe rows;
+    diagnoses as text (``diagnosis/<kind>``)."""
 
     def __init__(self, log_dir: str | os.PathLike | None = None, *, writer: Any = None) -> None:
         if writer is None:
+            if log_dir is not None and Path(log_dir).is_dir() \
+                    and any(Path(log_dir).glob("events.out.tfevents.*")):
+                raise ValueError(
+                    f"the TensorBoard folder {os.fspath(log_dir)!r} already holds event files "
+                    "of another run: TensorBoard would show both runs' scalars and every "
+                    "diagnosis twice; choose another folder or delete those files")
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # pragma: no cover - depends on the environment
@@ -114,13 +129,7 @@ class TensorBoard(Sink):
 
     @staticmethod
     def tag(kind: str, column: str) -> str:
-        if kind == "main":
-            if column.startswith("rayleigh["):
-                return f"layer_rayleigh/{column[9:-1]}"
-            if column.startswith("kl["):
-                return f"kl/{column[3:-1]}"
-            return f"batch/{column}"
-        return f"{kind}/{column}"
+        return metric_name(kind, column)
 
     def write(self, kind: str, rows: Sequence[dict[str, Any]]) -> None:
         for r in rows:
