@@ -9,9 +9,11 @@ give the median training step, the median and the mean call, and the median per-
 The marginal overhead compares the median full step with the call against the median step
 without it: same model, optimizer and memory, so it also counts the cache effects the call has
 on the rest of the step.
-A second comparison (``marginal_arms``, mlp-digits) interleaves four arms of whole steps:
-no call, the monitor, the cheapest gradient read (``torch._foreach_norm``) and the monitor
-with ``every=8``; it gives the marginal costs against the floor of any per-step read.
+A second comparison (``marginal_arms``, mlp-digits and transformer-tokens, whose logits exceed
+``max_stored_elements`` so cross-entropy sums run at each step) interleaves four arms of whole
+steps: no call, the monitor, the cheapest gradient read (``torch._foreach_norm``) and the
+monitor with ``every=8``; it is repeated over independent runs (``--arms-runs``, fresh seeds)
+and gives per arm the median and the range over runs of the marginal cost.
 The full-data estimate is timed against one pass of forward + backward over the same batches
 (its cost in gradient-equivalents). Everything runs in one process. Writes JSON with the
 environment::
@@ -209,7 +211,7 @@ def run_case(name: str, device: str, steps: int, warmup: int, full_batches: int,
 
 
 def marginal_arms(name: str, device: str, steps: int, every: int = 8, block: int = 10,
-                  sync_every: int = 20) -> dict:
+                  sync_every: int = 20, seed: int = 0) -> dict:
     """Whole training steps in four arms, blocks of ``block`` steps in rotating order, same
     model and optimizer: ``plain`` (no call), ``monitor`` (each step measured),
     ``gradient_read`` (the cheapest possible read of the gradients: ``torch._foreach_norm`` of
@@ -217,8 +219,8 @@ def marginal_arms(name: str, device: str, steps: int, every: int = 8, block: int
     keeps them: the floor of any per-step gradient diagnostic) and ``monitor_every`` (one step
     in ``every`` measured, ``Monitor(every=...)``). Marginal cost of an arm = its median step
     over the plain arm's median step − 1."""
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     model, batch, loss_fn = case(name, device, gen)
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -239,6 +241,7 @@ def marginal_arms(name: str, device: str, steps: int, every: int = 8, block: int
     times: dict[str, list[float]] = {a: [] for a in calls}
     order = list(calls)
     rounds = -(-steps // block)
+    out_numel = 0
     for r in range(rounds + 2):   # two warm-up rounds
         for arm in order[r % 4:] + order[:r % 4]:
             call = calls[arm]
@@ -256,16 +259,36 @@ def marginal_arms(name: str, device: str, steps: int, every: int = 8, block: int
                 _sync(device)
                 if r >= 2:
                     times[arm].append(time.perf_counter() - t0)
+                out_numel = out.numel()
     mon.close()
     summary_k = mon_k.close()
     med = {a: statistics.median(t) for a, t in times.items()}
-    return {"case": name, "steps_per_arm": len(times["plain"]), "block": block,
+    return {"case": name, "seed": seed, "steps_per_arm": len(times["plain"]), "block": block,
             "every": every, "sync_every": sync_every,
+            "outputs_stored": mon.max_stored >= out_numel * sync_every,
             "step_median_s": med,
             "step_mean_s": {a: statistics.fmean(t) for a, t in times.items()},
             "marginal_median_fraction": {a: med[a] / med["plain"] - 1 for a in calls
                                          if a != "plain"},
             "monitor_every_steps_measured": summary_k["steps_measured"]}
+
+
+def repeated_arms(name: str, device: str, steps: int, runs: int) -> dict:
+    """``marginal_arms`` over ``runs`` independent runs (fresh model, data order and monitor,
+    seeds 0, 1, …), as an independent trial would repeat it: per arm the median and the range
+    (min, max) over runs of each run's marginal cost."""
+    per_run = [marginal_arms(name, device, steps, seed=s) for s in range(runs)]
+    arms = list(per_run[0]["marginal_median_fraction"])
+    fracs = {a: [r["marginal_median_fraction"][a] for r in per_run] for a in arms}
+    first = per_run[0]
+    return {"case": name, "runs": runs, "steps_per_arm": first["steps_per_arm"],
+            "block": first["block"], "every": first["every"],
+            "sync_every": first["sync_every"], "outputs_stored": first["outputs_stored"],
+            "plain_step_median_s": statistics.median(
+                r["step_median_s"]["plain"] for r in per_run),
+            "marginal_median_fraction": {a: statistics.median(v) for a, v in fracs.items()},
+            "marginal_range_fraction": {a: [min(v), max(v)] for a, v in fracs.items()},
+            "per_run": per_run}
 
 
 def main() -> None:
@@ -280,18 +303,29 @@ def main() -> None:
                     help="skip the blocks of steps without the monitor (marginal overhead)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--arms-steps", type=int, default=1000,
-                    help="steps per arm of the marginal-cost comparison (mlp-digits)")
+                    help="steps per arm and run of the marginal-cost comparison (mlp-digits)")
+    ap.add_argument("--arms-steps-transformer", type=int, default=100,
+                    help="the same for transformer-tokens (its logits exceed the storage bound)")
+    ap.add_argument("--arms-runs", type=int, default=5,
+                    help="independent runs of the marginal-cost comparison")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.warmup, args.full_batches = 30, 5, 2
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"monitor-{args.device}.json")
     report = {"environment": environment(args.device), "cases": []}
-    if "mlp-digits" in args.cases.split(","):
-        arms = marginal_arms("mlp-digits", args.device, 100 if args.quick else args.arms_steps)
-        report["marginal_arms"] = arms
-        print("mlp-digits marginal cost (median step vs plain): " + ", ".join(
-            f"{a} {100 * v:.2g}%" for a, v in arms["marginal_median_fraction"].items()),
-            flush=True)
+    # The marginal cost as an independent trial measures it: interleaved arms, repeated runs.
+    report["marginal_arms"] = {}
+    for name, steps in (("mlp-digits", args.arms_steps),
+                        ("transformer-tokens", args.arms_steps_transformer)):
+        if name not in args.cases.split(","):
+            continue
+        arms = repeated_arms(name, args.device, 50 if args.quick else steps,
+                             2 if args.quick else args.arms_runs)
+        report["marginal_arms"][name] = arms
+        rng = arms["marginal_range_fraction"]
+        print(f"{name} marginal cost over {arms['runs']} runs (median [min, max]): " + ", ".join(
+            f"{a} {100 * v:.2g}% [{100 * rng[a][0]:.2g}, {100 * rng[a][1]:.2g}]"
+            for a, v in arms["marginal_median_fraction"].items()), flush=True)
     for name in args.cases.split(","):
         rec = run_case(name, args.device, args.steps, args.warmup, args.full_batches,
                        not args.no_plain)

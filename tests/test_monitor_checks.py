@@ -337,3 +337,36 @@ def test_a_copy_of_the_monitored_model_is_not_watched():
     F.cross_entropy(out, y).backward()
     mon.step(out, y)
     assert math.isfinite(mon.rows[-1]["rayleigh"]) and mon.rows[-1].get("loss_passed") is None
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_logits_above_the_checked_size_are_checked_on_strided_rows(smoothing):
+    """A token model whose (B, T, V) logits exceed CHECKED_ELEMENTS: the check reads strided
+    rows (float64 only there) with the batch's own n, and still tells plain cross-entropy (a
+    quotient on every step) from label smoothing (none, the ε read off the gradient)."""
+    from rayleighflow.monitor._batch import CHECKED_ELEMENTS
+
+    torch.manual_seed(0)
+    vocab, seq, b = 300, 64, 4
+    assert b * seq * vocab > CHECKED_ELEMENTS
+    net = nn.Sequential(nn.Embedding(vocab, 16), nn.Tanh(), nn.Linear(16, vocab)).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    mon = Monitor(net, "cross-entropy", optimizer=opt, echo=None, sync_every=2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        tokens = torch.randint(0, vocab, (b, seq + 1), generator=g)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        opt.zero_grad()
+        out = net(x)
+        loss = F.cross_entropy(out.reshape(-1, vocab), y.reshape(-1), label_smoothing=smoothing)
+        loss.backward()
+        mon.step(out, y, loss)
+        opt.step()
+    mon.close()
+    ds = [d for d in mon.diagnoses if d.kind == "loss-mismatch"]
+    if smoothing == 0.0:
+        assert not ds and all(math.isfinite(r["rayleigh"]) for r in mon.rows)
+    else:
+        assert all(math.isnan(r["rayleigh"]) for r in mon.rows)
+        assert ds[0].step == 0 and ds[0].values["cause"] == "label-smoothing"
+        assert f"ε ≈ {smoothing:.4g}" in ds[0].message

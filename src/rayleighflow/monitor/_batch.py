@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -88,6 +89,18 @@ class PendingStep:
     gcheck: Tensor | None = None            # grad_check_sums of the step's checked outputs
 
 
+#: Above this many output entries the gradient check reads strided rows (grad_check_sums).
+CHECKED_ELEMENTS = 1 << 16
+
+
+class OutputGrad(NamedTuple):
+    """The gradient read on a step's outputs, kept until the read-back: ``_fast_step`` queues
+    it and :func:`grad_check_sums_steps` turns the steps' gradients into sums in one batch
+    (per step, the sums are a dozen small operations: a visible share of a small step)."""
+
+    grad: Tensor
+
+
 def grad_check_sums(loss: Loss, f: Tensor, y: Tensor, grad: Tensor) -> Tensor:
     """The sums that compare G = ∂(backpropagated loss)/∂f, read by a hook during the backward,
     with the declared loss's g_i = ∂ℓ_i/∂f_i, in float64 (a difference of near-equal sums):
@@ -96,22 +109,46 @@ def grad_check_sums(loss: Loss, f: Tensor, y: Tensor, grad: Tensor) -> Tensor:
 
     with u_i = e_{y_i} − 1/k for cross-entropy (label smoothing moves G by ε·u; NaN for other
     losses) and ``floor`` the size of the rounding of G itself (n for label losses, whose G has
-    entries of size ≤ 1; Σ‖f_i‖² for the square loss, whose G is a difference f − y)."""
-    f64 = f.double()
-    y = y.long() if loss.targets == "labels" else y.to(torch.float64)
-    g = loss.functional_grad(f64, y)
-    G = grad.reshape(g.shape).double()
-    n = float(g.shape[0])
-    floor = torch.tensor(n, dtype=torch.float64, device=g.device) if loss.targets == "labels" \
-        else (f64 * f64).sum()
-    if loss.name == "cross-entropy" and g.shape[-1] > 1:
-        idx = y.unsqueeze(-1)
-        Gu = G.gather(-1, idx).sum() - G.mean(-1).sum()
-        gu = g.gather(-1, idx).sum() - g.mean(-1).sum()
+    entries of size ≤ 1; Σ‖f_i‖² for the square loss, whose G is a difference f − y).
+
+    Outputs of more than ``CHECKED_ELEMENTS`` entries (a language model's logits) are checked
+    on evenly strided rows, in float64 only there, their sums scaled by rows/checked rows to
+    stand for the whole batch's (whose n the mean convention's weight 1/n needs). What the
+    check is for (label smoothing, a penalty, another reduction, a missing 1/N) changes every
+    row alike, and each of its tests is homogeneous in the sums."""
+    rows = f.shape[0]
+    grad = grad.reshape(f.shape)
+    stride = -(-f.numel() // CHECKED_ELEMENTS)
+    if stride > 1:
+        f, y, grad = f[::stride], y[::stride], grad[::stride]
+    sums = grad_check_sums_steps(loss, f[None], y[None], grad[None])[0]
+    if stride == 1:
+        return sums
+    return torch.cat([sums[:6] * (rows / f.shape[0]), sums.new_tensor([float(rows)])])
+
+
+def grad_check_sums_steps(loss: Loss, f: Tensor, y: Tensor, grad: Tensor) -> Tensor:
+    """:func:`grad_check_sums` of S steps at once: ``f`` and ``grad`` (S, n, k), ``y`` (S, n)
+    labels or (S, n, k) targets; returns (S, 7)."""
+    steps, k = f.shape[0], f.shape[-1]
+    labels = loss.targets == "labels"
+    f64 = f.double().reshape(-1, k)
+    yy = y.long().reshape(-1) if labels else y.to(torch.float64).reshape(-1, k)
+    g = loss.functional_grad(f64, yy).reshape(steps, -1, k)
+    G = grad.double().reshape(g.shape)
+    n = g.shape[1]
+    dims = (1, 2)
+    floor = torch.full((steps,), float(n), dtype=torch.float64, device=g.device) if labels \
+        else (f64 * f64).reshape(steps, -1).sum(1)
+    if loss.name == "cross-entropy" and k > 1:
+        idx = yy.reshape(steps, -1, 1)
+        Gu = G.gather(-1, idx).sum(dims) - G.mean(-1).sum(1)
+        gu = g.gather(-1, idx).sum(dims) - g.mean(-1).sum(1)
     else:
-        Gu = gu = torch.tensor(math.nan, dtype=torch.float64, device=g.device)
-    return torch.stack([(G * g).sum(), (g * g).sum(), (G * G).sum(), floor, Gu, gu,
-                        torch.tensor(n, dtype=torch.float64, device=g.device)])
+        Gu = gu = torch.full((steps,), math.nan, dtype=torch.float64, device=g.device)
+    count = torch.full((steps,), float(n), dtype=torch.float64, device=g.device)
+    return torch.stack([(G * g).sum(dims), (g * g).sum(dims), (G * G).sum(dims), floor, Gu, gu,
+                        count], dim=1)
 
 
 def grad_norms(grads: list[Tensor | None]) -> list[Tensor]:

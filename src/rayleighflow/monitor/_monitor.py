@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from .._types import Convention
 from ..desingularizers import get_desingularizer
 from ..losses import Loss, get_loss
-from ._batch import PendingStep, eager_sums, flatten_batch, grad_check_sums, grad_norms
+from ._batch import (
+    OutputGrad,
+    PendingStep,
+    eager_sums,
+    flatten_batch,
+    grad_check_sums,
+    grad_norms,
+)
 from ._params import ParamLayout
 from ._ranks import RankGroup, unwrap
 from ._readback import LOSS_RTOL, ReadBack
@@ -424,8 +431,10 @@ class Monitor(ReadBack, Reports):
                     return grad
         return None
 
-    def _check_sums(self, out: Tensor, f: Tensor, yf: Tensor) -> Tensor | None:
-        """grad_check_sums of this micro-batch, or None (no gradient read for these outputs)."""
+    def _check_sums(self, out: Tensor, f: Tensor, yf: Tensor,
+                    defer: bool = False) -> Tensor | OutputGrad | None:
+        """grad_check_sums of this micro-batch, or None (no gradient read for these outputs);
+        ``defer``: the gradient read, for the read-back to sum with the other steps'."""
         grad = self._out_grad(out) if self._watched else None
         if grad is None:
             if out.grad_fn is not None and self._forward_hook is not None \
@@ -439,6 +448,8 @@ class Monitor(ReadBack, Reports):
             return None
         if f.numel() > self.max_stored:
             return None   # float64 copies of very large outputs: the loss value is checked
+        if defer:
+            return OutputGrad(grad)
         if not self._targets_checked:
             yf = self.loss.check_targets(f, yf)
         return grad_check_sums(self.loss, f, yf, grad)
@@ -580,8 +591,8 @@ class Monitor(ReadBack, Reports):
         except TypeError:   # a .grad is None: the general path says which
             return False
         f = out.detach()
-        gcheck = self._check_sums(out, f, y) if self._watched or out.grad_fn is not None \
-            else None
+        gcheck = self._check_sums(out, f, y, defer=True) \
+            if self._watched or out.grad_fn is not None else None
         self._watched.clear()
         i = self._step
         self._pending.append((i, norms, f, y, losses, self._lrs(), gcheck))

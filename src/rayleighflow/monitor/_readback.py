@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .._types import Convention
-from ._batch import PendingStep, evaluate_steps
+from ._batch import OutputGrad, PendingStep, evaluate_steps, grad_check_sums_steps
 from .diagnose import Diagnosis
 
 __all__ = ["ReadBack", "LOSS_RTOL", "clip_threshold"]
@@ -42,6 +42,7 @@ class ReadBack:
         diagnosis; returns the new per-step rows."""
         if not self._pending:
             return []
+        self._sum_deferred_checks()
         pending = [p if type(p) is PendingStep else PendingStep(p[0], p[1], [p[2]], [p[3]], p[4],
                                                                 p[5], gcheck=p[6])
                    for p in self._pending]   # _fast_step queues tuples
@@ -59,6 +60,23 @@ class ReadBack:
         if self.target_loss is not None:
             self._update_forecast()
         return rows
+
+    def _sum_deferred_checks(self) -> None:
+        """Replace the gradients ``_fast_step`` queued (OutputGrad) by their check sums, one
+        batch per output shape."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for j, p in enumerate(self._pending):
+            if type(p) is not PendingStep and type(p[6]) is OutputGrad:
+                by_shape.setdefault(tuple(p[2].shape), []).append(j)
+        for idx in by_shape.values():
+            f = torch.stack([self._pending[j][2] for j in idx])
+            y = torch.stack([self._pending[j][3] for j in idx])
+            if not self._targets_checked:
+                self.loss.check_targets(f.reshape(-1, f.shape[-1]), y.reshape(-1))
+            sums = grad_check_sums_steps(self.loss, f, y,
+                                         torch.stack([self._pending[j][6].grad for j in idx]))
+            for j, row in zip(idx, sums, strict=True):
+                self._pending[j] = (*self._pending[j][:6], row)
 
     def _row(self, p: PendingStep, vals: dict[str, list], i: int) -> dict[str, Any]:
         loss, fg, n = vals["loss"][i], vals["fgrad_sq"][i], vals["n"][i]
