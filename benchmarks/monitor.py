@@ -218,7 +218,8 @@ def marginal_arms(name: str, device: str, steps: int, every: int = 8, block: int
     every ``.grad``, the norms kept and read back every ``sync_every`` steps, as the monitor
     keeps them: the floor of any per-step gradient diagnostic) and ``monitor_every`` (one step
     in ``every`` measured, ``Monitor(every=...)``). Marginal cost of an arm = its median step
-    over the plain arm's median step − 1."""
+    over the plain arm's median step − 1 (the median skips the read-back every ``sync_every``
+    steps; ``marginal_mean_fraction``, of mean steps, counts it)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model, batch, loss_fn = case(name, device, gen)
@@ -270,16 +271,21 @@ def marginal_arms(name: str, device: str, steps: int, every: int = 8, block: int
             "step_mean_s": {a: statistics.fmean(t) for a, t in times.items()},
             "marginal_median_fraction": {a: med[a] / med["plain"] - 1 for a in calls
                                          if a != "plain"},
+            # the mean counts the read-back every sync_every steps, which the median skips
+            "marginal_mean_fraction": {a: statistics.fmean(times[a])
+                                       / statistics.fmean(times["plain"]) - 1
+                                       for a in calls if a != "plain"},
             "monitor_every_steps_measured": summary_k["steps_measured"]}
 
 
 def repeated_arms(name: str, device: str, steps: int, runs: int) -> dict:
     """``marginal_arms`` over ``runs`` independent runs (fresh model, data order and monitor,
     seeds 0, 1, …), as an independent trial would repeat it: per arm the median and the range
-    (min, max) over runs of each run's marginal cost."""
+    (min, max) over runs of each run's marginal cost, of median steps and of mean steps."""
     per_run = [marginal_arms(name, device, steps, seed=s) for s in range(runs)]
     arms = list(per_run[0]["marginal_median_fraction"])
     fracs = {a: [r["marginal_median_fraction"][a] for r in per_run] for a in arms}
+    means = {a: [r["marginal_mean_fraction"][a] for r in per_run] for a in arms}
     first = per_run[0]
     return {"case": name, "runs": runs, "steps_per_arm": first["steps_per_arm"],
             "block": first["block"], "every": first["every"],
@@ -288,6 +294,8 @@ def repeated_arms(name: str, device: str, steps: int, runs: int) -> dict:
                 r["step_median_s"]["plain"] for r in per_run),
             "marginal_median_fraction": {a: statistics.median(v) for a, v in fracs.items()},
             "marginal_range_fraction": {a: [min(v), max(v)] for a, v in fracs.items()},
+            "marginal_mean_median_fraction": {a: statistics.median(v) for a, v in means.items()},
+            "marginal_mean_range_fraction": {a: [min(v), max(v)] for a, v in means.items()},
             "per_run": per_run}
 
 
