@@ -879,3 +879,238 @@ def test_complex_factory_parameters_are_refused_before_any_cast(ws2, capsys):
     name = _write(ws2, "cx.toml", toml('kind = "import"\nfactory = "factories2.py:complex_net"'))
     code, _, err = cli(capsys, "run", name, "--out", "cx")
     assert_one_line(code, err, "parameter 'weight' is complex64", "view_as_real")
+
+
+# run folders (round 2) ----------------------------------------------------------------------------
+# issue 21, item 5: leftovers and contradictions. A run locks its folder, default folders are
+# claimed atomically, an interrupted start-up leaves nothing, a write error names its file, and
+# --resume refuses an edited config.toml.
+
+from rayleighflow.rundir import LOCK_FILE, is_run_folder, release_lock  # noqa: E402
+
+
+def _lock(folder: Path, pid: int) -> Path:
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    path.write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
+                                "started": "2024-01-01T00:00:00+00:00"}))
+    return path
+
+
+@pytest.fixture
+def live_pid():
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("argv", [["run", "ok.toml", "--out", "oldrun"],
+                                  ["run", "demo", "--out", "oldrun", "--overwrite"],
+                                  ["run", "--resume", "oldrun"],
+                                  ["run", "--resume", "oldrun", "--force-new"]])
+def test_a_folder_locked_by_a_live_run_is_refused_naming_its_pid(ws, capsys, live_pid, argv):
+    _lock(ws / "oldrun", live_pid)
+    before = _listing(ws)
+    code, _, err = cli(capsys, *argv)
+    assert_one_line(code, err, "in use by a running rayleighflow run", f"PID {live_pid}",
+                    f"kill {live_pid}", "another --out")
+    assert code == 2 and _listing(ws) == before
+
+
+def test_a_stale_lock_is_taken_over_with_one_line_and_released(ws, capsys):
+    _lock(ws / "stale", _dead_pid())
+    assert not is_run_folder(ws / "stale")  # a lock alone does not make a run folder
+    code, _, err = cli(capsys, "run", "--resume", "stale")
+    assert_one_line(code, err, "not a run folder")
+    code, _, err = cli(capsys, "run", "ok.toml", "--out", "stale")
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "stale lock" in lines[0]
+    assert not (ws / "stale" / LOCK_FILE).exists()
+    assert LOCK_FILE not in (ws / "stale" / "report.html").read_text()
+
+
+def test_the_lock_is_held_for_the_run_and_released_on_every_ending(ws):
+    seen = []
+
+    def on_folder(folder):
+        info = json.loads((folder / LOCK_FILE).read_text())
+        seen.append((info["pid"], bool(info["host"])))
+
+    run_experiment(str(ws / "ok.toml"), ws / "l", on_folder=on_folder)
+    assert seen == [(os.getpid(), True)] and not (ws / "l" / LOCK_FILE).exists()
+    with pytest.raises(RunFailed):
+        run_experiment(str(ws / "boom.toml"), ws / "lb", on_folder=on_folder)
+    assert len(seen) == 2 and not (ws / "lb" / LOCK_FILE).exists()
+    # another process's lock is never removed by this one
+    theirs = _lock(ws / "theirs", 1)
+    assert release_lock(ws / "theirs") is False and theirs.exists()
+
+
+def test_default_folders_are_claimed_atomically_by_concurrent_runs(tmp_path):
+    import threading
+
+    got: list[Path] = []
+    barrier = threading.Barrier(6)
+
+    def claim():
+        barrier.wait()
+        got.append(prepare_out(tmp_path / "runs" / "demo", lock=True, next_free=True))
+
+    threads = [threading.Thread(target=claim) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p.name for p in got) == sorted(["demo"] + [f"demo-{i}" for i in range(2, 7)])
+    for p in got:
+        release_lock(p)
+        assert list(p.iterdir()) == []
+
+
+def test_a_default_folder_claimed_between_check_and_mkdir_moves_on(ws, capsys, monkeypatch):
+    import rayleighflow.experiments.registry as registry
+
+    real = registry.default_run_dir
+
+    def racing(target, root):  # another run claims runs/ok right after this one looked
+        found = real(target, root)
+        _lock(found, os.getpid())
+        return found
+
+    monkeypatch.setattr(registry, "default_run_dir", racing)
+    code, out, err = cli(capsys, "run", "ok.toml")
+    assert code == 0, err
+    assert "run folder: runs/ok-2" in " ".join(out.split())
+    assert (ws / "runs" / "ok-2" / "summary.json").exists()
+    assert [p.name for p in (ws / "runs" / "ok").iterdir()] == [LOCK_FILE]  # the other's
+
+
+@pytest.mark.parametrize("out", ["st", "emptydir", None])
+def test_an_interrupt_at_start_up_leaves_no_contradiction(ws, capsys, monkeypatch, out):
+    import rayleighflow.experiments.runner as runner
+
+    real = runner.atomic_write_text
+
+    def interrupted(path, *a, **k):  # SIGTERM/Ctrl-C once trajectories/ exists, before config
+        if Path(path).name == "config.toml":
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(runner, "atomic_write_text", interrupted)
+    argv = ["run", "ok.toml"] + (["--out", out] if out else [])
+    code, _, err = cli(capsys, *argv)
+    assert code == 130
+    assert_one_line(code, err, "interrupted during start-up", "before anything was recorded",
+                    "run the command again")
+    folder = ws / (out or "runs/ok")
+    assert not folder.exists() or list(folder.iterdir()) == []
+    assert (ws / "emptydir").is_dir()  # a folder that was there stays
+    monkeypatch.setattr(runner, "atomic_write_text", real)
+    code, _, err = cli(capsys, "run", "--resume", str(folder))
+    assert_one_line(code, err, "not a run folder")
+    code, out_text, err = cli(capsys, *argv)  # the rerun starts in the same folder
+    assert code == 0, err
+    assert (folder / "summary.json").exists() and not (ws / "runs" / "ok-2").exists()
+
+
+class _FullDisk:
+    """A file that fills the disk after ``room`` writes."""
+
+    def __init__(self, fh, room):
+        self._fh, self._room = fh, room
+
+    def write(self, text):
+        import errno
+
+        self._room -= 1
+        if self._room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._fh.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def test_a_full_disk_mid_flow_fails_the_run_naming_the_file(ws, capsys, monkeypatch):
+    real = rf.Trajectory._open
+    monkeypatch.setattr(rf.Trajectory, "_open", lambda self, mode: _FullDisk(real(self, mode), 3))
+    code, _, err = cli(capsys, "run", "ok.toml", "--out", "w")
+    assert_one_line(code, err, "the run failed", "cannot write",
+                    str(Path("w") / "trajectories" / "flow.jsonl"), "No space left on device")
+    assert code == 1 and "[Errno" not in err
+    s = json.loads((ws / "w" / "summary.json").read_text())
+    assert s["status"] == "failed" and "flow.jsonl" in s["error"]
+    assert not (ws / "w" / LOCK_FILE).exists()
+
+
+def test_a_full_disk_at_the_summary_leaves_no_summary_and_says_so(ws, capsys, monkeypatch):
+    import errno
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)  # summary.json is the one file written with fsync
+    code, _, err = cli(capsys, "run", "ok.toml", "--out", "ws_")
+    assert_one_line(code, err, "the run failed", str(Path("ws_") / "summary.json"),
+                    "No space left on device", "could not be written either", "--resume")
+    assert code == 1 and "[Errno" not in err
+    assert sorted(p.name for p in (ws / "ws_").iterdir() if p.name.startswith(".")) == []
+    assert not (ws / "ws_" / "summary.json").exists()  # never a half-written or "complete" one
+
+
+def test_a_full_disk_at_config_toml_leaves_nothing(ws, capsys, monkeypatch):
+    import errno
+    import types
+
+    import rayleighflow._io as io
+
+    def mkstemp(**kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "tempfile", types.SimpleNamespace(mkstemp=mkstemp))
+    code, _, err = cli(capsys, "run", "ok.toml", "--out", "c")
+    assert_one_line(code, err, "cannot write", str(Path("c") / "config.toml"),
+                    "No space left on device")
+    assert code == 1 and not (ws / "c").exists()
+
+
+def test_resume_refuses_a_config_toml_edited_after_the_start(ws, capsys, monkeypatch):
+    real = rf.flow.driver._Recorder.record
+    calls = {"n": 0}
+
+    def record(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(rf.flow.driver._Recorder, "record", record)
+    code, _, err = cli(capsys, "run", "ok.toml", "--out", "e")
+    assert code == 130, err
+    monkeypatch.setattr(rf.flow.driver._Recorder, "record", real)
+    config = ws / "e" / "config.toml"
+    text = config.read_text()
+    assert json.loads((ws / "e" / "summary.json").read_text())["config_sha256"]
+    config.write_text(text.replace("t_max = 0.5", "t_max = 0.7"))
+    code, _, err = cli(capsys, "run", "--resume", "e")
+    assert_one_line(code, err, str(Path("e") / "config.toml"), "was edited after the run started",
+                    "summary.json",
+                    "restore it", "--force-new")
+    assert code == 2
+    (ws / "e" / "summary.json").unlink()  # as after kill -9: the checkpoint holds the hash
+    code, _, err = cli(capsys, "run", "--resume", "e")
+    assert_one_line(code, err, "was edited", "checkpoints/flow.pt")
+    config.write_text(text)  # restored: the run continues
+    code, _, err = cli(capsys, "run", "--resume", "e")
+    assert code == 0, err
+    assert json.loads((ws / "e" / "summary.json").read_text())["status"] == "complete"

@@ -23,7 +23,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_text", "finite_or_none"]
+__all__ = ["WriteError", "atomic_write", "atomic_write_text", "finite_or_none", "write_error"]
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, a folder gone): ``filename`` names it, and
+    ``str()`` is one line, "cannot write 'PATH': No space left on device"."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename!r}: {self.strerror or 'unknown error'}"
+
+
+def write_error(exc: OSError, path: str | Path) -> WriteError:
+    """``exc`` (raised while writing ``path``) as a :class:`WriteError` naming ``path``."""
+    if isinstance(exc, WriteError):
+        return exc
+    err = WriteError(exc.errno, exc.strerror or str(exc), str(path))
+    err.__cause__ = exc
+    return err
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[Any]], object], *, binary: bool = False,
@@ -33,9 +50,13 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], object], *, binary
     A killed writer leaves the old file (or none), never a half-written one; a failing
     ``write`` leaves no temporary file behind. The file gets the permissions the umask gives
     ordinary files. ``fsync``: flush to disk before the rename (for files read after a crash).
+    An OSError (a full disk...) is raised as a :class:`WriteError` naming ``path``.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(exc, path) from exc
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; match the folder's other files
         with (os.fdopen(fd, "wb") if binary else
@@ -45,8 +66,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], object], *, binary
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(exc, path) from exc
         raise
     return path
 

@@ -3,8 +3,9 @@
 Every failure ends in one line on stderr (``error: ...``; a configuration with several problems
 lists one per line) and a non-zero exit code: 2 for bad input (options, files, configuration,
 folders, an optional extra not installed: the line says which to install), 1 when the run
-itself failed (summary.json then has status "failed"), 130 after an interrupt (Ctrl-C or
-SIGTERM; the resume command is printed). Never a traceback.
+itself failed or a file could not be written (summary.json then has status "failed" where it
+can still be written; the line names the file), 130 after an interrupt (Ctrl-C or SIGTERM; the
+resume command is printed). Never a traceback.
 """
 
 from __future__ import annotations
@@ -196,19 +197,27 @@ def _cmd_run(args) -> int:
         run = lambda progress: resume_run(out, experiment=experiment,  # noqa: E731
                                           progress=progress, **options)
     else:
+        next_free = False
         if resume is not None:  # --force-new: start over in the same folder
             out = Path(resume)
             target = experiment or str(out / "config.toml")
             overwrite = True
         else:
             target = experiment or "demo"
+            next_free = args.out is None  # runs/NAME, or the next free runs/NAME-N
             out = Path(args.out) if args.out is not None else default_run_dir(target, DEFAULT_OUT)
             overwrite = args.overwrite
         if getattr(args, "force_new", False) and resume is None:
             raise ValueError("--force-new applies only with --resume RUN_DIR; to replace a "
                              "folder's run use --overwrite")
-        run = lambda progress: run_experiment(target, out, overwrite=overwrite,  # noqa: E731
-                                              progress=progress, **options)
+
+        def claimed(folder: Path) -> None:  # another run may have claimed `out` first
+            nonlocal out
+            out = folder
+
+        run = lambda progress: run_experiment(  # noqa: E731
+            target, out, overwrite=overwrite, progress=progress, next_free=next_free,
+            on_folder=claimed, **options)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     with _progress() as progress:
         summary = run(progress)
@@ -337,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(["run", *argv])
     commands = {"run": _cmd_run, "demo": _cmd_run, "report": _cmd_report, "list": _cmd_list,
                 "ntk": _cmd_ntk, "prove": _cmd_prove}
+    from ._io import WriteError
     from ._optional import MissingExtra
     from .experiments._toml import ConfigError
     from .experiments.registry import NothingToResume
@@ -354,14 +364,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunFailed as err:
-        print(f"error: the run failed: {_one_line(err)}; what was recorded is in {err.out} "
-              "(summary.json status \"failed\", traceback in it)", file=sys.stderr)
+        if err.summary_written:
+            print(f"error: the run failed: {_one_line(err)}; what was recorded is in {err.out} "
+                  "(summary.json status \"failed\", traceback in it)", file=sys.stderr)
+        else:
+            print(f"error: the run failed: {_one_line(err)}; summary.json could not be written "
+                  f"either: free space, then `rayleighflow run --resume {err.out}` continues "
+                  "from the last checkpoint", file=sys.stderr)
+        return EXIT_FAILED
+    except WriteError as err:  # a full disk before the run started: nothing was kept
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_FAILED
     except (ValueError, TypeError, OSError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(f"error: {_one_line(stop) if str(stop) else 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the CLI's promise: one line, never a traceback
         print(f"error: unexpected {type(err).__name__}: {_one_line(err)} (please report this "

@@ -25,7 +25,7 @@ from typing import IO, Any, final
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write, write_error
 
 __all__ = ["Trajectory", "end_line"]
 
@@ -92,18 +92,33 @@ class Trajectory:
                 loaded = Trajectory.load(self.path)
                 self.meta, self.rows = loaded.meta, loaded.rows
                 self._eval_chunks = loaded._eval_chunks
-                self._fh = open(self.path, "a")
+                self._fh = self._open("a")
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "w")
+                self._fh = self._open("w")
                 self._write({"type": "meta", **self.meta})
 
     # -- writing ---------------------------------------------------------------------------
-    def _write(self, obj: Mapping[str, Any]) -> None:
+    def _open(self, mode: str) -> IO[str]:
+        assert self.path is not None
+        try:
+            if mode == "w":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            return open(self.path, mode)
+        except OSError as exc:
+            raise write_error(exc, self.path) from exc
+
+    def _put(self, text: str) -> None:
+        """Write ``text`` and flush; an OSError (a full disk) names the file."""
         if self._fh is None:
             return
-        self._fh.write(json.dumps({k: _clean(v) for k, v in obj.items()}) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(text)
+            self._fh.flush()
+        except OSError as exc:
+            raise write_error(exc, self.path or "trajectory") from exc
+
+    def _write(self, obj: Mapping[str, Any]) -> None:
+        self._put(json.dumps({k: _clean(v) for k, v in obj.items()}) + "\n")
 
     def add_evaluation(self, t: float, loss: float, grad_sq: float,
                        fgrad_sq: float = math.nan) -> None:
@@ -121,7 +136,10 @@ class Trajectory:
 
     def _write_chunk(self, index: int, chunk: Mapping[str, list[float]]) -> None:
         if self._fh is not None:
-            self._fh.write(_chunk_line(index, chunk))
+            try:
+                self._fh.write(_chunk_line(index, chunk))
+            except OSError as exc:
+                raise write_error(exc, self.path or "trajectory") from exc
 
     def append(self, row: Mapping[str, Any]) -> None:
         self._flush_evaluations()
@@ -144,10 +162,17 @@ class Trajectory:
         """Record why the run stopped and close the file (idempotent)."""
         self.status, self.detail = status, detail
         if self._fh is not None:
-            self._fh.write(end_line(status, detail))
-            self._fh.flush()
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.write(end_line(status, detail))
+                fh.flush()
+            except OSError as exc:
+                raise write_error(exc, self.path or "trajectory") from exc
+            finally:
+                try:
+                    fh.close()
+                except OSError:
+                    pass
 
     # -- reading ---------------------------------------------------------------------------
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from ..rundir import is_run_folder, prepare_out
 from ..rundir import out_path as _out_path
 from . import definite_ntk, demo, logistic, proof, toy2d, two_layer
 from ._toml import ConfigError, Issue, is_toml, toml_value
-from .runner import Experiment, RunContext, check_extras, execute
+from .runner import Experiment, RunContext, check_extras, config_sha256, execute_locked
 
 __all__ = ["EXPERIMENTS", "get_experiment", "run_experiment", "builtin_config_text",
            "resume_run", "resume_conflicts", "prepare_out", "default_run_dir", "check_seed",
@@ -108,19 +108,25 @@ def run_experiment(
     resume: bool = False,
     overwrite: bool = False,
     progress: Any = None,
+    next_free: bool = False,
+    on_folder: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Run a built-in experiment by name, or a user TOML experiment by path, into ``out``.
 
     Everything is validated before the folder is touched (see :func:`prepare_out` for the
-    folder rules). A failure of the experiment itself leaves summary.json with status
-    "failed" and raises :class:`~rayleighflow.experiments.runner.RunFailed`.
+    folder rules); the folder is locked while the run lasts. A failure of the experiment itself
+    leaves summary.json with status "failed" and raises
+    :class:`~rayleighflow.experiments.runner.RunFailed`. ``next_free`` (a default folder):
+    when ``out`` is taken, run in ``out-2``, ``out-3``, ... (the first one this run claims);
+    ``on_folder`` is called with the folder the run is in once it is claimed.
     """
     out = _out_path(out)
     if seed is not None:
         check_seed(seed)
     if is_toml(name):
         return _run_file(Path(name), out, seed=seed, device=device, dtype=dtype, quick=quick,
-                         resume=resume, overwrite=overwrite, progress=progress)
+                         resume=resume, overwrite=overwrite, progress=progress,
+                         next_free=next_free, on_folder=on_folder)
     exp = get_experiment(name)
     seed = 0 if seed is None else seed
     device = device or "cpu"
@@ -131,10 +137,12 @@ def run_experiment(
     params = _resolve(exp, quick, overrides or {})
     settings = {"seed": seed, "device": device, "dtype": dtype, "quick": quick}
     check_extras(exp.name, exp.extras)
-    prepare_out(out, resume=resume, overwrite=overwrite)
-    ctx = RunContext(out, params, seed=seed, device=device, dtype=_DTYPES[dtype], resume=resume,
-                     progress=progress)
-    return execute(exp, ctx, builtin_config_text(exp.name, settings, params))
+    out = prepare_out(out, resume=resume, overwrite=overwrite, lock=True, next_free=next_free)
+    return execute_locked(
+        exp, out, lambda folder: RunContext(folder, params, seed=seed, device=device,
+                                            dtype=_DTYPES[dtype], resume=resume,
+                                            progress=progress),
+        builtin_config_text(exp.name, settings, params), resume=resume, on_folder=on_folder)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -181,7 +189,8 @@ def _run_file(path: Path, out: Path, **kw: Any) -> dict[str, Any]:
             seed=kw["seed"] if kw["seed"] is not None else saved["seed"],
             device=kw["device"] or saved["device"], dtype=kw["dtype"] or saved["dtype"],
             quick=bool(saved["quick"] or kw["quick"]), overrides=saved["params"],
-            resume=kw["resume"], overwrite=kw["overwrite"], progress=kw["progress"])
+            resume=kw["resume"], overwrite=kw["overwrite"], progress=kw["progress"],
+            next_free=kw["next_free"], on_folder=kw["on_folder"])
     from .user import run_user_experiment
 
     return run_user_experiment(path, out, **kw)
@@ -239,6 +248,7 @@ def resume_run(run_dir: str | Path, *, experiment: str | None = None, seed: int 
     change the run is a one-line ValueError. A finished run raises :class:`NothingToResume`.
     """
     run_dir = prepare_out(run_dir, resume=True)
+    _check_config_unchanged(run_dir)
     conflicts = resume_conflicts(run_dir, experiment=experiment, seed=seed, device=device,
                                  dtype=dtype, quick=quick)
     if conflicts:
@@ -255,6 +265,42 @@ def resume_run(run_dir: str | Path, *, experiment: str | None = None, seed: int 
                               f"`rayleighflow report {run_dir}` re-renders it, --force-new runs "
                               "it again")
     return run_experiment(str(run_dir / "config.toml"), run_dir, resume=True, progress=progress)
+
+
+def _recorded_config_sha256(run_dir: Path) -> tuple[str, str] | None:
+    """The config.toml hash the run recorded, and where: summary.json, else (after a kill) a
+    checkpoint. None for a run that recorded none (made before hashes were kept)."""
+    try:
+        digest = json.loads((run_dir / "summary.json").read_text()).get("config_sha256")
+        if isinstance(digest, str):
+            return digest, "summary.json"
+    except (OSError, ValueError, AttributeError):
+        pass
+    for ckpt in sorted((run_dir / "checkpoints").glob("*.pt")):
+        try:
+            digest = torch.load(ckpt, weights_only=True).get("config_sha256")
+        except Exception:  # noqa: BLE001 - a torn checkpoint records nothing
+            continue
+        if isinstance(digest, str):
+            return digest, f"checkpoints/{ckpt.name}"
+    return None
+
+
+def _check_config_unchanged(run_dir: Path) -> None:
+    """Refuse to resume a run whose config.toml was edited after it started."""
+    recorded = _recorded_config_sha256(run_dir)
+    if recorded is None:
+        return
+    try:
+        now = config_sha256((run_dir / "config.toml").read_bytes())
+    except OSError as exc:
+        raise ValueError(f"--resume {run_dir}: cannot read config.toml "
+                         f"({exc.strerror or exc})") from None
+    if now != recorded[0]:
+        raise ValueError(f"--resume {run_dir}: {run_dir / 'config.toml'} was edited after the "
+                         f"run started (its sha256 differs from the one in {recorded[1]}): "
+                         "restore it to continue the run, or add --force-new to start the run "
+                         "over with the edited configuration")
 
 
 def _check_device(device: str) -> None:

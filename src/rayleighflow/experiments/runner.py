@@ -9,6 +9,7 @@ adds the common keys, writes ``summary.json`` atomically and renders the report.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,17 +20,18 @@ from typing import Any, final
 import numpy as np
 import torch
 
-from .._io import atomic_write, atomic_write_text
+from .._io import WriteError, atomic_write, atomic_write_text, write_error
 from .._optional import require_extra
 from .._time import covered
 from ..flow import FlowResult, FlowStatus, OnRecord, Progress, Start, gradient_flow
 from ..problem import Problem
-from ..rundir import mark_failed, recorded_summary, versions, write_summary
+from ..rundir import mark_failed, recorded_summary, release_lock, versions, write_summary
+from ..rundir.summary import SUMMARY_FILE
 from ..seeding import generator as seeded_generator
 from ..trajectory import Trajectory
 
 __all__ = ["RunContext", "RunInterrupted", "RunFailed", "Experiment", "execute",
-           "check_extras", "DONE_STATUSES", "EARLY_STOPS"]
+           "execute_locked", "check_extras", "config_sha256", "DONE_STATUSES", "EARLY_STOPS"]
 
 #: Flow statuses that end a flow for good (a resumed run reloads it instead of continuing).
 DONE_STATUSES = {s.value for s in FlowStatus} - {FlowStatus.INTERRUPTED.value}
@@ -46,11 +48,19 @@ class RunInterrupted(Exception):
 
 class RunFailed(RuntimeError):
     """The experiment raised: summary.json (status "failed") holds the error and what was
-    recorded; ``summary`` is that dict, ``out`` the run folder."""
+    recorded; ``summary`` is that dict, ``out`` the run folder; ``summary_written`` is False
+    when summary.json could not be written either (a full disk)."""
 
-    def __init__(self, message: str, out: Path, summary: dict[str, Any]) -> None:
+    def __init__(self, message: str, out: Path, summary: dict[str, Any], *,
+                 summary_written: bool = True) -> None:
         super().__init__(message)
-        self.out, self.summary = out, summary
+        self.out, self.summary, self.summary_written = out, summary, summary_written
+
+
+def config_sha256(text: str | bytes) -> str:
+    """The hash of a run's config.toml text, kept in summary.json and the checkpoints so
+    ``--resume`` can tell that the file was edited."""
+    return hashlib.sha256(text.encode("utf-8") if isinstance(text, str) else text).hexdigest()
 
 
 #: what each optional extra does for a run (the error's wording)
@@ -91,6 +101,8 @@ class RunContext:
     progress: Any = None  # a rich.progress.Progress or None
     #: run time of earlier segments (resumes), so checkpoints carry the accumulated run time
     run_time_before: float = 0.0
+    #: sha256 of config.toml's text (kept in the checkpoints and summary.json)
+    config_sha256: str | None = None
     #: name -> (status, message) of every flow run or reloaded, in order
     flows: dict[str, tuple[str, str]] = field(default_factory=dict)
     _arrays: dict[str, np.ndarray] = field(default_factory=dict)
@@ -151,7 +163,8 @@ class RunContext:
 
         def on_record(row: dict, params) -> None:
             _atomic_torch({"params": params, "t": row["t"], "evals": row["grad_evals"],
-                           "run_time": self.run_time()}, ckpt)
+                           "run_time": self.run_time(), "config_sha256": self.config_sha256},
+                          ckpt)
 
         task = None
         if self.progress is not None:
@@ -204,14 +217,21 @@ def execute(experiment: Experiment, ctx: RunContext, config_text: str) -> dict[s
     """Run ``experiment`` in ``ctx``; write config.toml, summary.json and the report.
 
     Every ending writes summary.json: "complete"; "interrupted" (Ctrl-C, SIGTERM), with the
-    resume command in the notes; "failed" (the experiment raised), with ``error`` and
-    ``traceback``, after which :class:`RunFailed` is raised. An interrupted or failed summary
-    carries the values recorded so far (read from the trajectories). ``run_time_s`` accumulates
-    across resumes (summary.json or, after a kill, the checkpoints).
+    resume command in the notes; "failed" (the experiment raised, or a file could not be
+    written), with ``error`` and ``traceback``, after which :class:`RunFailed` is raised. An
+    interrupted or failed summary carries the values recorded so far (read from the
+    trajectories). ``run_time_s`` accumulates across resumes (summary.json or, after a kill,
+    the checkpoints). summary.json's ``config_sha256`` is the hash of config.toml's text (a
+    resumed run keeps the file it was started with).
     """
     from ..report import render_report
 
-    atomic_write_text(ctx.out / "config.toml", config_text)
+    config = ctx.out / "config.toml"
+    if ctx.resume and config.is_file():
+        ctx.config_sha256 = config_sha256(config.read_bytes())
+    else:
+        atomic_write_text(config, config_text)
+        ctx.config_sha256 = config_sha256(config_text)
     ctx.run_time_before = previous_run_time(ctx.out) if ctx.resume else 0.0
     ctx._begin = time.perf_counter()
     status, notes, error, tb = "complete", [], None, None
@@ -225,7 +245,8 @@ def execute(experiment: Experiment, ctx: RunContext, config_text: str) -> dict[s
         import traceback
 
         status, summary = "failed", {}
-        error = _one_line(f"{type(exc).__name__}: {exc}")
+        error = str(exc) if isinstance(exc, WriteError) else \
+            _one_line(f"{type(exc).__name__}: {exc}")
         tb = traceback.format_exc()
         mark_failed(ctx.out, error)
         notes.append(f"failed: {error}")
@@ -235,6 +256,7 @@ def execute(experiment: Experiment, ctx: RunContext, config_text: str) -> dict[s
     summary.update(
         experiment=experiment.name, status=status, run_time_s=ctx.run_time(),
         versions=versions(), created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        config_sha256=ctx.config_sha256,
     )
     if error is not None:
         summary.update(error=error, traceback=tb)
@@ -246,16 +268,84 @@ def execute(experiment: Experiment, ctx: RunContext, config_text: str) -> dict[s
     summary["flows"] = sorted({*summary.get("flows", []), *ctx.flows})
     summary.setdefault("description", experiment.description)
     summary["notes"] = list(summary.get("notes", [])) + notes
-    write_summary(ctx.out, summary)
+    try:
+        write_summary(ctx.out, summary)
+    except OSError as exc:  # a full disk: a "failed" summary where it can still be written
+        _write_failed(ctx, summary, write_error(exc, ctx.out / SUMMARY_FILE), error)
     try:
         render_report(ctx.out)
     except Exception as exc:  # noqa: BLE001 - the summary is written; a report bug must not hide it
+        if isinstance(exc, OSError) and error is None:  # a write error: the run failed
+            _write_failed(ctx, summary, write_error(exc, ctx.out / "report.html"), None)
         if error is None:
             raise
         summary["notes"].append(f"report.html could not be rendered: {exc}")
     if error is not None:
         raise RunFailed(error, ctx.out, summary)
     return summary
+
+
+def _write_failed(ctx: RunContext, summary: dict[str, Any], exc: WriteError,
+                  error: str | None) -> None:
+    """A file of the run could not be written: summary.json says "failed" (when it can still
+    be written), and :class:`RunFailed` names the file."""
+    import traceback
+
+    message = str(exc) if error is None else f"{error}; then {exc}"
+    summary.update(status="failed", error=message,
+                   traceback="".join(traceback.format_exception(exc)))
+    summary["notes"] = [*summary.get("notes", []), f"failed: {message}"]
+    try:
+        write_summary(ctx.out, summary)
+        written = True
+    except OSError:
+        written = False
+    raise RunFailed(message, ctx.out, summary, summary_written=written) from exc
+
+
+def execute_locked(experiment: Experiment, out: Path, make_context: Callable[[Path], RunContext],
+                   config_text: str, *, resume: bool = False,
+                   on_folder: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """:func:`execute` in ``out``, locked by :func:`~rayleighflow.rundir.prepare_out`
+    (``lock=True``): the lock goes on every ending. A new run stopped before config.toml was
+    written (Ctrl-C or SIGTERM at start-up, a full disk) leaves nothing: what it created is
+    removed, so the folder never looks like a run that cannot be resumed."""
+    try:
+        if on_folder is not None:
+            on_folder(out)
+        return execute(experiment, make_context(out), config_text)
+    except BaseException as exc:
+        if resume or (out / "config.toml").exists():
+            raise
+        where = _remove_startup_files(out, created=release_lock(out))
+        if isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"interrupted during start-up, before anything was "
+                                    f"recorded: {where}; run the command again to start "
+                                    "the run") from None
+        raise
+    finally:
+        release_lock(out)
+
+
+def _remove_startup_files(out: Path, *, created: bool) -> str:
+    """Remove the empty folders a run makes before its config.toml (and ``out`` itself when
+    this run created it); say what was left."""
+    for name in ("checkpoints", "trajectories"):
+        try:
+            (out / name).rmdir()
+        except OSError:
+            pass
+    if created:
+        try:
+            out.rmdir()
+            return f"{out} was removed"
+        except OSError:
+            pass
+    try:
+        left = any(out.iterdir())
+    except OSError:
+        left = True
+    return f"{out} was left as it was" if left else f"{out} was left empty"
 
 
 def _one_line(text: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from .common import (
     spectrum_diagnostic,
 )
 from .config import ExperimentConfig, LogRecordsConfig, config_to_toml, load_config
-from .runner import Experiment, RunContext, check_extras, execute
+from .runner import Experiment, RunContext, check_extras, execute_locked
 
 __all__ = ["run_user_experiment", "ntk_summary", "apply_overrides"]
 
@@ -127,18 +128,22 @@ def _run(cfg: ExperimentConfig, built: tuple[Any, dict[str, Any]]):
 
 def run_user_experiment(path: Path, out: Path, *, seed=None, device=None, dtype=None,
                         quick: bool = False, resume: bool = False, overwrite: bool = False,
-                        progress: Any = None) -> dict[str, Any]:
-    """Validate the file, build the problem, and only then create the run folder: a
-    configuration or model error leaves nothing behind."""
+                        progress: Any = None, next_free: bool = False,
+                        on_folder: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Validate the file, build the problem, and only then create (and lock) the run folder:
+    a configuration or model error leaves nothing behind. ``next_free``, ``on_folder``: see
+    :func:`~rayleighflow.experiments.registry.run_experiment`."""
     cfg = apply_overrides(load_config(path), seed=seed, device=device, dtype=dtype, quick=quick)
     check_extras(cfg.name, ("data",) if cfg.data.kind == "sklearn" else ())
     built = build_problem(cfg)
     exp = Experiment(name=cfg.name, description=f"user experiment from {path}",
                      run=_run(cfg, built), defaults={}, quick={})
-    out = prepare_out(out, resume=resume, overwrite=overwrite)
-    ctx = RunContext(out, {}, seed=cfg.seed, device=cfg.device,
-                     dtype=getattr(torch, cfg.dtype), resume=resume, progress=progress)
-    return execute(exp, ctx, config_to_toml(cfg))
+    out = prepare_out(out, resume=resume, overwrite=overwrite, lock=True, next_free=next_free)
+    return execute_locked(
+        exp, out, lambda folder: RunContext(folder, {}, seed=cfg.seed, device=cfg.device,
+                                            dtype=getattr(torch, cfg.dtype), resume=resume,
+                                            progress=progress),
+        config_to_toml(cfg), resume=resume, on_folder=on_folder)
 
 
 def ntk_summary(path: Path, *, max_samples: int | None = None, force: bool = False,

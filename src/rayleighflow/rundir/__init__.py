@@ -29,7 +29,7 @@ from .contents import (
     natural_key,
     recorded_summary,
 )
-from .folder import RUN_FILES, is_run_folder, out_path, prepare_out
+from .folder import LOCK_FILE, RUN_FILES, is_run_folder, out_path, prepare_out, release_lock
 from .summary import (
     CERTIFICATE_KEYS,
     REQUIRED_SUMMARY_KEYS,
@@ -42,10 +42,11 @@ from .summary import (
     write_summary,
 )
 
-__all__ = ["CERTIFICATE_KEYS", "REQUIRED_SUMMARY_KEYS", "RUN_FILES", "STATUSES", "SUMMARY_FILE",
+__all__ = ["CERTIFICATE_KEYS", "LOCK_FILE", "REQUIRED_SUMMARY_KEYS", "RUN_FILES", "STATUSES",
+           "SUMMARY_FILE",
            "RunContents", "TrajectoryInfo", "check_run_dir", "is_run_folder", "json_safe",
            "load_run", "mark_failed", "natural_key", "out_path", "prepare_out", "read_summary",
-           "recorded_summary", "validate_summary", "versions", "write_summary"]
+           "recorded_summary", "release_lock", "validate_summary", "versions", "write_summary"]
 
 
 def mark_failed(run_dir: str | Path, error: str) -> None:
