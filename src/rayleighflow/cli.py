@@ -55,6 +55,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int | str:
+    # parsed here, not in experiments.threads, which imports torch: --help stays fast
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a thread count (use N ≥ 1, 0 for torch's default, or auto)"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1, 0 for torch's default, or auto (got {value})")
+    return value
+
+
 def _folder(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty folder name; give a folder, e.g. runs/mine")
@@ -134,6 +150,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float64", "float32"],
                    help="floating-point type (default float64, or the TOML file's)")
     p.add_argument("--quick", action="store_true", help="a short variant (seconds), as in CI")
+    p.add_argument("--threads", type=_threads, default="auto", metavar="N",
+                   help="torch threads: auto (default: 1 for small problems, P×n < 1e7, "
+                        "unless OMP_NUM_THREADS is set), N ≥ 1, or 0 for torch's default")
 
 
 class _LazyProgress:
@@ -218,8 +237,10 @@ def _cmd_run(args) -> int:
         run = lambda progress: run_experiment(  # noqa: E731
             target, out, overwrite=overwrite, progress=progress, next_free=next_free,
             on_folder=claimed, **options)
+    from .experiments.threads import cli_threads
+
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    with _progress() as progress:
+    with cli_threads(args.threads), _progress() as progress:
         summary = run(progress)
     _print_summary(summary, out)
     if summary["status"] == "interrupted":
@@ -272,6 +293,8 @@ def _print_summary(summary: dict, out: Path) -> None:
                       "vacuous" if red["vacuous"] else "")
     if summary.get("certificates"):
         console.print(certs)
+    for line in (summary.get("threads") or {}).get("lines", []):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"run folder: {out}   report: {out / 'report.html'}")
 
 

@@ -29,6 +29,7 @@ from ..rundir import mark_failed, recorded_summary, release_lock, versions, writ
 from ..rundir.summary import SUMMARY_FILE
 from ..seeding import generator as seeded_generator
 from ..trajectory import Trajectory
+from .threads import active_policy, apply_threads
 
 __all__ = ["RunContext", "RunInterrupted", "RunFailed", "Experiment", "execute",
            "execute_locked", "check_extras", "config_sha256", "DONE_STATUSES", "EARLY_STOPS"]
@@ -178,6 +179,7 @@ class RunContext:
                                      f"L={loss:.3g}")
 
         observers = [*kwargs.pop("observers", ()), OnRecord(on_record), Progress(progress)]
+        apply_threads(problem, kwargs.get("eval_data"))
         result = gradient_flow(problem, path=path, observers=observers, start=start,
                                generator=kwargs.pop("generator", self.generator()), **kwargs)
         self.flows[name] = (result.status.value, result.message)
@@ -260,6 +262,10 @@ def execute(experiment: Experiment, ctx: RunContext, config_text: str) -> dict[s
     )
     if error is not None:
         summary.update(error=error, traceback=tb)
+    policy = active_policy()
+    if policy is not None and policy.lines:  # the timings depend on it: say what was chosen
+        summary["threads"] = {"requested": policy.requested, "count": policy.current,
+                              "lines": list(policy.lines)}
     stopped = [{"flow": n, "status": st, "message": msg} for n, (st, msg) in ctx.flows.items()
                if st in EARLY_STOPS]
     if stopped:

@@ -41,6 +41,7 @@ from .common import (
 )
 from .plateau import detect_plateau
 from .runner import Experiment, RunContext
+from .threads import active_policy
 from .two_layer_read import BELOW, FAILED, UNDECIDED, notes, prefix, width_summary
 
 __all__ = ["EXPERIMENT"]
@@ -150,7 +151,10 @@ def _arrays(per_width: dict[int, dict]) -> dict[str, Any]:
 
 def run(ctx: RunContext) -> dict[str, Any]:
     # These networks are tiny (n·m ≲ 1e5): intra-op threads only add synchronization, which
-    # costs 10× and more on a busy machine. One thread for the run, restored after.
+    # costs 10× and more on a busy machine. One thread for the run, restored after, unless
+    # the command line's --threads decides (before each flow, see experiments/threads.py).
+    if active_policy() is not None:
+        return _run(ctx)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
