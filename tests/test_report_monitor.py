@@ -187,12 +187,7 @@ def test_certificate_table_is_short_rows_with_the_checks_in_details(tmp_path):
     assert len(details) == 3
     assert "Max bound violation" in details[0] and "KL inequality" in details[0]
     assert "first violation at t = 4" in details[1]
-    css = html[html.index("<style>"):html.index("</style>")]
-    for rule in ("table.cert-table { table-layout: fixed; }",
-                 "table.cert-table td { overflow-wrap: anywhere; }",
-                 "table.extras td.num { white-space: normal; overflow-wrap: anywhere; }"):
-        assert rule in css
-    assert re.search(r"\.card[^{]*\{[^}]*overflow-wrap: anywhere", css)
+    # how the rows lay out is checked in a browser: test_report_table_has_no_overflow_...
 
 
 def test_symlog_time_axis_starts_at_zero_without_negative_ticks(tmp_path):
@@ -231,42 +226,59 @@ _OVERFLOW_JS = """(() => {
         if (el.scrollWidth > el.clientWidth + 1) bad.push(el.className || el.tagName);
     const doc = document.documentElement;
     if (doc.scrollWidth > doc.clientWidth + 1) bad.push('page scrolls sideways');
+    // a word of a certificate row split over two lines ("observe|d", "0.0011|51"); a break
+    // after a hyphen is a line break, not a split
+    for (const cell of document.querySelectorAll('table.cert-table tr.certificate > td')) {
+        const walk = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+        for (let node = walk.nextNode(); node; node = walk.nextNode()) {
+            const words = /[^\\s\\-\u2010\u2013\u2014]+[\\-\u2010\u2013\u2014]?/g;
+            let m;
+            while ((m = words.exec(node.data)) !== null) {
+                const r = document.createRange();
+                r.setStart(node, m.index); r.setEnd(node, m.index + m[0].length);
+                const tops = new Set([...r.getClientRects()].map(b => Math.round(b.top)));
+                if (tops.size > 1) bad.push('word split: ' + m[0]);
+            }
+        }
+    }
     return bad; })()"""
 
 
-def _overflow_with_cli(chromium: str, path: Path, tmp_path: Path) -> list[str]:
+def _overflow_with_cli(chromium: str, path: Path, tmp_path: Path, width: int) -> list[str]:
     """Chromium's command line: a copy of the page writes the overflow list into its DOM,
     which --dump-dom prints; --screenshot draws it."""
     probe = tmp_path / "probe.html"
     probe.write_text(path.read_text().replace(
         "</body>", f"<script>document.body.insertAdjacentHTML('beforeend', '<pre id=\"ovf\">'"
                    f" + JSON.stringify({_OVERFLOW_JS}) + '</pre>');</script></body>"))
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,900"]
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},900"]
     subprocess.run([*flags, f"--screenshot={tmp_path / 'report.png'}", path.as_uri()],
                    check=True, capture_output=True, timeout=120)
     dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], check=True,
                          capture_output=True, text=True, timeout=120).stdout
-    found = re.search(r'<pre id="ovf">(.*?)</pre>', dom, re.S)
-    assert found, "chromium ran no script on the page"
-    return json.loads(html_lib.unescape(found.group(1)))
+    found = re.findall(r'<pre id="ovf">(.*?)</pre>', dom, re.S)  # the last: the script's own
+    assert len(found) > 1, "chromium ran no script on the page"  # source holds the first
+    return json.loads(html_lib.unescape(found[-1]))
 
 
 @pytest.mark.skipif(_browser()[0] is None,
                     reason="neither playwright nor a chromium binary is installed (pip install "
                            "playwright && playwright install chromium, or apt-get install "
                            "chromium)")
-def test_report_table_has_no_overflow_in_headless_chromium(tmp_path):
+@pytest.mark.parametrize("width", [1280, 800, 500])   # a desktop, half a laptop, a phone
+def test_report_table_has_no_overflow_in_headless_chromium(tmp_path, width):
     kind, backend = _browser()
     path = render_report(_long_run(tmp_path))
     if kind == "cli":
-        overflow = _overflow_with_cli(backend, path, tmp_path)
+        overflow = _overflow_with_cli(backend, path, tmp_path, width)
     else:
         with backend() as p:
             try:
                 browser = p.chromium.launch()
             except Exception as e:  # the package without its browser download
                 pytest.skip(f"playwright's Chromium does not start ({str(e).splitlines()[0]})")
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page = browser.new_page(viewport={"width": width, "height": 900})
             page.goto(path.as_uri())
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
             overflow = page.evaluate(_OVERFLOW_JS)
