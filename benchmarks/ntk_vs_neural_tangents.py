@@ -16,10 +16,12 @@ side. Each implementation is first compiled and timed by one warm call; those mo
 slower than the fastest there keep that one warm call as their time (on the full-resolution
 convolutions the Jacobian contraction takes many seconds a call) and are not repeated.
 Threads: ``OMP_NUM_THREADS=1`` for torch, ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1`` for JAX. Dense layers are written for neural-tangents as one
-``lax.dot_general`` contracting W's input axis (written as ``h @ W.T`` they hide their
-structure from STRUCTURED_DERIVATIVES). Both sides compute the exact (n, n, k, k) kernel in
-the Euclidean ("sum") convention, float32; the JSON keeps their max relative difference::
+intra_op_parallelism_threads=1`` for JAX, and each side pinned to a core of its own (XLA's
+thread pool ignores those flags; ``cpu_over_wall`` per side in the JSON shows what each used).
+Dense layers are written for neural-tangents as one ``lax.dot_general`` contracting W's input
+axis (written as ``h @ W.T`` they hide their structure from STRUCTURED_DERIVATIVES). Both sides
+compute the exact (n, n, k, k) kernel in the Euclidean ("sum") convention, float32; the JSON
+keeps their max relative difference::
 
     OMP_NUM_THREADS=1 python benchmarks/ntk_vs_neural_tangents.py --nt-python /tmp/ntvenv/bin/python
 """
@@ -164,9 +166,10 @@ def nt_worker(data_dir: str, impls: tuple[str, ...] = NT_IMPLS,
             print(json.dumps(prepare(cmd.split(" ", 1)[1])), flush=True)
             continue
         fn, x, params = fns[cmd]
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn(x, None, params).block_until_ready()
-        print(json.dumps({"time_s": time.perf_counter() - t0}), flush=True)
+        print(json.dumps({"time_s": time.perf_counter() - t0,
+                          "cpu_s": time.process_time() - c0}), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,13 +207,22 @@ def main() -> None:
     from rayleighflow.ntk import empirical_ntk
 
     cases = [c for c in args.cases.split(",") if c]
+    # XLA's CPU client runs its own thread pool whatever XLA_FLAGS say (a trial: 1.7 cores of
+    # CPU time per second of a call): one core for each side makes "one thread each" true,
+    # and two different cores keep the pool's spin-waiting after a call off the other side's
+    # core. Each side's CPU time per call is kept to show it.
+    affinity: dict[str, list[int]] = {}
+    if hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        affinity = {"rayleighflow": cores[:1], "neural_tangents": cores[-1:]}
+        os.sched_setaffinity(0, affinity["rayleighflow"])
     report: dict = {"environment": {
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "platform": platform.platform(),
         "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
         "statistic": f"min of {args.repeats} alternating warm calls per side",
         "nt_impls": args.nt_impls, "dtype": "float32 (float64 where the case says so)",
-        "convention": "sum (Euclidean, exact (n, n, k, k))"},
+        "convention": "sum (Euclidean, exact (n, n, k, k))", "cpu_affinity": affinity},
         "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         nets = {}
@@ -221,8 +233,11 @@ def main() -> None:
             np.savez(Path(tmp) / f"{case}.npz", x=x.numpy(), **arrays)
         env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
                "intra_op_parallelism_threads=1", "JAX_PLATFORMS": "cpu"}
+        pin = (lambda: os.sched_setaffinity(0, affinity["neural_tangents"])) if affinity \
+            else None
         proc = subprocess.Popen([args.nt_python, __file__, "--nt-worker", tmp,
                                  "--nt-impls", args.nt_impls, "--skip", args.skip], env=env,
+                                preexec_fn=pin,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         head = json.loads(proc.stdout.readline())  # versions
         report["environment"].update(jax=head["jax"], neural_tangents=head["neural_tangents"],
@@ -250,15 +265,22 @@ def main() -> None:
             impls = [i for i, t in prep["warm_s"].items() if t <= 3 * fastest]
             for impl in impls:
                 rec["neural_tangents_s"][impl] = []
+            cpu = {"rayleighflow": [0.0, 0.0], **{impl: [0.0, 0.0] for impl in impls}}
             for _ in range(args.repeats):
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 ours = empirical_ntk(net, x, convention="sum")
                 rec["rayleighflow_s"].append(time.perf_counter() - t0)
+                cpu["rayleighflow"][0] += time.process_time() - c0
+                cpu["rayleighflow"][1] += rec["rayleighflow_s"][-1]
                 for impl in impls:
                     proc.stdin.write(f"{case}:{impl}\n")
                     proc.stdin.flush()
-                    rec["neural_tangents_s"][impl].append(
-                        json.loads(proc.stdout.readline())["time_s"])
+                    answer = json.loads(proc.stdout.readline())
+                    rec["neural_tangents_s"][impl].append(answer["time_s"])
+                    cpu[impl][0] += answer["cpu_s"]
+                    cpu[impl][1] += answer["time_s"]
+            # about 1 where a side used one core; near 2 would mean two
+            rec["cpu_over_wall"] = {k: c / w for k, (c, w) in cpu.items() if w > 0}
             best_ours = min(rec["rayleighflow_s"])
             bests = {i: min(t) for i, t in rec["neural_tangents_s"].items()}
             bests.update({i: t for i, t in prep["warm_s"].items() if i not in bests})
