@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from rayleighflow.monitor import Monitor
+from test_monitor_sinks import _tiny_lightning_module
 
 
 def _net(seed=0):
@@ -196,21 +197,6 @@ def test_lightning_label_smoothing_voids_every_step_with_its_cause(smoothing, dt
 
     from rayleighflow.monitor.lightning import RayleighMonitor
 
-    class Mod(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(1)
-            self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, _):
-            return F.cross_entropy(self(batch[0]), batch[1], label_smoothing=smoothing)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     torch.manual_seed(0)
     x, y = torch.randn(32, 5, dtype=dtype), torch.randint(0, 3, (32,))
     said: list[str] = []
@@ -218,7 +204,8 @@ def test_lightning_label_smoothing_voids_every_step_with_its_cause(smoothing, dt
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.fit(Mod(), DataLoader(TensorDataset(x, y), batch_size=8))
+    trainer.fit(_tiny_lightning_module(L, smoothing, dtype)(),
+                DataLoader(TensorDataset(x, y), batch_size=8))
     rows = cb.monitor.rows
     assert len(rows) == 4 and all(math.isnan(r["rayleigh"]) for r in rows)
     ds = [d for d in cb.monitor.diagnoses if d.kind == "loss-mismatch"]

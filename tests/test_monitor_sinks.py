@@ -163,15 +163,15 @@ def test_lightning_callback_two_epochs_then_report(tmp_path):
     assert len(acc.Scalars("rayleigh/R")) == steps
 
 
-def _tiny_lightning_module(L, smoothing: float = 0.0):
-    """A LightningModule: a 5-6-3 tanh MLP (float64, seed 1) trained by SGD on cross-entropy
+def _tiny_lightning_module(L, smoothing: float = 0.0, dtype: torch.dtype = torch.float64):
+    """A LightningModule: a 5-6-3 tanh MLP (``dtype``, seed 1) trained by SGD on cross-entropy
     with the given label smoothing."""
 
     class Mod(L.LightningModule):
         def __init__(self):
             super().__init__()
             torch.manual_seed(1)
-            self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+            self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
 
         def forward(self, x):
             return self.net(x)

@@ -31,7 +31,7 @@ def test_omp_num_threads_in_the_environment_is_kept_and_explicit_counts_win():
 
 def test_cli_threads_restores_the_count_after_the_block():
     before = torch.get_num_threads()
-    with cli_threads(2, log=lambda line: None):
+    with cli_threads(2):
         pass
     assert torch.get_num_threads() == before
 

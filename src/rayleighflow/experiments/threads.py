@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,13 +98,12 @@ _TORCH_DEFAULT = torch.get_num_threads()
 
 @dataclass
 class ThreadPolicy:
-    """What ``--threads`` asked for; :meth:`apply` sets the count before each flow and says so
-    (once, and again only when a later flow's problem changes the count)."""
+    """What ``--threads`` asked for; :meth:`apply` sets the count before each flow and keeps
+    the line that says why (once, and again only when a later flow changes the count)."""
 
     requested: int | str = AUTO
-    #: each line as it is decided (the command line prints them with the run's summary)
-    log: Callable[[str], None] = field(default=lambda line: None)
     current: int | None = None
+    #: each line as it is decided (the command line prints them with the run's summary)
     lines: list[str] = field(default_factory=list)
 
     def apply(self, problem: Any, eval_data: Any = None) -> int:
@@ -117,13 +116,7 @@ class ThreadPolicy:
                 _one_interop_thread(count)
             self.current = count
             self.lines.append(line)
-            self.log(line)
         return count
-
-    @property
-    def explicit(self) -> bool:
-        """Whether the count was asked for (``--threads N`` or ``0``), not decided here."""
-        return self.requested != AUTO
 
 
 def _one_interop_thread(count: int) -> None:
@@ -152,11 +145,10 @@ def apply_threads(problem: Any, eval_data: Any = None) -> None:
 
 
 @contextlib.contextmanager
-def cli_threads(requested: int | str = AUTO, *,
-                log: Callable[[str], None] | None = None) -> Iterator[ThreadPolicy]:
+def cli_threads(requested: int | str = AUTO) -> Iterator[ThreadPolicy]:
     """The command line's thread policy for the runs inside the block; the thread count is
     restored at its end."""
-    policy = ThreadPolicy(requested) if log is None else ThreadPolicy(requested, log)
+    policy = ThreadPolicy(requested)
     before = torch.get_num_threads()
     token = _POLICY.set(policy)
     try:

@@ -72,7 +72,7 @@ class ReadBack:
             f = torch.stack([self._pending[j][2] for j in idx])
             y = torch.stack([self._pending[j][3] for j in idx])
             if not self._targets_checked:
-                self.loss.check_targets(f.reshape(-1, f.shape[-1]), y.reshape(-1))
+                self.loss.check_targets(f.reshape(-1, f.shape[-1]), y.flatten(0, 1))
             sums = grad_check_sums_steps(self.loss, f, y,
                                          torch.stack([self._pending[j][6].grad for j in idx]))
             for j, row in zip(idx, sums, strict=True):
