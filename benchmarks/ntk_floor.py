@@ -38,12 +38,8 @@ def product_shapes(fn) -> list[tuple[str, list[list[int]]]]:
 
 
 def operands(name: str, shapes: list[list[int]], dtype: torch.dtype) -> tuple:
-    if name == "aten::addmm":  # (bias, a, b)
-        a, b = shapes[1], shapes[2]
-        return (torch.randn(a[0], b[1], dtype=dtype), torch.randn(*a, dtype=dtype),
-                torch.randn(*b, dtype=dtype))
-    return tuple(torch.randn(*s, dtype=dtype) for s in shapes[:3 if name == "aten::baddbmm"
-                                                                else 2])
+    arity = 3 if name in {"aten::addmm", "aten::baddbmm"} else 2  # (input,) a, b
+    return tuple(torch.randn(*s, dtype=dtype) for s in shapes[:arity])
 
 
 def flops(name: str, shapes: list[list[int]]) -> int:

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["SMALL_WORK", "AUTO", "TORCH_DEFAULT", "problem_work",
-           "choose_threads", "ThreadPolicy", "cli_threads", "active_policy", "apply_threads"]
+__all__ = ["SMALL_WORK", "AUTO", "TORCH_DEFAULT", "problem_work", "choose_threads",
+           "ThreadPolicy", "cli_threads", "active_policy", "apply_threads",
+           "one_thread_outside_cli"]
 
 #: P × n below which a flow runs on one thread (see the module's docstring and
 #: benchmarks/results/threads-cpu.json: below it one gradient step is a few milliseconds of
@@ -157,3 +158,18 @@ def cli_threads(requested: int | str = AUTO) -> Iterator[ThreadPolicy]:
         _POLICY.reset(token)
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def one_thread_outside_cli() -> Iterator[None]:
+    """One thread inside the block, restored at its end, for an experiment known to be tiny
+    when it runs as a library call; under the command line its policy decides (per flow)."""
+    if _POLICY.get() is not None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

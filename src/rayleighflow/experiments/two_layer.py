@@ -41,7 +41,7 @@ from .common import (
 )
 from .plateau import detect_plateau
 from .runner import Experiment, RunContext
-from .threads import active_policy
+from .threads import one_thread_outside_cli
 from .two_layer_read import BELOW, FAILED, UNDECIDED, notes, prefix, width_summary
 
 __all__ = ["EXPERIMENT"]
@@ -151,16 +151,9 @@ def _arrays(per_width: dict[int, dict]) -> dict[str, Any]:
 
 def run(ctx: RunContext) -> dict[str, Any]:
     # These networks are tiny (n·m ≲ 1e5): intra-op threads only add synchronization, which
-    # costs 10× and more on a busy machine. One thread for the run, restored after, unless
-    # the command line's --threads decides (before each flow, see experiments/threads.py).
-    if active_policy() is not None:
+    # costs 10× and more on a busy machine.
+    with one_thread_outside_cli():
         return _run(ctx)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(ctx)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _data(ctx: RunContext, p: dict) -> tuple[Dataset, Dataset | None, Dataset, dict[str, Any]]:
